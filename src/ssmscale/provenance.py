@@ -1,0 +1,52 @@
+"""What every result records so it can be trusted later: versions, git commit, device, hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
+
+def stable_hash(obj) -> str:
+    """sha256 (first 16 hex digits) of a JSON-serialisable object with sorted keys."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str:
+    """Commit of the ssmscale checkout this code runs from, with '+dirty' for local changes."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+    out = {"python": platform.python_version()}
+    for pkg in ("ssmscale", "torch", "lightning", "numpy", "datasets", "tokenizers", "numba"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def device_description(device: str = "cpu") -> str:
+    import torch
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def provenance(device: str = "cpu") -> dict:
+    return {"versions": versions(), "commit": git_commit(), "device": device_description(device)}
