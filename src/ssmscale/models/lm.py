@@ -1,0 +1,76 @@
+"""One language-model shell for every family: embed -> n x block -> RMSNorm -> tied LM head.
+
+Blocks keep their own residual: the residual stream stays fp32 (params are fp32; under bf16
+autocast the branch outputs are added back into the fp32 stream). The embedding is padded to a
+multiple of 8 rows; logits cover the padded vocabulary (the extra rows are never targets).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .config import ModelConfig
+from .mamba import MambaBlock
+from .norm import RMSNorm
+from .transformer import TransformerBlock
+
+BLOCKS = {"transformer": TransformerBlock, "mamba": MambaBlock}
+
+
+class LM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.padded_vocab, cfg.d_model)
+        self.blocks = nn.ModuleList(BLOCKS[cfg.family](cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        cfg = self.cfg
+        nn.init.normal_(self.embedding.weight, std=cfg.init_std)
+        for block in self.blocks:
+            block.reset_parameters(cfg)
+            # GPT-2 / Mamba: scale each residual branch's output projection by 1/sqrt(#branches)
+            scale = 1.0 / math.sqrt(block.residual_branches * cfg.n_layer)
+            for w in block.residual_out_projections():
+                w.mul_(scale)
+
+    def forward(self, tokens, cache=None):
+        """tokens (batch, L) int64 -> logits (batch, L, padded_vocab).
+
+        With `cache` (from `allocate_cache`), the tokens continue the cached sequence."""
+        x = self.embedding(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache[i])
+        return self.norm_f(x) @ self.embedding.weight.t()
+
+    def allocate_cache(self, batch: int, max_len: int, dtype=None, device=None):
+        """Per-layer generation state: a KV cache (transformer) or conv + SSM state (mamba)."""
+        p = self.embedding.weight
+        return [b.allocate_cache(batch, max_len, dtype or p.dtype, device or p.device) for b in self.blocks]
+
+    @torch.no_grad()
+    def generate(self, prompt, max_new_tokens: int, temperature: float = 0.0, generator=None):
+        """Greedy (temperature 0) or sampled continuation of `prompt` (batch, L0), using the cache."""
+        cache = self.allocate_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
+        logits = self(prompt, cache)[:, -1]
+        out = [prompt]
+        for _ in range(max_new_tokens):
+            logits = logits[:, : self.cfg.vocab_size].float()
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            else:
+                nxt = logits.argmax(-1, keepdim=True)
+            out.append(nxt)
+            logits = self(nxt, cache)[:, -1]
+        return torch.cat(out, dim=1)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embedding.weight.numel() if non_embedding else n

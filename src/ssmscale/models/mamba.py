@@ -1,0 +1,133 @@
+"""Mamba block (Gu & Dao 2023): gated, short causal convolution, then the selective state-space scan.
+
+    x, z = in_proj(u)                        d -> 2 E d, no bias
+    x = silu(causal depthwise conv1d(x))     kernel d_conv, with bias
+    dt, B, C = x_proj(x)                     E d -> dt_rank + 2 N, no bias
+    dt = dt_proj.weight @ dt                 dt_rank -> E d; its bias enters the scan as delta_bias
+    y = selective_scan(x, dt, A, B, C, D, z, delta_bias, softplus)    with A = -exp(A_log)
+    out = out_proj(y)                        E d -> d, no bias
+One residual branch per layer (no separate MLP). For generation, `step` advances a conv state
+(batch, E d, d_conv) and an SSM state (batch, E d, N): O(1) time and memory per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import selective_scan
+from .config import ModelConfig
+from .norm import RMSNorm
+
+
+class MambaCache:
+    """Recurrent state of one Mamba layer: the last d_conv inputs of the conv and the SSM state."""
+
+    def __init__(self, batch, d_inner, d_conv, d_state, dtype, device):
+        self.conv = torch.zeros(batch, d_inner, d_conv, dtype=dtype, device=device)
+        self.ssm = torch.zeros(batch, d_inner, d_state, dtype=torch.float32, device=device)
+        self.pos = 0
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, e, n, r = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank_
+        self.d_inner, self.d_state, self.d_conv, self.dt_rank = e, n, cfg.d_conv, r
+        self.scan_impl = cfg.scan_impl
+        self.in_proj = nn.Linear(d, 2 * e, bias=False)
+        self.conv1d = nn.Conv1d(e, e, cfg.d_conv, groups=e, padding=cfg.d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, e, bias=True)
+        self.A_log = nn.Parameter(torch.empty(e, n))
+        self.D = nn.Parameter(torch.empty(e))
+        self.out_proj = nn.Linear(e, d, bias=False)
+        for p in (self.A_log, self.D, self.dt_proj.bias):
+            p._no_weight_decay = True
+        self.reset_parameters(cfg)
+
+    @torch.no_grad()
+    def reset_parameters(self, cfg: ModelConfig):
+        for lin in (self.in_proj, self.x_proj, self.out_proj):
+            lin.reset_parameters()              # PyTorch default (Kaiming-uniform), as the reference keeps
+        self.conv1d.reset_parameters()
+        std = self.dt_rank ** -0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        # dt ~ log-uniform in [dt_min, dt_max], floored; the bias is its inverse softplus
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                       + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # S4D-real: A = -(1, 2, ..., N) for every channel
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
+        self.D.fill_(1.0)
+
+    def forward(self, u, cache: MambaCache | None = None):
+        if cache is not None and cache.pos > 0:
+            if u.shape[1] != 1:
+                raise ValueError("Mamba cache: after the prompt, tokens are fed one at a time")
+            return self.step(u, cache)
+        L = u.shape[1]
+        x, z = self.in_proj(u).transpose(1, 2).chunk(2, dim=1)           # (b, E d, L) each
+        x_pre = x
+        x = F.silu(self.conv1d(x)[..., :L])
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)          # (b, E d, L)
+        A = -torch.exp(self.A_log.float())
+        out = selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z,
+                             delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                             return_last_state=cache is not None, impl=self.scan_impl)
+        if cache is not None:
+            y, last = out
+            cache.ssm.copy_(last)
+            keep = min(L, self.d_conv)
+            cache.conv.zero_()
+            cache.conv[..., self.d_conv - keep:] = x_pre[..., L - keep:]
+            cache.pos += L
+        else:
+            y = out
+        return self.out_proj(y.transpose(1, 2))
+
+    def step(self, u, cache: MambaCache):
+        """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place."""
+        x, z = self.in_proj(u[:, 0]).chunk(2, dim=-1)                   # (b, E d)
+        cache.conv.copy_(torch.roll(cache.conv, shifts=-1, dims=-1))
+        cache.conv[..., -1] = x
+        x = F.silu((cache.conv * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus((dt @ self.dt_proj.weight.t()).float() + self.dt_proj.bias.float())
+        A = -torch.exp(self.A_log.float())
+        h = cache.ssm
+        h.mul_(torch.exp(delta[..., None] * A)).add_(delta[..., None] * B.float()[:, None, :] * x.float()[..., None])
+        y = (h @ C.float()[..., None]).squeeze(-1) + self.D.float() * x.float()
+        y = (y * F.silu(z.float())).to(u.dtype)
+        cache.pos += 1
+        return self.out_proj(y)[:, None]
+
+    def allocate_cache(self, batch, max_len, dtype, device):
+        return MambaCache(batch, self.d_inner, self.d_conv, self.d_state, dtype, device)
+
+
+class MambaBlock(nn.Module):
+    """x + mixer(norm(x)): one residual branch per layer."""
+
+    residual_branches = 1
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MambaMixer(cfg)
+
+    def forward(self, x, cache=None):
+        return x + self.mixer(self.norm(x), cache)
+
+    def allocate_cache(self, batch, max_len, dtype, device):
+        return self.mixer.allocate_cache(batch, max_len, dtype, device)
+
+    def residual_out_projections(self):
+        return [self.mixer.out_proj.weight]
+
+    def reset_parameters(self, cfg: ModelConfig):
+        self.mixer.reset_parameters(cfg)

@@ -1,0 +1,96 @@
+"""Sizing: one documented rule turns a target non-embedding parameter count into (d_model, n_layer).
+
+Transformer++ (the anchor family):
+  n_layer = max(2, round((N / (12 * r^2))^(1/3)))  with aspect ratio r = d_model / n_layer = 64
+  (GPT-3 125M is 12 x 768: r = 64), then d_model = the multiple of head_dim whose exact
+  non-embedding count is closest to N (in log space). Shapes keep r within ASPECT_BAND;
+  a 2-layer floor keeps the smallest models from being single-layer (r drops below 64 there).
+Mamba (as in Gu & Dao 2023): twice the transformer's layers (two Mamba blocks ~ one attention +
+  MLP layer, both ~12 d^2), width = the multiple of 8 closest in non-embedding parameters to the
+  transformer's exact count. At large width this is the transformer's width; at small width it is
+  a little narrower, because x_proj, dt_proj, A_log and D cost relatively more there.
+All counts come from flops.param_counts, which a test checks against the built models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import ModelConfig
+
+ASPECT = 64
+ASPECT_BAND = (16, 128)
+MIN_LAYERS = 2
+MAMBA_WIDTH_MULTIPLE = 8
+
+
+@dataclass(frozen=True)
+class Shape:
+    family: str
+    d_model: int
+    n_layer: int
+    params: int          # non-embedding
+    params_total: int
+
+    @property
+    def aspect(self) -> float:
+        return self.d_model / self.n_layer
+
+
+def _count(base: ModelConfig, family: str, d_model: int, n_layer: int) -> tuple[int, int]:
+    from ..flops import param_counts
+    p = param_counts(base.replace(family=family, d_model=d_model, n_layer=n_layer))
+    return p["non_embedding"], p["total"]
+
+
+def _closest_width(base: ModelConfig, family: str, n_layer: int, target: float, multiple: int) -> int:
+    """Multiple of `multiple` whose non-embedding count with `n_layer` layers is closest to target."""
+    def err(d):
+        return abs(math.log(_count(base, family, d, n_layer)[0] / target))
+    # counts grow ~ d^2, so start from 12 n d^2 = target and search the neighbourhood
+    guess = max(multiple, multiple * round(math.sqrt(target / (12 * n_layer)) / multiple))
+    lo = guess
+    while lo > multiple and err(lo - multiple) <= err(lo):
+        lo -= multiple
+    hi = guess
+    while err(hi + multiple) < err(hi):
+        hi += multiple
+    return min((lo, hi), key=err)
+
+
+def transformer_layers(target: float) -> int:
+    return max(MIN_LAYERS, round((target / (12 * ASPECT ** 2)) ** (1 / 3)))
+
+
+def shape_for(family: str, target_params: float, base: ModelConfig | None = None,
+              match: int | None = None) -> Shape:
+    """(d_model, n_layer) of `family` for a target non-embedding count (see module docstring).
+
+    `match`: for Mamba, the exact count to match (default: the transformer's at this target)."""
+    if target_params <= 0:
+        raise ValueError(f"target_params: must be positive, got {target_params}")
+    base = base or ModelConfig(family="transformer", d_model=64, n_layer=1)
+    n_tf = transformer_layers(target_params)
+    if family == "transformer":
+        d = _closest_width(base, "transformer", n_tf, target_params, base.head_dim)
+        n = n_tf
+    elif family == "mamba":
+        if match is None:
+            match = shape_for("transformer", target_params, base).params
+        n = 2 * n_tf
+        d = _closest_width(base, "mamba", n, match, MAMBA_WIDTH_MULTIPLE)
+    else:
+        raise ValueError(f"family: unknown model family {family!r}")
+    params, total = _count(base, family, d, n)
+    return Shape(family, d, n, params, total)
+
+
+def ladder_shapes(targets, families=("transformer", "mamba"), base: ModelConfig | None = None):
+    """Shapes for every (target, family), each Mamba matched to the transformer at the same target."""
+    out = []
+    for target in targets:
+        tf = shape_for("transformer", target, base)
+        for fam in families:
+            out.append(tf if fam == "transformer" else shape_for(fam, target, base, match=tf.params))
+    return out
