@@ -81,6 +81,21 @@ def test_greedy_generation_matches_argmax_of_full_forward(family):
             assert torch.equal(model(out[:, :t])[:, -1].argmax(-1), out[:, t])
 
 
+@pytest.mark.parametrize("length", [1, 3, 17])
+def test_causal_depthwise_conv_equals_padded_conv1d_outputs_and_gradients(length):
+    from ssmscale.models.mamba import causal_depthwise_conv
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
+    x = torch.randn(2, 6, length, requires_grad=True)
+    ref = conv(x)[..., :length]
+    out = causal_depthwise_conv(x, conv.weight, conv.bias)
+    assert torch.allclose(out, ref, atol=1e-6)
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, [x, conv.weight, conv.bias], g)
+    grads = torch.autograd.grad(out, [x, conv.weight, conv.bias], g)
+    for a, b in zip(grads, grads_ref):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_mamba_init_follows_the_paper():
     cfg = tiny("mamba", d_model=64, n_layer=4)
     model = LM(cfg)

@@ -15,13 +15,19 @@ from .errors import UserError
 # Each subcommand: `_<name>_args(parser)` declares its arguments, `_<name>(args)` runs it, and one
 # entry in COMMANDS (bottom of the file) lists it. Only commands that work are listed.
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Bad arguments: one line and exit code 2 (argparse's default also prints the usage)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ssmscale",
         description="Matched Transformer++ vs Mamba scaling studies: train, ladder, fit, report, profile.")
     parser.add_argument("--version", action="version", version=f"ssmscale {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, help_, configure, run in COMMANDS:
         p = sub.add_parser(name, help=help_, description=help_)
         configure(p)
@@ -45,7 +51,223 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _parse_overrides(pairs: list[str]) -> dict:
+    """--set key.path=value pairs; values are parsed as YAML scalars (3e-3, true, [0.9, 0.95])."""
+    import yaml
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}: cannot parse value {value!r}") from None
+    return out
+
+
+# ------------------------------------------------------------------------------------- train
+def _train_args(p):
+    p.add_argument("config", help="run config (YAML), e.g. configs/train_tiny.yaml")
+    p.add_argument("--family", help="model family: transformer or mamba (overrides model.family)")
+    p.add_argument("--out", help="run directory (default: runs/<name>-<family>)")
+    p.add_argument("--seed", type=int, help="overrides seed")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-3")
+    p.add_argument("--force", action="store_true", help="retrain even if the run directory holds a result")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train(args):
+    from pathlib import Path
+
+    from .config import load_run_config
+    overrides = _parse_overrides(args.set)
+    if args.family is not None:
+        overrides["model.family"] = args.family
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.no_progress:
+        overrides["train.progress"] = False
+    cfg = load_run_config(args.config, overrides)
+    out = Path(args.out or f"runs/{cfg.name}-{cfg.model.family}")
+    if (out / "result.json").exists() and not args.force:
+        raise UserError(f"{out}: already holds a finished run (result.json); use --force to retrain")
+    from .train import run_training
+    r = run_training(cfg, out)
+    print(f"{r['status']}: {r['family']} d_model={r['d_model']} n_layer={r['n_layer']} "
+          f"params={r['params']:,} tokens={r['tokens']:,} flops={r['flops']:.3g} "
+          f"val loss={r['loss']:.4f} nats/token, bpb={r['bpb']:.4f}, {r['tokens_per_s']:,.0f} tokens/s, "
+          f"{r['wall_s']:.1f} s -> {out / 'result.json'}")
+    if r["status"] != "ok":
+        print(f"run {r['status']}: {r['message']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------ ladder
+def _ladder_args(p):
+    p.add_argument("config", help="ladder config (YAML), e.g. configs/small.yaml")
+    p.add_argument("--out", help="study directory (default: scaling/<name>)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan table, write plan.csv, train nothing")
+    p.add_argument("--executor", help="local (in-process) or submitit (local pool / Slurm job array)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.seq_len=64")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _ladder(args):
+    if args.executor not in (None, "local", "submitit"):
+        raise UserError(f"--executor: unknown executor {args.executor!r}; use local or submitit")
+    from .ladder import run_ladder
+    run_ladder(args.config, out=args.out, dry_run=args.dry_run, executor=args.executor,
+               progress=not args.no_progress, overrides=_parse_overrides(args.set))
+    return 0
+
+
+# ----------------------------------------------------------------------------------- profile
+def _profile_args(p):
+    p.add_argument("--op", choices=["scan"], default="scan",
+                   help="what to profile: scan = the selective-scan implementations (default)")
+    p.add_argument("--impls", help="comma-separated implementations (default: all available on the "
+                                   "device, plus the mambapy anchor)")
+    p.add_argument("--seq-lens", default="1024,4096", help="comma-separated sequence lengths")
+    p.add_argument("--batch", default="8", help="batch size")
+    p.add_argument("--d-inner", default="256", help="channels (Mamba's expand * d_model)")
+    p.add_argument("--d-state", default="16", help="state size N")
+    p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd (forward + backward)")
+    p.add_argument("--repeats", default="3", help="timed repeats per point (median reported)")
+    p.add_argument("--threads", help="torch threads in each measuring process (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--ref-max-len", default="1024", help="skip the slow reference beyond this length")
+    p.add_argument("--timeout", default=None, help="seconds allowed per point (default: no limit)")
+    p.add_argument("--out", help="folder to write scan_bench.csv into")
+
+
+def _profile(args):
+    return {"scan": _profile_scan}[args.op](args)
+
+
+def _positive_ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _positive_int(text: str, flag: str) -> int:
+    values = _positive_ints(text, flag)
+    if len(values) != 1:
+        raise UserError(f"{flag}: expected one positive integer, got {text!r}")
+    return values[0]
+
+
+def _profile_scan(args):
+    from pathlib import Path
+
+    from . import bench_scan
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in bench_scan.MODES for m in modes):
+        raise UserError(f"--modes: expected a comma-separated subset of {','.join(bench_scan.MODES)}, "
+                        f"got {args.modes!r}")
+    if args.device not in ("cpu", "cuda"):
+        raise UserError(f"--device: expected cpu or cuda, got {args.device!r}")
+    sizes = {k: _positive_int(getattr(args, k), "--" + k.replace("_", "-"))
+             for k in ("batch", "d_inner", "d_state", "repeats", "ref_max_len")}
+    threads = _positive_int(args.threads, "--threads") if args.threads is not None else None
+    timeout = None
+    if args.timeout is not None:
+        try:
+            timeout = float(args.timeout)
+        except ValueError:
+            raise UserError(f"--timeout: expected seconds, got {args.timeout!r}") from None
+    from .ops import available_impls
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device in this process")
+    impls = ([x.strip() for x in args.impls.split(",") if x.strip()] if args.impls
+             else available_impls(args.device) + ["mambapy"])
+    try:
+        bench_scan.check_impls(impls, args.device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    seq_lens = _positive_ints(args.seq_lens, "--seq-lens")
+    print(f"selective scan on {args.device}: batch {sizes['batch']}, d_inner {sizes['d_inner']}, "
+          f"N {sizes['d_state']}; median of {sizes['repeats']} after 1 warm-up; peak = memory the first "
+          f"step needed beyond its inputs; each point in a fresh process", flush=True)
+
+    def progress(row):
+        took = f"{row['median_ms']:.1f} ms" if row.get("median_ms") is not None else row["status"]
+        print(f"  {row['impl']:>8} L={row['length']} {row['mode']}: {took}", file=sys.stderr, flush=True)
+
+    rows = bench_scan.run_benchmark(
+        impls, seq_lens, batch=sizes["batch"], d_inner=sizes["d_inner"], d_state=sizes["d_state"],
+        modes=modes, repeats=sizes["repeats"], device=args.device, ref_max_len=sizes["ref_max_len"],
+        threads=threads, timeout_s=timeout, progress=progress)
+    print(bench_scan.format_table(rows))
+    if rows and rows[0].get("bandwidth_gbs"):
+        print(f"/ floor: time over the memory-bandwidth floor (bytes that must move / "
+              f"{rows[0]['bandwidth_gbs']:.1f} GB/s, a large copy measured in this run)")
+    if args.out:
+        import pandas as pd
+
+        from .fsutil import atomic_write_dataframe_csv
+        path = Path(args.out) / "scan_bench.csv"
+        atomic_write_dataframe_csv(path, pd.DataFrame(rows))
+        print(f"wrote {path}")
+    return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
+
+
+# ------------------------------------------------------------------------------------- fit
+def _fit_args(p):
+    p.add_argument("path", help="a study directory (scaling/<study>, reads its results.csv) or any CSV with "
+                                "columns params, tokens (or flops), loss and optional flops, family, budget")
+    p.add_argument("--out", help="folder for fit.json (default: the study directory, or the CSV's folder)")
+    p.add_argument("--columns", action="append", metavar="NAME=COLUMN[,...]",
+                   help='use other column names, e.g. --columns params="Model Size",flops="Training FLOP"')
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default 200; 0: no intervals)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--ci", type=float, default=0.95, help="interval coverage (default 0.95)")
+    p.add_argument("--jobs", type=int, help="worker processes (default: every available core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _fit(args):
+    from .fit import fit_path, format_fit, parse_column_mapping
+    result, target = fit_path(args.path, out=args.out, columns=parse_column_mapping(args.columns),
+                              n_boot=args.n_boot, seed=args.seed, ci=args.ci, n_jobs=args.jobs,
+                              progress=not args.no_progress)
+    print(format_fit(result))
+    print(f"wrote {target}")
+
+
+# ------------------------------------------------------------------------------------- report
+def _report_args(p):
+    p.add_argument("study_dir", help="study directory (scaling/<study>)")
+    p.add_argument("--out", help="report folder (default: reports/<study>)")
+    p.add_argument("--refit", action="store_true", help="refit even if the study's fit.json is up to date")
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples when fitting (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed when fitting (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _report(args):
+    from .report import write_report
+    path = write_report(args.study_dir, args.out, refit=args.refit, n_boot=args.n_boot, seed=args.seed,
+                        progress=not args.no_progress)
+    print(f"wrote {path}")
+
+
 COMMANDS: list = [
+    ("train", "train one model on its token budget (writes DIR/result.json)", _train_args, _train),
+    ("ladder", "plan and run an IsoFLOP ladder (resumable), then fit and report", _ladder_args, _ladder),
+    ("profile", "time and measure memory of kernels (--op scan: selective-scan implementations)",
+     _profile_args, _profile),
+    ("fit", "fit scaling laws with bootstrap intervals to a study or a CSV of runs (writes fit.json)",
+     _fit_args, _fit),
+    ("report", "figures and report.md for a study, regenerated from its directory alone", _report_args, _report),
 ]
 
 

@@ -1,0 +1,425 @@
+"""The IsoFLOP ladder: plan (families x budgets x sizes x learning rates x seeds) -> run -> results table.
+
+Each run spends its budget: tokens = budget / training FLOPs per token (flops.py), rounded to whole
+optimiser steps; the FLOPs actually spent are recorded. The ladder is restartable at any moment:
+a run's result.json is written atomically when it ends, a restart skips runs that have one (and
+retries runs that failed), results.csv is rebuilt from the result files (never appended), and a
+lock file keeps a second ladder process out of the same directory.
+
+    scaling/<study>/config.yaml           the ladder config
+    scaling/<study>/plan.csv              every planned run, with flags
+    scaling/<study>/runs/<run_id>/        result.json, metrics.csv, config.yaml, model.pt
+    scaling/<study>/results.csv           one row per finished run
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import LadderConfig, ModelSpec, RunConfig, ShapeSpec, load_ladder_config
+from .errors import UserError
+
+RESULT_COLUMNS = [
+    "run_id", "study", "family", "size", "d_model", "n_layer", "params", "params_total", "budget", "flops",
+    "flops_per_token", "ratio_to_6n", "tokens", "steps", "lr", "seed", "seq_len", "batch_size", "loss", "bpb",
+    "status", "message", "wall_s", "tokens_per_s", "config_hash", "data_fingerprint", "commit", "device",
+    "versions", "flops_convention",
+]
+
+
+@dataclass
+class PlannedRun:
+    run_id: str
+    family: str
+    size: str                 # label of the size entry ("1e5" or "d64xL2")
+    d_model: int
+    n_layer: int
+    params: int               # non-embedding
+    params_total: int
+    budget: float             # target training FLOPs
+    lr: float
+    seed: int
+    flops_per_token: float
+    tokens: int               # tokens actually trained (whole steps)
+    steps: int
+    flops: float              # FLOPs actually spent = tokens * flops_per_token
+    flags: str                # "" or e.g. "few-steps;repeats"
+    skip: bool                # not trained (flagged and the config does not ask for flagged runs)
+
+
+# ------------------------------------------------------------------------------------- planning
+def size_label(size) -> str:
+    if isinstance(size, ShapeSpec):
+        return "+".join(f"{f}-d{s[0]}xL{s[1]}" for f, s in (("transformer", size.transformer),
+                                                             ("mamba", size.mamba)) if s)
+    return f"{size:.3g}".replace("+", "")
+
+
+def _lr_key_matches(key: str, size) -> bool:
+    return not isinstance(size, ShapeSpec) and math.isclose(float(key), float(size), rel_tol=1e-9)
+
+
+def lrs_for(cfg: LadderConfig, size) -> list[float]:
+    if isinstance(cfg.lrs, list):
+        return list(cfg.lrs)
+    for key, values in cfg.lrs.items():
+        if key != "default" and (_lr_key_matches(key, size) or key == size_label(size)):
+            return list(values)
+    if "default" in cfg.lrs:
+        return list(cfg.lrs["default"])
+    raise UserError(f"lrs: no learning rates for size {size_label(size)} (add it or a 'default' entry)")
+
+
+def vocab_size_of(cfg) -> int:
+    if cfg.data.source == "synthetic":
+        return (cfg.data.synthetic.vocab_size if cfg.data.synthetic else 256)
+    return cfg.tokenizer.vocab_size
+
+
+def model_configs(cfg: LadderConfig):
+    """[(size, {family: ModelConfig})] in config order; Mamba is matched to the transformer per size."""
+    from .models import ModelConfig
+    from .models.sizing import shape_for
+    m = cfg.model
+    base = ModelConfig(family="transformer", d_model=m.head_dim, n_layer=1, vocab_size=vocab_size_of(cfg),
+                       head_dim=m.head_dim, d_ff=m.d_ff, d_state=m.d_state, d_conv=m.d_conv,
+                       expand=m.expand, dt_rank=m.dt_rank, scan_impl=m.scan_impl)
+    out = []
+    for i, size in enumerate(cfg.sizes):
+        per_family = {}
+        try:
+            if isinstance(size, ShapeSpec):
+                for fam in cfg.families:
+                    d, n = getattr(size, fam)
+                    per_family[fam] = base.replace(family=fam, d_model=d, n_layer=n)
+            else:
+                tf = shape_for("transformer", size, base)
+                for fam in cfg.families:
+                    s = tf if fam == "transformer" else shape_for(fam, size, base, match=tf.params)
+                    per_family[fam] = base.replace(family=fam, d_model=s.d_model, n_layer=s.n_layer)
+        except ValueError as exc:
+            raise UserError(f"sizes.{i}: {exc}") from None
+        out.append((size, per_family))
+    return out
+
+
+def plan(cfg: LadderConfig, n_train_tokens: int | None = None) -> list[PlannedRun]:
+    """Every run of the grid, with its shape, tokens, steps, FLOPs and flags. Pure (no training)."""
+    from .flops import flops_summary
+    t = cfg.train
+    per_step = t.batch_size * t.seq_len
+    sized = model_configs(cfg)
+    runs = []
+    for bi, budget in enumerate(cfg.budgets):
+        smallest = None
+        for size, per_family in sized:
+            for fam in cfg.families:
+                mc = per_family[fam]
+                cost = flops_summary(mc, t.seq_len)
+                steps = max(0, round(budget / cost["train_flops_per_token"] / per_step))
+                if smallest is None or cost["params"] < smallest[0]:
+                    smallest = (cost["params"], steps, size)
+                tokens = steps * per_step
+                flags = []
+                if steps < cfg.min_steps:
+                    flags.append("few-steps")
+                if n_train_tokens is not None and tokens > n_train_tokens:
+                    flags.append("repeats")
+                skip = steps == 0 or ("few-steps" in flags and not cfg.run_flagged) or \
+                    ("repeats" in flags and not (cfg.allow_repeats or cfg.run_flagged))
+                for lr in lrs_for(cfg, size):
+                    for seed in cfg.seeds:
+                        run_id = _run_id(fam, size, budget, lr, seed, cfg)
+                        runs.append(PlannedRun(run_id, fam, size_label(size), mc.d_model, mc.n_layer,
+                                               cost["params"], cost["params_total"], float(budget), float(lr),
+                                               seed, cost["train_flops_per_token"], tokens, steps,
+                                               tokens * cost["train_flops_per_token"], ";".join(flags), skip))
+        if smallest[1] < cfg.min_steps:
+            raise UserError(f"budgets.{bi}: {budget:.3g} FLOPs gives the smallest size ({size_label(smallest[2])}, "
+                            f"{smallest[0]:,} params) only {smallest[1]} steps of {per_step} tokens "
+                            f"(min_steps {cfg.min_steps}): raise the budget or shrink the batch")
+    return runs
+
+
+def _run_id(family, size, budget, lr, seed, cfg) -> str:
+    parts = [family, f"N{size_label(size)}" if not isinstance(size, ShapeSpec)
+             else f"d{getattr(size, family)[0]}xL{getattr(size, family)[1]}", f"C{budget:.3g}"]
+    if isinstance(cfg.lrs, dict) or len(cfg.lrs) > 1:
+        parts.append(f"lr{lr:.3g}")
+    if len(cfg.seeds) > 1:
+        parts.append(f"s{seed}")
+    return re.sub(r"[^A-Za-z0-9.\-_]", "", "_".join(parts).replace("+", ""))
+
+
+def run_config(cfg: LadderConfig, run: PlannedRun, progress: bool = True) -> RunConfig:
+    """The single-run config the training loop gets for one planned run."""
+    spec = ModelSpec(family=run.family, d_model=run.d_model, n_layer=run.n_layer, **cfg.model.model_dump())
+    train = cfg.train.model_copy(update={"tokens": float(run.tokens), "lr": run.lr,
+                                         "progress": cfg.train.progress and progress})
+    return RunConfig(name=f"{cfg.name}/{run.run_id}", seed=run.seed, data=cfg.data,
+                     tokenizer=cfg.tokenizer, model=spec, train=train)
+
+
+def plan_frame(runs: list[PlannedRun]):
+    import pandas as pd
+    return pd.DataFrame([asdict(r) for r in runs])
+
+
+def format_plan(runs: list[PlannedRun]) -> str:
+    lines = [f"{'run_id':<44} {'family':<11} {'d_model':>7} {'n_layer':>7} {'params':>10} {'tokens':>11} "
+             f"{'FLOPs':>9} {'steps':>6} {'lr':>8}  flags"]
+    for r in runs:
+        flags = r.flags + (" (skipped)" if r.skip else "")
+        lines.append(f"{r.run_id:<44} {r.family:<11} {r.d_model:>7} {r.n_layer:>7} {r.params:>10,} "
+                     f"{r.tokens:>11,} {r.flops:>9.3g} {r.steps:>6} {r.lr:>8.2g}  {flags}")
+    todo = [r for r in runs if not r.skip]
+    lines.append(f"{len(todo)} runs to train ({len(runs) - len(todo)} skipped), "
+                 f"{sum(r.flops for r in todo):.3g} training FLOPs in all")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ the study dir
+class StudyLock:
+    """An exclusive flock on DIR/.ladder.lock: released by the kernel even after kill -9."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / ".ladder.lock"
+        self.fd = None
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise UserError(f"{self.path.parent}: another ladder (pid {holder}) is running on this "
+                            "directory; wait for it to finish or stop it") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+        return False
+
+
+def _fixed_part(cfg: LadderConfig) -> dict:
+    """What must not change between restarts of one study (the grid itself may grow)."""
+    d = cfg.model_dump(mode="json")
+    for key in ("families", "budgets", "sizes", "lrs", "seeds", "min_steps", "run_flagged", "allow_repeats",
+                "executor", "submitit", "fit"):
+        d.pop(key)
+    d["train"].pop("progress")
+    return d
+
+
+def _check_same_study(cfg: LadderConfig, out_dir: Path):
+    import yaml
+    saved_path = out_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    try:
+        saved = LadderConfig.model_validate(yaml.safe_load(saved_path.read_text()))
+    except Exception:
+        raise UserError(f"{saved_path}: unreadable; this directory does not look like a study") from None
+    a, b = _fixed_part(saved), _fixed_part(cfg)
+    if a != b:
+        diff = _first_difference(a, b)
+        raise UserError(f"{out_dir}: made with a different config ({diff} differs); "
+                        "use another --out or restore the config")
+
+
+def _first_difference(a, b, prefix="") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+    return prefix.rstrip(".") or "config"
+
+
+def collect_results(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]):
+    """results.csv rebuilt from every run's result.json, in plan order: no duplicates, never partial."""
+    import pandas as pd
+    from .fsutil import atomic_write_dataframe_csv
+    rows = []
+    for r in runs:
+        path = out_dir / "runs" / r.run_id / "result.json"
+        if not path.exists():
+            continue
+        try:
+            res = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue      # cannot happen with atomic writes; a hand-edited file is ignored, not fatal
+        row = {**res, "run_id": r.run_id, "study": cfg.name, "size": r.size, "budget": r.budget,
+               "versions": json.dumps(res.get("versions", {}), sort_keys=True)}
+        rows.append({k: row.get(k) for k in RESULT_COLUMNS})
+    df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    atomic_write_dataframe_csv(out_dir / "results.csv", df)
+    return df
+
+
+def _finished(out_dir: Path, run: PlannedRun) -> bool:
+    path = out_dir / "runs" / run.run_id / "result.json"
+    if not path.exists():
+        return False
+    try:
+        return json.loads(path.read_text()).get("status") in ("ok", "diverged")
+    except json.JSONDecodeError:
+        return False
+
+
+# ------------------------------------------------------------------------------------- running
+def run_one(study_dir: str, run_id: str, progress: bool = False) -> dict:
+    """Train one planned run of a study (the unit of work of every executor)."""
+    out_dir = Path(study_dir)
+    cfg = load_ladder_config(out_dir / "config.yaml")
+    run = next((r for r in plan(cfg) if r.run_id == run_id), None)
+    if run is None:
+        raise UserError(f"{run_id}: not a run of the study in {out_dir}")
+    return _train_run(cfg, out_dir, run, progress=progress, position=1)
+
+
+def _train_run(cfg, out_dir, run, progress, position):
+    from .train import run_training
+    extra = {"run_id": run.run_id, "budget": run.budget, "size": run.size, "study": cfg.name}
+    return run_training(run_config(cfg, run, progress), out_dir / "runs" / run.run_id,
+                        progress_position=position, extra=extra)
+
+
+def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
+               executor: str | None = None, progress: bool = True, overrides: dict | None = None) -> Path:
+    import yaml
+    from .fsutil import atomic_write_dataframe_csv, atomic_write_text
+
+    cfg = load_ladder_config(config_path, overrides)
+    out_dir = Path(out or Path("scaling") / cfg.name)
+    executor = executor or cfg.executor
+    from .data import prepare_data
+    data = prepare_data(cfg.data, cfg.tokenizer, seq_len=cfg.train.seq_len, eval_tokens=cfg.train.eval_tokens,
+                        progress=progress)
+    if data.vocab_size != vocab_size_of(cfg):
+        raise UserError(f"tokenizer.vocab_size: the data has {data.vocab_size} tokens, the config says "
+                        f"{vocab_size_of(cfg)}")
+    runs = plan(cfg, data.n_train_tokens)
+    print(format_plan(runs))
+    with StudyLock(out_dir):
+        _check_same_study(cfg, out_dir)
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        atomic_write_dataframe_csv(out_dir / "plan.csv", plan_frame(runs))
+        if dry_run:
+            print(f"dry run: plan written to {out_dir / 'plan.csv'}")
+            return out_dir
+        todo = [r for r in runs if not r.skip and not _finished(out_dir, r)]
+        done = sum(1 for r in runs if not r.skip) - len(todo)
+        print(f"{out_dir}: {done} runs already finished, {len(todo)} to train ({executor} executor)")
+        start = time.perf_counter()
+        if executor == "submitit":
+            _run_submitit(cfg, out_dir, runs, todo, progress)
+        else:
+            _run_local(cfg, out_dir, runs, todo, progress)
+        df = collect_results(cfg, out_dir, runs)
+        print(f"ladder finished in {time.perf_counter() - start:.1f} s: {len(df)} results in {out_dir / 'results.csv'}")
+        if cfg.fit:
+            _fit_and_report(out_dir, cfg.name)
+    return out_dir
+
+
+def _ladder_bar(todo, progress):
+    from tqdm.auto import tqdm
+    return tqdm(total=sum(r.flops for r in todo), unit="FLOP", unit_scale=True, desc="ladder",
+                position=0, dynamic_ncols=True, disable=not progress, file=sys.stderr,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3g}/{total:.3g} FLOP "
+                           "[{elapsed}<{remaining}] {postfix}")
+
+
+def _report_run(bar, run, res, k, n):
+    from tqdm.auto import tqdm
+    status = res.get("status", "failed")
+    loss = res.get("loss")
+    tqdm.write(f"[{k}/{n}] {status:<8} {run.run_id}: loss {loss:.4f} nats/token, bpb {res.get('bpb', float('nan')):.4f}"
+               f" ({res.get('wall_s', 0):.1f} s)" if status == "ok" else
+               f"[{k}/{n}] {status:<8} {run.run_id}: {res.get('message', '')}", file=sys.stderr)
+    bar.update(run.flops)
+    bar.set_postfix_str(f"runs {k}/{n}")
+
+
+def _run_local(cfg, out_dir, runs, todo, progress):
+    bar = _ladder_bar(todo, progress)
+    bar.set_postfix_str(f"runs 0/{len(todo)}")
+    for k, run in enumerate(todo, 1):
+        try:
+            res = _train_run(cfg, out_dir, run, progress, position=1)
+        except UserError:
+            raise
+        except Exception as exc:  # a bug or crash in one run must not take the finished ones with it
+            res = {"status": "failed", "message": f"{type(exc).__name__}: {exc}"}
+            _write_failed(out_dir, run, res)
+        _report_run(bar, run, res, k, len(todo))
+        collect_results(cfg, out_dir, runs)
+    bar.close()
+
+
+def _write_failed(out_dir, run, res):
+    from .fsutil import atomic_write_json
+    atomic_write_json(out_dir / "runs" / run.run_id / "result.json",
+                      {**res, "family": run.family, "params": run.params, "params_total": run.params_total,
+                       "d_model": run.d_model, "n_layer": run.n_layer, "lr": run.lr, "seed": run.seed})
+
+
+def _run_submitit(cfg, out_dir, runs, todo, progress):
+    """Each run is a submitit job: a local process pool here, a Slurm job array on a cluster."""
+    import submitit
+    s = cfg.submitit
+    ex = submitit.AutoExecutor(folder=out_dir / "submitit", cluster=None if s.cluster == "auto" else s.cluster)
+    params = {"timeout_min": s.timeout_min, "gpus_per_node": s.gpus_per_node, "cpus_per_task": s.cpus_per_task,
+              "name": f"ssmscale-{cfg.name}"}
+    if s.mem_gb:
+        params["mem_gb"] = s.mem_gb
+    if ex.cluster == "slurm":
+        params.update(slurm_array_parallelism=s.parallelism, slurm_additional_parameters=dict(s.slurm_extra))
+        if s.partition:
+            params["slurm_partition"] = s.partition
+        if s.account:
+            params["slurm_account"] = s.account
+    ex.update_parameters(**params)
+    bar = _ladder_bar(todo, progress)
+    bar.set_postfix_str(f"runs 0/{len(todo)}")
+    ids = [r.run_id for r in todo]
+    by_id = {r.run_id: r for r in todo}
+    # a local "cluster" starts every submitted job at once: submit in waves of `parallelism`
+    wave = s.parallelism if ex.cluster == "local" else len(ids)
+    k = 0
+    for i in range(0, len(ids), wave):
+        chunk = ids[i:i + wave]
+        jobs = ex.map_array(run_one, [str(out_dir)] * len(chunk), chunk)
+        for job, run_id in zip(jobs, chunk):
+            try:
+                res = job.result()
+            except Exception as exc:
+                res = {"status": "failed", "message": f"{type(exc).__name__}: {str(exc).splitlines()[-1][:300]}"}
+                _write_failed(out_dir, by_id[run_id], res)
+            k += 1
+            _report_run(bar, by_id[run_id], res, k, len(ids))
+            collect_results(cfg, out_dir, runs)
+    bar.close()
+
+
+def _fit_and_report(out_dir: Path, name: str):
+    try:
+        from .fit import fit_study
+        from .report import write_report
+    except ImportError:
+        return
+    fit_study(out_dir)
+    report = write_report(out_dir, Path("reports") / name)
+    print(f"report: {report}")

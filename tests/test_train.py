@@ -1,0 +1,126 @@
+"""The training loop: schedule, weight-decay groups, budgets, determinism, divergence, resume after kill -9."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from ssmscale.config import RunConfig, TrainConfig, validate
+from ssmscale.models import LM, ModelConfig
+from ssmscale.train import lr_at, param_groups, plan_steps, run_training
+
+
+def tiny_config(tmp_path, family="transformer", **train):
+    raw = {
+        "name": "t", "seed": 0,
+        "data": {"source": "stdlib", "max_bytes": 300_000, "cache_dir": str(tmp_path / "cache")},
+        "model": {"family": family, "d_model": 32, "n_layer": 2, "head_dim": 16},
+        "train": {"seq_len": 32, "batch_size": 4, "tokens": 30 * 128, "lr": 3e-3, "eval_tokens": 2048,
+                  "progress": False, **train},
+    }
+    return validate(RunConfig, raw, "test")
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    lrs = [lr_at(s, 100, 10, 1e-3, 1e-5) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(b > a for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(b <= a for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1e-5)
+    mid = 10 + (99 - 10) // 2
+    assert lrs[mid] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5), rel=0.02)
+
+
+def test_weight_decay_only_on_weight_matrices():
+    model = LM(ModelConfig(family="mamba", d_model=32, n_layer=2))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    exempt = {names[id(p)].split(".")[-1] for p in no_decay["params"]}
+    decayed = {names[id(p)].split(".")[-1] for p in decay["params"]}
+    assert {"A_log", "D", "bias", "weight"} <= exempt          # norms' weights, conv/dt biases
+    assert "A_log" not in decayed and all(p.dim() >= 2 for p in decay["params"])
+    dt_bias = model.blocks[0].mixer.dt_proj.bias
+    assert any(p is dt_bias for p in no_decay["params"])
+    assert any(p is model.blocks[0].mixer.in_proj.weight for p in decay["params"])
+
+
+def test_token_budget_becomes_whole_steps():
+    t = TrainConfig(seq_len=64, batch_size=8, tokens=10_000)
+    steps, per_step = plan_steps(t)
+    assert per_step == 512 and steps == 20            # 19.5 rounds to 20
+
+
+@pytest.mark.parametrize("family", ["transformer", "mamba"])
+def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family):
+    cfg = tiny_config(tmp_path, family)
+    r = run_training(cfg, tmp_path / "run")
+    on_disk = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert on_disk["status"] == r["status"] == "ok"
+    assert r["steps"] == 30 and r["tokens"] == 30 * 4 * 32
+    assert r["flops"] == pytest.approx(r["tokens"] * r["flops_per_token"])
+    assert 0 < r["loss"] < math.log(256) and 0 < r["bpb"] < 8
+    for key in ("params", "params_total", "seed", "config_hash", "data_fingerprint", "versions", "commit",
+                "device", "wall_s", "tokens_per_s", "family"):
+        assert on_disk[key] not in (None, ""), key
+    rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("step,tokens,train_loss") and len(rows) == 1 + 30 + 1
+
+
+def test_same_config_and_seed_give_the_same_validation_loss(tmp_path):
+    a = run_training(tiny_config(tmp_path, "mamba"), tmp_path / "a")
+    b = run_training(tiny_config(tmp_path, "mamba"), tmp_path / "b")
+    assert a["loss"] == b["loss"] and a["bpb"] == b["bpb"]
+    c = run_training(tiny_config(tmp_path, "mamba").model_copy(update={"seed": 1}), tmp_path / "c")
+    assert c["loss"] != a["loss"]
+
+
+def test_nan_loss_ends_the_run_as_diverged(tmp_path, monkeypatch):
+    real_forward = LM.forward
+    calls = {"n": 0}
+
+    def poisoned(self, tokens, cache=None):
+        out = real_forward(self, tokens, cache)
+        calls["n"] += 1
+        return out * float("nan") if self.training and calls["n"] > 5 else out
+
+    monkeypatch.setattr(LM, "forward", poisoned)
+    r = run_training(tiny_config(tmp_path), tmp_path / "run")
+    assert r["status"] == "diverged"
+    assert "loss became nan at step 5" in r["message"]
+    assert r["steps"] == 5 and math.isnan(r["loss"])
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "diverged"
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_run_killed_mid_way_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
+    cfg = tiny_config(tmp_path, tokens=80 * 128, checkpoint_every=10)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    clean = run_training(cfg, tmp_path / "clean")
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "ssmscale.cli", "train", str(tmp_path / "cfg.yaml"),
+                             "--out", str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (run_dir / "result.json").exists()
+
+    resumed = run_training(cfg, run_dir)
+    assert resumed["resumed_from_step"] > 0
+    assert resumed["steps"] == clean["steps"] == 80
+    assert resumed["loss"] == pytest.approx(clean["loss"], rel=1e-6)
+    steps = [int(line.split(",")[0]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:-1]]
+    assert steps == list(range(1, 81))         # no step lost or logged twice
+    assert not ckpt.exists()                    # cleaned up once the run finished
