@@ -144,7 +144,7 @@ def plan(cfg: LadderConfig, n_train_tokens: int | None = None) -> list[PlannedRu
                                                tokens * cost["train_flops_per_token"], ";".join(flags), skip))
         if smallest[1] < cfg.min_steps:
             raise UserError(f"budgets.{bi}: {budget:.3g} FLOPs gives the smallest size ({size_label(smallest[2])}, "
-                            f"{smallest[0]:,} params) only {smallest[1]} steps of {per_step} tokens "
+                            f"{smallest[0]:,} params) only {smallest[1]} step{'' if smallest[1] == 1 else 's'} of {per_step} tokens "
                             f"(min_steps {cfg.min_steps}): raise the budget or shrink the batch")
     return runs
 

@@ -1,0 +1,502 @@
+"""Study report: figures and a report.md that embeds them, regenerated from scaling/<study>/ alone.
+
+Figures (PNG, matplotlib's object API on the Agg canvas, so no global backend is touched):
+- isoflop.png     loss against N per budget, one panel per family, fitted parabolas and their minima;
+- frontier.png    loss against training FLOPs, both families on one axis, frontier fits, the bootstrap
+                  band continued FIGURE_EXTRAPOLATION beyond the data (dashed = extrapolated), crossovers;
+- allocation.png  compute-optimal N_opt(C) and D_opt(C): Approach 2 minima and fit, Approach 3 implied line;
+- profile.png     tokens/s and peak memory against sequence length, one column per mode (if profile/ exists).
+A family has the same colour in every figure.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import UserError
+from .fit import (APPROACHES, DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, QUANTITIES, LoadedRuns, fit_runs, fmt_value,
+                  format_fit, frontier_loss, json_safe, load_runs)
+from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+_KNOWN_COLORS = {"transformer": "#1f77b4", "mamba": "#d62728", "all": "#333333"}
+_OTHER_COLORS = ["#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
+_LOSS_LABEL = "validation loss (nats/token)"
+_FLOPS_LABEL = "training FLOPs C"
+_PARAMS_LABEL = "non-embedding parameters N"
+
+
+def family_colors(names) -> dict[str, str]:
+    """Fixed colours for the known families; others take the palette in sorted order."""
+    out, spare = {}, iter(_OTHER_COLORS)
+    for name in sorted(names):
+        out[name] = _KNOWN_COLORS.get(name) or next(spare, "#000000")
+    return out
+
+
+def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 4.6, **kw):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
+    return fig, axes
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()
+
+
+def _sci(x: float) -> str:
+    """1.2e+15 -> '1.2e15' for labels."""
+    mant, _, exp = f"{x:.2g}".partition("e")
+    return f"{mant}e{int(exp)}" if exp else mant
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figures
+
+def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
+    import matplotlib as mpl
+    families = sorted(fit["families"])
+    fig, axes = _figure(ncols=len(families), sharey=True)
+    budgets = np.unique(table["group_flops"])
+    norm = mpl.colors.LogNorm(budgets.min(), budgets.max() * (1.0001 if len(budgets) == 1 else 1.0))
+    cmap = mpl.colormaps["viridis"]
+    for ax, name in zip(axes[0], families):
+        t = table[table["family"] == name]
+        block = fit["families"][name]["approach2"]
+        entries = {e["budget"]: e for e in block.get("budgets", [])}
+        for c in np.unique(t["group_flops"]):
+            g = t[t["group_flops"] == c].sort_values("params")
+            col = cmap(norm(c))
+            ax.plot(g["params"], g["loss"], "o", color=col, ms=5)
+            e = entries.get(c)
+            if e and e["parabola"]:
+                lo, hi = np.log(e["params_range"])
+                pad = 0.1 * (hi - lo)
+                x = np.linspace(lo - pad, hi + pad, 100)
+                ax.plot(np.exp(x), np.polyval(e["parabola"], x), "-", color=col, lw=1.2)
+            if e and e["n_opt"] is not None:
+                used = e["used"]
+                ax.plot(e["n_opt"], e["loss_opt"], "*", ms=13, mec="black", mew=0.8,
+                        color=col if used else "white", zorder=5)
+        ax.set_xscale("log")
+        ax.set_xlabel(_PARAMS_LABEL)
+        note = "\n(too few budgets with a minimum for Approach 2: see report)" if "skipped" in block else ""
+        ax.set_title(f"{name}: IsoFLOP curves{note}", color=colors[name], fontweight="bold")
+        ax.grid(True, which="both", alpha=0.25)
+    axes[0][0].set_ylabel(_LOSS_LABEL)
+    from matplotlib.lines import Line2D
+    handles, labels = [], []
+    for c in budgets:
+        handles.append(Line2D([], [], marker="o", ls="-", color=cmap(norm(c))))
+        labels.append(f"C = {_sci(c)} FLOPs")
+    handles.append(Line2D([], [], marker="*", ls="", ms=12, mec="black", color="#bbbbbb"))
+    labels.append("parabola minimum (hollow: not used)")
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 2 if len(families) == 1 else 5),
+               fontsize=9, frameon=False)
+    return fig
+
+
+def frontier_figure(table: pd.DataFrame, fit: dict, colors: dict):
+    fig, axes = _figure(width=8.0, height=5.2)
+    ax = axes[0][0]
+    fitted_max = max(f["flops_range"][1] for f in fit["families"].values())
+    x_min = min(f["flops_range"][0] for f in fit["families"].values()) / 2
+    x_max = fitted_max * FIGURE_EXTRAPOLATION
+    for name in sorted(fit["families"]):
+        col = colors[name]
+        t = table[table["family"] == name]
+        ax.plot(t["flops"], t["loss"], "o", color=col, alpha=0.25, ms=4, mew=0)
+        block = fit["families"][name]["frontier"]
+        if "skipped" in block:
+            ax.plot([], [], "o", color=col, label=f"{name}: frontier skipped ({block['skipped']})")
+            continue
+        pts = block["points"]
+        ax.plot([p["flops"] for p in pts], [p["loss"] for p in pts], "o", color=col, ms=8, mec="black",
+                mew=0.8, zorder=4)
+        law = {k: block[k]["value"] for k in ("E", "A", "alpha")}
+        lo, hi = block["range"]
+        c_in = np.geomspace(lo, hi, 100)
+        c_out = np.geomspace(hi, x_max, 60)
+        ax.plot(c_in, frontier_loss(law, c_in), "-", color=col, lw=2,
+                label=f"{name}: L = {law['E']:.3g} + {law['A']:.3g} C^-{law['alpha']:.3g}")
+        ax.plot(c_out, frontier_loss(law, c_out), "--", color=col, lw=1.5)
+        band = block.get("band") or {}
+        if band.get("lo"):
+            ax.fill_between(band["flops"], band["lo"], band["hi"], color=col, alpha=0.15, lw=0)
+    off_plot = []
+    for pair in fit["crossover"]["pairs"]:
+        for c in pair.get("crossings", []):
+            q = c["flops"]
+            tag = "extrapolated crossover" if c["extrapolated"] else "crossover"
+            text = f"{tag}: {c['lower_above']} lower above {_sci(q['value'])}"
+            if not x_min <= q["value"] <= x_max:
+                off_plot.append(text + " FLOPs (outside the plot)")
+                continue
+            ax.axvline(q["value"], color="black", ls=":" if c["extrapolated"] else "-.", lw=1, label=text)
+            if q["lo"] and q["hi"]:
+                ax.axvspan(max(q["lo"], x_min), min(q["hi"], x_max), color="black", alpha=0.06, lw=0)
+    if off_plot:
+        ax.text(0.02, 0.02, "\n".join(off_plot), transform=ax.transAxes, fontsize=8, color="#333333")
+    ax.axvspan(fitted_max, x_max, color="#999999", alpha=0.08, lw=0)
+    ax.set_xscale("log")
+    ax.set_xlim(x_min, x_max)
+    ax.set_xlabel(_FLOPS_LABEL)
+    ax.set_ylabel(_LOSS_LABEL)
+    ax.set_title("Loss against compute: all runs (faint), best run per budget (bold), frontier fits\n"
+                 f"shaded: {fit['settings']['ci']:.0%} bootstrap band; dashed, grey area: extrapolation",
+                 fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="upper right")
+    return fig
+
+
+def allocation_figure(fit: dict, colors: dict):
+    fig, axes = _figure(ncols=2, width=6.0)
+    ax_n, ax_d = axes[0]
+    for name in sorted(fit["families"]):
+        col = colors[name]
+        fam = fit["families"][name]
+        a2, a3 = fam["approach2"], fam["parametric"]
+        c_lo, c_hi = fam["flops_range"]
+        if "skipped" not in a2:
+            used = [e for e in a2["budgets"] if e["used"]]
+            c = np.array([e["budget"] for e in used])
+            n = np.array([e["n_opt"] for e in used])
+            err = None
+            if all(e["n_opt_lo"] is not None for e in used):
+                err = np.array([[max(v - e["n_opt_lo"], 0.0), max(e["n_opt_hi"] - v, 0.0)]
+                                for e, v in zip(used, n)]).T
+            ax_n.errorbar(c, n, yerr=err, fmt="o", color=col, ms=6, capsize=3, mec="black", mew=0.6)
+            ax_d.plot(c, [e["d_opt"] for e in used], "o", color=col, ms=6, mec="black", mew=0.6)
+            cc = np.geomspace(c.min(), c.max(), 50)
+            ax_n.plot(cc, a2["N0"]["value"] * cc ** a2["a"]["value"], "-", color=col, lw=2,
+                      label=f"{name}, Approach 2: N_opt ∝ C^{a2['a']['value']:.2f}")
+            ax_d.plot(cc, a2["D0"]["value"] * cc ** a2["b"]["value"], "-", color=col, lw=2,
+                      label=f"{name}, Approach 2: D_opt ∝ C^{a2['b']['value']:.2f}")
+        if "skipped" not in a3:
+            cc = np.geomspace(c_lo, c_hi, 50)
+            law = {k: a3[k]["value"] for k in ("G", "a", "b")}
+            ax_n.plot(cc, law["G"] * (cc / 6) ** law["a"], "--", color=col, lw=1.5,
+                      label=f"{name}, Approach 3: N_opt ∝ C^{law['a']:.2f}")
+            ax_d.plot(cc, (cc / 6) ** law["b"] / law["G"], "--", color=col, lw=1.5,
+                      label=f"{name}, Approach 3: D_opt ∝ C^{law['b']:.2f}")
+    for ax, ylabel, title in ((ax_n, "compute-optimal " + _PARAMS_LABEL, "Compute-optimal model size"),
+                              (ax_d, "compute-optimal training tokens D", "Compute-optimal training tokens")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(_FLOPS_LABEL)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def profile_figure(profile: pd.DataFrame, colors: dict):
+    modes = [m for m in ("train", "prefill", "generate") if m in set(profile["mode"])]
+    modes += sorted(set(profile["mode"]) - set(modes))
+    fig, axes = _figure(ncols=len(modes), nrows=2, width=4.8, height=3.8)
+    styles = ["-", "--", ":", "-."]
+    for j, mode in enumerate(modes):
+        pm = profile[profile["mode"] == mode]
+        for name in sorted(set(pm["family"])):
+            pf = pm[pm["family"] == name]
+            batches = sorted(set(pf["batch"]))
+            for k, batch in enumerate(batches):
+                rows = pf[pf["batch"] == batch].sort_values("seq_len")
+                ok = rows[rows["status"] == "ok"]
+                bad = rows[rows["status"] != "ok"]
+                label = name if len(batches) == 1 else f"{name} (batch {batch})"
+                for i, (col, scale) in enumerate((("tokens_per_s", 1.0), ("peak_mem_bytes", 2.0 ** -30))):
+                    ax = axes[i][j]
+                    ax.plot(ok["seq_len"], ok[col] * scale, styles[k % 4], marker="o", ms=4,
+                            color=colors.get(name, "#000000"), label=label)
+                    for L, status in zip(bad["seq_len"], bad["status"]):
+                        ax.plot(L, 0.94, "x", ms=9, mew=2, color=colors.get(name, "#000000"),
+                                transform=ax.get_xaxis_transform())
+                        ax.annotate(f"{name}: {status}", (L, 0.94), xycoords=("data", "axes fraction"),
+                                    xytext=(-6, -4), textcoords="offset points", fontsize=8, ha="right",
+                                    va="top")
+        seq_lens = sorted(set(pm["seq_len"].dropna().astype(int)))
+        for i, ylabel in enumerate(("throughput (tokens/s)", "peak memory (GiB)")):
+            ax = axes[i][j]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(seq_lens, [str(v) for v in seq_lens])
+            ax.xaxis.set_minor_formatter(_mpl_ticker().NullFormatter())
+            ax.yaxis.set_major_formatter(_mpl_ticker().FuncFormatter(lambda v, _: _human(v)))
+            ax.yaxis.set_minor_formatter(_mpl_ticker().FuncFormatter(
+                lambda v, _: _human(v) if round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""))
+            ax.set_xlabel("sequence length (tokens)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{mode}: {ylabel.split(' (')[0]}")
+            ax.grid(True, which="both", alpha=0.25)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    return fig
+
+
+def _mpl_ticker():
+    import matplotlib.ticker
+    return matplotlib.ticker
+
+
+def _human(v: float) -> str:
+    """Tick labels without exponents: 0.3, 20, 200k, 1.5M."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= scale:
+            return f"{v / scale:g}{suffix}"
+    return f"{v:g}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# report.md
+
+def _fit_table(fam: dict, ci: float) -> list[str]:
+    lines = [f"| approach | quantity | value | {ci:.0%} interval |", "|---|---|---|---|"]
+    skipped = []
+    for approach in APPROACHES:
+        block = fam[approach]
+        if "skipped" in block:
+            skipped.append(f"- **{approach}** skipped: {block['skipped']}")
+            continue
+        for k in QUANTITIES[approach]:
+            q = block[k]
+            interval = f"[{fmt_value(q['lo'])}, {fmt_value(q['hi'])}]" if q["lo"] is not None else "no bootstrap"
+            lines.append(f"| {approach} | {k} | {fmt_value(q['value'])} | {interval} |")
+    out = lines + [""] + skipped
+    for approach in APPROACHES:
+        bs = fam[approach].get("bootstrap")
+        if bs and bs["failed"]:
+            why = "; ".join(f"{n} x {r}" for r, n in bs["failure_reasons"].items())
+            out.append(f"- {approach}: {bs['failed']} of {bs['resamples']} resamples could not be fitted ({why}); "
+                       f"its intervals come from the other {bs['ok']}.")
+    front = fam["frontier"]
+    if "skipped" not in front:
+        out.append("- frontier: a resample's point at a budget is the best run it drew, so the interval reflects "
+                   "which runs were made, not the seed-to-seed noise of the best run itself.")
+    if "skipped" not in front and front["exact_fit"]:
+        out.append("- frontier: 3 budgets for 3 parameters, so the curve passes through every point; its "
+                   "interval reflects run resampling only and is wide.")
+    if "skipped" not in front:
+        edge = [p["budget"] for p in front["points"] if p["best_at_edge"]]
+        if edge:
+            out.append("- frontier: at " + ", ".join(_sci(c) for c in edge) + " FLOPs the best run is the smallest "
+                       "or largest size tried, so the compute-optimal point may lie outside the sampled sizes.")
+    a2 = fam["approach2"]
+    for e in a2.get("budgets", []):
+        if not e["used"]:
+            out.append(f"- approach2: budget {_sci(e['budget'])} not used: {e['reason']}.")
+    return out
+
+
+def _provenance(csv: Path, fit: dict) -> list[str]:
+    from . import __version__
+    from .provenance import git_commit, versions
+    raw = pd.read_csv(csv, dtype=str)
+    lines = ["| field | value |", "|---|---|"]
+
+    def uniq(col):
+        if col not in raw.columns:
+            return "(not recorded)"
+        vals = sorted(set(raw[col].dropna()))
+        return ", ".join(f"`{v}`" for v in vals) if vals else "(empty)"
+
+    lines.append(f"| results.csv sha256 | `{fit['source']['sha256']}` |")
+    lines.append(f"| data fingerprint(s) | {uniq('data_fingerprint')} |")
+    lines.append(f"| training commit(s) | {uniq('commit')} |")
+    lines.append(f"| device(s) | {uniq('device')} |")
+    lines.append(f"| FLOPs convention | {uniq('flops_convention')} |")
+    if "versions" in raw.columns:
+        merged: dict[str, set] = {}
+        for blob in raw["versions"].dropna():
+            try:
+                for k, v in json.loads(blob).items():
+                    merged.setdefault(k, set()).add(str(v))
+            except (json.JSONDecodeError, AttributeError):
+                continue
+        if merged:
+            lines.append("| training versions | " + ", ".join(f"{k} {'/'.join(sorted(v))}"
+                                                           for k, v in sorted(merged.items())) + " |")
+    here = versions()
+    import matplotlib
+    import scipy
+    lines.append(f"| report generated by | ssmscale {__version__}, commit `{git_commit()}`, "
+                 f"numpy {here.get('numpy')}, scipy {scipy.__version__}, pandas {pd.__version__}, "
+                 f"matplotlib {matplotlib.__version__} |")
+    return lines
+
+
+def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figures: list[str]) -> str:
+    s = fit["settings"]
+    ci = s["ci"]
+    lines = [f"# Scaling study `{name}`", "",
+             f"Regenerate with `ssmscale report {study}`: everything below comes from that directory alone "
+             f"(results.csv, config.yaml, fit.json, profile/).", "", "## Summary", ""]
+    for fam_name, fam in fit["families"].items():
+        bits = [f"**{fam_name}**: {fam['n_runs']} runs, {fam['n_budgets']} IsoFLOP budgets, "
+                f"C from {_sci(fam['flops_range'][0])} to {_sci(fam['flops_range'][1])} FLOPs"]
+        front = fam["frontier"]
+        if "skipped" not in front:
+            bits.append(f"frontier L(C) = {fmt_value(front['E']['value'])} + {fmt_value(front['A']['value'])} "
+                        f"C^-{fmt_value(front['alpha']['value'])}")
+        for key, label in (("approach2", "Approach 2"), ("parametric", "Approach 3")):
+            block = fam[key]
+            if "skipped" not in block:
+                bits.append(f"{label}: N_opt ∝ C^{fmt_value(block['a']['value'])} "
+                            f"[{fmt_value(block['a']['lo'])}, {fmt_value(block['a']['hi'])}], "
+                            f"D_opt ∝ C^{fmt_value(block['b']['value'])} "
+                            f"[{fmt_value(block['b']['lo'])}, {fmt_value(block['b']['hi'])}]")
+        lines.append("- " + "; ".join(bits) + ".")
+    for pair in fit["crossover"]["pairs"]:
+        lines.append(f"- **Crossover {' vs '.join(pair['families'])}**: {pair['statement']}.")
+    lines += ["", "## Data", ""]
+    lines.append(f"- {fit['source'].get('rows_read', '?')} rows read from `{loaded.source['csv']}`; "
+                 f"{len(loaded.table)} runs kept for fitting.")
+    lines += [f"- {note}." for note in fit["notes"]]
+    if not fit["dropped"].get("other_learning_rates"):
+        lines.append("- one learning rate per (family, size, budget) in this study: nothing to select. "
+                     "(When several are tried, the fits use the lowest-loss one per family, size and budget, "
+                     "after Porian et al. 2024.)")
+    plan = study / "plan.csv"
+    if plan.is_file():
+        lines.append(f"- plan.csv lists {len(pd.read_csv(plan))} planned runs.")
+    lines.append(f"- {s['grouping']}.")
+
+    lines += ["", "## Fits", "",
+              f"Each value with its {ci:.0%} percentile bootstrap interval ({s['n_boot']} resamples, seed "
+              f"{s['seed']}; {s['bootstrap']}). Fits use Huber loss (delta {s['huber_delta']:g}) on log "
+              f"residuals of the log-sum-exp form, summed over points, minimised by L-BFGS. Approach 3 starts "
+              f"from the {s['parametric_grid']} and keeps the best; for speed, {s['warm_starts']}. "
+              f"FLOPs: {s['flops_convention']}.", ""]
+    for fam_name, fam in fit["families"].items():
+        lines += [f"### {fam_name}", ""] + _fit_table(fam, ci) + [""]
+    t = fit.get("timing", {})
+    if t:
+        lines.append(f"Fit time: {t.get('total_s', 0):.1f} s wall ({t.get('cpu_s', 0):.1f} s CPU, "
+                     f"{s['n_jobs']} processes).")
+        lines.append("")
+
+    captions = {
+        "isoflop.png": "IsoFLOP curves: final validation loss against model size at each compute budget, with "
+                       "the least-squares parabola in ln N and its minimum (star; hollow = outside the sampled "
+                       "sizes or otherwise not used for Approach 2).",
+        "frontier.png": "Loss against training compute for both families. Bold points: the best run at each "
+                        "budget, which the frontier L(C) = E + A C^-alpha is fitted to. Dashed lines and the grey "
+                        "area are extrapolation; shaded bands are bootstrap intervals of the frontier.",
+        "allocation.png": "Compute-optimal allocation. Points: Approach 2 parabola minima (error bars: bootstrap "
+                          "interval of each); solid: power-law fit through them; dashed: the allocation implied "
+                          "by the Approach 3 fit (assumes C = 6ND).",
+        "profile.png": "Throughput and peak memory against sequence length (log-log), one column per mode; "
+                       "x marks a run that did not finish (e.g. out of memory).",
+    }
+    lines += ["## Figures", ""]
+    for fig_name in figures:
+        lines += [f"![{fig_name}]({fig_name})", "", captions[fig_name], ""]
+
+    lines += ["## Configuration", ""]
+    cfg = study / "config.yaml"
+    if cfg.is_file():
+        lines += ["`config.yaml`, verbatim:", "", "```yaml", cfg.read_text().rstrip("\n"), "```", ""]
+    else:
+        lines += ["(no config.yaml in the study directory)", ""]
+    lines += ["## Provenance", ""] + _provenance(Path(loaded.source["csv"]), fit) + [""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def _load_or_fit(study: Path, loaded: LoadedRuns, refit: bool, **fit_kwargs) -> dict:
+    target = study / "fit.json"
+    if target.is_file() and not refit:
+        try:
+            fit = json.loads(target.read_text())
+        except json.JSONDecodeError:
+            fit = None
+            print(f"{target}: unreadable, refitting")
+        if fit is not None and fit.get("source", {}).get("sha256") == loaded.source["sha256"]:
+            return fit
+        if fit is not None:
+            print(f"{target}: fitted on a different results.csv, refitting")
+    fit = fit_runs(loaded, **fit_kwargs)
+    print(format_fit(fit))
+    fit = json_safe(fit)
+    try:
+        atomic_write_json(target, fit)
+    except OSError as exc:
+        print(f"{target}: cannot write ({exc.strerror or exc}); the report uses the fit anyway")
+    return fit
+
+
+def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, refit: bool = False,
+                 n_boot: int = DEFAULT_N_BOOT, seed: int = 0, progress: bool = True,
+                 parametric_grid: np.ndarray | None = None) -> Path:
+    """Write <out_dir>/report.md and its figures (default out_dir: reports/<study>); returns report.md's path.
+
+    Uses STUDY_DIR/fit.json when it was fitted on the current results.csv, else fits (n_boot, seed,
+    parametric_grid as in fit.fit_runs) and writes it.
+    """
+    study = Path(study_dir)
+    if not study.is_dir():
+        raise UserError(f"{study}: no such study directory")
+    if not (study / "results.csv").is_file():
+        raise UserError(f"{study}: not a study directory (no results.csv in it)")
+    name = study.resolve().name
+    out = Path(out_dir) if out_dir is not None else Path("reports") / name
+    loaded = load_runs(study)
+    fit = _load_or_fit(study, loaded, refit, n_boot=n_boot, seed=seed, progress=progress,
+                       parametric_grid=parametric_grid)
+    colors = family_colors(set(fit["families"]) | set(_profile_families(study)))
+
+    figures = {"isoflop.png": isoflop_figure(loaded.table, fit, colors),
+               "frontier.png": frontier_figure(loaded.table, fit, colors)}
+    if any("skipped" not in fam[a] for fam in fit["families"].values() for a in ("approach2", "parametric")):
+        figures["allocation.png"] = allocation_figure(fit, colors)
+    profile = _read_profile(study)
+    if profile is not None:
+        figures["profile.png"] = profile_figure(profile, colors)
+    for fig_name, fig in figures.items():
+        atomic_write_bytes(out / fig_name, _png(fig))
+    atomic_write_text(out / "report.md", render_markdown(name, study, loaded, fit, list(figures)))
+    return out / "report.md"
+
+
+_PROFILE_COLUMNS = ("family", "mode", "seq_len", "batch", "tokens_per_s", "peak_mem_bytes", "status")
+
+
+def _read_profile(study: Path) -> pd.DataFrame | None:
+    path = study / "profile" / "profile.csv"
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a readable CSV ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    missing = [c for c in _PROFILE_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
+    df["status"] = df["status"].astype(str).str.strip()
+    for col in ("seq_len", "batch", "tokens_per_s", "peak_mem_bytes"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    return df
+
+
+def _profile_families(study: Path) -> list[str]:
+    path = study / "profile" / "profile.csv"
+    if not path.is_file():
+        return []
+    try:
+        return [str(f) for f in pd.read_csv(path, usecols=["family"])["family"].dropna().unique()]
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return []

@@ -1,0 +1,161 @@
+"""The IsoFLOP ladder: planning arithmetic, bad grids, restart after kill -9, lock, submitit executor."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from ssmscale.cli import main
+from ssmscale.config import LadderConfig, validate
+from ssmscale.errors import UserError
+from ssmscale.flops import train_flops_per_token
+from ssmscale.ladder import StudyLock, plan, run_ladder
+
+
+def micro(tmp_path, **over):
+    raw = {
+        "name": "micro", "families": ["transformer", "mamba"],
+        "budgets": [2.0e9, 4.0e9], "sizes": [6.0e3, 1.2e4], "lrs": [3e-3], "min_steps": 10,
+        "data": {"source": "stdlib", "max_bytes": 300_000, "cache_dir": str(tmp_path / "cache")},
+        "model": {"head_dim": 8},
+        "train": {"seq_len": 32, "batch_size": 4, "eval_tokens": 1024, "progress": False},
+        "fit": False,
+    }
+    raw.update(over)
+    return raw
+
+
+def write_cfg(tmp_path, raw, name="ladder.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_plan_spends_each_budget_in_whole_steps(tmp_path):
+    cfg = validate(LadderConfig, micro(tmp_path), "x")
+    runs = plan(cfg)
+    assert len(runs) == 2 * 2 * 2 and len({r.run_id for r in runs}) == len(runs)
+    from ssmscale.ladder import model_configs
+    shapes = {(fam, mc.d_model, mc.n_layer): mc for _, per in model_configs(cfg) for fam, mc in per.items()}
+    for r in runs:
+        mc = shapes[(r.family, r.d_model, r.n_layer)]
+        fpt = train_flops_per_token(mc, 32)
+        assert r.steps == round(r.budget / fpt / 128)
+        assert r.tokens == r.steps * 128 and r.flops == pytest.approx(r.tokens * fpt)
+        assert abs(r.flops / r.budget - 1) < 0.5 * 128 * fpt / r.budget + 1e-9   # within half a step
+    tf = [r for r in runs if r.family == "transformer"]
+    mb = [r for r in runs if r.family == "mamba"]
+    for a, b in zip(tf, mb):
+        assert abs(b.params / a.params - 1) < 0.10 and b.n_layer == 2 * a.n_layer
+
+
+def test_plan_flags_few_steps_and_repeats_and_skips_them(tmp_path):
+    cfg = validate(LadderConfig, micro(tmp_path, budgets=[2.0e9, 4.0e10], sizes=[6.0e3, 2.0e5], min_steps=30), "x")
+    runs = plan(cfg, n_train_tokens=20_000)
+    few = [r for r in runs if "few-steps" in r.flags]
+    rep = [r for r in runs if "repeats" in r.flags]
+    assert few and all(r.steps < 30 and r.skip for r in few)
+    assert rep and all(r.tokens > 20_000 and r.skip for r in rep)
+    allowed = plan(validate(LadderConfig, micro(tmp_path, budgets=[2.0e9, 4.0e10], sizes=[6.0e3, 2.0e5], min_steps=30,
+                                                allow_repeats=True), "x"), n_train_tokens=20_000)
+    assert not any(r.skip for r in allowed if r.flags == "repeats")
+
+
+def test_lr_grid_per_size_multiplies_runs(tmp_path):
+    cfg = validate(LadderConfig, micro(tmp_path, lrs={"6e3": [1e-3, 3e-3], "default": [2e-3]}), "x")
+    runs = plan(cfg)
+    small = {r.lr for r in runs if r.size == "6e03"}
+    large = {r.lr for r in runs if r.size == "1.2e04"}
+    assert small == {1e-3, 3e-3} and large == {2e-3}
+    assert len(runs) == 2 * 2 * 3
+
+
+def test_budget_too_small_for_the_smallest_size_is_an_error_naming_it(tmp_path):
+    cfg = validate(LadderConfig, micro(tmp_path, budgets=[2.0e9, 1.0e7]), "x")
+    with pytest.raises(UserError, match=r"budgets\.1: 1e\+07 FLOPs gives the smallest size .* only 1 step of 128 tokens"):
+        plan(cfg)
+
+
+def test_dry_run_prints_the_table_and_writes_plan_csv(tmp_path, capsys):
+    path = write_cfg(tmp_path, micro(tmp_path))
+    assert main(["ladder", str(path), "--out", str(tmp_path / "s"), "--dry-run", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "run_id" in out and "transformer_N6e03_C2e09" in out and "8 runs to train" in out
+    df = pd.read_csv(tmp_path / "s" / "plan.csv")
+    assert len(df) == 8 and {"family", "d_model", "n_layer", "params", "tokens", "flops", "steps", "lr"} <= set(df)
+    assert not (tmp_path / "s" / "runs").exists()
+
+
+def _results(study):
+    return pd.read_csv(study / "results.csv")
+
+
+def test_ladder_killed_mid_way_resumes_without_losing_or_duplicating_rows(tmp_path):
+    path = write_cfg(tmp_path, micro(tmp_path))
+    study = tmp_path / "study"
+    proc = subprocess.Popen([sys.executable, "-m", "ssmscale.cli", "ladder", str(path), "--out", str(study),
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while proc.poll() is None and time.time() < deadline:
+        done = list(study.glob("runs/*/result.json"))
+        if len(done) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p.parent.name: p.stat().st_mtime_ns for p in study.glob("runs/*/result.json")}
+    assert 3 <= len(before) < 8
+    rows_before = _results(study)
+    assert len(rows_before) == len(set(rows_before.run_id)) <= len(before)
+
+    run_ladder(str(path), out=str(study), progress=False)
+    after = _results(study)
+    assert len(after) == 8 and after.run_id.is_unique and set(after.status) == {"ok"}
+    for run_id, mtime in before.items():      # finished runs were not trained again
+        assert (study / "runs" / run_id / "result.json").stat().st_mtime_ns == mtime
+    required = {"family", "params", "params_total", "tokens", "flops", "budget", "lr", "loss", "bpb", "status",
+                "run_id", "seed", "config_hash", "data_fingerprint", "commit", "device", "versions", "wall_s"}
+    assert required <= set(after.columns)
+    assert after[list(required)].notna().all().all()
+
+    run_ladder(str(path), out=str(study), progress=False)     # a third call trains nothing
+    assert _results(study).equals(after)
+
+
+def test_a_second_ladder_on_the_same_directory_is_refused(tmp_path, capsys):
+    path = write_cfg(tmp_path, micro(tmp_path))
+    study = tmp_path / "study"
+    with StudyLock(study):
+        code = subprocess.run([sys.executable, "-m", "ssmscale.cli", "ladder", str(path), "--out", str(study),
+                               "--no-progress"], capture_output=True, text=True)
+    assert code.returncode == 2
+    assert "another ladder" in code.stderr and str(os.getpid()) in code.stderr
+    assert len(code.stderr.strip().splitlines()) == 1
+
+
+def test_restarting_with_a_different_fixed_config_is_refused(tmp_path):
+    path = write_cfg(tmp_path, micro(tmp_path))
+    study = tmp_path / "study"
+    run_ladder(str(path), out=str(study), dry_run=True, progress=False)
+    other = micro(tmp_path)
+    other["train"] = {**other["train"], "seq_len": 64}
+    with pytest.raises(UserError, match="train.seq_len differs"):
+        run_ladder(str(write_cfg(tmp_path, other, "other.yaml")), out=str(study), dry_run=True, progress=False)
+
+
+def test_submitit_local_executor_trains_the_same_runs(tmp_path):
+    raw = micro(tmp_path, budgets=[2.0e9], sizes=[6.0e3], executor="submitit",
+                submitit={"cluster": "local", "parallelism": 2, "cpus_per_task": 1, "timeout_min": 10})
+    study = tmp_path / "study"
+    run_ladder(str(write_cfg(tmp_path, raw)), out=str(study), progress=False)
+    df = _results(study)
+    assert sorted(df.family) == ["mamba", "transformer"] and set(df.status) == {"ok"}
+    assert (study / "submitit").is_dir()
+    local = json.loads((study / "runs" / df.run_id[0] / "result.json").read_text())
+    assert local["tokens"] > 0 and local["budget"] == 2.0e9
