@@ -33,7 +33,7 @@ def git_commit() -> str:
 def versions() -> dict:
     import importlib.metadata as md
     out = {"python": platform.python_version()}
-    for pkg in ("ssmscale", "torch", "lightning", "numpy", "datasets", "tokenizers", "numba"):
+    for pkg in ("ssmscale", "torch", "lightning", "numpy", "datasets", "tokenizers", "triton"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -10,6 +10,7 @@ Same semantics and tensor layout as mamba_ssm's `selective_scan_fn`; the definit
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,13 +26,16 @@ class ScanImpl:
     devices: tuple[str, ...]          # device types the implementation runs on
     available: Callable[[], bool]     # cheap check: can it run in this process?
     priority: int                     # "auto" picks the highest-priority available impl
+    why_unavailable: Callable[[], str | None] = lambda: None   # reason shown when it cannot run
 
 
 _REGISTRY: dict[str, ScanImpl] = {}
+_announced: set[str] = set()          # devices whose "auto" choice was already printed
 
 
-def register_impl(name, fn, devices=("cpu", "cuda"), available=lambda: True, priority=0):
-    _REGISTRY[name] = ScanImpl(name, fn, tuple(devices), available, priority)
+def register_impl(name, fn, devices=("cpu", "cuda"), available=lambda: True, priority=0,
+                  why_unavailable=lambda: None):
+    _REGISTRY[name] = ScanImpl(name, fn, tuple(devices), available, priority, why_unavailable)
 
 
 def available_impls(device: str | None = None) -> list[str]:
@@ -48,7 +52,11 @@ def resolve_impl(impl: str, device: str) -> ScanImpl:
         names = available_impls(device)
         if not names:
             raise RuntimeError(f"no selective-scan implementation available on {device}")
-        return _REGISTRY[names[0]]
+        chosen = _REGISTRY[names[0]]
+        if device not in _announced:
+            _announced.add(device)
+            print(auto_notice(device, chosen), file=sys.stderr)
+        return chosen
     if impl not in _REGISTRY:
         raise ValueError(f"impl: unknown selective-scan implementation {impl!r}; "
                          f"known: {sorted(_REGISTRY)}")
@@ -57,6 +65,15 @@ def resolve_impl(impl: str, device: str) -> ScanImpl:
         raise ValueError(f"impl: {impl!r} is not available on {device} in this process; "
                          f"available: {available_impls(device)}")
     return chosen
+
+
+def auto_notice(device: str, chosen: ScanImpl) -> str:
+    """One line saying which implementation "auto" runs, and why faster ones were passed over."""
+    skipped = [f"{i.name!r} unavailable: {i.why_unavailable() or 'not available here'}"
+               for i in _REGISTRY.values()
+               if device in i.devices and i.priority > chosen.priority and not i.available()]
+    return (f"ssmscale: selective_scan on {device} runs {chosen.name!r}"
+            + (f" ({'; '.join(skipped)})" if skipped else ""))
 
 
 def _check_args(u, delta, A, B, C, D, z, delta_bias):
@@ -112,4 +129,6 @@ def _load_builtin_impls():
         return
     _loaded = True
     register_impl("ref", selective_scan_ref, devices=("cpu", "cuda"), priority=0)
-    from . import scan_chunked  # noqa: F401  (registers "chunked")
+    from . import scan_chunked  # noqa: F401  (registers "chunked", the portable fallback)
+    from . import scan_cpu  # noqa: F401  (registers "fused", the compiled CPU kernel)
+    from . import scan_triton  # noqa: F401  (registers "triton" for CUDA; imports triton lazily)

@@ -1,0 +1,211 @@
+"""Selective-scan benchmark: implementations x sequence lengths x (fwd, fwdbwd), in one run.
+
+Every point runs in a fresh process (memprobe.run_isolated): median milliseconds over the timed
+repeats after one warm-up step, and the peak memory the first step needed beyond its inputs
+(CPU: VmHWM after a clear_refs reset; CUDA: max_memory_allocated; see memprobe.py).
+Modes: "fwd" is the forward of a training step (inputs require grad, so what the backward will
+need is kept), "fwdbwd" is that forward plus the backward of a fixed random output gradient.
+Inputs: u, B, C ~ N(0, 1); delta = softplus(N(-1, 1)) (already positive, no bias or softplus in the
+scan); A = -(1..N) per channel (S4D-real); D = 1; no z gate, which mambapy's scan does not have.
+"/ floor" is the time over the memory-bandwidth floor: the bytes any implementation must move
+(min_bytes) over the bandwidth of a large copy measured in the same run. On a CPU the scan is
+bound by exp over the state, not memory; the column matters most on GPUs.
+
+Two anchors are measured in the same run, so ratios never mix machines or moments:
+- "ref": the sequential definition (scan_ref.py); skipped beyond --ref-max-len (it is slow);
+- "mambapy": mambapy 1.2.0's parallel scan (pip install mambapy==1.2.0 --no-deps), driven with the
+  same math as mambapy's own Mamba.selective_scan, in its own (batch, L, d_inner) layout:
+  deltaA = exp(delta A), BX = delta B u, hs = pscan(deltaA, BX), y = hs @ C + D u.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+ANCHORS = ("ref", "mambapy")
+MODES = ("fwd", "fwdbwd")
+MAMBAPY_HINT = "mambapy not installed (pip install mambapy==1.2.0 --no-deps)"
+
+
+@dataclass(frozen=True)
+class Point:
+    impl: str
+    batch: int
+    d_inner: int
+    d_state: int
+    length: int
+    mode: str
+
+
+def mambapy_selective_scan(x, delta, A, B, C, D):
+    """mambapy's Mamba.selective_scan, layout (batch, L, d_inner); B, C (batch, L, N)."""
+    import torch
+    from mambapy.pscan import pscan
+    delta_a = torch.exp(delta.unsqueeze(-1) * A)                       # (b, L, d, N)
+    bx = delta.unsqueeze(-1) * B.unsqueeze(2) * x.unsqueeze(-1)        # (b, L, d, N)
+    hs = pscan(delta_a, bx)
+    return (hs @ C.unsqueeze(-1)).squeeze(3) + D * x
+
+
+PRIME_SHAPE = dict(batch=2, d_inner=64, length=64)   # big enough to start the kernels' threads
+
+
+def prepare(impl: str, batch: int, d_inner: int, d_state: int, length: int, mode: str,
+            device: str = "cpu", seed: int = 0, prime: bool = True):
+    """Allocate one point's inputs; return its step (memprobe's prepare-function contract).
+    With `prime`, first runs the step once at a tiny shape, so one-time costs (kernel build and
+    load, imports, autograd engine threads) do not count as the step's memory."""
+    import torch
+    import torch.nn.functional as F
+    if prime:
+        prepare(impl, d_state=d_state, mode=mode, device=device, prime=False, **PRIME_SHAPE)()
+    g = torch.Generator().manual_seed(seed)
+    mambapy_layout = impl == "mambapy"
+    seq = (batch, length, d_inner) if mambapy_layout else (batch, d_inner, length)
+    bc = (batch, length, d_state) if mambapy_layout else (batch, d_state, length)
+    leaves = dict(
+        u=torch.randn(seq, generator=g),
+        delta=F.softplus(torch.randn(seq, generator=g) - 1.0),
+        A=-torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1),
+        B=torch.randn(bc, generator=g),
+        C=torch.randn(bc, generator=g),
+        D=torch.ones(d_inner),
+    )
+    leaves = {k: v.to(device).requires_grad_() for k, v in leaves.items()}
+    grad_out = torch.randn(seq, generator=g).to(device)
+    if mambapy_layout:
+        forward = lambda: mambapy_selective_scan(leaves["u"], leaves["delta"], leaves["A"],
+                                                 leaves["B"], leaves["C"], leaves["D"])
+    else:
+        from .ops import selective_scan
+        forward = lambda: selective_scan(**leaves, impl=impl)
+
+    def step():
+        for t in leaves.values():
+            t.grad = None
+        y = forward()
+        if mode == "fwdbwd":
+            y.backward(grad_out)
+    return step
+
+
+def skip_reason(impl: str, length: int, ref_max_len: int) -> str | None:
+    if impl == "mambapy" and importlib.util.find_spec("mambapy") is None:
+        return MAMBAPY_HINT
+    if impl == "ref" and length > ref_max_len:
+        return f"ref skipped beyond L={ref_max_len}"
+    return None
+
+
+def min_bytes(batch: int, d_inner: int, d_state: int, length: int, mode: str) -> int:
+    """Bytes any implementation must move (fp32): the forward reads u, delta, B, C and writes y;
+    the backward reads them again with dy and writes du, ddelta, dB, dC (A, D: negligible)."""
+    seq, bc = 4 * batch * d_inner * length, 4 * batch * d_state * length
+    fwd = 3 * seq + 2 * bc
+    return fwd if mode == "fwd" else fwd + 5 * seq + 4 * bc
+
+
+def prepare_copy(mib: int, device: str = "cpu"):
+    """A step that copies `mib` MiB: its time gives the memory bandwidth (2 x mib MiB moved)."""
+    import torch
+    src = torch.ones(mib * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def measure_bandwidth(device: str = "cpu", threads=None, mib: int = 512) -> float | None:
+    """Bytes per second of a large tensor copy (its fastest repeat: a floor wants the best case)."""
+    from .memprobe import run_isolated
+    res = run_isolated("ssmscale.bench_scan:prepare_copy", dict(mib=mib, device=device),
+                       repeats=7, warmup=1, threads=threads)
+    return 2 * mib * 2**20 / (res["min_ms"] / 1e3) if res["status"] == "ok" else None
+
+
+def check_impls(impls: list[str], device: str) -> None:
+    """ValueError naming the first implementation that cannot run on `device`."""
+    from .ops.scan import _REGISTRY, available_impls
+    runnable = available_impls(device)
+    for name in impls:
+        if name == "mambapy" or name in runnable:
+            continue
+        if name in _REGISTRY and device in _REGISTRY[name].devices:
+            why = _REGISTRY[name].why_unavailable() or "not available"
+            raise ValueError(f"--impls: {name!r} cannot run on {device} here ({why})")
+        raise ValueError(f"--impls: unknown or not for {device}: {name!r}; "
+                         f"choose from {runnable + ['mambapy']}")
+
+
+def run_benchmark(impls, seq_lens, *, batch=8, d_inner=256, d_state=16, modes=MODES, repeats=3,
+                  warmup=1, device="cpu", ref_max_len=1024, threads=None, timeout_s=None,
+                  progress=None) -> list[dict]:
+    """One row per (impl, L, mode): timings, peak extra memory, status, and the memory-bandwidth
+    floor (min_bytes / a copy's bandwidth, measured in the same run); ratios added after."""
+    from .memprobe import run_isolated
+    bandwidth = measure_bandwidth(device, threads)
+    rows = []
+    for length in seq_lens:
+        for mode in modes:
+            for impl in impls:
+                point = Point(impl, batch, d_inner, d_state, length, mode)
+                floor_ms = bandwidth and 1e3 * min_bytes(batch, d_inner, d_state, length, mode) / bandwidth
+                row = dict(vars(point), device=device, threads=threads,
+                           bandwidth_gbs=bandwidth and bandwidth / 1e9, floor_ms=floor_ms)
+                reason = skip_reason(impl, length, ref_max_len)
+                if reason:
+                    row.update(status="skipped", error=reason)
+                else:
+                    res = run_isolated("ssmscale.bench_scan:prepare", dict(vars(point), device=device),
+                                       repeats=repeats, warmup=warmup, threads=threads,
+                                       timeout_s=timeout_s)
+                    row.update(status=res["status"], error=res["error"], median_ms=res["median_ms"],
+                               min_ms=res["min_ms"], peak_extra_mib=_mib(res["peak_extra_bytes"]),
+                               memory_method=res["memory_method"])
+                rows.append(row)
+                if progress:
+                    progress(row)
+    add_ratios(rows)
+    return rows
+
+
+def _mib(n):
+    return None if n is None else n / 2**20
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """speedup_vs_X = X's ms / this ms; mem_vs_mambapy = this peak / mambapy's, same L and mode;
+    over_floor = this ms / the bandwidth floor."""
+    ok = {(r["impl"], r["length"], r["mode"]): r for r in rows if r.get("status") == "ok"}
+    for r in rows:
+        fine = r.get("status") == "ok" and r.get("floor_ms")
+        r["over_floor"] = r["median_ms"] / r["floor_ms"] if fine else None
+        for anchor in ANCHORS:
+            a = ok.get((anchor, r["length"], r["mode"]))
+            fine = a is not None and r.get("status") == "ok"
+            r[f"speedup_vs_{anchor}"] = a["median_ms"] / r["median_ms"] if fine else None
+        a = ok.get(("mambapy", r["length"], r["mode"]))
+        fine = a is not None and r.get("status") == "ok" and a["peak_extra_mib"]
+        r["mem_vs_mambapy"] = r["peak_extra_mib"] / a["peak_extra_mib"] if fine else None
+
+
+COLUMNS = ("impl", "length", "mode", "median_ms", "min_ms", "peak_extra_mib", "speedup_vs_mambapy",
+           "mem_vs_mambapy", "speedup_vs_ref", "over_floor", "status")
+
+
+def format_table(rows: list[dict]) -> str:
+    def cell(r, c):
+        v = r.get(c)
+        if c == "status" and v != "ok":
+            return f"{v}: {r.get('error')}"
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3f}" if c == "mem_vs_mambapy" else f"{v:.1f}"
+        return str(v)
+    header = ["impl", "L", "mode", "ms", "min ms", "peak MiB", "x mambapy", "mem/mambapy", "x ref",
+              "/ floor", "status"]
+    body = [[cell(r, c) for c in COLUMNS] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
+    fmt = lambda cells: "  ".join(c.rjust(w) if 3 <= i <= 9 else c.ljust(w)
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])

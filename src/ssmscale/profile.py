@@ -1,0 +1,379 @@
+"""Throughput and peak memory against sequence length, for training, prefill and generation.
+
+    ssmscale profile --families transformer,mamba --params 1e7 --seq-lens 256,...,16384 --modes train,prefill,generate
+
+Every point (family, mode, length) is measured in a fresh process (memprobe.run_isolated): on CPU the
+peak is the step's resident-set high-water mark minus the RSS before the step (/proc VmHWM after a
+reset), on CUDA torch.cuda.max_memory_allocated() minus the memory allocated before; the model, the
+optimiser state and the inputs are allocated before the baseline and reported separately.
+- train:    forward + backward + AdamW step on (batch, L) tokens; tokens/s = batch * L / step time;
+- prefill:  forward without gradients on (batch, L) tokens;
+- generate: decode `gen_tokens` tokens one at a time after a context of L tokens already in the cache
+            (KV cache for the transformer, conv + SSM state for Mamba); tokens/s counts decoded tokens
+            and the memory reported adds the cache itself to the step's peak.
+MFU = achieved model FLOP/s (flops.py: training = 3 x forward; decoding a token at context L
+attends L keys) over the peak: on CPU a 2048^3 fp32 matmul timed at the start of the run, on GPU the
+vendor's dense bf16 figure. A point that runs out of memory is recorded as status "oom".
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+MODES = ("train", "prefill", "generate")
+CSV_COLUMNS = ["family", "mode", "seq_len", "batch", "d_model", "n_layer", "params", "tokens_per_s",
+               "step_ms", "peak_mem_bytes", "state_bytes", "mfu", "flops_per_token", "status", "error",
+               "memory_method", "device", "scan_impl"]
+
+# dense bf16 tensor-core peaks (FLOP/s), by substring of torch.cuda.get_device_name()
+GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
+             "RTX 4090": 165e12, "V100": 125e12}
+
+
+# ----------------------------------------------------------------------- in the measuring child
+def _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device):
+    import torch
+
+    from .models import LM, ModelConfig
+    torch.manual_seed(0)
+    cfg = ModelConfig(family=family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
+                      head_dim=head_dim, scan_impl=scan_impl)
+    return LM(cfg).to(device), cfg
+
+
+def prepare_train(family, d_model, n_layer, seq_len, batch, vocab_size=256, head_dim=32, scan_impl="auto",
+                  device="cpu"):
+    """One training step (forward, backward, AdamW) on random tokens; optimiser state exists already."""
+    import torch
+    import torch.nn.functional as F
+    model, _ = _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _Null()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def make_step(length):
+        tokens = torch.randint(0, vocab_size, (batch, length + 1), generator=gen).to(device)
+
+        def step():
+            with autocast:
+                logits = model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    make_step(8)()          # one-time costs (kernel load, AdamW state) before the baseline
+    return make_step(seq_len)
+
+
+def prepare_prefill(family, d_model, n_layer, seq_len, batch, vocab_size=256, head_dim=32, scan_impl="auto",
+                    device="cpu"):
+    import torch
+    model, _ = _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device)
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _Null()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def make_step(length):
+        tokens = torch.randint(0, vocab_size, (batch, length), generator=gen).to(device)
+
+        @torch.no_grad()
+        def step():
+            with autocast:
+                model(tokens)
+        return step
+
+    make_step(8)()
+    return make_step(seq_len)
+
+
+def prepare_generate(family, d_model, n_layer, seq_len, batch, gen_tokens=32, vocab_size=256, head_dim=32,
+                     scan_impl="auto", device="cpu"):
+    """Decode `gen_tokens` tokens after a `seq_len`-token context; the cache is rewound between steps."""
+    import torch
+    model, _ = _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device)
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    context = torch.randint(0, vocab_size, (batch, seq_len), generator=gen).to(device)
+    nxt = torch.randint(0, vocab_size, (batch, 1), generator=gen).to(device)
+    with torch.no_grad():
+        cache = model.allocate_cache(batch, seq_len + gen_tokens)
+        for i in range(0, seq_len, 4096):                  # prefill in pieces (bounded attention memory)
+            piece = context[:, i:i + 4096]
+            if family == "mamba" and i > 0:                 # a Mamba cache continues token by token
+                for t in range(piece.shape[1]):
+                    model(piece[:, t:t + 1], cache)
+            else:
+                model(piece, cache)
+    saved = [_snapshot(c) for c in cache]
+
+    @torch.no_grad()
+    def step():
+        for c, s in zip(cache, saved):
+            _restore(c, s)
+        token = nxt
+        for _ in range(gen_tokens):
+            token = model(token, cache)[:, -1:].argmax(-1)
+    return step
+
+
+def _snapshot(c):
+    if hasattr(c, "ssm"):
+        return (c.conv.clone(), c.ssm.clone(), c.pos)
+    return c.pos
+
+
+def _restore(c, s):
+    if hasattr(c, "ssm"):
+        c.conv.copy_(s[0])
+        c.ssm.copy_(s[1])
+        c.pos = s[2]
+    else:
+        c.pos = s
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def state_bytes(family, d_model, n_layer, batch, max_len, vocab_size=256, head_dim=32) -> int:
+    """Bytes of the generation cache: KV cache (transformer) or conv + SSM state (Mamba)."""
+    import torch
+
+    from .models import LM, ModelConfig
+    with torch.device("meta"):
+        model = LM(ModelConfig(family=family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
+                               head_dim=head_dim))
+        cache = model.allocate_cache(batch, max_len, dtype=torch.float32, device="meta")
+    total = 0
+    for c in cache:
+        for t in vars(c).values():
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+# -------------------------------------------------------------------------------- the parent side
+def measure_peak_flops(device: str = "cpu") -> tuple[float, str]:
+    """(peak FLOP/s, how it was obtained): a timed 2048^3 fp32 matmul on CPU, a table on GPU."""
+    import torch
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        for key, peak in GPU_PEAKS.items():
+            if key in name:
+                return peak, f"{name}: dense bf16 peak {peak / 1e12:.0f} TFLOP/s (vendor table)"
+        return float("nan"), f"{name}: no peak in the table (MFU not reported)"
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    peak = 2 * n ** 3 / min(times)
+    return peak, f"fp32 {n}^3 matmul, best of 5: {peak / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)"
+
+
+def shapes_for(families, params=None, d_model=None, n_layer=None, head_dim=32):
+    """{family: (d_model, n_layer, params)}: one explicit shape, or sizing.py's matched pair."""
+    from .flops import param_counts
+    from .models import ModelConfig
+    from .models.sizing import shape_for
+    base = ModelConfig(family="transformer", d_model=head_dim, n_layer=1, head_dim=head_dim)
+    out = {}
+    if params is not None:
+        tf = shape_for("transformer", params, base)
+        for fam in families:
+            s = tf if fam == "transformer" else shape_for(fam, params, base, match=tf.params)
+            out[fam] = (s.d_model, s.n_layer, s.params)
+    else:
+        for fam in families:
+            cfg = base.replace(family=fam, d_model=d_model, n_layer=n_layer)
+            out[fam] = (d_model, n_layer, param_counts(cfg)["non_embedding"])
+    return out
+
+
+def _flops_per_token(family, d_model, n_layer, mode, seq_len, head_dim):
+    from . import flops
+    from .models import ModelConfig
+    cfg = ModelConfig(family=family, d_model=d_model, n_layer=n_layer, head_dim=head_dim)
+    if mode == "train":
+        return flops.train_flops_per_token(cfg, seq_len)
+    if mode == "prefill":
+        return flops.forward_flops_per_token(cfg, seq_len)
+    return flops.forward_flops_per_token(cfg, seq_len, causal=False)   # a new token attends all L keys
+
+
+def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, repeats=3, device="cpu",
+                   threads=None, timeout_s=None, head_dim=32, scan_impl="auto", progress=None):
+    """Measure every (family, mode, length) point; returns (rows, peak, peak_note)."""
+    from .memprobe import run_isolated
+    peak, peak_note = measure_peak_flops(device)
+    rows = []
+    prep = {"train": "prepare_train", "prefill": "prepare_prefill", "generate": "prepare_generate"}
+    for mode in modes:
+        for fam in families:
+            d, n, params = shapes[fam]
+            impl = _scan_name(fam, scan_impl, device)
+            for L in seq_lens:
+                kwargs = dict(family=fam, d_model=d, n_layer=n, seq_len=L, batch=batch, head_dim=head_dim,
+                              scan_impl=scan_impl, device=device)
+                if mode == "generate":
+                    kwargs["gen_tokens"] = gen_tokens
+                # long points are slow on a CPU: fewer repeats there (the median of what was run)
+                reps = repeats if L <= 4096 or device != "cpu" else 1
+                res = run_isolated(f"ssmscale.profile:{prep[mode]}", kwargs, repeats=reps,
+                                   warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s)
+                fpt = _flops_per_token(fam, d, n, mode, L, head_dim)
+                tokens = batch * (gen_tokens if mode == "generate" else L)
+                ok = res["status"] == "ok"
+                tps = tokens / (res["median_ms"] / 1e3) if ok else float("nan")
+                cache = state_bytes(fam, d, n, batch, L + gen_tokens, head_dim=head_dim) if mode == "generate" else 0
+                row = {"family": fam, "mode": mode, "seq_len": L, "batch": batch, "d_model": d, "n_layer": n,
+                       "params": params, "tokens_per_s": tps, "step_ms": res["median_ms"],
+                       "peak_mem_bytes": (res["peak_extra_bytes"] + cache) if ok else None,
+                       "state_bytes": cache if mode == "generate" else None,
+                       "mfu": tps * fpt / peak if ok and peak == peak else float("nan"),
+                       "flops_per_token": fpt, "status": res["status"], "error": res.get("error"),
+                       "memory_method": res.get("memory_method"), "device": device, "scan_impl": impl}
+                rows.append(row)
+                if progress:
+                    progress(row)
+    return rows, peak, peak_note
+
+
+def _scan_name(family, scan_impl, device):
+    if family != "mamba":
+        return None
+    from .ops.scan import resolve_impl
+    return resolve_impl(scan_impl, "cuda" if device.startswith("cuda") else "cpu").name
+
+
+def growth_exponents(rows, min_len=1024) -> dict:
+    """Least-squares slope of log(time per step) and log(peak memory) against log(L), per family and mode,
+    over the points with L >= min_len (the asymptotic regime; all points when fewer than 2 qualify)."""
+    import numpy as np
+    out = {}
+    keys = sorted({(r["family"], r["mode"]) for r in rows})
+    for fam, mode in keys:
+        pts = [r for r in rows if r["family"] == fam and r["mode"] == mode and r["status"] == "ok"]
+        use = [r for r in pts if r["seq_len"] >= min_len]
+        use = use if len(use) >= 2 else pts
+        if len(use) < 2:
+            continue
+        x = np.log([r["seq_len"] for r in use])
+        res = {}
+        for name, col in (("time", "step_ms"), ("memory", "peak_mem_bytes")):
+            y = np.log([max(r[col], 1) for r in use])
+            res[name] = float(np.polyfit(x, y, 1)[0])
+        res["lengths"] = [int(r["seq_len"]) for r in use]
+        out[f"{fam}/{mode}"] = res
+    return out
+
+
+def format_table(rows) -> str:
+    lines = [f"{'family':<11} {'mode':<8} {'L':>6} {'tokens/s':>10} {'step ms':>9} {'peak MiB':>9} "
+             f"{'MFU':>6}  status"]
+    for r in rows:
+        ok = r["status"] == "ok"
+        tps = f"{r['tokens_per_s']:,.0f}" if ok else "-"
+        ms = f"{r['step_ms']:.1f}" if ok else "-"
+        mem = f"{r['peak_mem_bytes'] / 2**20:.1f}" if ok else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if ok and r["mfu"] == r["mfu"] else "-"
+        lines.append(f"{r['family']:<11} {r['mode']:<8} {r['seq_len']:>6} {tps:>10} {ms:>9} {mem:>9} "
+                     f"{mfu:>6}  {r['status']}")
+    return "\n".join(lines)
+
+
+def plot(rows, path: Path, title: str):
+    """Two rows (tokens/s, peak memory) x one column per mode, log-log, both families on every axis."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .fsutil import atomic_write_bytes
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    colors = {"transformer": "#1f77b4", "mamba": "#d62728"}
+    fig, axes = plt.subplots(2, len(modes), figsize=(4.6 * len(modes), 7.2), squeeze=False)
+    labels = {"train": "training (fwd+bwd+AdamW)", "prefill": "prefill (forward)",
+              "generate": "generation (decode at context L)"}
+    for j, mode in enumerate(modes):
+        for fam in families:
+            pts = sorted((r for r in rows if r["mode"] == mode and r["family"] == fam), key=lambda r: r["seq_len"])
+            ok = [r for r in pts if r["status"] == "ok"]
+            c = colors.get(fam)
+            axes[0, j].plot([r["seq_len"] for r in ok], [r["tokens_per_s"] for r in ok], "o-", color=c, label=fam)
+            axes[1, j].plot([r["seq_len"] for r in ok], [r["peak_mem_bytes"] / 2**20 for r in ok], "o-",
+                            color=c, label=fam)
+            for r in pts:
+                if r["status"] != "ok":
+                    axes[1, j].annotate(r["status"], (r["seq_len"], axes[1, j].get_ylim()[1]), color=c,
+                                        ha="center", va="top", fontsize=8)
+        axes[0, j].set_title(labels[mode])
+        axes[0, j].set_ylabel("decoded tokens / s" if mode == "generate" else "tokens / s")
+        axes[1, j].set_ylabel("peak memory (MiB)" + (", cache included" if mode == "generate" else ""))
+        for i in range(2):
+            ax = axes[i, j]
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context length L (tokens)" if mode == "generate" else "sequence length L (tokens)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer=None, batch=1,
+                gen_tokens=32, repeats=3, device="cpu", threads=None, timeout_s=None, out=None,
+                head_dim=32, scan_impl="auto") -> list[dict]:
+    import json
+
+    import pandas as pd
+
+    from .fsutil import atomic_write_dataframe_csv, atomic_write_json
+    from .provenance import provenance
+    shapes = shapes_for(families, params, d_model, n_layer, head_dim)
+    for fam, (d, n, p) in shapes.items():
+        print(f"{fam}: d_model {d}, n_layer {n}, {p:,} non-embedding parameters", flush=True)
+
+    def progress(r):
+        took = f"{r['tokens_per_s']:,.0f} tokens/s" if r["status"] == "ok" else f"{r['status']}: {r['error']}"
+        print(f"  {r['family']:>11} {r['mode']:<8} L={r['seq_len']:<6} {took}", file=sys.stderr, flush=True)
+
+    rows, peak, note = profile_models(families, shapes, seq_lens, modes, batch=batch, gen_tokens=gen_tokens,
+                                      repeats=repeats, device=device, threads=threads, timeout_s=timeout_s,
+                                      head_dim=head_dim, scan_impl=scan_impl, progress=progress)
+    print(f"peak for MFU: {note}")
+    print(format_table(rows))
+    growth = growth_exponents(rows)
+    if growth:
+        print("growth with L (log-log slope, L >= 1024): " + "; ".join(
+            f"{k}: time {v['time']:.2f}, memory {v['memory']:.2f}" for k, v in growth.items()))
+    if out:
+        out = Path(out)
+        atomic_write_dataframe_csv(out / "profile.csv", pd.DataFrame(rows, columns=CSV_COLUMNS))
+        atomic_write_json(out / "profile.json", {"peak_flops": peak, "peak_note": note, "growth": growth,
+                                                 "shapes": shapes, "batch": batch, "gen_tokens": gen_tokens,
+                                                 **provenance(device)})
+        plot(rows, out / "profile.png",
+             f"{' vs '.join(f'{f} {shapes[f][2] / 1e6:.1f}M' for f in families)} params, batch {batch}, "
+             f"{device}")
+        print(f"wrote {out / 'profile.csv'}, {out / 'profile.json'}, {out / 'profile.png'}")
+    return rows
