@@ -124,3 +124,14 @@ def test_run_killed_mid_way_resumes_from_its_checkpoint_and_matches_an_uninterru
     steps = [int(line.split(",")[0]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:-1]]
     assert steps == list(range(1, 81))         # no step lost or logged twice
     assert not ckpt.exists()                    # cleaned up once the run finished
+
+
+def test_bpe_run_reports_bits_per_byte_consistent_with_nats_per_token(tmp_path):
+    raw = tiny_config(tmp_path).model_dump(mode="json")
+    raw["tokenizer"] = {"kind": "bpe", "vocab_size": 512}
+    cfg = validate(RunConfig, raw, "test")
+    r = run_training(cfg, tmp_path / "bpe")
+    assert r["status"] == "ok" and r["data"]["tokenizer"] == "bpe-512"
+    n_bytes = r["val_bytes"]
+    assert n_bytes > r["val_tokens"]                       # BPE tokens cover more than one byte
+    assert r["bpb"] == pytest.approx(r["loss"] * r["val_tokens"] / (math.log(2) * n_bytes), rel=1e-9)

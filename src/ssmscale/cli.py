@@ -104,6 +104,55 @@ def _train(args):
     return 0
 
 
+# ------------------------------------------------------------------------------------- sizes
+def _sizes_args(p):
+    p.add_argument("params", nargs="+", help="target non-embedding parameter counts, e.g. 1e5 1e6 1e7")
+    p.add_argument("--families", default="transformer,mamba", help="comma-separated families")
+    p.add_argument("--seq-len", type=int, default=256, help="sequence length for FLOPs per token (default 256)")
+    p.add_argument("--head-dim", type=int, default=32, help="transformer head dimension (default 32)")
+    p.add_argument("--vocab", type=int, default=256, help="tokenizer vocabulary (default 256, bytes)")
+    p.add_argument("--verify", action="store_true",
+                   help="also count a real forward with torch's FlopCounterMode and compare the matmul terms")
+
+
+def _sizes(args):
+    targets = []
+    for text in args.params:
+        try:
+            targets.append(float(text))
+        except ValueError:
+            raise UserError(f"params: expected numbers such as 1e6, got {text!r}") from None
+    if min(targets) <= 0:
+        raise UserError("params: must be positive")
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    bad = [f for f in families if f not in ("transformer", "mamba")]
+    if bad or not families:
+        raise UserError(f"--families: unknown family {bad[0] if bad else args.families!r}; use transformer,mamba")
+    from . import flops
+    from .models import ModelConfig
+    from .models.sizing import ladder_shapes
+    base = ModelConfig(family="transformer", d_model=args.head_dim, n_layer=1, head_dim=args.head_dim,
+                       vocab_size=args.vocab)
+    shapes = ladder_shapes(targets, families, base)
+    print(f"sizing.py: transformer n_layer from aspect ratio 64 (>= 2 layers), width a multiple of head_dim "
+          f"{args.head_dim}; Mamba 2x layers, width matched in parameters. FLOPs at L={args.seq_len}: {flops.CONVENTION}")
+    head = f"{'target':>9} {'family':<11} {'d_model':>7} {'n_layer':>7} {'params':>12} {'total':>12} " \
+           f"{'train FLOPs/tok':>15} {'/6N':>6}"
+    print(head + ("  FlopCounterMode matmul (attention)" if args.verify else ""))
+    for i, s in enumerate(shapes):
+        cfg = base.replace(family=s.family, d_model=s.d_model, n_layer=s.n_layer)
+        summ = flops.flops_summary(cfg, args.seq_len)
+        line = (f"{targets[i // len(families)]:>9.3g} {s.family:<11} {s.d_model:>7} {s.n_layer:>7} {s.params:>12,} "
+                f"{s.params_total:>12,} {summ['train_flops_per_token']:>15,.0f} {summ['ratio_to_6n']:>6.3f}")
+        if args.verify:
+            chk = flops.counter_check(cfg, args.seq_len)
+            line += f"  {chk['matmul_ratio']:.4f}"
+            if "attention_ratio" in chk:
+                line += f" ({chk['attention_ratio']:.4f})"
+        print(line)
+    return 0
+
+
 # ------------------------------------------------------------------------------------ ladder
 def _ladder_args(p):
     p.add_argument("config", help="ladder config (YAML), e.g. configs/small.yaml")
@@ -261,6 +310,7 @@ def _report(args):
 
 
 COMMANDS: list = [
+    ("sizes", "matched shapes, parameter counts and FLOPs per token for target sizes", _sizes_args, _sizes),
     ("train", "train one model on its token budget (writes DIR/result.json)", _train_args, _train),
     ("ladder", "plan and run an IsoFLOP ladder (resumable), then fit and report", _ladder_args, _ladder),
     ("profile", "time and measure memory of kernels (--op scan: selective-scan implementations)",

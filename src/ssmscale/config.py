@@ -64,19 +64,24 @@ class TokenizerConfig(_Strict):
         return self
 
 
-class ModelSpec(_Strict):
-    """Either an explicit shape (d_model, n_layer) or a target non-embedding parameter count."""
-    family: Literal["transformer", "mamba"] = "transformer"
-    d_model: PositiveInt | None = None
-    n_layer: PositiveInt | None = None
-    params: PositiveFloat | None = None
+class ModelDefaults(_Strict):
+    """Per-family knobs shared by every size of a ladder (shapes come from `sizes`)."""
     head_dim: PositiveInt = 32
     d_ff: PositiveInt | None = None
     d_state: PositiveInt = 16
     d_conv: PositiveInt = 4
     expand: PositiveInt = 2
     dt_rank: PositiveInt | None = None
-    scan_impl: str = "auto"
+    scan_impl: Literal["auto", "fused", "chunked", "ref", "triton"] = "auto"   # ops.selective_scan impl
+
+
+class ModelSpec(ModelDefaults):
+    """One model: the family knobs plus either an explicit shape (d_model, n_layer) or a target
+    non-embedding parameter count."""
+    family: Literal["transformer", "mamba"] = "transformer"
+    d_model: PositiveInt | None = None
+    n_layer: PositiveInt | None = None
+    params: PositiveFloat | None = None
 
     @model_validator(mode="after")
     def _shape(self):
@@ -115,6 +120,8 @@ class TrainConfig(_Strict):
     def _lrs(self):
         if self.final_lr > self.lr:
             raise ValueError("final_lr: must not exceed lr")
+        if self.batch_size % self.devices:
+            raise ValueError(f"batch_size: {self.batch_size} does not split over {self.devices} devices")
         return self
 
 
@@ -132,17 +139,6 @@ class RunConfig(_Strict):
         if self.train.tokens is None:
             raise ValueError("train.tokens: a run needs a token budget")
         return self
-
-
-class ModelDefaults(_Strict):
-    """Per-family knobs shared by every size of a ladder (shapes come from `sizes`)."""
-    head_dim: PositiveInt = 32
-    d_ff: PositiveInt | None = None
-    d_state: PositiveInt = 16
-    d_conv: PositiveInt = 4
-    expand: PositiveInt = 2
-    dt_rank: PositiveInt | None = None
-    scan_impl: str = "auto"
 
 
 class ShapeSpec(_Strict):

@@ -94,3 +94,46 @@ def flops_summary(cfg: ModelConfig, seq_len: int) -> dict:
 CONVENTION = ("training FLOPs = 3 x forward; forward counted term by term per token (flops.py): matmuls "
               "incl. LM head over the padded vocab, causal attention (mean (L+1)/2 keys per query), "
               "softmax 3/score, Mamba conv 2*Ed*k and scan 9*Ed*N; embedding lookup and norms not counted")
+
+
+def counter_check(cfg: ModelConfig, seq_len: int, batch: int = 2) -> dict:
+    """Compare the matmul terms with torch's FlopCounterMode on a real forward of `cfg`.
+
+    The counter sees linear layers and the LM head as mm; with the math SDPA backend it sees the
+    attention core as two bmm over the full L x L square (so it is compared with causal=False);
+    the selective scan's own internals are measured separately and removed."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import LM
+    from .ops import selective_scan
+
+    def count(fn):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return {str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+    model = LM(cfg.replace(scan_impl="chunked"))
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        counts = count(lambda: model(tokens))
+        scan_mm = 0
+        if cfg.family == "mamba":
+            e, n = cfg.d_inner, cfg.d_state
+            one = count(lambda: selective_scan(torch.randn(batch, e, seq_len), torch.rand(batch, e, seq_len),
+                                               -torch.rand(e, n), torch.randn(batch, n, seq_len),
+                                               torch.randn(batch, n, seq_len), impl="chunked"))
+            scan_mm = cfg.n_layer * sum(one.get(k, 0) for k in ("mm", "bmm"))
+    n_tok = batch * seq_len
+    terms = forward_flops_terms(cfg, seq_len, causal=False)
+    analytic = sum(v for k, v in terms.items() if k in MATMUL_TERMS) * n_tok
+    counted = counts.get("mm", 0) + counts.get("addmm", 0)
+    if cfg.family == "mamba":
+        counted += counts.get("bmm", 0) - scan_mm
+    out = {"matmul_analytic": analytic, "matmul_counted": counted, "matmul_ratio": counted / analytic}
+    if cfg.family == "transformer":
+        attn = (terms["attn_scores"] + terms["attn_values"]) * n_tok
+        out.update(attention_analytic=attn, attention_counted=counts.get("bmm", 0),
+                   attention_ratio=counts.get("bmm", 0) / attn)
+    return out

@@ -42,12 +42,14 @@ _OOM_MESSAGES = ("can't allocate memory", "out of memory", "cannot allocate memo
 
 def run_isolated(func_path: str, kwargs: dict | None = None, *, repeats: int = 5, warmup: int = 1,
                  threads: int | None = None, timeout_s: float | None = None,
-                 env: dict | None = None) -> dict:
-    """Measure `func_path`'s step in a fresh process. Returns a dict with
+                 env: dict | None = None, mem_limit_bytes: int | None = None) -> dict:
+    """Measure `func_path`'s step in a fresh process. `mem_limit_bytes` caps the address space the
+    step may add beyond what prepare left (RLIMIT_AS): a point that needs more is "oom". Returns a dict with
     status ("ok", "oom", "error", "timeout"), times_ms (list), median_ms, min_ms,
     peak_extra_bytes, baseline_bytes, memory_method, device and error (message or None)."""
     kwargs = dict(kwargs or {})
-    spec = dict(func_path=func_path, kwargs=kwargs, repeats=repeats, warmup=warmup, threads=threads)
+    spec = dict(func_path=func_path, kwargs=kwargs, repeats=repeats, warmup=warmup, threads=threads,
+                mem_limit_bytes=mem_limit_bytes)
     with tempfile.TemporaryDirectory(prefix="ssmscale-memprobe-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-c", "from ssmscale.memprobe import _child_main; _child_main()",
@@ -78,7 +80,7 @@ def _child_main():
     os.replace(tmp, out)
 
 
-def _measure(func_path, kwargs, repeats, warmup, threads):
+def _measure(func_path, kwargs, repeats, warmup, threads, mem_limit_bytes=None):
     import torch
     if threads:
         torch.set_num_threads(threads)
@@ -87,6 +89,9 @@ def _measure(func_path, kwargs, repeats, warmup, threads):
     try:
         module, _, name = func_path.partition(":")
         step = getattr(importlib.import_module(module), name)(**kwargs)
+        if mem_limit_bytes:
+            limit = _status_kib("VmSize") * 1024 + int(mem_limit_bytes)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
         probe = _CudaMemory(torch) if cuda else _HostMemory()
         probe.reset()
         step()

@@ -116,9 +116,12 @@ def prepare_generate(family, d_model, n_layer, seq_len, batch, gen_tokens=32, vo
     def step():
         for c, s in zip(cache, saved):
             _restore(c, s)
-        token = nxt
+        token, out = nxt, []
         for _ in range(gen_tokens):
             token = model(token, cache)[:, -1:].argmax(-1)
+            out.append(token)
+        step.decoded = torch.cat(out, dim=1)   # kept for the tests: what was decoded
+    step.context = torch.cat([context, nxt], dim=1)
     return step
 
 
@@ -215,7 +218,8 @@ def _flops_per_token(family, d_model, n_layer, mode, seq_len, head_dim):
 
 
 def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, repeats=3, device="cpu",
-                   threads=None, timeout_s=None, head_dim=32, scan_impl="auto", progress=None):
+                   threads=None, timeout_s=None, head_dim=32, scan_impl="auto", progress=None,
+                   mem_limit_bytes=None):
     """Measure every (family, mode, length) point; returns (rows, peak, peak_note)."""
     from .memprobe import run_isolated
     peak, peak_note = measure_peak_flops(device)
@@ -233,7 +237,8 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                 # long points are slow on a CPU: fewer repeats there (the median of what was run)
                 reps = repeats if L <= 4096 or device != "cpu" else 1
                 res = run_isolated(f"ssmscale.profile:{prep[mode]}", kwargs, repeats=reps,
-                                   warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s)
+                                   warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s,
+                                   mem_limit_bytes=mem_limit_bytes)
                 fpt = _flops_per_token(fam, d, n, mode, L, head_dim)
                 tokens = batch * (gen_tokens if mode == "generate" else L)
                 ok = res["status"] == "ok"
@@ -342,7 +347,7 @@ def plot(rows, path: Path, title: str):
 
 def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer=None, batch=1,
                 gen_tokens=32, repeats=3, device="cpu", threads=None, timeout_s=None, out=None,
-                head_dim=32, scan_impl="auto") -> list[dict]:
+                head_dim=32, scan_impl="auto", mem_limit_bytes=None) -> list[dict]:
     import json
 
     import pandas as pd
@@ -359,7 +364,8 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
 
     rows, peak, note = profile_models(families, shapes, seq_lens, modes, batch=batch, gen_tokens=gen_tokens,
                                       repeats=repeats, device=device, threads=threads, timeout_s=timeout_s,
-                                      head_dim=head_dim, scan_impl=scan_impl, progress=progress)
+                                      head_dim=head_dim, scan_impl=scan_impl, progress=progress,
+                                      mem_limit_bytes=mem_limit_bytes)
     print(f"peak for MFU: {note}")
     print(format_table(rows))
     growth = growth_exponents(rows)
@@ -377,3 +383,87 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
              f"{device}")
         print(f"wrote {out / 'profile.csv'}, {out / 'profile.json'}, {out / 'profile.png'}")
     return rows
+
+
+# ----------------------------------------------------------------------- Lightning loop overhead
+def loop_overhead(config_path: str, family: str | None = None, steps: int = 60, warmup: int = 10,
+                  rounds: int = 2) -> dict:
+    """Time the same model, batches, optimiser, schedule and clipping in a bare PyTorch loop and in
+    the Lightning loop of train.py (alternating, `rounds` times each); returns per-step medians."""
+    import torch
+    import torch.nn.functional as F
+
+    from . import train as T
+    from .config import load_run_config
+    from .data import prepare_data
+    from .models import LM
+    cfg = load_run_config(config_path, {"model.family": family} if family else None)
+    t = cfg.train
+    data = prepare_data(cfg.data, cfg.tokenizer, seq_len=t.seq_len, eval_tokens=t.eval_tokens, progress=False)
+    model_cfg = T.resolve_model(cfg.model, data.vocab_size)
+    n_steps = warmup + steps
+
+    def bare() -> list[float]:
+        torch.manual_seed(cfg.seed)
+        model = LM(model_cfg)
+        opt = torch.optim.AdamW(T.param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps)
+        warm = int(t.warmup_fraction * n_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: T.lr_at(s, n_steps, warm, t.lr, t.final_lr) / t.lr)
+        times = []
+        for step in range(n_steps):
+            start = time.perf_counter()
+            x, y = data.train_batch(cfg.seed, step, t.batch_size, t.seq_len)
+            loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), ignore_index=-100)
+            loss.item()                                   # the Lightning loop reads the loss too
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+        return times[warmup:]
+
+    def lightning() -> list[float]:
+        L = T._lightning()
+        times, marks = [], {}
+
+        class Clock(L.Callback):
+            """Time between consecutive step ends: the step plus everything the loop does around it."""
+
+            def on_train_start(self, trainer, module):
+                marks["t"] = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, idx):
+                now = time.perf_counter()
+                times.append(now - marks["t"])
+                marks["t"] = now
+
+        module = T.build_module(model_cfg, t, n_steps, data.val_set(t.seq_len), cfg.seed)
+        accel, precision = T.resolve_device(t)
+        trainer = L.Trainer(accelerator=accel, devices=1, precision=precision, max_steps=n_steps, max_epochs=1,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[Clock()], limit_val_batches=0,
+                            num_sanity_val_steps=0)
+        loader = torch.utils.data.DataLoader(T.StepBatches(data, cfg.seed, n_steps, t.batch_size, t.seq_len),
+                                             batch_size=None, num_workers=0)
+        wall = time.perf_counter()
+        trainer.fit(module, train_dataloaders=loader)
+        wall = time.perf_counter() - wall
+        return times[warmup:], wall
+
+    bare_t, light_t, light_wall, bare_wall = [], [], [], []
+    for _ in range(rounds):
+        w = time.perf_counter()
+        bare_t += bare()
+        bare_wall.append(time.perf_counter() - w)
+        lt, lw = lightning()
+        light_t += lt
+        light_wall.append(lw)
+    tokens = t.batch_size * t.seq_len
+    b, lgt = statistics.median(bare_t), statistics.median(light_t)
+    return {"family": model_cfg.family, "d_model": model_cfg.d_model, "n_layer": model_cfg.n_layer,
+            "tokens_per_step": tokens, "steps": steps, "rounds": rounds,
+            "bare_ms": 1e3 * b, "lightning_ms": 1e3 * lgt,
+            "bare_tokens_per_s": tokens / b, "lightning_tokens_per_s": tokens / lgt,
+            "overhead": lgt / b - 1,
+            "bare_wall_s": statistics.median(bare_wall), "lightning_wall_s": statistics.median(light_wall)}

@@ -107,7 +107,7 @@ def evaluate(model: LM, val, batch_size: int, device, context=None) -> dict:
     model.train(was_training)
     loss = total / max(count, 1)
     bpb = total / (LN2 * n_bytes) if n_bytes else float("nan")
-    return {"val_loss": loss, "val_bpb": bpb, "val_tokens": count}
+    return {"val_loss": loss, "val_bpb": bpb, "val_tokens": count, "val_bytes": n_bytes}
 
 
 class _null:
@@ -151,6 +151,9 @@ def build_module(model_cfg: ModelConfig, train: TrainConfig, n_steps: int, val, 
 
         def training_step(self, batch, batch_idx):
             x, y = batch
+            world = self.trainer.world_size
+            if world > 1:   # batch_size is the global batch: each rank trains on its own rows
+                x, y = x[self.global_rank::world], y[self.global_rank::world]
             logits = self.model(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
             value = loss.item()
@@ -329,11 +332,13 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     except (RuntimeError, MemoryError) as exc:   # e.g. out of memory: recorded, not a crash of the ladder
         status, message = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
     steps_done = trainer.global_step
-    ev = {"val_loss": float("nan"), "val_bpb": float("nan"), "val_tokens": 0}
+    ev = {"val_loss": float("nan"), "val_bpb": float("nan"), "val_tokens": 0, "val_bytes": None}
     if status == "ok":
         ev = module.run_eval()
     monitor.write_final(steps_done, ev if status == "ok" else None)
     wall = time.perf_counter() - start
+    if not trainer.is_global_zero:     # multi-process strategies: rank 0 writes the result
+        return {"status": status, "message": message}
     tokens = steps_done * tokens_per_step
     result = {
         "status": status, "message": message,
@@ -343,7 +348,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
         "flops": tokens * cost["train_flops_per_token"],
         "flops_per_token": cost["train_flops_per_token"], "ratio_to_6n": cost["ratio_to_6n"],
         "flops_convention": cost["flops_convention"],
-        "loss": ev["val_loss"], "bpb": ev["val_bpb"], "val_tokens": ev["val_tokens"],
+        "loss": ev["val_loss"], "bpb": ev["val_bpb"], "val_tokens": ev["val_tokens"], "val_bytes": ev["val_bytes"],
         "final_train_loss": module.last_loss,
         "lr": t.lr, "seq_len": t.seq_len, "batch_size": t.batch_size, "seed": cfg.seed,
         "wall_s": round(wall, 3), "train_s": round(monitor.train_time, 3),
