@@ -23,6 +23,24 @@ def test_mambapy_anchor_is_the_same_scan_as_the_reference():
     assert rel_err(t(y), selective_scan_ref(**x)) < 1e-4
 
 
+@needs_mambapy
+def test_mambapy_anchor_with_the_model_args_is_the_same_scan_as_the_reference():
+    x = make_inputs(2, 6, 4, 37, softplus=True)
+    t = lambda v: v.transpose(1, 2)
+    y = bench_scan.mambapy_selective_scan(t(x["u"]), t(x["delta"]), x["A"], t(x["B"]), t(x["C"]), x["D"],
+                                          t(x["z"]), x["delta_bias"])
+    assert rel_err(t(y), selective_scan_ref(**x, delta_softplus=True)) < 1e-4
+
+
+def test_profile_scan_with_the_model_args(tmp_path, capsys):
+    code = main(["profile", "--op", "scan", "--impls", "fused,ref", "--seq-lens", "9", "--batch", "1",
+                 "--d-inner", "4", "--d-state", "2", "--modes", "fwdbwd", "--repeats", "1", "--model-args",
+                 "--out", str(tmp_path)])
+    assert code == 0 and "model's args" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "scan_bench.csv")
+    assert table["model_args"].all() and (table["status"] == "ok").all()
+
+
 def test_prepare_gives_a_step_that_runs_forward_and_backward():
     step = bench_scan.prepare("ref", batch=1, d_inner=2, d_state=3, length=5, mode="fwdbwd", prime=False)
     step()
@@ -64,6 +82,6 @@ def test_profile_scan_measures_all_impls_in_one_run_and_writes_csv(tmp_path, cap
     (["--impls", "triton"], "--impls: unknown or not for cpu: 'triton'"),
 ])
 def test_profile_rejects_bad_input_with_one_line_and_exit_2(capsys, argv, message):
-    assert main(["profile", *argv]) == 2
+    assert main(["profile", "--op", "scan", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err

@@ -70,6 +70,55 @@ def test_fused_gives_the_same_answer_for_any_split_of_rows_over_threads(monkeypa
         torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@needs_fused
+@pytest.mark.parametrize("softplus", [True, False])
+def test_fused_takes_the_model_layouts(softplus):
+    # the Mamba block passes transposes of time-major (batch, L, channels) activations, z as the
+    # second half of in_proj's output and B, C as slices of x_proj's output; delta here even has a
+    # time stride of 2. Every gradient must reach the right elements of the underlying tensors.
+    b, d, n, L = 2, 20, 4, 70
+    g = torch.Generator().manual_seed(0)
+    bases = dict(xz=torch.randn(b, L, 2 * d, generator=g), dbc=torch.randn(b, L, 3 + 2 * n, generator=g),
+                 delta=0.5 * torch.randn(b, d, 2 * L, generator=g) + (-1.0 if softplus else 1.0),
+                 A=-torch.rand(d, n, generator=g) - 0.5, D=torch.randn(d, generator=g),
+                 bias=0.1 * torch.randn(d, generator=g))
+
+    def run(impl):
+        leaves = {k: v.clone().requires_grad_() for k, v in bases.items()}
+        xz, dbc = leaves["xz"].transpose(1, 2), leaves["dbc"].transpose(1, 2)
+        y = selective_scan(xz[:, :d], leaves["delta"][..., ::2], leaves["A"], dbc[:, 3:3 + n],
+                           dbc[:, 3 + n:], leaves["D"], xz[:, d:], leaves["bias"],
+                           delta_softplus=softplus, impl=impl)
+        (y * torch.randn(y.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        return y.detach(), {k: v.grad for k, v in leaves.items()}
+
+    y, grads = run("fused")
+    y0, grads0 = run("ref")
+    assert max([rel_err(y, y0)] + [rel_err(grads[k], grads0[k]) for k in grads0]) < 1e-4
+
+
+@needs_fused
+def test_fused_runs_on_torchs_openmp_threads_where_it_can_and_on_its_own_otherwise(tmp_path):
+    # on torch's libgomp, the kernel shares torch's worker threads; elsewhere it is built without
+    # OpenMP and starts POSIX threads. Both split the rows the same way and agree with the reference.
+    if scan_cpu.torch_uses_libgomp():
+        assert b"GOMP_parallel" in Path(scan_cpu.load()._name).read_bytes()
+    done = _python("""
+        from pathlib import Path
+        import torch
+        from ssmscale.ops import scan_cpu
+        scan_cpu.torch_uses_libgomp = lambda: False       # before anything loads the kernel
+        scan_cpu._MIN_WORK_PER_THREAD = 1
+        from scan_inputs import make_inputs
+        from test_scan_kernels import _worst_error
+        assert b"GOMP_parallel" not in Path(scan_cpu.load()._name).read_bytes()
+        for threads in (1, 2, 7):
+            torch.set_num_threads(threads)
+            assert _worst_error("fused", make_inputs(3, 5, 4, 70)) < 1e-4, threads
+    """, env={"SSMSCALE_CACHE": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+
+
 def test_fused_uses_torchs_thread_count_and_one_thread_for_small_work():
     before = torch.get_num_threads()
     try:

@@ -7,6 +7,10 @@ Modes: "fwd" is the forward of a training step (inputs require grad, so what the
 need is kept), "fwdbwd" is that forward plus the backward of a fixed random output gradient.
 Inputs: u, B, C ~ N(0, 1); delta = softplus(N(-1, 1)) (already positive, no bias or softplus in the
 scan); A = -(1..N) per channel (S4D-real); D = 1; no z gate, which mambapy's scan does not have.
+With model_args (`--model-args`), the scan gets what the Mamba block passes it: a raw delta ~ N(0, 1)
+with delta_softplus and a delta_bias at Mamba's initialisation (inverse softplus of dt log-uniform in
+[1e-3, 1e-1]), D = 1 and a gate z ~ N(0, 1); the mambapy anchor then computes the same (softplus of
+delta + bias before its scan, y * silu(z) after it, as mambapy's own Mamba block does).
 "/ floor" is the time over the memory-bandwidth floor: the bytes any implementation must move
 (min_bytes) over the bandwidth of a large copy measured in the same run. On a CPU the scan is
 bound by exp over the state, not memory; the column matters most on GPUs.
@@ -36,30 +40,41 @@ class Point:
     d_state: int
     length: int
     mode: str
+    model_args: bool = False
 
 
-def mambapy_selective_scan(x, delta, A, B, C, D):
-    """mambapy's Mamba.selective_scan, layout (batch, L, d_inner); B, C (batch, L, N)."""
+def mambapy_selective_scan(x, delta, A, B, C, D, z=None, delta_bias=None):
+    """mambapy's Mamba.selective_scan, layout (batch, L, d_inner); B, C (batch, L, N). With
+    delta_bias, delta is raw: softplus(delta + delta_bias) first, and with z the output is gated
+    by silu(z), both as mambapy's Mamba block does around its selective_scan."""
     import torch
+    import torch.nn.functional as F
     from mambapy.pscan import pscan
+    if delta_bias is not None:
+        delta = F.softplus(delta + delta_bias)
     delta_a = torch.exp(delta.unsqueeze(-1) * A)                       # (b, L, d, N)
     bx = delta.unsqueeze(-1) * B.unsqueeze(2) * x.unsqueeze(-1)        # (b, L, d, N)
     hs = pscan(delta_a, bx)
-    return (hs @ C.unsqueeze(-1)).squeeze(3) + D * x
+    y = (hs @ C.unsqueeze(-1)).squeeze(3) + D * x
+    return y if z is None else y * F.silu(z)
 
 
 PRIME_SHAPE = dict(batch=2, d_inner=64, length=64)   # big enough to start the kernels' threads
 
 
 def prepare(impl: str, batch: int, d_inner: int, d_state: int, length: int, mode: str,
-            device: str = "cpu", seed: int = 0, prime: bool = True):
+            device: str = "cpu", seed: int = 0, prime: bool = True, model_args: bool = False):
     """Allocate one point's inputs; return its step (memprobe's prepare-function contract).
     With `prime`, first runs the step once at a tiny shape, so one-time costs (kernel build and
-    load, imports, autograd engine threads) do not count as the step's memory."""
+    load, imports, autograd engine threads) do not count as the step's memory.
+    With `model_args`, the scan gets the Mamba block's arguments (see the module docstring)."""
+    import math
+
     import torch
     import torch.nn.functional as F
     if prime:
-        prepare(impl, d_state=d_state, mode=mode, device=device, prime=False, **PRIME_SHAPE)()
+        prepare(impl, d_state=d_state, mode=mode, device=device, prime=False, model_args=model_args,
+                **PRIME_SHAPE)()
     g = torch.Generator().manual_seed(seed)
     mambapy_layout = impl == "mambapy"
     seq = (batch, length, d_inner) if mambapy_layout else (batch, d_inner, length)
@@ -72,14 +87,19 @@ def prepare(impl: str, batch: int, d_inner: int, d_state: int, length: int, mode
         C=torch.randn(bc, generator=g),
         D=torch.ones(d_inner),
     )
+    if model_args:
+        dt = torch.exp(torch.rand(d_inner, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        leaves.update(delta=torch.randn(seq, generator=g), z=torch.randn(seq, generator=g),
+                      delta_bias=dt + torch.log(-torch.expm1(-dt)))      # softplus(bias) = dt
     leaves = {k: v.to(device).requires_grad_() for k, v in leaves.items()}
     grad_out = torch.randn(seq, generator=g).to(device)
     if mambapy_layout:
         forward = lambda: mambapy_selective_scan(leaves["u"], leaves["delta"], leaves["A"],
-                                                 leaves["B"], leaves["C"], leaves["D"])
+                                                 leaves["B"], leaves["C"], leaves["D"],
+                                                 leaves.get("z"), leaves.get("delta_bias"))
     else:
         from .ops import selective_scan
-        forward = lambda: selective_scan(**leaves, impl=impl)
+        forward = lambda: selective_scan(**leaves, delta_softplus=model_args, impl=impl)
 
     def step():
         for t in leaves.values():
@@ -98,12 +118,14 @@ def skip_reason(impl: str, length: int, ref_max_len: int) -> str | None:
     return None
 
 
-def min_bytes(batch: int, d_inner: int, d_state: int, length: int, mode: str) -> int:
+def min_bytes(batch: int, d_inner: int, d_state: int, length: int, mode: str,
+              model_args: bool = False) -> int:
     """Bytes any implementation must move (fp32): the forward reads u, delta, B, C and writes y;
-    the backward reads them again with dy and writes du, ddelta, dB, dC (A, D: negligible)."""
+    the backward reads them again with dy and writes du, ddelta, dB, dC (A, D: negligible).
+    With model_args, the gate z is read too, and dz written."""
     seq, bc = 4 * batch * d_inner * length, 4 * batch * d_state * length
-    fwd = 3 * seq + 2 * bc
-    return fwd if mode == "fwd" else fwd + 5 * seq + 4 * bc
+    fwd = (4 if model_args else 3) * seq + 2 * bc
+    return fwd if mode == "fwd" else fwd + (7 if model_args else 5) * seq + 4 * bc
 
 
 def prepare_copy(mib: int, device: str = "cpu"):
@@ -138,7 +160,7 @@ def check_impls(impls: list[str], device: str) -> None:
 
 def run_benchmark(impls, seq_lens, *, batch=8, d_inner=256, d_state=16, modes=MODES, repeats=3,
                   warmup=1, device="cpu", ref_max_len=1024, threads=None, timeout_s=None,
-                  progress=None) -> list[dict]:
+                  progress=None, model_args=False) -> list[dict]:
     """One row per (impl, L, mode): timings, peak extra memory, status, and the memory-bandwidth
     floor (min_bytes / a copy's bandwidth, measured in the same run); ratios added after."""
     from .memprobe import run_isolated
@@ -147,8 +169,9 @@ def run_benchmark(impls, seq_lens, *, batch=8, d_inner=256, d_state=16, modes=MO
     for length in seq_lens:
         for mode in modes:
             for impl in impls:
-                point = Point(impl, batch, d_inner, d_state, length, mode)
-                floor_ms = bandwidth and 1e3 * min_bytes(batch, d_inner, d_state, length, mode) / bandwidth
+                point = Point(impl, batch, d_inner, d_state, length, mode, model_args)
+                floor_ms = bandwidth and 1e3 * min_bytes(batch, d_inner, d_state, length, mode,
+                                                         model_args) / bandwidth
                 row = dict(vars(point), device=device, threads=threads,
                            bandwidth_gbs=bandwidth and bandwidth / 1e9, floor_ms=floor_ms)
                 reason = skip_reason(impl, length, ref_max_len)

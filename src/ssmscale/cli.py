@@ -174,25 +174,114 @@ def _ladder(args):
 
 # ----------------------------------------------------------------------------------- profile
 def _profile_args(p):
-    p.add_argument("--op", choices=["scan"], default="scan",
-                   help="what to profile: scan = the selective-scan implementations (default)")
-    p.add_argument("--impls", help="comma-separated implementations (default: all available on the "
+    p.add_argument("config", nargs="?", help="--op loop: the run config whose model and batch are timed")
+    p.add_argument("--op", choices=["model", "scan", "loop"], default="model",
+                   help="model: both families against sequence length (default); scan: the selective-scan "
+                        "implementations; loop: the Lightning training loop against a bare PyTorch loop")
+    p.add_argument("--families", default="transformer,mamba", help="model: comma-separated families")
+    p.add_argument("--params", help="model: target non-embedding parameters of a matched pair (default 1e7)")
+    p.add_argument("--d-model", help="model: explicit width (with --n-layer) instead of --params")
+    p.add_argument("--n-layer", help="model: explicit depth (with --d-model)")
+    p.add_argument("--gen-tokens", default="32", help="model: tokens decoded per generation measurement")
+    p.add_argument("--mem-limit-gb", help="model: cap on the memory a point may add (beyond it: oom)")
+    p.add_argument("--family", help="loop: the family to time (default: the config's)")
+    p.add_argument("--steps", default="60", help="loop: timed steps per round (after 10 warm-up steps)")
+    p.add_argument("--impls", help="scan: comma-separated implementations (default: all available on the "
                                    "device, plus the mambapy anchor)")
-    p.add_argument("--seq-lens", default="1024,4096", help="comma-separated sequence lengths")
-    p.add_argument("--batch", default="8", help="batch size")
-    p.add_argument("--d-inner", default="256", help="channels (Mamba's expand * d_model)")
-    p.add_argument("--d-state", default="16", help="state size N")
-    p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd (forward + backward)")
+    p.add_argument("--seq-lens", help="comma-separated sequence lengths (model default 256,...,16384; "
+                                      "scan default 1024,4096)")
+    p.add_argument("--batch", help="batch size (model default 1, scan default 8)")
+    p.add_argument("--d-inner", default="256", help="scan: channels (Mamba's expand * d_model)")
+    p.add_argument("--d-state", default="16", help="scan: state size N")
+    p.add_argument("--modes", help="model: train,prefill,generate (default all); scan: fwd,fwdbwd (default both)")
     p.add_argument("--repeats", default="3", help="timed repeats per point (median reported)")
     p.add_argument("--threads", help="torch threads in each measuring process (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--ref-max-len", default="1024", help="skip the slow reference beyond this length")
+    p.add_argument("--ref-max-len", default="1024", help="scan: skip the slow reference beyond this length")
     p.add_argument("--timeout", default=None, help="seconds allowed per point (default: no limit)")
-    p.add_argument("--out", help="folder to write scan_bench.csv into")
+    p.add_argument("--model-args", action="store_true",
+                   help="scan: give it the Mamba block's arguments, delta_softplus with delta_bias, D and "
+                        "the gate z (the anchors compute the same)")
+    p.add_argument("--out", help="folder for the CSV (model: profile.csv, .json, .png; scan: scan_bench.csv)")
 
 
 def _profile(args):
-    return {"scan": _profile_scan}[args.op](args)
+    if args.config and args.op != "loop":
+        raise UserError(f"{args.config}: a config file is only used with --op loop")
+    if args.impls and args.op != "scan":
+        raise UserError("--impls: only used with --op scan")
+    return {"scan": _profile_scan, "model": _profile_model, "loop": _profile_loop}[args.op](args)
+
+
+def _seconds(text):
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--timeout: expected seconds, got {text!r}") from None
+    if value <= 0:
+        raise UserError(f"--timeout: expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _profile_model(args):
+    from .profile import MODES, run_profile
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    bad = [f for f in families if f not in ("transformer", "mamba")]
+    if bad or not families:
+        raise UserError(f"--families: unknown family {bad[0] if bad else args.families!r}; use transformer,mamba")
+    modes = [m.strip() for m in (args.modes or ",".join(MODES)).split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        raise UserError(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
+    if args.device not in ("cpu", "cuda"):
+        raise UserError(f"--device: expected cpu or cuda, got {args.device!r}")
+    if (args.d_model is None) != (args.n_layer is None):
+        raise UserError("--d-model: give both --d-model and --n-layer, or --params")
+    if args.d_model is not None and args.params is not None:
+        raise UserError("--params: give either --params or --d-model/--n-layer")
+    params = None
+    if args.d_model is None:
+        try:
+            params = float(args.params or 1e7)
+        except ValueError:
+            raise UserError(f"--params: expected a number such as 1e7, got {args.params!r}") from None
+        if params <= 0:
+            raise UserError("--params: must be positive")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device in this process")
+    mem = None
+    if args.mem_limit_gb is not None:
+        try:
+            mem = int(float(args.mem_limit_gb) * 2**30)
+        except ValueError:
+            raise UserError(f"--mem-limit-gb: expected a number, got {args.mem_limit_gb!r}") from None
+    rows = run_profile(
+        families, _positive_ints(args.seq_lens or "256,512,1024,2048,4096,8192,16384", "--seq-lens"), modes,
+        params=params, d_model=_positive_int(args.d_model, "--d-model") if args.d_model else None,
+        n_layer=_positive_int(args.n_layer, "--n-layer") if args.n_layer else None,
+        batch=_positive_int(args.batch or "1", "--batch"), gen_tokens=_positive_int(args.gen_tokens, "--gen-tokens"),
+        repeats=_positive_int(args.repeats, "--repeats"), device=args.device,
+        threads=_positive_int(args.threads, "--threads") if args.threads else None,
+        timeout_s=_seconds(args.timeout), out=args.out, mem_limit_bytes=mem)
+    return 0 if all(r["status"] in ("ok", "oom") for r in rows) else 1
+
+
+def _profile_loop(args):
+    if not args.config:
+        raise UserError("--op loop: give a run config, e.g. ssmscale profile --op loop configs/train_tiny.yaml")
+    from .config import load_run_config
+    load_run_config(args.config, {"model.family": args.family} if args.family else None)  # errors first
+    from .profile import loop_overhead
+    r = loop_overhead(args.config, args.family, steps=_positive_int(args.steps, "--steps"))
+    print(f"{r['family']} d_model {r['d_model']} x {r['n_layer']} layers, {r['tokens_per_step']} tokens/step, "
+          f"median of {r['steps']} steps x {r['rounds']} alternating rounds:")
+    print(f"  bare PyTorch loop: {r['bare_ms']:.1f} ms/step, {r['bare_tokens_per_s']:,.0f} tokens/s")
+    print(f"  Lightning loop:    {r['lightning_ms']:.1f} ms/step, {r['lightning_tokens_per_s']:,.0f} tokens/s")
+    print(f"  Lightning overhead: {100 * r['overhead']:+.1f}% per step")
+    return 0
 
 
 def _positive_ints(text: str, flag: str) -> list[int]:
@@ -216,6 +305,9 @@ def _profile_scan(args):
     from pathlib import Path
 
     from . import bench_scan
+    args.batch = args.batch or "8"
+    args.seq_lens = args.seq_lens or "1024,4096"
+    args.modes = args.modes or "fwd,fwdbwd"
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in bench_scan.MODES for m in modes):
         raise UserError(f"--modes: expected a comma-separated subset of {','.join(bench_scan.MODES)}, "
@@ -243,8 +335,9 @@ def _profile_scan(args):
     except ValueError as exc:
         raise UserError(str(exc)) from None
     seq_lens = _positive_ints(args.seq_lens, "--seq-lens")
+    model_args = " with the model's args (softplus, delta_bias, D, z)" if args.model_args else ""
     print(f"selective scan on {args.device}: batch {sizes['batch']}, d_inner {sizes['d_inner']}, "
-          f"N {sizes['d_state']}; median of {sizes['repeats']} after 1 warm-up; peak = memory the first "
+          f"N {sizes['d_state']}{model_args}; median of {sizes['repeats']} after 1 warm-up; peak = memory the first "
           f"step needed beyond its inputs; each point in a fresh process", flush=True)
 
     def progress(row):
@@ -254,7 +347,7 @@ def _profile_scan(args):
     rows = bench_scan.run_benchmark(
         impls, seq_lens, batch=sizes["batch"], d_inner=sizes["d_inner"], d_state=sizes["d_state"],
         modes=modes, repeats=sizes["repeats"], device=args.device, ref_max_len=sizes["ref_max_len"],
-        threads=threads, timeout_s=timeout, progress=progress)
+        threads=threads, timeout_s=timeout, progress=progress, model_args=args.model_args)
     print(bench_scan.format_table(rows))
     if rows and rows[0].get("bandwidth_gbs"):
         print(f"/ floor: time over the memory-bandwidth floor (bytes that must move / "
@@ -313,7 +406,8 @@ COMMANDS: list = [
     ("sizes", "matched shapes, parameter counts and FLOPs per token for target sizes", _sizes_args, _sizes),
     ("train", "train one model on its token budget (writes DIR/result.json)", _train_args, _train),
     ("ladder", "plan and run an IsoFLOP ladder (resumable), then fit and report", _ladder_args, _ladder),
-    ("profile", "time and measure memory of kernels (--op scan: selective-scan implementations)",
+    ("profile", "throughput, peak memory and MFU against sequence length (training, prefill, generation); "
+                "--op scan: the selective-scan kernels; --op loop: Lightning overhead",
      _profile_args, _profile),
     ("fit", "fit scaling laws with bootstrap intervals to a study or a CSV of runs (writes fit.json)",
      _fit_args, _fit),

@@ -2,12 +2,15 @@
 
 Forward and backward never hold a (batch, L, d_inner, N) tensor: a row's state lives in cache,
 the forward saves the state at every chunk start, and the backward recomputes one chunk at a time
-from it (see the comment at the top of scan_cpu.c). Rows (batch x channel) are split over
-torch.get_num_threads() POSIX threads, started per call, so nothing spins between calls and
-competes with torch's own pool.
+from it (see the comment at the top of scan_cpu.c). Rows (batch x channel) are split into
+torch.get_num_threads() shares. Where torch runs on GNU libgomp (its Linux builds), the library is
+built with -fopenmp and binds to that same libgomp, so the shares run on torch's own OpenMP workers:
+threads of its own would share the cores with those workers, which spin for a few milliseconds
+after each torch op (measured 2x slower inside a Mamba model). Elsewhere it starts POSIX threads
+per call.
 
-Build: `$CC` (default gcc) -O3 -march=native -ffast-math, so exp over the state vectorises through
-glibc's libmvec. The library is cached under $SSMSCALE_CACHE (default ~/.cache/ssmscale)/kernels,
+Build: `$CC` (default gcc) -O3 -march=native -ffast-math, so the loops over the state and over time
+vectorise (the exp and log of softplus and sigmoid through glibc's libmvec). The library is cached under $SSMSCALE_CACHE (default ~/.cache/ssmscale)/kernels,
 keyed by a hash of the source, flags, compiler version and CPU; a new source or CPU rebuilds it.
 Compiling and linking are separate steps: linking a shared library with -ffast-math would pull in
 crtfastmath.o, which turns on flush-to-zero for the whole process at load time.
@@ -37,6 +40,7 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC"
     # N = 16 fp32 is one 512-bit register; gcc otherwise prefers 256-bit ones (~1.25x slower here)
     ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ())
 LINK_FLAGS = ("-shared", "-lm", "-lpthread")
+OPENMP_FLAGS = ("-fopenmp",)     # compile and link, when torch's libgomp is in the process
 
 CHUNK = 64               # time steps recomputed at once in the backward; (2K+1)*N floats per thread
 _MIN_WORK_PER_THREAD = 1 << 16   # state updates (rows*L*N) below which one thread is faster
@@ -70,11 +74,25 @@ def _cpu_identity() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build(cc: str) -> Path:
+def torch_uses_libgomp() -> bool:
+    """Whether torch's intra-op threads are GNU libgomp's, already loaded in this process: then a
+    library linked with -fopenmp binds to that same libgomp (by its soname) and shares its pool."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        return False
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    return any(Path(line.split()[-1]).name.startswith("libgomp.so") for line in maps.splitlines())
+
+
+def _build(cc: str, openmp: bool = False) -> Path:
     """Compile scan_cpu.c into the cache (once per source/flags/compiler/CPU); return the .so path."""
+    compile_flags = COMPILE_FLAGS + (OPENMP_FLAGS if openmp else ())
+    link_flags = LINK_FLAGS + (OPENMP_FLAGS if openmp else ())
     version = subprocess.run([cc, "-dumpfullversion", "-dumpversion"], capture_output=True,
                              text=True, timeout=60).stdout.strip()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(COMPILE_FLAGS + LINK_FLAGS),
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(compile_flags + link_flags),
                                     cc, version, _cpu_identity()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"scan_cpu-{key}.so"
     if target.exists():
@@ -82,14 +100,22 @@ def _build(cc: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         obj, lib = Path(tmp) / "scan_cpu.o", Path(tmp) / "scan_cpu.so"
-        for cmd in ([cc, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)],
-                    [cc, str(obj), "-o", str(lib), *LINK_FLAGS]):
+        for cmd in ([cc, *compile_flags, "-c", str(SOURCE), "-o", str(obj)],
+                    [cc, str(obj), "-o", str(lib), *link_flags]):
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 first = (done.stderr.strip().splitlines() or ["no message"])[0]
                 raise RuntimeError(f"{Path(cc).name} failed: {first}")
         os.replace(lib, target)   # atomic: concurrent processes may race to build the same key
     return target
+
+
+def _load_built(cc: str, openmp: bool):
+    lib = ctypes.CDLL(str(_build(cc, openmp)))
+    for fn in (lib.ssm_scan_forward, lib.ssm_scan_backward):
+        fn.argtypes = [ctypes.POINTER(_Args)]
+        fn.restype = ctypes.c_int
+    return lib
 
 
 def load():
@@ -105,15 +131,17 @@ def load():
     if shutil.which(cc) is None:
         _reason = f"no C compiler ({cc!r} not found; set CC)"
         return None
+    errors = (OSError, RuntimeError, subprocess.SubprocessError)
+    if torch_uses_libgomp():
+        try:
+            _lib = _load_built(cc, openmp=True)
+            return _lib
+        except errors:
+            pass   # e.g. a compiler without OpenMP: POSIX threads give the same results
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _lib = _load_built(cc, openmp=False)
+    except errors as exc:
         _reason = f"C kernel build/load failed: {exc}"
-        return None
-    for fn in (lib.ssm_scan_forward, lib.ssm_scan_backward):
-        fn.argtypes = [ctypes.POINTER(_Args)]
-        fn.restype = ctypes.c_int
-    _lib = lib
     return _lib
 
 
