@@ -159,3 +159,25 @@ def test_submitit_local_executor_trains_the_same_runs(tmp_path):
     assert (study / "submitit").is_dir()
     local = json.loads((study / "runs" / df.run_id[0] / "result.json").read_text())
     assert local["tokens"] > 0 and local["budget"] == 2.0e9
+
+
+def test_learning_rate_tuned_at_one_budget_is_used_at_the_others(tmp_path, capsys):
+    raw = micro(tmp_path, budgets=[2.0e9, 4.0e9], sizes=[6.0e3], lrs=[3e-4, 3e-3], lr_tune_budget=2.0e9)
+    path = write_cfg(tmp_path, raw)
+    study = tmp_path / "study"
+    run_ladder(str(path), out=str(study), dry_run=True, progress=False)
+    assert "tuned" in capsys.readouterr().out          # the plan cannot know these learning rates yet
+    run_ladder(str(path), out=str(study), progress=False)
+    df = _results(study)
+    assert len(df) == 2 * 2 + 2 and set(df.status) == {"ok"}
+    for fam in ("transformer", "mamba"):
+        tuning = df[(df.family == fam) & (df.budget == 2.0e9)]
+        best = tuning.sort_values("loss").lr.iloc[0]
+        used = df[(df.family == fam) & (df.budget == 4.0e9)]
+        assert list(used.lr) == [best] and list(used.lr_source) == ["tuned at 2e+09"]
+        assert set(tuning.lr_source) == {"grid"}
+
+
+def test_lr_tune_budget_must_be_one_of_the_budgets(tmp_path):
+    with pytest.raises(UserError, match="lr_tune_budget: 1e\\+10 is not one of the budgets"):
+        validate(LadderConfig, micro(tmp_path, lr_tune_budget=1e10), "x")

@@ -168,6 +168,9 @@ class LadderConfig(_Strict):
     sizes: Annotated[list[PositiveFloat | ShapeSpec], Field(min_length=1)]  # target non-embedding params, or shapes
     lrs: Annotated[list[PositiveFloat], Field(min_length=1)] | dict[str, Annotated[list[PositiveFloat], Field(min_length=1)]] = [3e-3]
     seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = [0]
+    # tune the learning rate at one budget only: runs at that budget try the whole `lrs` grid; every
+    # other budget uses, per family and size, the learning rate that reached the lowest loss there
+    lr_tune_budget: PositiveFloat | None = None
     min_steps: PositiveInt = 20            # runs with fewer optimiser steps are flagged (and skipped)
     run_flagged: bool = False              # also train runs flagged for too few steps / data repeats
     allow_repeats: bool = False            # allow runs that need more than one pass over the training tokens
@@ -185,6 +188,8 @@ class LadderConfig(_Strict):
             raise ValueError("train.tokens: set by the ladder from each budget; remove it")
         if len(set(self.budgets)) != len(self.budgets):
             raise ValueError("budgets: duplicate entries")
+        if self.lr_tune_budget is not None and self.lr_tune_budget not in self.budgets:
+            raise ValueError(f"lr_tune_budget: {self.lr_tune_budget:g} is not one of the budgets")
         if isinstance(self.lrs, dict):
             if not self.lrs:
                 raise ValueError("lrs: empty learning-rate grid")

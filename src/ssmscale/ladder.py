@@ -29,9 +29,9 @@ from .errors import UserError
 
 RESULT_COLUMNS = [
     "run_id", "study", "family", "size", "d_model", "n_layer", "params", "params_total", "budget", "flops",
-    "flops_per_token", "ratio_to_6n", "tokens", "steps", "lr", "seed", "seq_len", "batch_size", "loss", "bpb",
-    "status", "message", "wall_s", "tokens_per_s", "config_hash", "data_fingerprint", "commit", "device",
-    "versions", "flops_convention",
+    "flops_per_token", "ratio_to_6n", "tokens", "steps", "lr", "lr_source", "seed", "seq_len", "batch_size",
+    "loss", "bpb", "status", "message", "flags", "wall_s", "tokens_per_s", "config_hash", "data_fingerprint",
+    "commit", "device", "versions", "flops_convention",
 ]
 
 
@@ -45,7 +45,8 @@ class PlannedRun:
     params: int               # non-embedding
     params_total: int
     budget: float             # target training FLOPs
-    lr: float
+    lr: float | None          # None: to be taken from the tuning budget's results (not known yet)
+    lr_source: str            # "grid", or "tuned at <budget>"
     seed: int
     flops_per_token: float
     tokens: int               # tokens actually trained (whole steps)
@@ -111,14 +112,20 @@ def model_configs(cfg: LadderConfig):
     return out
 
 
-def plan(cfg: LadderConfig, n_train_tokens: int | None = None) -> list[PlannedRun]:
-    """Every run of the grid, with its shape, tokens, steps, FLOPs and flags. Pure (no training)."""
+def plan(cfg: LadderConfig, n_train_tokens: int | None = None, tuned: dict | None = None) -> list[PlannedRun]:
+    """Every run of the grid, with its shape, tokens, steps, FLOPs and flags. Pure (no training).
+
+    With `lr_tune_budget`, runs at other budgets take their learning rate from `tuned`
+    ({(family, size label): lr}, see tuned_lrs); until it is known their lr is None."""
     from .flops import flops_summary
     t = cfg.train
     per_step = t.batch_size * t.seq_len
     sized = model_configs(cfg)
     runs = []
-    for bi, budget in enumerate(cfg.budgets):
+    tune = cfg.lr_tune_budget
+    budgets = sorted(cfg.budgets, key=lambda b: b != tune)     # the tuning budget runs first
+    for budget in budgets:
+        bi = cfg.budgets.index(budget)
         smallest = None
         for size, per_family in sized:
             for fam in cfg.families:
@@ -135,11 +142,15 @@ def plan(cfg: LadderConfig, n_train_tokens: int | None = None) -> list[PlannedRu
                     flags.append("repeats")
                 skip = steps == 0 or ("few-steps" in flags and not cfg.run_flagged) or \
                     ("repeats" in flags and not (cfg.allow_repeats or cfg.run_flagged))
-                for lr in lrs_for(cfg, size):
+                if tune is None or budget == tune:
+                    choices = [(float(lr), "grid") for lr in lrs_for(cfg, size)]
+                else:
+                    choices = [((tuned or {}).get((fam, size_label(size))), f"tuned at {tune:.3g}")]
+                for lr, source in choices:
                     for seed in cfg.seeds:
-                        run_id = _run_id(fam, size, budget, lr, seed, cfg)
+                        run_id = _run_id(fam, size, budget, lr if source == "grid" else None, seed, cfg)
                         runs.append(PlannedRun(run_id, fam, size_label(size), mc.d_model, mc.n_layer,
-                                               cost["params"], cost["params_total"], float(budget), float(lr),
+                                               cost["params"], cost["params_total"], float(budget), lr, source,
                                                seed, cost["train_flops_per_token"], tokens, steps,
                                                tokens * cost["train_flops_per_token"], ";".join(flags), skip))
         if smallest[1] < cfg.min_steps:
@@ -152,7 +163,7 @@ def plan(cfg: LadderConfig, n_train_tokens: int | None = None) -> list[PlannedRu
 def _run_id(family, size, budget, lr, seed, cfg) -> str:
     parts = [family, f"N{size_label(size)}" if not isinstance(size, ShapeSpec)
              else f"d{getattr(size, family)[0]}xL{getattr(size, family)[1]}", f"C{budget:.3g}"]
-    if isinstance(cfg.lrs, dict) or len(cfg.lrs) > 1:
+    if lr is not None and (isinstance(cfg.lrs, dict) or len(cfg.lrs) > 1):
         parts.append(f"lr{lr:.3g}")
     if len(cfg.seeds) > 1:
         parts.append(f"s{seed}")
@@ -178,8 +189,9 @@ def format_plan(runs: list[PlannedRun]) -> str:
              f"{'FLOPs':>9} {'steps':>6} {'lr':>8}  flags"]
     for r in runs:
         flags = r.flags + (" (skipped)" if r.skip else "")
+        lr = f"{r.lr:.2g}" if r.lr is not None else "tuned"
         lines.append(f"{r.run_id:<44} {r.family:<11} {r.d_model:>7} {r.n_layer:>7} {r.params:>10,} "
-                     f"{r.tokens:>11,} {r.flops:>9.3g} {r.steps:>6} {r.lr:>8.2g}  {flags}")
+                     f"{r.tokens:>11,} {r.flops:>9.3g} {r.steps:>6} {lr:>8}  {flags}")
     todo = [r for r in runs if not r.skip]
     lines.append(f"{len(todo)} runs to train ({len(runs) - len(todo)} skipped), "
                  f"{sum(r.flops for r in todo):.3g} training FLOPs in all")
@@ -216,7 +228,8 @@ class StudyLock:
 def _fixed_part(cfg: LadderConfig) -> dict:
     """What must not change between restarts of one study (the grid itself may grow)."""
     d = cfg.model_dump(mode="json")
-    for key in ("families", "budgets", "sizes", "lrs", "seeds", "min_steps", "run_flagged", "allow_repeats",
+    for key in ("families", "budgets", "sizes", "lrs", "seeds", "lr_tune_budget", "min_steps", "run_flagged",
+                "allow_repeats",
                 "executor", "submitit", "fit"):
         d.pop(key)
     d["train"].pop("progress")
@@ -261,11 +274,37 @@ def collect_results(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]):
         except json.JSONDecodeError:
             continue      # cannot happen with atomic writes; a hand-edited file is ignored, not fatal
         row = {**res, "run_id": r.run_id, "study": cfg.name, "size": r.size, "budget": r.budget,
+               "lr_source": r.lr_source, "flags": r.flags,
                "versions": json.dumps(res.get("versions", {}), sort_keys=True)}
         rows.append({k: row.get(k) for k in RESULT_COLUMNS})
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     atomic_write_dataframe_csv(out_dir / "results.csv", df)
     return df
+
+
+def _read_result(out_dir: Path, run_id: str) -> dict | None:
+    path = out_dir / "runs" / run_id / "result.json"
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def tuned_lrs(cfg: LadderConfig, out_dir: Path) -> dict:
+    """{(family, size label): lr} with the lowest validation loss among the finished runs at the
+    tuning budget; a (family, size) with no successful tuning run has no entry."""
+    if cfg.lr_tune_budget is None:
+        return {}
+    best = {}
+    for r in plan(cfg):
+        if r.budget != cfg.lr_tune_budget:
+            continue
+        res = _read_result(out_dir, r.run_id)
+        if res and res.get("status") == "ok" and res.get("loss") is not None and math.isfinite(res["loss"]):
+            key = (r.family, r.size)
+            if key not in best or res["loss"] < best[key][0]:
+                best[key] = (res["loss"], r.lr)
+    return {k: lr for k, (_, lr) in best.items()}
 
 
 def _finished(out_dir: Path, run: PlannedRun) -> bool:
@@ -283,17 +322,21 @@ def run_one(study_dir: str, run_id: str, progress: bool = False) -> dict:
     """Train one planned run of a study (the unit of work of every executor)."""
     out_dir = Path(study_dir)
     cfg = load_ladder_config(out_dir / "config.yaml")
-    run = next((r for r in plan(cfg) if r.run_id == run_id), None)
-    if run is None:
-        raise UserError(f"{run_id}: not a run of the study in {out_dir}")
-    return _train_run(cfg, out_dir, run, progress=progress, position=1)
+    run = next((r for r in plan(cfg, tuned=tuned_lrs(cfg, out_dir)) if r.run_id == run_id), None)
+    if run is None or run.lr is None:
+        raise UserError(f"{run_id}: not a runnable run of the study in {out_dir}")
+    return _train_run(cfg, out_dir, run, progress=progress, position=1,
+                      threads=cfg.train.num_threads or cfg.submitit.cpus_per_task)
 
 
-def _train_run(cfg, out_dir, run, progress, position):
+def _train_run(cfg, out_dir, run, progress, position, threads=None):
     from .train import run_training
-    extra = {"run_id": run.run_id, "budget": run.budget, "size": run.size, "study": cfg.name}
-    return run_training(run_config(cfg, run, progress), out_dir / "runs" / run.run_id,
-                        progress_position=position, extra=extra)
+    rc = run_config(cfg, run, progress)
+    if threads:
+        rc = rc.model_copy(update={"train": rc.train.model_copy(update={"num_threads": threads})})
+    extra = {"run_id": run.run_id, "budget": run.budget, "size": run.size, "study": cfg.name,
+             "lr_source": run.lr_source}
+    return run_training(rc, out_dir / "runs" / run.run_id, progress_position=position, extra=extra)
 
 
 def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
@@ -310,23 +353,38 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
     if data.vocab_size != vocab_size_of(cfg):
         raise UserError(f"tokenizer.vocab_size: the data has {data.vocab_size} tokens, the config says "
                         f"{vocab_size_of(cfg)}")
-    runs = plan(cfg, data.n_train_tokens)
-    print(format_plan(runs))
+    n_train = data.n_train_tokens
     with StudyLock(out_dir):
         _check_same_study(cfg, out_dir)
+        runs = plan(cfg, n_train, tuned_lrs(cfg, out_dir))
+        print(format_plan(runs))
         atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         atomic_write_dataframe_csv(out_dir / "plan.csv", plan_frame(runs))
         if dry_run:
             print(f"dry run: plan written to {out_dir / 'plan.csv'}")
             return out_dir
-        todo = [r for r in runs if not r.skip and not _finished(out_dir, r)]
-        done = sum(1 for r in runs if not r.skip) - len(todo)
-        print(f"{out_dir}: {done} runs already finished, {len(todo)} to train ({executor} executor)")
+        pending = [r for r in runs if not r.skip and not _finished(out_dir, r)]
+        done = sum(1 for r in runs if not r.skip) - len(pending)
+        print(f"{out_dir}: {done} runs already finished, {len(pending)} to train ({executor} executor)")
         start = time.perf_counter()
-        if executor == "submitit":
-            _run_submitit(cfg, out_dir, runs, todo, progress)
-        else:
-            _run_local(cfg, out_dir, runs, todo, progress)
+        execute = _run_submitit if executor == "submitit" else _run_local
+        bar = _ladder_bar(pending, progress)
+        tally = {"done": 0, "total": len(pending)}
+        attempted = set()
+        # rounds: runs whose learning rate is known; after the tuning budget, the rest become known
+        while True:
+            runs = plan(cfg, n_train, tuned_lrs(cfg, out_dir))
+            todo = [r for r in runs if not r.skip and r.lr is not None and r.run_id not in attempted
+                    and not _finished(out_dir, r)]
+            if not todo:
+                break
+            attempted.update(r.run_id for r in todo)
+            execute(cfg, out_dir, runs, todo, bar, tally)
+        bar.close()
+        orphans = [r.run_id for r in runs if not r.skip and r.lr is None]
+        if orphans:
+            print(f"{len(orphans)} runs not trained: no successful run at the tuning budget for their family "
+                  f"and size ({', '.join(orphans[:3])}{', ...' if len(orphans) > 3 else ''})", file=sys.stderr)
         df = collect_results(cfg, out_dir, runs)
         print(f"ladder finished in {time.perf_counter() - start:.1f} s: {len(df)} results in {out_dir / 'results.csv'}")
         if cfg.fit:
@@ -336,37 +394,40 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
 
 def _ladder_bar(todo, progress):
     from tqdm.auto import tqdm
-    return tqdm(total=sum(r.flops for r in todo), unit="FLOP", unit_scale=True, desc="ladder",
-                position=0, dynamic_ncols=True, disable=not progress, file=sys.stderr,
-                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3g}/{total:.3g} FLOP "
-                           "[{elapsed}<{remaining}] {postfix}")
+    bar = tqdm(total=sum(r.flops for r in todo), unit="FLOP", unit_scale=True, desc="ladder",
+               position=0, dynamic_ncols=True, disable=not progress, file=sys.stderr,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3g}/{total:.3g} FLOP "
+                          "[{elapsed}<{remaining}] {postfix}")
+    bar.set_postfix_str(f"runs 0/{len(todo)}")
+    return bar
 
 
-def _report_run(bar, run, res, k, n):
+def _report_run(bar, tally, run, res):
     from tqdm.auto import tqdm
+    tally["done"] += 1
+    k, n = tally["done"], tally["total"]
     status = res.get("status", "failed")
-    loss = res.get("loss")
-    tqdm.write(f"[{k}/{n}] {status:<8} {run.run_id}: loss {loss:.4f} nats/token, bpb {res.get('bpb', float('nan')):.4f}"
-               f" ({res.get('wall_s', 0):.1f} s)" if status == "ok" else
-               f"[{k}/{n}] {status:<8} {run.run_id}: {res.get('message', '')}", file=sys.stderr)
+    if status == "ok":
+        line = (f"[{k}/{n}] ok       {run.run_id}: loss {res['loss']:.4f} nats/token, bpb {res['bpb']:.4f} "
+                f"({res.get('wall_s', 0):.1f} s)")
+    else:
+        line = f"[{k}/{n}] {status:<8} {run.run_id}: {res.get('message', '')}"
+    tqdm.write(line, file=sys.stderr)
     bar.update(run.flops)
     bar.set_postfix_str(f"runs {k}/{n}")
 
 
-def _run_local(cfg, out_dir, runs, todo, progress):
-    bar = _ladder_bar(todo, progress)
-    bar.set_postfix_str(f"runs 0/{len(todo)}")
-    for k, run in enumerate(todo, 1):
+def _run_local(cfg, out_dir, runs, todo, bar, tally):
+    for run in todo:
         try:
-            res = _train_run(cfg, out_dir, run, progress, position=1)
+            res = _train_run(cfg, out_dir, run, bar.disable is False, position=1)
         except UserError:
             raise
         except Exception as exc:  # a bug or crash in one run must not take the finished ones with it
             res = {"status": "failed", "message": f"{type(exc).__name__}: {exc}"}
             _write_failed(out_dir, run, res)
-        _report_run(bar, run, res, k, len(todo))
+        _report_run(bar, tally, run, res)
         collect_results(cfg, out_dir, runs)
-    bar.close()
 
 
 def _write_failed(out_dir, run, res):
@@ -376,7 +437,7 @@ def _write_failed(out_dir, run, res):
                        "d_model": run.d_model, "n_layer": run.n_layer, "lr": run.lr, "seed": run.seed})
 
 
-def _run_submitit(cfg, out_dir, runs, todo, progress):
+def _run_submitit(cfg, out_dir, runs, todo, bar, tally):
     """Each run is a submitit job: a local process pool here, a Slurm job array on a cluster."""
     import submitit
     s = cfg.submitit
@@ -392,13 +453,10 @@ def _run_submitit(cfg, out_dir, runs, todo, progress):
         if s.account:
             params["slurm_account"] = s.account
     ex.update_parameters(**params)
-    bar = _ladder_bar(todo, progress)
-    bar.set_postfix_str(f"runs 0/{len(todo)}")
     ids = [r.run_id for r in todo]
     by_id = {r.run_id: r for r in todo}
     # a local "cluster" starts every submitted job at once: submit in waves of `parallelism`
     wave = s.parallelism if ex.cluster == "local" else len(ids)
-    k = 0
     for i in range(0, len(ids), wave):
         chunk = ids[i:i + wave]
         jobs = ex.map_array(run_one, [str(out_dir)] * len(chunk), chunk)
@@ -408,10 +466,8 @@ def _run_submitit(cfg, out_dir, runs, todo, progress):
             except Exception as exc:
                 res = {"status": "failed", "message": f"{type(exc).__name__}: {str(exc).splitlines()[-1][:300]}"}
                 _write_failed(out_dir, by_id[run_id], res)
-            k += 1
-            _report_run(bar, by_id[run_id], res, k, len(ids))
+            _report_run(bar, tally, by_id[run_id], res)
             collect_results(cfg, out_dir, runs)
-    bar.close()
 
 
 def _fit_and_report(out_dir: Path, name: str):

@@ -87,8 +87,11 @@ def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
                 ax.plot(np.exp(x), np.polyval(e["parabola"], x), "-", color=col, lw=1.2)
             if e and e["n_opt"] is not None:
                 used = e["used"]
-                ax.plot(e["n_opt"], e["loss_opt"], "*", ms=13, mec="black", mew=0.8,
-                        color=col if used else "white", zorder=5)
+                lo_n, hi_n = e["params_range"]
+                # an unused minimum far outside the sampled sizes would only stretch the axis
+                if used or lo_n / 3 <= e["n_opt"] <= hi_n * 3:
+                    ax.plot(e["n_opt"], e["loss_opt"], "*", ms=13, mec="black", mew=0.8,
+                            color=col if used else "white", zorder=5)
         ax.set_xscale("log")
         ax.set_xlabel(_PARAMS_LABEL)
         note = "\n(too few budgets with a minimum for Approach 2: see report)" if "skipped" in block else ""
@@ -101,7 +104,7 @@ def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
         handles.append(Line2D([], [], marker="o", ls="-", color=cmap(norm(c))))
         labels.append(f"C = {_sci(c)} FLOPs")
     handles.append(Line2D([], [], marker="*", ls="", ms=12, mec="black", color="#bbbbbb"))
-    labels.append("parabola minimum (hollow: not used)")
+    labels.append("parabola minimum (hollow: not used; not drawn beyond 3x the sampled sizes)")
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 2 if len(families) == 1 else 5),
                fontsize=9, frameon=False)
     return fig
@@ -145,7 +148,8 @@ def frontier_figure(table: pd.DataFrame, fit: dict, colors: dict):
                 continue
             ax.axvline(q["value"], color="black", ls=":" if c["extrapolated"] else "-.", lw=1, label=text)
             if q["lo"] and q["hi"]:
-                ax.axvspan(max(q["lo"], x_min), min(q["hi"], x_max), color="black", alpha=0.06, lw=0)
+                ax.axvspan(max(q["lo"], x_min), min(q["hi"], x_max), color="black", alpha=0.06, lw=0,
+                           label=f"{tag} {fit['settings']['ci']:.0%} interval")
     if off_plot:
         ax.text(0.02, 0.02, "\n".join(off_plot), transform=ax.transAxes, fontsize=8, color="#333333")
     ax.axvspan(fitted_max, x_max, color="#999999", alpha=0.08, lw=0)
