@@ -216,10 +216,10 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
             self._t0 = None
             self._start = time.perf_counter()
             rows = []
-            if resume_step and self.path.exists():   # keep what the killed run logged up to its checkpoint
+            if resume_step and self.path.exists():   # keep the steps the killed run logged up to its checkpoint
                 with open(self.path, newline="") as f:
                     rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()
-                            and int(r["step"]) <= resume_step]
+                            and int(r["step"]) <= resume_step and r.get("train_loss")]
             self._f = open(self.path, "w", newline="")
             self._w = csv.DictWriter(self._f, fieldnames=METRIC_FIELDS)
             self._w.writeheader()
