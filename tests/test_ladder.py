@@ -181,3 +181,21 @@ def test_learning_rate_tuned_at_one_budget_is_used_at_the_others(tmp_path, capsy
 def test_lr_tune_budget_must_be_one_of_the_budgets(tmp_path):
     with pytest.raises(UserError, match="lr_tune_budget: 1e\\+10 is not one of the budgets"):
         validate(LadderConfig, micro(tmp_path, lr_tune_budget=1e10), "x")
+
+
+def test_growing_the_tuning_grid_retrains_runs_whose_tuned_learning_rate_changed(tmp_path):
+    from ssmscale.ladder import _finished, tuned_lrs
+    raw = micro(tmp_path, budgets=[2.0e9, 4.0e9], sizes=[6.0e3], families=["transformer"], lrs=[1e-4],
+                lr_tune_budget=2.0e9)
+    study = tmp_path / "study"
+    run_ladder(str(write_cfg(tmp_path, raw)), out=str(study), progress=False)
+    before = _results(study)
+    assert list(before[before.budget == 4.0e9].lr) == [1e-4]
+    raw["lrs"] = [1e-4, 3e-3]          # 3e-3 trains far better in 30 steps than 1e-4
+    cfg_path = write_cfg(tmp_path, raw)
+    run_ladder(str(cfg_path), out=str(study), progress=False)
+    after = _results(study)
+    assert len(after) == 3 and after.run_id.is_unique
+    assert list(after[after.budget == 4.0e9].lr) == [3e-3]
+    cfg = validate(LadderConfig, raw, "x")
+    assert all(_finished(study, r) for r in plan(cfg, tuned=tuned_lrs(cfg, study)))

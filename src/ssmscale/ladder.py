@@ -308,13 +308,11 @@ def tuned_lrs(cfg: LadderConfig, out_dir: Path) -> dict:
 
 
 def _finished(out_dir: Path, run: PlannedRun) -> bool:
-    path = out_dir / "runs" / run.run_id / "result.json"
-    if not path.exists():
-        return False
-    try:
-        return json.loads(path.read_text()).get("status") in ("ok", "diverged")
-    except json.JSONDecodeError:
-        return False
+    """A result exists, is final, and was trained with the learning rate planned now (a tuned learning
+    rate changes when the tuning grid grows: such runs are trained again)."""
+    res = _read_result(out_dir, run.run_id)
+    return bool(res) and res.get("status") in ("ok", "diverged") and (
+        run.lr is None or res.get("lr") is None or math.isclose(res["lr"], run.lr, rel_tol=1e-9))
 
 
 # ------------------------------------------------------------------------------------- running

@@ -103,13 +103,10 @@ def prepare_generate(family, d_model, n_layer, seq_len, batch, gen_tokens=32, vo
     nxt = torch.randint(0, vocab_size, (batch, 1), generator=gen).to(device)
     with torch.no_grad():
         cache = model.allocate_cache(batch, seq_len + gen_tokens)
-        for i in range(0, seq_len, 4096):                  # prefill in pieces (bounded attention memory)
-            piece = context[:, i:i + 4096]
-            if family == "mamba" and i > 0:                 # a Mamba cache continues token by token
-                for t in range(piece.shape[1]):
-                    model(piece[:, t:t + 1], cache)
-            else:
-                model(piece, cache)
+        # Mamba prefills in one scan; the transformer in pieces, which bounds the attention memory
+        piece = seq_len if family == "mamba" else 4096
+        for i in range(0, seq_len, piece):
+            model(context[:, i:i + piece], cache)
     saved = [_snapshot(c) for c in cache]
 
     @torch.no_grad()

@@ -235,8 +235,10 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.train_time += time.perf_counter() - self._t0
             step = trainer.global_step
+            # the learning rate this step used (the scheduler has already moved on to the next one)
+            lr = lr_at(step - 1, module.n_steps, module.warmup_steps, train.lr, train.final_lr)
             row = {"step": step, "tokens": step * tokens_per_step, "train_loss": module.last_loss,
-                   "lr": trainer.optimizers[0].param_groups[0]["lr"], "grad_norm": module.last_grad_norm,
+                   "lr": lr, "grad_norm": module.last_grad_norm,
                    "elapsed_s": round(time.perf_counter() - self._start, 3)}
             if train.eval_every and step % train.eval_every == 0 and step < module.n_steps:
                 ev = module.run_eval()
