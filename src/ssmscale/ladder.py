@@ -379,6 +379,8 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
             attempted.update(r.run_id for r in todo)
             execute(cfg, out_dir, runs, todo, bar, tally)
         bar.close()
+        if cfg.lr_tune_budget is not None:
+            _print_tuned(cfg, out_dir)
         orphans = [r.run_id for r in runs if not r.skip and r.lr is None]
         if orphans:
             print(f"{len(orphans)} runs not trained: no successful run at the tuning budget for their family "
@@ -388,6 +390,20 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
         if cfg.fit:
             _fit_and_report(out_dir, cfg.name)
     return out_dir
+
+
+def _print_tuned(cfg: LadderConfig, out_dir: Path):
+    tuned = tuned_lrs(cfg, out_dir)
+    lines = []
+    for size in cfg.sizes:
+        grid = sorted(lrs_for(cfg, size))
+        for fam in cfg.families:
+            lr = tuned.get((fam, size_label(size)))
+            if lr is None:
+                continue
+            edge = "  <- edge of the grid: the optimum may lie outside it" if lr in (grid[0], grid[-1]) else ""
+            lines.append(f"  {fam:<11} {size_label(size):>8}  lr {lr:.3g}{edge}")
+    print(f"learning rates tuned at {cfg.lr_tune_budget:.3g} FLOPs:\n" + "\n".join(lines))
 
 
 def _ladder_bar(todo, progress):

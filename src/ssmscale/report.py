@@ -342,6 +342,43 @@ def _provenance(csv: Path, fit: dict) -> list[str]:
     return lines
 
 
+def _lr_section(study: Path) -> list[str]:
+    """Where a learning-rate grid was tried: the best rate per family, size and budget, and a warning
+    where it sits at an end of the grid (the optimum may lie outside it)."""
+    csv = study / "results.csv"
+    if not csv.is_file():
+        return []
+    df = pd.read_csv(csv)
+    if not {"lr", "family", "params", "budget", "loss", "status"} <= set(df.columns):
+        return []
+    ok = df[(df["status"] == "ok") & np.isfinite(df["loss"])]
+    rows, edges = [], 0
+    for (fam, params, budget), g in ok.groupby(["family", "params", "budget"]):
+        if g["lr"].nunique() < 2:
+            continue
+        best = g.loc[g["loss"].idxmin()]
+        lrs = sorted(g["lr"].unique())
+        edge = best["lr"] in (lrs[0], lrs[-1])
+        edges += edge
+        tried = ", ".join(f"{x:.3g}" for x in lrs)
+        rows.append(f"| {fam} | {int(params):,} | {_sci(budget)} | {tried} | **{best['lr']:.3g}**"
+                    f"{' (edge)' if edge else ''} | {best['loss']:.4f} |")
+    if not rows:
+        return []
+    out = ["", "## Learning rates", "",
+           "Best learning rate per family, size and budget where a grid was tried (the fits use that run).", "",
+           "| family | params | budget | learning rates tried | best | loss |", "|---|---|---|---|---|---|"] + rows
+    if "lr_source" in df.columns:
+        tuned = df[df["lr_source"].astype(str).str.startswith("tuned")]
+        if len(tuned):
+            out += ["", f"The other {len(tuned)} runs use the best learning rate of their family and size at the "
+                        f"tuning budget ({tuned['lr_source'].iloc[0]})."]
+    if edges:
+        out += ["", f"**{edges} best learning rate(s) at an end of the grid**: the optimum may lie outside it; "
+                    "widen the grid there before trusting that comparison."]
+    return out
+
+
 def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figures: list[str]) -> str:
     s = fit["settings"]
     ci = s["ci"]
@@ -377,6 +414,8 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
     if plan.is_file():
         lines.append(f"- plan.csv lists {len(pd.read_csv(plan))} planned runs.")
     lines.append(f"- {s['grouping']}.")
+
+    lines += _lr_section(study)
 
     lines += ["", "## Fits", "",
               f"Each value with its {ci:.0%} percentile bootstrap interval ({s['n_boot']} resamples, seed "
