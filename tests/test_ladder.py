@@ -199,3 +199,16 @@ def test_growing_the_tuning_grid_retrains_runs_whose_tuned_learning_rate_changed
     assert list(after[after.budget == 4.0e9].lr) == [3e-3]
     cfg = validate(LadderConfig, raw, "x")
     assert all(_finished(study, r) for r in plan(cfg, tuned=tuned_lrs(cfg, study)))
+
+
+def test_a_tuned_rate_is_only_used_once_every_rate_of_the_grid_has_been_tried(tmp_path):
+    from ssmscale.ladder import tuned_lrs
+    raw = micro(tmp_path, budgets=[2.0e9, 4.0e9], sizes=[6.0e3], families=["transformer"], lrs=[1e-4, 3e-3],
+                lr_tune_budget=2.0e9)
+    cfg = validate(LadderConfig, raw, "x")
+    study = tmp_path / "study"
+    first = next(r for r in plan(cfg) if r.lr == 1e-4)
+    from ssmscale.ladder import _train_run
+    _train_run(cfg, study, first, progress=False, position=0)   # only one of the two rates has run
+    assert tuned_lrs(cfg, study) == {}
+    assert [r.lr for r in plan(cfg, tuned=tuned_lrs(cfg, study)) if r.budget == 4.0e9] == [None]

@@ -291,20 +291,22 @@ def _read_result(out_dir: Path, run_id: str) -> dict | None:
 
 
 def tuned_lrs(cfg: LadderConfig, out_dir: Path) -> dict:
-    """{(family, size label): lr} with the lowest validation loss among the finished runs at the
-    tuning budget; a (family, size) with no successful tuning run has no entry."""
+    """{(family, size label): lr} with the lowest validation loss at the tuning budget, for the
+    (family, size) pairs whose tuning runs have all ended (a pair with no successful run gets none)."""
     if cfg.lr_tune_budget is None:
         return {}
-    best = {}
+    best, open_pairs = {}, set()
     for r in plan(cfg):
         if r.budget != cfg.lr_tune_budget:
             continue
+        key = (r.family, r.size)
         res = _read_result(out_dir, r.run_id)
-        if res and res.get("status") == "ok" and res.get("loss") is not None and math.isfinite(res["loss"]):
-            key = (r.family, r.size)
+        if res is None:
+            open_pairs.add(key)       # not tried yet: the best rate is not known
+        elif res.get("status") == "ok" and res.get("loss") is not None and math.isfinite(res["loss"]):
             if key not in best or res["loss"] < best[key][0]:
                 best[key] = (res["loss"], r.lr)
-    return {k: lr for k, (_, lr) in best.items()}
+    return {k: lr for k, (_, lr) in best.items() if k not in open_pairs}
 
 
 def _finished(out_dir: Path, run: PlannedRun) -> bool:
@@ -372,11 +374,11 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
         # rounds: runs whose learning rate is known; after the tuning budget, the rest become known
         while True:
             runs = plan(cfg, n_train, tuned_lrs(cfg, out_dir))
-            todo = [r for r in runs if not r.skip and r.lr is not None and r.run_id not in attempted
+            todo = [r for r in runs if not r.skip and r.lr is not None and (r.run_id, r.lr) not in attempted
                     and not _finished(out_dir, r)]
             if not todo:
                 break
-            attempted.update(r.run_id for r in todo)
+            attempted.update((r.run_id, r.lr) for r in todo)
             execute(cfg, out_dir, runs, todo, bar, tally)
         bar.close()
         if cfg.lr_tune_budget is not None:
