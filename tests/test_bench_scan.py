@@ -5,7 +5,6 @@ import importlib.util
 
 import pandas as pd
 import pytest
-import torch
 
 from ssmscale import bench_scan
 from ssmscale.cli import main

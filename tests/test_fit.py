@@ -311,3 +311,15 @@ def test_fit_study_writes_fit_json_with_documented_shape(tmp_path, capsys, monke
     assert set(fam["parametric"]["alpha"]) == {"value", "lo", "hi"}
     assert result["source"]["kind"] == "study" and len(result["source"]["sha256"]) == 64
     assert math.isclose(result["settings"]["huber_delta"], 1e-3)
+
+
+def test_an_irreducible_loss_driven_to_zero_is_flagged():
+    def block(e_value):
+        return {"E": {"value": e_value, "lo": e_value, "hi": 1.0}, "bootstrap": {"failed": 0},
+                "exact_fit": False, "points": [{"loss": 2.0, "budget": 1e12, "best_at_edge": False}]}
+    fam = {"frontier": block(1.5), "approach2": {"skipped": "too few budgets"}, "parametric": block(5e-8)}
+    notes = fit.fit_notes(fam)
+    flagged = [n for n in notes if "driven to zero" in n]
+    assert len(flagged) == 1 and flagged[0].startswith("parametric: E = 5e-08")
+    fam["parametric"] = block(0.8)  # a real E, well inside the loss scale: no note
+    assert not any("driven to zero" in n for n in fit.fit_notes(fam))

@@ -64,5 +64,5 @@ def test_growth_exponents_are_log_log_slopes():
 
 def test_params_give_a_matched_pair():
     shapes = shapes_for(["transformer", "mamba"], params=1e6)
-    (dt, nt, pt), (dm, nm, pm) = shapes["transformer"], shapes["mamba"]
+    (_, nt, pt), (_, nm, pm) = shapes["transformer"], shapes["mamba"]
     assert nm == 2 * nt and abs(pm / pt - 1) < 0.1

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 import yaml
 
 from ssmscale.config import RunConfig, TrainConfig, validate

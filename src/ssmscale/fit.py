@@ -95,6 +95,7 @@ DEFAULT_CI = 0.95
 MIN_RUNS_PER_BUDGET = 3          # a budget's "best run" or parabola means something only with >= 3 sizes
 N_WARM_STARTS = 4                # bootstrap L-BFGS starts: point estimate + 3 other distinct local minima
 CROSSOVER_SEARCH_FACTOR = 100.0  # extrapolated crossings are searched this factor beyond the fitted range
+E_UNIDENTIFIED = 1e-4           # a fitted E below this fraction of the lowest loss means E ran to 0
 FIGURE_EXTRAPOLATION = 10.0      # the frontier band reaches this factor beyond the largest budget
 FLOPS_CONVENTION = ("C = the flops column when given (a study's exact count), else 6 * params * tokens; "
                     "Approach 3's allocation N_opt(C), D_opt(C) assumes C = 6ND")
@@ -933,6 +934,55 @@ def _list(values, limit: int = 6) -> str:
     return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
 
 
+def quantity_rows(fam: dict):
+    """(approach, quantity, value, interval or None) for every fitted quantity of a family, formatted."""
+    for approach in APPROACHES:
+        block = fam[approach]
+        if "skipped" in block:
+            continue
+        for k in QUANTITIES[approach]:
+            q = block[k]
+            interval = f"[{fmt_value(q['lo'])}, {fmt_value(q['hi'])}]" if q["lo"] is not None else None
+            yield approach, k, fmt_value(q["value"]), interval
+
+
+def fit_notes(fam: dict) -> list[str]:
+    """What a reader must know about a family's fits: skipped approaches, failed resamples, weak spots."""
+    notes = []
+    front = fam["frontier"]
+    loss_scale = min(p["loss"] for p in front["points"]) if "skipped" not in front else 1.0
+    for approach in APPROACHES:
+        block = fam[approach]
+        if "skipped" in block:
+            notes.append(f"{approach} skipped: {block['skipped']}")
+            continue
+        if "E" in block and block["E"]["value"] < E_UNIDENTIFIED * loss_scale:
+            notes.append(f"{approach}: E = {fmt_value(block['E']['value'])} is driven to zero: these runs do not "
+                         f"pin down an irreducible loss, the power-law terms absorb it and their exponents "
+                         f"are correspondingly less certain")
+        bs = block["bootstrap"]
+        if bs["failed"]:
+            why = "; ".join(f"{n} x {r}" for r, n in bs["failure_reasons"].items())
+            notes.append(f"{approach}: {bs['failed']}/{bs['resamples']} resamples could not be fitted ({why}); "
+                         f"its intervals come from the other {bs['ok']}")
+        if approach == "frontier":
+            if block["exact_fit"]:
+                notes.append("frontier: 3 budgets for 3 parameters, the curve passes through every point; "
+                             "its interval reflects run resampling only and is wide")
+            edge = [p["budget"] for p in block["points"] if p["best_at_edge"]]
+            if edge:
+                notes.append(f"frontier: at {_list(edge)} FLOPs the best run is the smallest or largest "
+                             f"size tried: the compute-optimal point may lie outside the sizes sampled")
+        if approach == "approach2":
+            few = [e["budget"] for e in block["budgets"] if not e["used"] and e["n_sizes"] < MIN_RUNS_PER_BUDGET]
+            if few:
+                notes.append(f"approach2: {len(few)} budget(s) with < {MIN_RUNS_PER_BUDGET} distinct sizes "
+                             f"not used ({_list(few)} FLOPs)")
+            other = [e for e in block["budgets"] if not e["used"] and e["n_sizes"] >= MIN_RUNS_PER_BUDGET]
+            notes += [f"approach2: budget {e['budget']:.3g} not used: {e['reason']}" for e in other]
+    return notes
+
+
 def format_fit(result: dict) -> str:
     """The human-readable summary: data notes, then a table per family, then the crossovers."""
     ci = result["settings"]["ci"]
@@ -948,35 +998,9 @@ def format_fit(result: dict) -> str:
         lines.append(f"{name}: {fam['n_runs']} runs, {fam['n_budgets']} IsoFLOP budgets with >= "
                      f"{MIN_RUNS_PER_BUDGET} sizes, C in [{lo:.3g}, {hi:.3g}] FLOPs")
         lines.append(head)
-        notes = []
-        for approach in APPROACHES:
-            block = fam[approach]
-            if "skipped" in block:
-                notes.append(f"{approach} skipped: {block['skipped']}")
-                continue
-            for k in QUANTITIES[approach]:
-                q = block[k]
-                interval = f"[{fmt_value(q['lo'])}, {fmt_value(q['hi'])}]" if q["lo"] is not None else "(no bootstrap)"
-                lines.append(f"  {approach:<11} {k:<9} {fmt_value(q['value']):>11}   {interval}")
-            bs = block["bootstrap"]
-            if bs["failed"]:
-                why = "; ".join(f"{n} x {r}" for r, n in bs["failure_reasons"].items())
-                notes.append(f"{approach}: {bs['failed']}/{bs['resamples']} resamples could not be fitted ({why})")
-            if approach == "frontier":
-                if block["exact_fit"]:
-                    notes.append("frontier: 3 budgets for 3 parameters, the curve passes through every point; "
-                                 "its interval reflects run resampling only and is wide")
-                edge = [p["budget"] for p in block["points"] if p["best_at_edge"]]
-                if edge:
-                    notes.append(f"frontier: at {_list(edge)} FLOPs the best run is the smallest or largest "
-                                 f"size tried: the compute-optimal point may lie outside the sizes sampled")
-            if approach == "approach2":
-                few = [e["budget"] for e in block["budgets"] if not e["used"] and e["n_sizes"] < MIN_RUNS_PER_BUDGET]
-                if few:
-                    notes.append(f"approach2: {len(few)} budget(s) with < {MIN_RUNS_PER_BUDGET} distinct sizes "
-                                 f"not used ({_list(few)} FLOPs)")
-                other = [e for e in block["budgets"] if not e["used"] and e["n_sizes"] >= MIN_RUNS_PER_BUDGET]
-                notes += [f"approach2: budget {e['budget']:.3g} not used: {e['reason']}" for e in other]
+        for approach, k, value, interval in quantity_rows(fam):
+            lines.append(f"  {approach:<11} {k:<9} {value:>11}   {interval or '(no bootstrap)'}")
+        notes = fit_notes(fam)
         lines += [f"  note: {n}" for n in notes]
     pairs = result["crossover"]["pairs"]
     if pairs:

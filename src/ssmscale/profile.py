@@ -18,7 +18,6 @@ vendor's dense bf16 figure. A point that runs out of memory is recorded as statu
 
 from __future__ import annotations
 
-import math
 import statistics
 import sys
 import time
@@ -345,8 +344,6 @@ def plot(rows, path: Path, title: str):
 def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer=None, batch=1,
                 gen_tokens=32, repeats=3, device="cpu", threads=None, timeout_s=None, out=None,
                 head_dim=32, scan_impl="auto", mem_limit_bytes=None) -> list[dict]:
-    import json
-
     import pandas as pd
 
     from .fsutil import atomic_write_dataframe_csv, atomic_write_json

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError
-from .fit import (APPROACHES, DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, QUANTITIES, LoadedRuns, fit_runs, fmt_value,
-                  format_fit, frontier_loss, json_safe, load_runs)
+from .fit import (DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, LoadedRuns, fit_notes, fit_runs,
+                  fmt_value, format_fit, frontier_loss, json_safe, load_runs, quantity_rows)
 from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 _KNOWN_COLORS = {"transformer": "#1f77b4", "mamba": "#d62728", "all": "#333333"}
@@ -269,40 +269,13 @@ def _human(v: float) -> str:
 
 def _fit_table(fam: dict, ci: float) -> list[str]:
     lines = [f"| approach | quantity | value | {ci:.0%} interval |", "|---|---|---|---|"]
-    skipped = []
-    for approach in APPROACHES:
-        block = fam[approach]
-        if "skipped" in block:
-            skipped.append(f"- **{approach}** skipped: {block['skipped']}")
-            continue
-        for k in QUANTITIES[approach]:
-            q = block[k]
-            interval = f"[{fmt_value(q['lo'])}, {fmt_value(q['hi'])}]" if q["lo"] is not None else "no bootstrap"
-            lines.append(f"| {approach} | {k} | {fmt_value(q['value'])} | {interval} |")
-    out = lines + [""] + skipped
-    for approach in APPROACHES:
-        bs = fam[approach].get("bootstrap")
-        if bs and bs["failed"]:
-            why = "; ".join(f"{n} x {r}" for r, n in bs["failure_reasons"].items())
-            out.append(f"- {approach}: {bs['failed']} of {bs['resamples']} resamples could not be fitted ({why}); "
-                       f"its intervals come from the other {bs['ok']}.")
-    front = fam["frontier"]
-    if "skipped" not in front:
-        out.append("- frontier: a resample's point at a budget is the best run it drew, so the interval reflects "
-                   "which runs were made, not the seed-to-seed noise of the best run itself.")
-    if "skipped" not in front and front["exact_fit"]:
-        out.append("- frontier: 3 budgets for 3 parameters, so the curve passes through every point; its "
-                   "interval reflects run resampling only and is wide.")
-    if "skipped" not in front:
-        edge = [p["budget"] for p in front["points"] if p["best_at_edge"]]
-        if edge:
-            out.append("- frontier: at " + ", ".join(_sci(c) for c in edge) + " FLOPs the best run is the smallest "
-                       "or largest size tried, so the compute-optimal point may lie outside the sampled sizes.")
-    a2 = fam["approach2"]
-    for e in a2.get("budgets", []):
-        if not e["used"]:
-            out.append(f"- approach2: budget {_sci(e['budget'])} not used: {e['reason']}.")
-    return out
+    lines += [f"| {approach} | {k} | {value} | {interval or 'no bootstrap'} |"
+              for approach, k, value, interval in quantity_rows(fam)]
+    notes = fit_notes(fam)
+    if "skipped" not in fam["frontier"]:
+        notes.append("frontier: a resample's point at a budget is the best run it drew, so the interval reflects "
+                     "which runs were made, not the seed-to-seed noise of the best run itself")
+    return lines + [""] + [f"- {n}." for n in notes]
 
 
 def _provenance(csv: Path, fit: dict) -> list[str]:
@@ -379,7 +352,61 @@ def _lr_section(study: Path) -> list[str]:
     return out
 
 
-def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figures: list[str]) -> str:
+def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
+    """The profile as numbers: tokens/s and peak memory per mode and length, and the growth exponents."""
+    meta_path = study / "profile" / "profile.json"
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except json.JSONDecodeError:
+        meta = {}
+    families = list(dict.fromkeys(profile["family"].astype(str)))
+    out = ["## Profile", "", f"From `{study / 'profile' / 'profile.csv'}` (`ssmscale profile`)."]
+    shapes = meta.get("shapes", {})
+    if shapes:
+        out.append("Models: " + "; ".join(f"{f} d_model {v[0]} x {v[1]} layers, {v[2]:,} non-embedding parameters"
+                                          for f, v in shapes.items()) + ".")
+    facts = [f"batch {meta['batch']}" if "batch" in meta else "",
+             f"{meta['gen_tokens']} decoded tokens per generation point" if "gen_tokens" in meta else "",
+             f"device {meta['device']}" if "device" in meta else "",
+             f"MFU peak: {meta['peak_note']}" if "peak_note" in meta else ""]
+    if any(facts):
+        out.append("; ".join(f for f in facts if f) + ".")
+    out.append("")
+    head = "| mode | L | " + " | ".join(f"{f} tokens/s | {f} peak MiB" for f in families) + " |"
+    if len(families) == 2:
+        head += f" {families[1]} / {families[0]} tokens/s |"
+    out += [head, "|" + "---|" * (head.count("|") - 1)]
+    for (mode, seq_len), grp in profile.groupby(["mode", "seq_len"], sort=False):
+        cells, speed = [], {}
+        for f in families:
+            row = grp[grp["family"].astype(str) == f]
+            if row.empty:
+                cells += ["", ""]
+                continue
+            r = row.iloc[0]
+            if r["status"] == "ok":
+                speed[f] = float(r["tokens_per_s"])
+                cells += [f"{r['tokens_per_s']:,.0f}", f"{r['peak_mem_bytes'] / 2**20:,.1f}"]
+            else:
+                cells += [r["status"], ""]
+        line = f"| {mode} | {int(seq_len)} | " + " | ".join(cells) + " |"
+        if len(families) == 2:
+            a, b = families
+            line += f" {speed[b] / speed[a]:.2f}x |" if a in speed and b in speed else " |"
+        out.append(line)
+    growth = meta.get("growth", {})
+    if growth:
+        out += ["", "Growth with L (log-log slope of step time and peak memory against L, over the lengths listed):",
+                "", "| family / mode | time exponent | memory exponent | lengths |", "|---|---|---|---|"]
+        for key, g in growth.items():
+            lengths = g.get("lengths", [])
+            span = f"{lengths[0]}-{lengths[-1]}" if lengths else ""
+            out.append(f"| {key} | {g['time']:.2f} | {g['memory']:.2f} | {span} |")
+    return out + [""]
+
+
+def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figures: list[str],
+                    profile: pd.DataFrame | None = None) -> str:
     s = fit["settings"]
     ci = s["ci"]
     lines = [f"# Scaling study `{name}`", "",
@@ -447,6 +474,8 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
     lines += ["## Figures", ""]
     for fig_name in figures:
         lines += [f"![{fig_name}]({fig_name})", "", captions[fig_name], ""]
+    if profile is not None:
+        lines += _profile_section(study, profile)
 
     lines += ["## Configuration", ""]
     cfg = study / "config.yaml"
@@ -511,7 +540,7 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         figures["profile.png"] = profile_figure(profile, colors)
     for fig_name, fig in figures.items():
         atomic_write_bytes(out / fig_name, _png(fig))
-    atomic_write_text(out / "report.md", render_markdown(name, study, loaded, fit, list(figures)))
+    atomic_write_text(out / "report.md", render_markdown(name, study, loaded, fit, list(figures), profile))
     return out / "report.md"
 
 

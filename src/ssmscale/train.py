@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
