@@ -5,6 +5,9 @@ PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 VENV   := .venv
 BIN    := $(VENV)/bin
+OUT    ?=
+# OUT=DIR trains the study into DIR instead of scaling/<study> (which, as committed, is already complete)
+OUT_FLAG := $(if $(OUT),--out $(OUT))
 
 .PHONY: setup study tiny test
 
@@ -18,10 +21,10 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 study: setup
-	$(BIN)/ssmscale ladder configs/small.yaml
+	$(BIN)/ssmscale ladder configs/small.yaml $(OUT_FLAG)
 
 tiny: setup
-	$(BIN)/ssmscale ladder configs/tiny.yaml
+	$(BIN)/ssmscale ladder configs/tiny.yaml $(OUT_FLAG)
 
 test: setup
 	$(BIN)/python -m pytest -q
