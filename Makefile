@@ -14,7 +14,7 @@ OUT_FLAG := $(if $(OUT),--out $(OUT))
 # torch first: a bare `torch` requirement would make pip fetch a multi-GB CUDA build
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 

@@ -99,8 +99,27 @@ def test_nan_loss_ends_the_run_as_diverged(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
+def _freeze_at_a_readable_checkpoint(proc, ckpt, timeout=120.0) -> int:
+    """SIGSTOP the run as soon as its checkpoint exists and loads (a kill mid-write is retried): no timing race."""
+    import torch
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if ckpt.exists():
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+            except Exception:
+                step = 0                                  # caught while Lightning was writing it
+            if step > 0:
+                return step
+            os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.005)
+    raise AssertionError(f"the run ended (exit {proc.poll()}) before a checkpoint could be caught")
+
+
 def test_run_killed_mid_way_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path):
-    cfg = tiny_config(tmp_path, tokens=80 * 128, checkpoint_every=10)
+    n_steps = 160
+    cfg = tiny_config(tmp_path, tokens=n_steps * 128, checkpoint_every=10)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     clean = run_training(cfg, tmp_path / "clean")
 
@@ -108,21 +127,20 @@ def test_run_killed_mid_way_resumes_from_its_checkpoint_and_matches_an_uninterru
     proc = subprocess.Popen([sys.executable, "-m", "ssmscale.cli", "train", str(tmp_path / "cfg.yaml"),
                              "--out", str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists() and not (run_dir / "result.json").exists()
+    try:
+        at_step = _freeze_at_a_readable_checkpoint(proc, ckpt)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert 0 < at_step < n_steps and not (run_dir / "result.json").exists()
 
     resumed = run_training(cfg, run_dir)
-    assert resumed["resumed_from_step"] > 0
-    assert resumed["steps"] == clean["steps"] == 80
+    assert resumed["resumed_from_step"] == at_step
+    assert resumed["steps"] == clean["steps"] == n_steps
     assert resumed["loss"] == pytest.approx(clean["loss"], rel=1e-6)
     steps = [int(line.split(",")[0]) for line in (run_dir / "metrics.csv").read_text().splitlines()[1:-1]]
-    assert steps == list(range(1, 81))         # no step lost or logged twice
-    assert not ckpt.exists()                    # cleaned up once the run finished
+    assert steps == list(range(1, n_steps + 1))   # no step lost or logged twice
+    assert not ckpt.exists()                      # cleaned up once the run finished
 
 
 def test_bpe_run_reports_bits_per_byte_consistent_with_nats_per_token(tmp_path):

@@ -962,7 +962,7 @@ def fit_notes(fam: dict) -> list[str]:
                          f"are correspondingly less certain")
         bs = block["bootstrap"]
         if bs["failed"]:
-            why = "; ".join(f"{n} x {r}" for r, n in bs["failure_reasons"].items())
+            why = "; ".join(f"{n}: {r}" for r, n in bs["failure_reasons"].items())
             notes.append(f"{approach}: {bs['failed']}/{bs['resamples']} resamples could not be fitted ({why}); "
                          f"its intervals come from the other {bs['ok']}")
         if approach == "frontier":

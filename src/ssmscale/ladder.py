@@ -390,7 +390,7 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
         df = collect_results(cfg, out_dir, runs)
         print(f"ladder finished in {time.perf_counter() - start:.1f} s: {len(df)} results in {out_dir / 'results.csv'}")
         if cfg.fit:
-            _fit_and_report(out_dir, cfg.name)
+            _fit_and_report(out_dir)
     return out_dir
 
 
@@ -486,12 +486,13 @@ def _run_submitit(cfg, out_dir, runs, todo, bar, tally):
             collect_results(cfg, out_dir, runs)
 
 
-def _fit_and_report(out_dir: Path, name: str):
+def _fit_and_report(out_dir: Path):
+    """fit.json in the study directory; the report in reports/<directory name>, as `ssmscale report` does."""
     try:
         from .fit import fit_study
         from .report import write_report
     except ImportError:
         return
     fit_study(out_dir)
-    report = write_report(out_dir, Path("reports") / name)
+    report = write_report(out_dir, Path("reports") / out_dir.resolve().name)
     print(f"report: {report}")

@@ -157,7 +157,7 @@ def frontier_figure(table: pd.DataFrame, fit: dict, colors: dict):
     ax.set_xlim(x_min, x_max)
     ax.set_xlabel(_FLOPS_LABEL)
     ax.set_ylabel(_LOSS_LABEL)
-    ax.set_title("Loss against compute: all runs (faint), best run per budget (bold), frontier fits\n"
+    ax.set_title("Loss against compute: runs at their best learning rate (faint), best run per budget (bold), frontier fits\n"
                  f"shaded: {fit['settings']['ci']:.0%} bootstrap band; dashed, grey area: extrapolation",
                  fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
@@ -222,7 +222,7 @@ def profile_figure(profile: pd.DataFrame, colors: dict):
                 ok = rows[rows["status"] == "ok"]
                 bad = rows[rows["status"] != "ok"]
                 label = name if len(batches) == 1 else f"{name} (batch {batch})"
-                for i, (col, scale) in enumerate((("tokens_per_s", 1.0), ("peak_mem_bytes", 2.0 ** -30))):
+                for i, (col, scale) in enumerate((("tokens_per_s", 1.0), ("peak_mem_bytes", 2.0 ** -20))):
                     ax = axes[i][j]
                     ax.plot(ok["seq_len"], ok[col] * scale, styles[k % 4], marker="o", ms=4,
                             color=colors.get(name, "#000000"), label=label)
@@ -233,7 +233,7 @@ def profile_figure(profile: pd.DataFrame, colors: dict):
                                     xytext=(-6, -4), textcoords="offset points", fontsize=8, ha="right",
                                     va="top")
         seq_lens = sorted(set(pm["seq_len"].dropna().astype(int)))
-        for i, ylabel in enumerate(("throughput (tokens/s)", "peak memory (GiB)")):
+        for i, ylabel in enumerate(("throughput (tokens/s)", "peak memory added (MiB)")):
             ax = axes[i][j]
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -371,7 +371,8 @@ def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
              f"MFU peak: {meta['peak_note']}" if "peak_note" in meta else ""]
     if any(facts):
         out.append("; ".join(f for f in facts if f) + ".")
-    out.append("")
+    out += ["Peak MiB: the memory a step adds over its fresh process's baseline (weights, optimiser state and "
+            "inputs excluded; generation includes the KV cache or the recurrent state).", ""]
     head = "| mode | L | " + " | ".join(f"{f} tokens/s | {f} peak MiB" for f in families) + " |"
     if len(families) == 2:
         head += f" {families[1]} / {families[0]} tokens/s |"
