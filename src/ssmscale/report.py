@@ -64,6 +64,13 @@ def _sci(x: float) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Figures
 
+def _minor_2_5(v: float, _pos=None) -> str:
+    """Minor log-axis label at 2x and 5x a power of ten only, as mathtext (2 x 10^4)."""
+    exp = math.floor(math.log10(v))
+    mant = round(v / 10 ** exp)
+    return rf"${mant}\times10^{{{exp}}}$" if mant in (2, 5) else ""
+
+
 def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
     import matplotlib as mpl
     families = sorted(fit["families"])
@@ -93,6 +100,8 @@ def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
                     ax.plot(e["n_opt"], e["loss_opt"], "*", ms=13, mec="black", mew=0.8,
                             color=col if used else "white", zorder=5)
         ax.set_xscale("log")
+        # minor labels at 2x and 5x each decade only: 3x and 4x collide once the sizes span a decade or more
+        ax.xaxis.set_minor_formatter(_mpl_ticker().FuncFormatter(_minor_2_5))
         ax.set_xlabel(_PARAMS_LABEL)
         note = "\n(too few budgets with a minimum for Approach 2: see report)" if "skipped" in block else ""
         ax.set_title(f"{name}: IsoFLOP curves{note}", color=colors[name], fontweight="bold")
