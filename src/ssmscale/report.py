@@ -64,11 +64,17 @@ def _sci(x: float) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Figures
 
-def _minor_2_5(v: float, _pos=None) -> str:
-    """Minor log-axis label at 2x and 5x a power of ten only, as mathtext (2 x 10^4)."""
+def _minor_2_5(label):
+    """A minor log-axis tick formatter labelling only 2x and 5x a power of ten, with label(v)."""
+    def fmt(v: float, _pos=None) -> str:
+        return label(v) if round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""
+    return _mpl_ticker().FuncFormatter(fmt)
+
+
+def _mathtext_sci(v: float) -> str:
+    """20000 -> '$2\\times10^{4}$'."""
     exp = math.floor(math.log10(v))
-    mant = round(v / 10 ** exp)
-    return rf"${mant}\times10^{{{exp}}}$" if mant in (2, 5) else ""
+    return rf"${round(v / 10 ** exp)}\times10^{{{exp}}}$"
 
 
 def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
@@ -101,7 +107,7 @@ def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
                             color=col if used else "white", zorder=5)
         ax.set_xscale("log")
         # minor labels at 2x and 5x each decade only: 3x and 4x collide once the sizes span a decade or more
-        ax.xaxis.set_minor_formatter(_mpl_ticker().FuncFormatter(_minor_2_5))
+        ax.xaxis.set_minor_formatter(_minor_2_5(_mathtext_sci))
         ax.set_xlabel(_PARAMS_LABEL)
         note = "\n(too few budgets with a minimum for Approach 2: see report)" if "skipped" in block else ""
         ax.set_title(f"{name}: IsoFLOP curves{note}", color=colors[name], fontweight="bold")
@@ -249,8 +255,7 @@ def profile_figure(profile: pd.DataFrame, colors: dict):
             ax.set_xticks(seq_lens, [str(v) for v in seq_lens])
             ax.xaxis.set_minor_formatter(_mpl_ticker().NullFormatter())
             ax.yaxis.set_major_formatter(_mpl_ticker().FuncFormatter(lambda v, _: _human(v)))
-            ax.yaxis.set_minor_formatter(_mpl_ticker().FuncFormatter(
-                lambda v, _: _human(v) if round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""))
+            ax.yaxis.set_minor_formatter(_minor_2_5(_human))
             ax.set_xlabel("sequence length (tokens)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{mode}: {ylabel.split(' (')[0]}")
