@@ -296,7 +296,7 @@ def test_failed_resamples_are_counted_with_reasons(tmp_path):
 # ------------------------------------------------------------------------------------ files
 
 def test_fit_study_writes_fit_json_with_documented_shape(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(fit, "CHINCHILLA_GRID", TINY_GRID)      # speed; the Chinchilla test runs the real grid
+    monkeypatch.setattr(fit.laws, "CHINCHILLA_GRID", TINY_GRID)      # speed; the Chinchilla test runs the real grid
     study = make_study(tmp_path, budgets=(1e13, 1e14, 1e15), profile=False)
     code = main(["fit", str(study), "--n-boot", "0", "--no-progress", "--jobs", "1"])
     assert code == 0

@@ -1,0 +1,91 @@
+"""Scaling-law fits with bootstrap intervals: loss-vs-compute frontier, Chinchilla Approaches 2 and 3, crossover.
+
+Modules: runs (CSV in, cleaning, one family as arrays), laws (the log-sum-exp Huber objective and multi-start
+L-BFGS), frontier, approach2, approach3 (one per law), crossover, bootstrap, pipeline (fit everything, write
+fit.json), text (the printed summary and notes). `ssmscale.fit` re-exports the public names below.
+
+Everything here is a pure function of a table of runs (params N, tokens D, flops C, loss L, family,
+IsoFLOP group), except `load_runs` (reads a CSV) and `fit_study` / `fit_path` (read, fit, write fit.json).
+
+Fits (all losses in nats/token, N = non-embedding parameters, C = training FLOPs):
+- frontier:   L(C) = E + A * C^-alpha on the best run of each IsoFLOP budget, fitted as
+              log L = logaddexp(a - alpha log C, e) with a Huber loss (delta 1e-3) on the log residuals,
+              summed over points, L-BFGS from a small data-scaled grid of starts. It needs >= 3 budgets
+              (3 parameters); with exactly 3 the curve passes through every point and only the bootstrap
+              says how uncertain it is.
+- approach2:  per budget, a least-squares parabola of L against ln N; its vertex is N_opt(C) and D_opt(C)
+              is the token count at N_opt (interpolated in log-log within the budget, which equals
+              C / (6 N_opt) when C = 6ND). Budgets whose vertex lies outside the sampled sizes (or whose
+              parabola opens downward) are reported and left out. Then N_opt = N0 C^a, D_opt = D0 C^b by
+              least squares in log-log on >= 2 budgets.
+- parametric: Chinchilla Approach 3, L(N, D) = E + A/N^alpha + B/D^beta, fitted exactly as Hoffmann et al.
+              and Epoch AI did: log-sum-exp form LSE(a - alpha ln N, b - beta ln D, e), Huber delta 1e-3 on
+              log residuals summed over points, L-BFGS from each of the 4,500 grid starts, best kept. The
+              grid runs with scipy's default L-BFGS-B tolerances and the winner is then polished with tight
+              ones. Implied allocation (assumes C = 6ND): G = (alpha A / (beta B))^(1/(alpha+beta)),
+              N_opt = G (C/6)^a, D_opt = (C/6)^b / G, a = beta/(alpha+beta), b = alpha/(alpha+beta).
+- crossover:  for each pair of families, the C where one frontier drops below the other: roots of the
+              difference inside the range both frontiers were fitted on, and (labelled extrapolated)
+              up to CROSSOVER_SEARCH_FACTOR beyond it.
+
+Bootstrap: resample runs with replacement within each family and within each IsoFLOP group (so every
+budget keeps its number of runs), refit everything, take percentile intervals. Caveat for the frontier:
+a resample's budget point is the best run it drew, so the interval says how much the frontier depends on
+which runs were made, not on the seed-to-seed noise of the best run itself (one seed per configuration
+cannot show that; several seeds, averaged by load_runs, reduce it). Each resample has its own
+child of numpy's SeedSequence(seed), so results do not depend on the number of worker processes.
+Shortcut, for speed: a resample does not rerun the 4,500-point grid; it starts L-BFGS from the point
+estimate and the best N_WARM_STARTS - 1 other distinct local minima the full-data grid found (the frontier
+likewise). Resamples where an approach cannot be fitted are counted per approach with their reasons, never
+silently dropped; intervals come from the successful ones.
+
+fit.json (written by `fit_path` / `fit_study`):
+{
+  "schema": 1,
+  "source":    {"path", "kind": "study" | "csv", "sha256" (of the CSV bytes), "rows_read", "columns"},
+  "dropped":   {"status_not_ok": {status: count}, "invalid_values": n, "other_learning_rates": n,
+                "seed_duplicates_averaged": n},
+  "notes":     [str, ...],                      # data handling and warnings, as printed
+  "settings":  {"n_boot", "seed", "ci", "huber_delta", "n_jobs", "flops_convention", "grouping",
+                "bootstrap", "warm_starts", "crossover_search_factor", "min_runs_per_budget"},
+  "families":  {name: {
+      "n_runs", "n_budgets", "flops_range": [lo, hi],
+      "frontier":   {"E", "A", "alpha": Q, "points": [{"flops", "loss", "params", "tokens", "budget",
+                     "best_at_edge"}], "range": [lo, hi], "exact_fit": bool, "objective",
+                     "band": {"flops": [...], "lo": [...], "hi": [...]}, "bootstrap": B}
+                    or {"skipped": reason},
+      "approach2":  {"a", "b", "N0", "D0": Q, "budgets": [{"budget", "n_runs", "n_sizes", "used",
+                     "reason", "parabola": [c2, c1, c0] (L = c2 x^2 + c1 x + c0, x = ln N),
+                     "params_range", "n_opt", "n_opt_lo", "n_opt_hi", "d_opt", "loss_opt"}],
+                     "bootstrap": B} or {"skipped": reason, "budgets": [...]},
+      "parametric": {"E", "A", "B", "alpha", "beta", "a", "b", "G": Q, "objective", "n_points",
+                     "bootstrap": B} or {"skipped": reason}}},
+  "crossover": {"pairs": [{"families": [f1, f2], "fitted_range": [lo, hi] | null, "search_range": [lo, hi],
+                 "crossings": [{"flops": Q, "extrapolated": bool, "lower_above": family,
+                                "found_in_resamples": k}],
+                 "resamples_compared", "resamples_crossing_in_range", "statement"}]},
+  "timing":    {"point_estimates_s", "bootstrap_s", "total_s"}
+}
+Q = {"value": float, "lo": float | null, "hi": float | null}: point estimate and percentile interval.
+B = {"resamples", "ok", "failed", "failure_reasons": {reason: count}}.
+"""
+
+from .approach2 import fit_approach2
+from .approach3 import fit_parametric, parametric_allocation, parametric_quantities
+from .bootstrap import APPROACHES, QUANTITIES, default_jobs
+from .crossover import CROSSOVER_SEARCH_FACTOR, find_crossings
+from .frontier import fit_frontier, frontier_loss, frontier_points
+from .laws import CHINCHILLA_GRID, HUBER_DELTA, Skip, lse_huber, multistart_fit
+from .pipeline import (DEFAULT_CI, DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, FLOPS_CONVENTION, fit_path, fit_runs,
+                       fit_study, json_safe)
+from .runs import MIN_RUNS_PER_BUDGET, FamilyRuns, LoadedRuns, load_runs, parse_column_mapping
+from .text import E_UNIDENTIFIED, fit_notes, fmt_value, format_fit, quantity_rows
+
+__all__ = [
+    "APPROACHES", "CHINCHILLA_GRID", "CROSSOVER_SEARCH_FACTOR", "DEFAULT_CI", "DEFAULT_N_BOOT", "E_UNIDENTIFIED",
+    "FIGURE_EXTRAPOLATION", "FLOPS_CONVENTION", "HUBER_DELTA", "MIN_RUNS_PER_BUDGET", "QUANTITIES", "FamilyRuns",
+    "LoadedRuns", "Skip", "default_jobs", "find_crossings", "fit_approach2", "fit_frontier", "fit_notes",
+    "fit_parametric", "fit_path", "fit_runs", "fit_study", "fmt_value", "format_fit", "frontier_loss",
+    "frontier_points", "json_safe", "load_runs", "lse_huber", "multistart_fit", "parametric_allocation",
+    "parametric_quantities", "parse_column_mapping", "quantity_rows",
+]

@@ -1,0 +1,219 @@
+"""Runs in: read a study's results.csv or any CSV of runs, clean it, and hold one family's runs as arrays."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import UserError
+
+MIN_RUNS_PER_BUDGET = 3          # a budget's "best run" or parabola means something only with >= 3 sizes
+CANONICAL_COLUMNS = ("params", "tokens", "flops", "loss", "family", "budget", "status", "lr", "seed")
+_NUMERIC_COLUMNS = ("params", "tokens", "flops", "loss", "budget", "lr")
+
+
+@dataclass
+class LoadedRuns:
+    table: pd.DataFrame            # family, params, tokens, flops, loss, group_flops
+    source: dict
+    dropped: dict
+    notes: list[str] = field(default_factory=list)
+    grouping: str = ""
+
+
+def parse_column_mapping(specs: list[str] | None) -> dict[str, str]:
+    """`["params=Model Size,flops=Training FLOP"]` -> {"params": "Model Size", "flops": "Training FLOP"}."""
+    mapping: dict[str, str] = {}
+    for spec in specs or []:
+        for item in spec.split(","):
+            if not item.strip():
+                continue
+            name, sep, column = item.partition("=")
+            name, column = name.strip(), column.strip().strip('"').strip("'")
+            if not sep or not column:
+                raise UserError(f"--columns: '{item}' is not NAME=COLUMN")
+            if name not in CANONICAL_COLUMNS:
+                raise UserError(f"--columns: unknown name '{name}' (expected one of {', '.join(CANONICAL_COLUMNS)})")
+            mapping[name] = column
+    return mapping
+
+
+def _csv_of(path: Path) -> tuple[Path, str]:
+    if path.is_dir():
+        csv = path / "results.csv"
+        if not csv.is_file():
+            raise UserError(f"{path}: not a study directory (no results.csv in it)")
+        return csv, "study"
+    if not path.exists():
+        raise UserError(f"{path}: no such file or directory")
+    return path, "csv"
+
+
+def _read_csv(csv: Path) -> tuple[pd.DataFrame, bytes]:
+    try:
+        raw = csv.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{csv}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return pd.read_csv(io.BytesIO(raw)), raw
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{csv}: empty file, expected a CSV with a header row") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{csv}: not a readable CSV ({first})") from None
+
+
+def _to_numeric(df: pd.DataFrame, col: str, csv: Path) -> None:
+    s = df[col]
+    if pd.api.types.is_numeric_dtype(s):
+        df[col] = s.astype(float)
+        return
+    conv = pd.to_numeric(s, errors="coerce")
+    text = s.astype(str).str.strip().str.lower()
+    missing_like = s.isna() | text.isin(["", "nan", "inf", "+inf", "-inf", "infinity", "-infinity", "none"])
+    bad = conv.isna() & ~missing_like
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise UserError(f"{csv}: column '{col}', line {i + 2}: {s.iloc[i]!r} is not a number")
+    df[col] = conv.astype(float)
+
+
+def load_runs(path: str | os.PathLike, columns: dict[str, str] | None = None) -> LoadedRuns:
+    """Read a study directory's results.csv or any CSV of runs, clean it, and say what was dropped.
+
+    Needs `params` and `loss` and at least one of `tokens` / `flops` (the other follows from C = 6ND);
+    optional `family` (default "all"), `budget` (IsoFLOP groups), `status`, `lr`, `seed`.
+    Cleaning, in order: keep status == "ok"; drop rows with NaN, inf or non-positive values; average
+    repeated seeds of one configuration; keep the lowest-loss learning rate per (family, params, budget).
+    """
+    path = Path(path)
+    csv, kind = _csv_of(path)
+    df, raw = _read_csv(csv)
+    columns = dict(columns or {})
+    for name, col in columns.items():
+        if col not in df.columns:
+            raise UserError(f"--columns: {name}={col!r}: no column {col!r} in {csv} "
+                            f"(columns: {', '.join(map(str, df.columns))})")
+    df = df.rename(columns={col: name for name, col in columns.items()})
+    for name in ("params", "loss"):
+        if name not in df.columns:
+            raise UserError(f"{csv}: missing column '{name}' (columns: {', '.join(map(str, df.columns))}; "
+                            f"map yours with --columns {name}=YOUR_COLUMN)")
+    if "tokens" not in df.columns and "flops" not in df.columns:
+        raise UserError(f"{csv}: missing column 'tokens' (or 'flops', from which tokens = flops / (6 params))")
+    rows_read = len(df)
+    for col in _NUMERIC_COLUMNS:
+        if col in df.columns:
+            _to_numeric(df, col, csv)
+
+    notes: list[str] = []
+    dropped: dict = {"status_not_ok": {}, "invalid_values": 0, "other_learning_rates": 0,
+                     "seed_duplicates_averaged": 0}
+    if "status" in df.columns:
+        status = df["status"].astype(str).str.strip()
+        not_ok = status != "ok"
+        if not_ok.any():
+            dropped["status_not_ok"] = {str(k): int(v) for k, v in status[not_ok].value_counts().items()}
+            parts = ", ".join(f"{v} {k}" for k, v in dropped["status_not_ok"].items())
+            notes.append(f"dropped {int(not_ok.sum())} runs whose status is not 'ok' ({parts})")
+        df = df[~not_ok]
+    df = df.copy()
+    df["family"] = df["family"].astype(str).str.strip() if "family" in df.columns else "all"
+    if "flops" not in df.columns:
+        df["flops"] = 6.0 * df["params"] * df["tokens"]
+        notes.append("no flops column: C = 6 * params * tokens")
+    if "tokens" not in df.columns:
+        df["tokens"] = df["flops"] / (6.0 * df["params"])
+        notes.append("no tokens column: D = flops / (6 * params)")
+
+    checked = ["params", "tokens", "flops", "loss"] + (["budget"] if "budget" in df.columns else [])
+    values = df[checked].to_numpy(dtype=float)
+    valid = np.isfinite(values).all(axis=1) & (values > 0).all(axis=1)
+    if not valid.all():
+        dropped["invalid_values"] = int((~valid).sum())
+        notes.append(f"dropped {dropped['invalid_values']} rows with NaN, inf or non-positive "
+                     f"{'/'.join(checked)}")
+    df = df[valid].copy()
+
+    if "budget" in df.columns:
+        df["group_flops"] = df["budget"]
+        grouping = "IsoFLOP groups from the budget column"
+    else:
+        rounded = df["flops"].map(lambda c: float(f"{c:.1e}"))
+        df["group_flops"] = np.exp(np.log(df["flops"]).groupby(rounded).transform("mean"))
+        grouping = ("no budget column: IsoFLOP groups = runs whose flops agree to 2 significant digits "
+                    "(C of a group = geometric mean of its runs' flops)")
+
+    if "lr" in df.columns and len(df):
+        keys = ["family", "params", "group_flops"]
+        n_before = len(df)
+        agg = {c: "first" for c in df.columns if c not in keys + ["lr", "loss"]}
+        agg["loss"] = "mean"
+        df = df.groupby(keys + ["lr"], as_index=False, sort=False, dropna=False).agg(agg)
+        dropped["seed_duplicates_averaged"] = n_before - len(df)
+        if dropped["seed_duplicates_averaged"]:
+            notes.append(f"averaged the loss over repeated seeds of the same (family, params, budget, lr): "
+                         f"{dropped['seed_duplicates_averaged']} rows merged")
+        best = df.groupby(keys, sort=False, dropna=False)["loss"].idxmin()
+        dropped["other_learning_rates"] = len(df) - len(best)
+        df = df.loc[np.sort(best.to_numpy())]
+        if dropped["other_learning_rates"]:
+            notes.append(f"kept the lowest-loss learning rate per (family, params, budget): "
+                         f"{dropped['other_learning_rates']} runs with other learning rates set aside "
+                         f"(Porian et al. 2024: compare architectures at their best LR per size)")
+
+    table = df[["family", "params", "tokens", "flops", "loss", "group_flops"]].reset_index(drop=True)
+    source = {"path": str(path), "csv": str(csv), "kind": kind, "sha256": hashlib.sha256(raw).hexdigest(),
+              "rows_read": rows_read, "columns": columns}
+    if "flops_convention" in df.columns:
+        source["flops_convention"] = sorted(df["flops_convention"].dropna().astype(str).unique().tolist())
+    return LoadedRuns(table=table, source=source, dropped=dropped, notes=notes, grouping=grouping)
+
+
+
+@dataclass(frozen=True)
+class FamilyRuns:
+    params: np.ndarray
+    tokens: np.ndarray
+    flops: np.ndarray
+    loss: np.ndarray
+    group: np.ndarray        # index into budgets, one per run
+    budgets: np.ndarray      # C of each IsoFLOP group
+    frontier_budgets: np.ndarray  # per budget: >= MIN_RUNS_PER_BUDGET sizes in the full data (fixed under resampling)
+
+    @classmethod
+    def from_table(cls, t: pd.DataFrame) -> "FamilyRuns":
+        budgets, group = np.unique(t["group_flops"].to_numpy(dtype=float), return_inverse=True)
+        params = t["params"].to_numpy(float)
+        sizes = np.array([len(np.unique(params[group == g])) for g in range(len(budgets))])
+        return cls(params, t["tokens"].to_numpy(float), t["flops"].to_numpy(float),
+                   t["loss"].to_numpy(float), group, budgets, sizes >= MIN_RUNS_PER_BUDGET)
+
+    @classmethod
+    def from_arrays(cls, params, tokens, loss, flops=None, budget=None) -> "FamilyRuns":
+        params, tokens, loss = (np.asarray(x, float) for x in (params, tokens, loss))
+        flops = 6.0 * params * tokens if flops is None else np.asarray(flops, float)
+        t = pd.DataFrame({"params": params, "tokens": tokens, "flops": flops, "loss": loss,
+                          "group_flops": flops if budget is None else np.asarray(budget, float)})
+        return cls.from_table(t)
+
+    def take(self, idx: np.ndarray) -> "FamilyRuns":
+        return FamilyRuns(self.params[idx], self.tokens[idx], self.flops[idx], self.loss[idx],
+                          self.group[idx], self.budgets, self.frontier_budgets)
+
+    def __len__(self) -> int:
+        return len(self.loss)
+
+
+def _resample(runs: FamilyRuns, rng: np.random.Generator) -> FamilyRuns:
+    """Draw runs with replacement within each IsoFLOP group, keeping every group's size."""
+    parts = [rng.choice(members, size=len(members), replace=True)
+             for g in range(len(runs.budgets)) if len(members := np.flatnonzero(runs.group == g))]
+    return runs.take(np.sort(np.concatenate(parts)))
+
