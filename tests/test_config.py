@@ -8,14 +8,14 @@ import pytest
 import yaml
 
 from ssmscale.cli import main
-from ssmscale.config import LadderConfig, RunConfig, validate
+from ssmscale.config import LadderConfig, RunConfig, parse_yaml, read_yaml, validate
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path)
     schema = LadderConfig if "budgets" in raw else RunConfig
     validate(schema, raw, str(path))
 
@@ -71,9 +71,11 @@ def test_missing_config_file_exits_2(tmp_path, capsys):
 
 
 def test_numbers_in_yaml_exponent_form_are_numbers():
-    # YAML 1.1 reads 1e6 and 3e-3 (no dot) as strings
-    raw = yaml.safe_load("model: {params: 1.0e+5}\ntrain: {tokens: 1e6, lr: 3e-3}\n")
-    assert raw["train"]["tokens"] == "1e6"
+    # YAML 1.1 (PyYAML's rule) reads 1e6 and 3e-3 (no dot) as strings; the config loader follows YAML 1.2
+    text = "model: {params: 1.0e+5}\ntrain: {tokens: 1e6, lr: 3e-3}\n"
+    assert yaml.safe_load(text)["train"]["tokens"] == "1e6"
+    raw = parse_yaml(text, "x")
+    assert raw["train"] == {"tokens": 1e6, "lr": 3e-3}
     cfg = validate(RunConfig, raw, "x")
     assert cfg.train.tokens == 1e6 and cfg.train.lr == 3e-3
 

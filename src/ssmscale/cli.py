@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import limits
 from .errors import UserError
 
 
@@ -52,17 +53,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
-    """--set key.path=value pairs; values are parsed as YAML scalars (3e-3, true, [0.9, 0.95])."""
-    import yaml
+    """--set key.path=value pairs; values are parsed as YAML, as in a config (3e-3, true, [0.9, 0.95])."""
+    from .config import parse_yaml
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise UserError(f"--set {key}: cannot parse value {value!r}") from None
+        out[key.strip()] = parse_yaml(value, f"--set {key}")
     return out
 
 
@@ -90,8 +88,15 @@ def _train(args):
         overrides["train.progress"] = False
     cfg = load_run_config(args.config, overrides)
     out = Path(args.out or f"runs/{cfg.name}-{cfg.model.family}")
-    if (out / "result.json").exists() and not args.force:
-        raise UserError(f"{out}: already holds a finished run (result.json); use --force to retrain")
+    from .fsutil import check_writable_dir
+    check_writable_dir(out, "run directory")
+    if not args.force:
+        from .safeload import read_result
+        res, problem = read_result(out / "result.json")
+        if res is not None:
+            raise UserError(f"{out}: already holds a finished run (result.json); use --force to retrain")
+        if problem:
+            print(f"{problem}; the run counts as unfinished and is trained again", file=sys.stderr)
     from .train import run_training
     r = run_training(cfg, out)
     print(f"{r['status']}: {r['family']} d_model={r['d_model']} n_layer={r['n_layer']} "
@@ -116,14 +121,10 @@ def _sizes_args(p):
 
 
 def _sizes(args):
-    targets = []
-    for text in args.params:
-        try:
-            targets.append(float(text))
-        except ValueError:
-            raise UserError(f"params: expected numbers such as 1e6, got {text!r}") from None
-    if min(targets) <= 0:
-        raise UserError("params: must be positive")
+    targets = [_number(text, "params", hi=limits.MAX_PARAMS) for text in args.params]
+    _in_range(args.seq_len, "--seq-len", limits.MAX_SEQ_LEN)
+    _in_range(args.head_dim, "--head-dim", limits.MAX_WIDTH)
+    _in_range(args.vocab, "--vocab", limits.MAX_VOCAB)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     bad = [f for f in families if f not in ("transformer", "mamba")]
     if bad or not families:
@@ -133,7 +134,12 @@ def _sizes(args):
     from .models.sizing import ladder_shapes
     base = ModelConfig(family="transformer", d_model=args.head_dim, n_layer=1, head_dim=args.head_dim,
                        vocab_size=args.vocab)
-    shapes = ladder_shapes(targets, families, base)
+    try:
+        shapes = ladder_shapes(targets, families, base)
+    except ValueError as exc:
+        raise UserError(f"params: {exc}") from None
+    if args.verify:
+        _check_fits_in_memory(max(s.params_total for s in shapes), "--verify")
     print(f"sizing.py: transformer n_layer from aspect ratio 64 (>= 2 layers), width a multiple of head_dim "
           f"{args.head_dim}; Mamba 2x layers, width matched in parameters. FLOPs at L={args.seq_len}: {flops.CONVENTION}")
     head = f"{'target':>9} {'family':<11} {'d_model':>7} {'n_layer':>7} {'params':>12} {'total':>12} " \
@@ -213,16 +219,38 @@ def _profile(args):
     return {"scan": _profile_scan, "model": _profile_model, "loop": _profile_loop}[args.op](args)
 
 
-def _seconds(text):
-    if text is None:
-        return None
+def _number(text, flag: str, hi: float) -> float:
+    """A positive finite number no larger than `hi` (limits.py), or a UserError naming the flag."""
     try:
         value = float(text)
     except ValueError:
-        raise UserError(f"--timeout: expected seconds, got {text!r}") from None
-    if value <= 0:
-        raise UserError(f"--timeout: expected a positive number of seconds, got {text!r}")
+        raise UserError(f"{flag}: expected a number such as 1e6, got {text!r}") from None
+    if not 0 < value <= hi:
+        raise UserError(f"{flag}: expected a positive number up to {hi:g}, got {text!r}")
     return value
+
+
+def _in_range(value: int, flag: str, hi: int, lo: int = 1) -> int:
+    """An integer argument within [lo, hi] (argparse has checked that it is an integer)."""
+    if not lo <= value <= hi:
+        raise UserError(f"{flag}: expected an integer from {lo} to {hi}, got {value}")
+    return value
+
+
+def _check_fits_in_memory(n_params: int, flag: str) -> None:
+    """Refuse to build a model whose fp32 weights alone would take more than half of this machine's memory."""
+    import os
+    need = 4 * n_params
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have / 2:
+        raise UserError(f"{flag}: builds each model; {n_params:.3g} parameters need {need / 2**30:,.0f} GiB of "
+                        f"weights, more than half of this machine's {have / 2**30:,.0f} GiB")
+
+
+def _seconds(text):
+    if text is None:
+        return None
+    return _number(text, "--timeout", hi=limits.MAX_SECONDS)
 
 
 def _profile_model(args):
@@ -240,32 +268,30 @@ def _profile_model(args):
         raise UserError("--d-model: give both --d-model and --n-layer, or --params")
     if args.d_model is not None and args.params is not None:
         raise UserError("--params: give either --params or --d-model/--n-layer")
-    params = None
-    if args.d_model is None:
-        try:
-            params = float(args.params or 1e7)
-        except ValueError:
-            raise UserError(f"--params: expected a number such as 1e7, got {args.params!r}") from None
-        if params <= 0:
-            raise UserError("--params: must be positive")
+    params = _number(args.params or "1e7", "--params", hi=limits.MAX_PARAMS) if args.d_model is None else None
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device in this process")
     mem = None
     if args.mem_limit_gb is not None:
-        try:
-            mem = int(float(args.mem_limit_gb) * 2**30)
-        except ValueError:
-            raise UserError(f"--mem-limit-gb: expected a number, got {args.mem_limit_gb!r}") from None
-    rows = run_profile(
-        families, _positive_ints(args.seq_lens or "256,512,1024,2048,4096,8192,16384", "--seq-lens"), modes,
-        params=params, d_model=_positive_int(args.d_model, "--d-model") if args.d_model else None,
-        n_layer=_positive_int(args.n_layer, "--n-layer") if args.n_layer else None,
-        batch=_positive_int(args.batch or "1", "--batch"), gen_tokens=_positive_int(args.gen_tokens, "--gen-tokens"),
-        repeats=_positive_int(args.repeats, "--repeats"), device=args.device,
+        mem = int(_number(args.mem_limit_gb, "--mem-limit-gb", hi=limits.MAX_GB) * 2**30)
+    sizes = dict(
+        seq_lens=_positive_ints(args.seq_lens or "256,512,1024,2048,4096,8192,16384", "--seq-lens",
+                                limits.MAX_SEQ_LEN),
+        d_model=_positive_int(args.d_model, "--d-model", limits.MAX_WIDTH) if args.d_model else None,
+        n_layer=_positive_int(args.n_layer, "--n-layer", limits.MAX_LAYERS) if args.n_layer else None,
+        batch=_positive_int(args.batch or "1", "--batch", limits.MAX_BATCH),
+        gen_tokens=_positive_int(args.gen_tokens, "--gen-tokens", limits.MAX_SEQ_LEN),
+        repeats=_positive_int(args.repeats, "--repeats"),
         threads=_positive_int(args.threads, "--threads") if args.threads else None,
-        timeout_s=_seconds(args.timeout), out=args.out, mem_limit_bytes=mem)
+        timeout_s=_seconds(args.timeout))
+    if args.out:
+        from .fsutil import check_writable_dir
+        check_writable_dir(args.out, "--out")      # before the measuring, not after it
+    seq_lens = sizes.pop("seq_lens")
+    rows = run_profile(families, seq_lens, modes, params=params, device=args.device, out=args.out,
+                       mem_limit_bytes=mem, **sizes)
     return 0 if all(r["status"] in ("ok", "oom") for r in rows) else 1
 
 
@@ -275,7 +301,7 @@ def _profile_loop(args):
     from .config import load_run_config
     load_run_config(args.config, {"model.family": args.family} if args.family else None)  # errors first
     from .profile import loop_overhead
-    r = loop_overhead(args.config, args.family, steps=_positive_int(args.steps, "--steps"))
+    r = loop_overhead(args.config, args.family, steps=_positive_int(args.steps, "--steps", limits.MAX_COUNT))
     print(f"{r['family']} d_model {r['d_model']} x {r['n_layer']} layers, {r['tokens_per_step']} tokens/step, "
           f"median of {r['steps']} steps x {r['rounds']} alternating rounds:")
     print(f"  bare PyTorch loop: {r['bare_ms']:.1f} ms/step, {r['bare_tokens_per_s']:,.0f} tokens/s")
@@ -284,18 +310,18 @@ def _profile_loop(args):
     return 0
 
 
-def _positive_ints(text: str, flag: str) -> list[int]:
+def _positive_ints(text: str, flag: str, hi: int = limits.MAX_COUNT) -> list[int]:
     try:
         values = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}")
+    if not values or min(values) < 1 or max(values) > hi:
+        raise UserError(f"{flag}: expected comma-separated positive integers up to {hi}, got {text!r}")
     return values
 
 
-def _positive_int(text: str, flag: str) -> int:
-    values = _positive_ints(text, flag)
+def _positive_int(text: str, flag: str, hi: int = limits.MAX_COUNT) -> int:
+    values = _positive_ints(text, flag, hi)
     if len(values) != 1:
         raise UserError(f"{flag}: expected one positive integer, got {text!r}")
     return values[0]
@@ -314,15 +340,11 @@ def _profile_scan(args):
                         f"got {args.modes!r}")
     if args.device not in ("cpu", "cuda"):
         raise UserError(f"--device: expected cpu or cuda, got {args.device!r}")
-    sizes = {k: _positive_int(getattr(args, k), "--" + k.replace("_", "-"))
-             for k in ("batch", "d_inner", "d_state", "repeats", "ref_max_len")}
+    bounds = {"batch": limits.MAX_BATCH, "d_inner": limits.MAX_WIDTH, "d_state": limits.MAX_WIDTH,
+              "repeats": limits.MAX_COUNT, "ref_max_len": limits.MAX_SEQ_LEN}
+    sizes = {k: _positive_int(getattr(args, k), "--" + k.replace("_", "-"), hi) for k, hi in bounds.items()}
     threads = _positive_int(args.threads, "--threads") if args.threads is not None else None
-    timeout = None
-    if args.timeout is not None:
-        try:
-            timeout = float(args.timeout)
-        except ValueError:
-            raise UserError(f"--timeout: expected seconds, got {args.timeout!r}") from None
+    timeout = _seconds(args.timeout)
     from .ops import available_impls
     if args.device == "cuda":
         import torch
@@ -334,7 +356,10 @@ def _profile_scan(args):
         bench_scan.check_impls(impls, args.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    seq_lens = _positive_ints(args.seq_lens, "--seq-lens")
+    seq_lens = _positive_ints(args.seq_lens, "--seq-lens", limits.MAX_SEQ_LEN)
+    if args.out:
+        from .fsutil import check_writable_dir
+        check_writable_dir(args.out, "--out")      # before the measuring, not after it
     model_args = " with the model's args (softplus, delta_bias, D, z)" if args.model_args else ""
     print(f"selective scan on {args.device}: batch {sizes['batch']}, d_inner {sizes['d_inner']}, "
           f"N {sizes['d_state']}{model_args}; median of {sizes['repeats']} after 1 warm-up; peak = memory the first "
@@ -377,6 +402,7 @@ def _fit_args(p):
 
 
 def _fit(args):
+    _check_fit_args(args)
     from .fit import fit_path, format_fit, parse_column_mapping
     result, target = fit_path(args.path, out=args.out, columns=parse_column_mapping(args.columns),
                               n_boot=args.n_boot, seed=args.seed, ci=args.ci, n_jobs=args.jobs,
@@ -395,7 +421,19 @@ def _report_args(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _check_fit_args(args):
+    import os
+    _in_range(args.n_boot, "--n-boot", limits.MAX_COUNT, lo=0)
+    _in_range(args.seed, "--seed", limits.MAX_SEED, lo=0)
+    if getattr(args, "jobs", None) is not None:
+        _in_range(args.jobs, "--jobs", os.cpu_count() or 1)
+    ci = getattr(args, "ci", 0.95)
+    if not 0 < ci < 1:
+        raise UserError(f"--ci: expected a coverage between 0 and 1, got {ci}")
+
+
 def _report(args):
+    _check_fit_args(args)
     from .report import write_report
     path = write_report(args.study_dir, args.out, refit=args.refit, n_boot=args.n_boot, seed=args.seed,
                         progress=not args.no_progress)

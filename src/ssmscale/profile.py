@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import UserError
+
 MODES = ("train", "prefill", "generate")
 CSV_COLUMNS = ["family", "mode", "seq_len", "batch", "d_model", "n_layer", "params", "tokens_per_s",
                "step_ms", "peak_mem_bytes", "state_bytes", "mfu", "flops_per_token", "status", "error",
@@ -348,7 +350,10 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
 
     from .fsutil import atomic_write_dataframe_csv, atomic_write_json
     from .provenance import provenance
-    shapes = shapes_for(families, params, d_model, n_layer, head_dim)
+    try:
+        shapes = shapes_for(families, params, d_model, n_layer, head_dim)
+    except ValueError as exc:      # e.g. a width that is not a multiple of the head dimension
+        raise UserError(f"model shape: {exc}") from None
     for fam, (d, n, p) in shapes.items():
         print(f"{fam}: d_model {d}, n_layer {n}, {p:,} non-embedding parameters", flush=True)
 

@@ -10,6 +10,7 @@ Mamba (as in Gu & Dao 2023): twice the transformer's layers (two Mamba blocks ~ 
   still match) closest in non-embedding parameters to the transformer's exact count. At large width this is the transformer's width; at small width it is
   a little narrower, because x_proj, dt_proj, A_log and D cost relatively more there.
 All counts come from flops.param_counts, which a test checks against the built models.
+Targets are bounded by limits.MAX_PARAMS and widths by limits.MAX_WIDTH, so no request can hang the search.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .. import limits
 from .config import ModelConfig
 
 ASPECT = 64
@@ -56,6 +58,9 @@ def _closest_width(base: ModelConfig, family: str, n_layer: int, target: float, 
     hi = guess
     while err(hi + multiple) < err(hi):
         hi += multiple
+        if hi > limits.MAX_WIDTH:    # cannot happen for targets within MAX_PARAMS; a backstop, not a result
+            raise ValueError(f"d_model: no width up to {limits.MAX_WIDTH} (limits.MAX_WIDTH) reaches {target:g} "
+                             f"parameters with {n_layer} layers")
     return min((lo, hi), key=err)
 
 
@@ -68,8 +73,9 @@ def shape_for(family: str, target_params: float, base: ModelConfig | None = None
     """(d_model, n_layer) of `family` for a target non-embedding count (see module docstring).
 
     `match`: for Mamba, the exact count to match (default: the transformer's at this target)."""
-    if target_params <= 0:
-        raise ValueError(f"target_params: must be positive, got {target_params}")
+    if not 0 < target_params <= limits.MAX_PARAMS:
+        raise ValueError(f"target_params: must be positive and at most {limits.MAX_PARAMS:g} "
+                         f"(limits.MAX_PARAMS: beyond any model that can exist), got {target_params:g}")
     base = base or ModelConfig(family="transformer", d_model=64, n_layer=1)
     n_tf = transformer_layers(target_params)
     if family == "transformer":
