@@ -237,14 +237,14 @@ def _fixed_part(cfg: LadderConfig) -> dict:
 
 
 def _check_same_study(cfg: LadderConfig, out_dir: Path):
-    import yaml
     saved_path = out_dir / "config.yaml"
     if not saved_path.exists():
         return
     try:
-        saved = LadderConfig.model_validate(yaml.safe_load(saved_path.read_text()))
-    except Exception:
-        raise UserError(f"{saved_path}: unreadable; this directory does not look like a study") from None
+        saved = load_ladder_config(saved_path)
+    except UserError as exc:
+        raise UserError(f"{saved_path}: unreadable ({str(exc).removeprefix(f'{saved_path}: ')}); "
+                        "this directory does not look like a study") from None
     a, b = _fixed_part(saved), _fixed_part(cfg)
     if a != b:
         diff = _first_difference(a, b)
@@ -266,13 +266,9 @@ def collect_results(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]):
     from .fsutil import atomic_write_dataframe_csv
     rows = []
     for r in runs:
-        path = out_dir / "runs" / r.run_id / "result.json"
-        if not path.exists():
-            continue
-        try:
-            res = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            continue      # cannot happen with atomic writes; a hand-edited file is ignored, not fatal
+        res = _read_result(out_dir, r.run_id)
+        if res is None:
+            continue      # not run yet, or malformed (run_ladder said so and trains it again)
         row = {**res, "run_id": r.run_id, "study": cfg.name, "size": r.size, "budget": r.budget,
                "lr_source": r.lr_source, "flags": r.flags,
                "versions": json.dumps(res.get("versions", {}), sort_keys=True)}
@@ -283,11 +279,18 @@ def collect_results(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]):
 
 
 def _read_result(out_dir: Path, run_id: str) -> dict | None:
-    path = out_dir / "runs" / run_id / "result.json"
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    """A run's well-formed result.json, else None (absent or malformed: the run counts as unfinished)."""
+    from .safeload import read_result
+    return read_result(out_dir / "runs" / run_id / "result.json")[0]
+
+
+def _say_malformed(out_dir: Path, runs: list[PlannedRun]) -> None:
+    """One line per result.json that cannot be used (wrong shape, not JSON): that run is trained again."""
+    from .safeload import read_result
+    for r in runs:
+        problem = read_result(out_dir / "runs" / r.run_id / "result.json")[1]
+        if problem and not r.skip:
+            print(f"{problem}; the run counts as unfinished and is trained again", file=sys.stderr)
 
 
 def tuned_lrs(cfg: LadderConfig, out_dir: Path) -> dict:
@@ -341,11 +344,12 @@ def _train_run(cfg, out_dir, run, progress, position, threads=None):
 
 def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
                executor: str | None = None, progress: bool = True, overrides: dict | None = None) -> Path:
-    import yaml
-    from .fsutil import atomic_write_dataframe_csv, atomic_write_text
+    from .config import dump_yaml
+    from .fsutil import atomic_write_dataframe_csv, atomic_write_text, check_writable_dir
 
     cfg = load_ladder_config(config_path, overrides)
     out_dir = Path(out or Path("scaling") / cfg.name)
+    check_writable_dir(out_dir, "study directory")
     executor = executor or cfg.executor
     from .data import prepare_data
     data = prepare_data(cfg.data, cfg.tokenizer, seq_len=cfg.train.seq_len, eval_tokens=cfg.train.eval_tokens,
@@ -354,15 +358,17 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
         raise UserError(f"tokenizer.vocab_size: the data has {data.vocab_size} tokens, the config says "
                         f"{vocab_size_of(cfg)}")
     n_train = data.n_train_tokens
+    plan(cfg, n_train)              # a grid that cannot be planned is refused before the study folder exists
     with StudyLock(out_dir):
         _check_same_study(cfg, out_dir)
         runs = plan(cfg, n_train, tuned_lrs(cfg, out_dir))
         print(format_plan(runs))
-        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg.model_dump(mode="json")))
         atomic_write_dataframe_csv(out_dir / "plan.csv", plan_frame(runs))
         if dry_run:
             print(f"dry run: plan written to {out_dir / 'plan.csv'}")
             return out_dir
+        _say_malformed(out_dir, runs)
         pending = [r for r in runs if not r.skip and not _finished(out_dir, r)]
         done = sum(1 for r in runs if not r.skip) - len(pending)
         print(f"{out_dir}: {done} runs already finished, {len(pending)} to train ({executor} executor)")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import ModelSpec, RunConfig, TrainConfig, config_hash
+from .config import ModelSpec, RunConfig, TrainConfig, config_hash, dump_yaml
 from .errors import UserError
 from .fsutil import atomic_write_json, atomic_write_text
 from .models import LM, ModelConfig
@@ -214,18 +214,23 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
             self.train_time = 0.0
             self._t0 = None
             self._start = time.perf_counter()
+            self._f = None
+
+        def _open(self):
+            """metrics.csv is (re)written once training starts: a run refused before that leaves none."""
             rows = []
             if resume_step and self.path.exists():   # keep the steps the killed run logged up to its checkpoint
-                with open(self.path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()
+                with open(self.path, newline="", errors="replace") as f:
+                    rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit()
                             and int(r["step"]) <= resume_step and r.get("train_loss")]
             self._f = open(self.path, "w", newline="")
-            self._w = csv.DictWriter(self._f, fieldnames=METRIC_FIELDS)
+            self._w = csv.DictWriter(self._f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
             self._w.writeheader()
             self._w.writerows(rows)
             self._f.flush()
 
         def on_train_start(self, trainer, module):
+            self._open()
             self._start = time.perf_counter()
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -248,6 +253,10 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
             module.log("loss", module.last_loss, prog_bar=True)
 
         def write_final(self, step, ev):
+            if self._f is None:
+                if ev is None:
+                    return
+                self._open()
             if ev is not None:
                 self._w.writerow({"step": step, "tokens": step * tokens_per_step, "val_loss": ev["val_loss"],
                                   "val_bpb": ev["val_bpb"]})
@@ -282,7 +291,11 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     from .data import prepare_data
     from .provenance import provenance
 
+    from .fsutil import check_writable_dir
+    from .safeload import FileRefused, load_checkpoint
+
     out_dir = Path(out_dir)
+    check_writable_dir(out_dir, "run directory")
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -293,17 +306,16 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     n_steps, tokens_per_step = plan_steps(t)
     cost = flops_mod.flops_summary(model_cfg, t.seq_len)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    import yaml
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-
     ckpt = out_dir / "checkpoints" / "last.ckpt"
     resume_step = 0
     if ckpt.exists():
+        # weights-only: a checkpoint in a copied run directory must not run code. One that is refused
+        # (cut short by a kill, or not a plain checkpoint) is deleted and the run starts over: batches are
+        # a function of (seed, step), so that gives the same result, only later
         try:
-            resume_step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
-        except Exception:  # a checkpoint cut short by a kill: start over
-            print(f"ignoring unreadable checkpoint {ckpt}", file=sys.stderr)
+            resume_step = load_checkpoint(ckpt)["global_step"]
+        except FileRefused as exc:
+            print(f"{exc}; starting the run over", file=sys.stderr)
             ckpt.unlink()
     val = data.val_set(t.seq_len)
 
@@ -313,12 +325,20 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     monitor = callbacks[0]
     if t.progress:
         callbacks.append(_progress_bar(L, progress_position))
-    trainer = L.Trainer(
-        accelerator=accelerator, devices=t.devices, strategy=t.strategy, precision=precision,
-        max_steps=n_steps, max_epochs=1, logger=False, enable_checkpointing=bool(t.checkpoint_every),
-        enable_progress_bar=t.progress, enable_model_summary=False, callbacks=callbacks,
-        num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(out_dir),
-        deterministic=accelerator == "cpu")
+    try:
+        trainer = L.Trainer(
+            accelerator=accelerator, devices=t.devices, strategy=t.strategy, precision=precision,
+            max_steps=n_steps, max_epochs=1, logger=False, enable_checkpointing=bool(t.checkpoint_every),
+            enable_progress_bar=t.progress, enable_model_summary=False, callbacks=callbacks,
+            num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(out_dir),
+            deterministic=accelerator == "cpu")
+    except (ValueError, L.fabric.utilities.exceptions.MisconfigurationException) as exc:
+        # Lightning refuses this device / strategy / precision combination (before anything is written)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"train: accelerator {accelerator}, devices {t.devices}, strategy {t.strategy}, "
+                        f"precision {precision}: {first}") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg.model_dump(mode="json")))
     loader = torch.utils.data.DataLoader(
         StepBatches(data, cfg.seed, n_steps, t.batch_size, t.seq_len, start_step=resume_step),
         batch_size=None, num_workers=0)
@@ -326,7 +346,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     start = time.perf_counter()
     status, message = "ok", ""
     try:
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt) if resume_step else None)
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(ckpt) if resume_step else None,
+                    weights_only=True)
     except Diverged as exc:
         status, message = "diverged", str(exc)
         print(f"run diverged: {exc}", file=sys.stderr)
