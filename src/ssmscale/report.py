@@ -23,7 +23,7 @@ import pandas as pd
 from .errors import UserError
 from .fit import (DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, LoadedRuns, fit_notes, fit_runs,
                   fmt_value, format_fit, frontier_loss, json_safe, load_runs, quantity_rows)
-from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir
 
 _KNOWN_COLORS = {"transformer": "#1f77b4", "mamba": "#d62728", "all": "#333333"}
 _OTHER_COLORS = ["#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
@@ -366,13 +366,41 @@ def _lr_section(study: Path) -> list[str]:
     return out
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _profile_meta(study: Path) -> dict:
+    """profile.json's descriptive fields, each kept only if it has the shape the report prints (a file of
+    another shape is ignored with a line saying so: the numbers themselves come from profile.csv)."""
+    from .safeload import FileRefused, read_json
+    path = study / "profile" / "profile.json"
+    try:
+        meta = read_json(path)
+    except FileNotFoundError:
+        return {}
+    except FileRefused as exc:
+        print(f"{exc}; ignored")
+        return {}
+    if not isinstance(meta, dict):
+        print(f"{path}: not a JSON object; ignored")
+        return {}
+    out = {k: meta[k] for k in ("batch", "gen_tokens", "device", "peak_note")
+           if _is_number(meta.get(k)) or isinstance(meta.get(k), str)}
+    shapes, growth = meta.get("shapes"), meta.get("growth")
+    if isinstance(shapes, dict) and all(isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)
+                                        for v in shapes.values()):
+        out["shapes"] = shapes
+    if isinstance(growth, dict) and all(
+            isinstance(g, dict) and all(g.get(k) is None or _is_number(g.get(k)) for k in ("time", "memory"))
+            and isinstance(g.get("lengths", []), list) for g in growth.values()):
+        out["growth"] = growth
+    return out
+
+
 def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
     """The profile as numbers: tokens/s and peak memory per mode and length, and the growth exponents."""
-    meta_path = study / "profile" / "profile.json"
-    try:
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    except json.JSONDecodeError:
-        meta = {}
+    meta = _profile_meta(study)
     families = list(dict.fromkeys(profile["family"].astype(str)))
     out = ["## Profile", "", f"From `{study / 'profile' / 'profile.csv'}` (`ssmscale profile`)."]
     shapes = meta.get("shapes", {})
@@ -416,7 +444,8 @@ def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
         for key, g in growth.items():
             lengths = g.get("lengths", [])
             span = f"{lengths[0]}-{lengths[-1]}" if lengths else ""
-            out.append(f"| {key} | {g['time']:.2f} | {g['memory']:.2f} | {span} |")
+            time_, memory = ("n/a" if g.get(k) is None else f"{g[k]:.2f}" for k in ("time", "memory"))
+            out.append(f"| {key} | {time_} | {memory} | {span} |")
     return out + [""]
 
 
@@ -454,7 +483,10 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
                      "after Porian et al. 2024.)")
     plan = study / "plan.csv"
     if plan.is_file():
-        lines.append(f"- plan.csv lists {len(pd.read_csv(plan))} planned runs.")
+        try:
+            lines.append(f"- plan.csv lists {len(pd.read_csv(plan))} planned runs.")
+        except ValueError:       # pandas' parser errors and a non-UTF-8 file are ValueErrors
+            lines.append("- plan.csv is unreadable (not a CSV).")
     lines.append(f"- {s['grouping']}.")
 
     lines += _lr_section(study)
@@ -495,7 +527,8 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
     lines += ["## Configuration", ""]
     cfg = study / "config.yaml"
     if cfg.is_file():
-        lines += ["`config.yaml`, verbatim:", "", "```yaml", cfg.read_text().rstrip("\n"), "```", ""]
+        text = cfg.read_bytes().decode("utf-8", errors="replace")
+        lines += ["`config.yaml`, verbatim:", "", "```yaml", text.rstrip("\n"), "```", ""]
     else:
         lines += ["(no config.yaml in the study directory)", ""]
     lines += ["## Provenance", ""] + _provenance(Path(loaded.source["csv"]), fit) + [""]
@@ -504,18 +537,29 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
 
 # ---------------------------------------------------------------------------------------------------
 
-def _load_or_fit(study: Path, loaded: LoadedRuns, refit: bool, **fit_kwargs) -> dict:
+def _cached_fit(study: Path, loaded: LoadedRuns) -> dict | None:
+    """STUDY/fit.json when it is a fit of the current results.csv, else None (and a line saying why)."""
+    from .safeload import FileRefused, read_json
     target = study / "fit.json"
-    if target.is_file() and not refit:
-        try:
-            fit = json.loads(target.read_text())
-        except json.JSONDecodeError:
-            fit = None
-            print(f"{target}: unreadable, refitting")
-        if fit is not None and fit.get("source", {}).get("sha256") == loaded.source["sha256"]:
-            return fit
-        if fit is not None:
-            print(f"{target}: fitted on a different results.csv, refitting")
+    try:
+        fit = read_json(target)
+    except FileNotFoundError:
+        return None
+    except FileRefused as exc:
+        print(f"{exc}; refitting")
+        return None
+    source = fit.get("source") if isinstance(fit, dict) else None
+    if not isinstance(source, dict) or not isinstance(fit.get("families"), dict) or fit.get("schema") != 1:
+        print(f"{target}: not a fit.json of this tool (wrong shape), refitting")
+        return None
+    if source.get("sha256") != loaded.source["sha256"]:
+        print(f"{target}: fitted on a different results.csv, refitting")
+        return None
+    return fit
+
+
+def _fit_and_save(study: Path, loaded: LoadedRuns, **fit_kwargs) -> dict:
+    target = study / "fit.json"
     fit = fit_runs(loaded, **fit_kwargs)
     print(format_fit(fit))
     fit = json_safe(fit)
@@ -541,22 +585,42 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         raise UserError(f"{study}: not a study directory (no results.csv in it)")
     name = study.resolve().name
     out = Path(out_dir) if out_dir is not None else Path("reports") / name
+    check_writable_dir(out, "report folder (--out)")     # before a fit that may take minutes
     loaded = load_runs(study)
-    fit = _load_or_fit(study, loaded, refit, n_boot=n_boot, seed=seed, progress=progress,
-                       parametric_grid=parametric_grid)
-    colors = family_colors(set(fit["families"]) | set(_profile_families(study)))
+    profile = _read_profile(study)
+    fit_kwargs = dict(n_boot=n_boot, seed=seed, progress=progress, parametric_grid=parametric_grid)
+    fit = None if refit else _cached_fit(study, loaded)
+    rendered = None
+    if fit is not None:
+        try:
+            rendered = _render(name, study, loaded, fit, profile)
+        except _MALFORMED_FIT as exc:      # right source, but not what the fitter writes: fit again
+            print(f"{study / 'fit.json'}: malformed ({type(exc).__name__}: {str(exc)[:200]}), refitting")
+    if rendered is None:
+        fit = _fit_and_save(study, loaded, **fit_kwargs)
+        rendered = _render(name, study, loaded, fit, profile)
+    figures, markdown = rendered
+    for fig_name, png in figures.items():
+        atomic_write_bytes(out / fig_name, png)
+    atomic_write_text(out / "report.md", markdown)
+    return out / "report.md"
 
+
+# what rendering a fit.json of the wrong shape raises (a missing key, a list where a number belongs, ...)
+_MALFORMED_FIT = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+
+
+def _render(name: str, study: Path, loaded: LoadedRuns, fit: dict, profile) -> tuple[dict[str, bytes], str]:
+    """The figures (PNG bytes by file name) and report.md text; writes nothing."""
+    colors = family_colors(set(fit["families"]) | set(_profile_families(study)))
     figures = {"isoflop.png": isoflop_figure(loaded.table, fit, colors),
                "frontier.png": frontier_figure(loaded.table, fit, colors)}
     if any("skipped" not in fam[a] for fam in fit["families"].values() for a in ("approach2", "parametric")):
         figures["allocation.png"] = allocation_figure(fit, colors)
-    profile = _read_profile(study)
     if profile is not None:
         figures["profile.png"] = profile_figure(profile, colors)
-    for fig_name, fig in figures.items():
-        atomic_write_bytes(out / fig_name, _png(fig))
-    atomic_write_text(out / "report.md", render_markdown(name, study, loaded, fit, list(figures), profile))
-    return out / "report.md"
+    markdown = render_markdown(name, study, loaded, fit, list(figures), profile)
+    return {fig_name: _png(fig) for fig_name, fig in figures.items()}, markdown
 
 
 _PROFILE_COLUMNS = ("family", "mode", "seq_len", "batch", "tokens_per_s", "peak_mem_bytes", "status")

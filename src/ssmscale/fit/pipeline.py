@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..fsutil import atomic_write_json
+from ..fsutil import atomic_write_json, check_writable_dir
 from . import laws
 from .approach2 import fit_approach2
 from .approach3 import fit_parametric
@@ -155,13 +155,8 @@ def fit_path(path, out: str | os.PathLike | None = None, columns: dict[str, str]
     path = Path(path)
     out_dir = Path(out) if out is not None else (path if path.is_dir() else path.parent)
     target = out_dir / "fit.json"
-    try:                                   # find out before a long fit, not after it
-        out_dir.mkdir(parents=True, exist_ok=True)
-        writable = os.access(out_dir, os.W_OK)
-    except OSError:
-        writable = False
-    if not writable:
-        raise UserError(f"{target}: cannot write there; choose another folder with --out")
+    # find out before a long fit, not after it; nothing is created until fit.json is written
+    check_writable_dir(out_dir, "fit.json folder (--out)")
     result = fit_runs(loaded, **kwargs)
     try:
         atomic_write_json(target, json_safe(result))

@@ -55,11 +55,49 @@ def _csv_of(path: Path) -> tuple[Path, str]:
     return path, "csv"
 
 
-def _read_csv(csv: Path) -> tuple[pd.DataFrame, bytes]:
+def _check_rows(csv: Path, raw: bytes, kind: str) -> None:
+    """Every row has as many fields as the header (pandas would pad a short row with NaN and read a long
+    one as a shifted index); a study's results.csv, always written whole, ends with a line end."""
+    import csv as csvlib
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{csv}: not UTF-8 text, so not a readable CSV") from None
+    rows = csvlib.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(rows, None)
+        if header is None:
+            return                                     # empty: pandas says so below
+        previous = None
+        for row in rows:
+            if previous is not None:
+                _check_width(csv, previous, header, last=False)
+            previous = (rows.line_num, row)
+        if previous is not None:
+            _check_width(csv, previous, header, last=not text.endswith(("\n", "\r")))
+    except csvlib.Error as exc:
+        raise UserError(f"{csv}: not a readable CSV (line {rows.line_num}: {exc})") from None
+    if kind == "study" and not text.endswith(("\n", "\r")):
+        raise UserError(f"{csv}: does not end with a line end, so it looks truncated; rebuild it with "
+                        "`ssmscale ladder` on the study (it rewrites results.csv from the runs' result.json)")
+
+
+def _check_width(csv: Path, numbered_row: tuple[int, list[str]], header: list[str], last: bool) -> None:
+    line, row = numbered_row
+    if not row or len(row) == len(header):             # blank lines are skipped by pandas too
+        return
+    if last and len(row) < len(header):
+        raise UserError(f"{csv}: line {line} has {len(row)} of the header's {len(header)} fields and no line end: "
+                        "the file looks truncated")
+    raise UserError(f"{csv}: line {line} has {len(row)} fields, the header has {len(header)}")
+
+
+def _read_csv(csv: Path, kind: str) -> tuple[pd.DataFrame, bytes]:
     try:
         raw = csv.read_bytes()
     except OSError as exc:
         raise UserError(f"{csv}: cannot read ({exc.strerror or exc})") from None
+    _check_rows(csv, raw, kind)
     try:
         return pd.read_csv(io.BytesIO(raw)), raw
     except pd.errors.EmptyDataError:
@@ -89,12 +127,13 @@ def load_runs(path: str | os.PathLike, columns: dict[str, str] | None = None) ->
 
     Needs `params` and `loss` and at least one of `tokens` / `flops` (the other follows from C = 6ND);
     optional `family` (default "all"), `budget` (IsoFLOP groups), `status`, `lr`, `seed`.
-    Cleaning, in order: keep status == "ok"; drop rows with NaN, inf or non-positive values; average
+    Every row must have the header's number of fields. Cleaning, in order: drop rows that repeat an
+    earlier row exactly; keep status == "ok"; drop rows with NaN, inf or non-positive values; average
     repeated seeds of one configuration; keep the lowest-loss learning rate per (family, params, budget).
     """
     path = Path(path)
     csv, kind = _csv_of(path)
-    df, raw = _read_csv(csv)
+    df, raw = _read_csv(csv, kind)
     columns = dict(columns or {})
     for name, col in columns.items():
         if col not in df.columns:
@@ -113,8 +152,13 @@ def load_runs(path: str | os.PathLike, columns: dict[str, str] | None = None) ->
             _to_numeric(df, col, csv)
 
     notes: list[str] = []
-    dropped: dict = {"status_not_ok": {}, "invalid_values": 0, "other_learning_rates": 0,
+    dropped: dict = {"exact_duplicates": 0, "status_not_ok": {}, "invalid_values": 0, "other_learning_rates": 0,
                      "seed_duplicates_averaged": 0}
+    repeated = df.duplicated()
+    if repeated.any():                 # a row pasted twice is one run, not two equal ones
+        dropped["exact_duplicates"] = int(repeated.sum())
+        notes.append(f"dropped {dropped['exact_duplicates']} rows that repeat an earlier row exactly")
+        df = df[~repeated]
     if "status" in df.columns:
         status = df["status"].astype(str).str.strip()
         not_ok = status != "ok"
