@@ -107,7 +107,7 @@ def _freeze_at_a_readable_checkpoint(proc, ckpt, timeout=120.0) -> int:
         if ckpt.exists():
             os.kill(proc.pid, signal.SIGSTOP)
             try:
-                step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+                step = int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
             except Exception:
                 step = 0                                  # caught while Lightning was writing it
             if step > 0:
