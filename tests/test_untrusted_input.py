@@ -82,15 +82,27 @@ def _plant(path: Path, marker: Path):
     torch.save({"global_step": 3, "state_dict": {}, "payload": _Planted(marker)}, path)
 
 
-def test_a_planted_checkpoint_is_refused_in_one_line_and_the_run_starts_over(tmp_path, capsys, monkeypatch):
+def _foreign(path: Path, marker: Path):
+    """A checkpoint of the right structure holding another model's weights (it would crash Lightning's restore)."""
+    import torch
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 0, "global_step": 3, "state_dict": {"model.embedding.weight": torch.zeros(3, 5)},
+                "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}, path)
+
+
+@pytest.mark.parametrize("plant, said", [(_plant, "refused, not a plain weights file (Trying to load unsupported "
+                                                   "GLOBAL posix.system"),
+                                         (_foreign, "refused, its weights are of another model")])
+def test_a_planted_checkpoint_is_refused_in_one_line_and_the_run_starts_over(tmp_path, capsys, monkeypatch,
+                                                                             plant, said):
     monkeypatch.chdir(tmp_path)
     run_dir, marker = tmp_path / "run", tmp_path / "PWNED"
-    _plant(run_dir / "checkpoints" / "last.ckpt", marker)
+    plant(run_dir / "checkpoints" / "last.ckpt", marker)
     cfg = write(tmp_path / "run.yaml", run_raw())
     assert main(["train", str(cfg), "--out", str(run_dir)]) == 0
     assert not marker.exists()                                   # nothing in the pickle ran
     err = [line for line in capsys.readouterr().err.splitlines() if "last.ckpt" in line]
-    assert len(err) == 1 and "refused" in err[0] and "posix.system" in err[0] and "starting the run over" in err[0]
+    assert len(err) == 1 and said in err[0] and err[0].endswith("; starting the run over"), err
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "ok" and result["resumed_from_step"] == 0 and result["steps"] == 4
 
@@ -382,6 +394,13 @@ def test_a_csv_whose_rows_do_not_match_its_header_is_named_with_its_line(tmp_pat
     path = _csv(tmp_path, text)
     assert main(["fit", str(path), "--n-boot", "0", "--jobs", "1", "--no-progress"]) == 2
     assert expected in one_error_line(capsys)
+
+
+def test_a_column_mapping_onto_a_column_that_exists_is_one_line(tmp_path, capsys):
+    # found by the property test: renaming x to params beside a params column made two 'params' columns
+    path = _csv(tmp_path, "params,tokens,loss,budget,x\n" + ROWS.replace("\n", ",1\n"))
+    assert main(["fit", str(path), "--columns", "params=x", "--n-boot", "0", "--jobs", "1"]) == 2
+    assert "--columns: params='x': " in one_error_line(capsys)
 
 
 def test_a_truncated_results_csv_of_a_study_is_refused(tmp_path, capsys):

@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -527,8 +528,10 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
     lines += ["## Configuration", ""]
     cfg = study / "config.yaml"
     if cfg.is_file():
-        text = cfg.read_bytes().decode("utf-8", errors="replace")
-        lines += ["`config.yaml`, verbatim:", "", "```yaml", text.rstrip("\n"), "```", ""]
+        text = cfg.read_bytes().decode("utf-8", errors="replace").rstrip("\n")
+        # a fence longer than any run of backticks inside, so the file cannot end the code block early
+        fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+        lines += ["`config.yaml`, verbatim:", "", fence + "yaml", text, fence, ""]
     else:
         lines += ["(no config.yaml in the study directory)", ""]
     lines += ["## Provenance", ""] + _provenance(Path(loaded.source["csv"]), fit) + [""]
@@ -638,9 +641,14 @@ def _read_profile(study: Path) -> pd.DataFrame | None:
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
     df["status"] = df["status"].astype(str).str.strip()
+    for col in ("family", "mode"):
+        df[col] = df[col].astype(str)
     for col in ("seq_len", "batch", "tokens_per_s", "peak_mem_bytes"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
-    return df
+    usable = np.isfinite(df[["seq_len", "batch"]]).all(axis=1) & (df[["seq_len", "batch"]] >= 1).all(axis=1)
+    if not usable.all():
+        print(f"{path}: ignored {int((~usable).sum())} rows without a positive seq_len and batch")
+    return df[usable]
 
 
 def _profile_families(study: Path) -> list[str]:

@@ -46,13 +46,32 @@ def load_torch(path: str | os.PathLike):
         raise FileRefused(f"{path}: unreadable ({first})") from None
 
 
+# what a Lightning checkpoint of train.py holds, by type (Lightning reads every one of them when resuming)
+_CHECKPOINT_KEYS = {"epoch": int, "global_step": int, "state_dict": dict, "loops": dict, "callbacks": dict,
+                    "optimizer_states": list, "lr_schedulers": list}
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """A Lightning checkpoint of train.py, loaded weights-only and checked for what resuming reads."""
     ckpt = load_torch(path)
-    step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(ckpt.get("state_dict"), dict):
-        raise FileRefused(f"{path}: refused, not a checkpoint of this training loop (no global_step and state_dict)")
+    wrong = [k for k, kind in _CHECKPOINT_KEYS.items()
+             if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), kind) or isinstance(ckpt.get(k), bool)]
+    if wrong or ckpt["global_step"] < 0:
+        raise FileRefused(f"{path}: refused, not a checkpoint of this training loop "
+                          f"({', '.join(wrong) or 'global_step'} missing or of the wrong type)")
     return ckpt
+
+
+def state_dict_mismatch(saved: dict, expected: dict) -> str | None:
+    """Why the weights `saved` cannot be loaded into a model whose state dict is `expected` (None: they can)."""
+    import torch
+    for name, tensor in expected.items():
+        got = saved.get(name)
+        if not isinstance(got, torch.Tensor) or got.shape != tensor.shape:
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else "missing"
+            return f"its weights are of another model ({name}: {shape}, this model: {tuple(tensor.shape)})"
+    extra = sorted(set(saved) - set(expected))
+    return f"its weights are of another model ({extra[0]} is not in this model)" if extra else None
 
 
 def load_weights(path: str | os.PathLike) -> dict:

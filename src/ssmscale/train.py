@@ -220,9 +220,13 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
             """metrics.csv is (re)written once training starts: a run refused before that leaves none."""
             rows = []
             if resume_step and self.path.exists():   # keep the steps the killed run logged up to its checkpoint
-                with open(self.path, newline="", errors="replace") as f:
-                    rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit()
-                            and int(r["step"]) <= resume_step and r.get("train_loss")]
+                try:
+                    with open(self.path, newline="", errors="replace") as f:
+                        rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit()
+                                and int(r["step"]) <= resume_step and r.get("train_loss")]
+                except csv.Error as exc:
+                    print(f"{self.path}: unreadable ({exc}); the steps before step {resume_step} are not kept",
+                          file=sys.stderr)
             self._f = open(self.path, "w", newline="")
             self._w = csv.DictWriter(self._f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
             self._w.writeheader()
@@ -292,7 +296,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     from .provenance import provenance
 
     from .fsutil import check_writable_dir
-    from .safeload import FileRefused, load_checkpoint
+    from .safeload import FileRefused, load_checkpoint, state_dict_mismatch
 
     out_dir = Path(out_dir)
     check_writable_dir(out_dir, "run directory")
@@ -307,13 +311,14 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     cost = flops_mod.flops_summary(model_cfg, t.seq_len)
 
     ckpt = out_dir / "checkpoints" / "last.ckpt"
-    resume_step = 0
+    resume_step, saved = 0, None
     if ckpt.exists():
         # weights-only: a checkpoint in a copied run directory must not run code. One that is refused
         # (cut short by a kill, or not a plain checkpoint) is deleted and the run starts over: batches are
         # a function of (seed, step), so that gives the same result, only later
         try:
-            resume_step = load_checkpoint(ckpt)["global_step"]
+            saved = load_checkpoint(ckpt)
+            resume_step = saved["global_step"]
         except FileRefused as exc:
             print(f"{exc}; starting the run over", file=sys.stderr)
             ckpt.unlink()
@@ -321,6 +326,11 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
 
     L = _lightning()
     module = build_module(model_cfg, t, n_steps, val, cfg.seed)
+    if saved is not None and (problem := state_dict_mismatch(saved["state_dict"], module.state_dict())):
+        print(f"{ckpt}: refused, {problem}; starting the run over", file=sys.stderr)
+        ckpt.unlink()
+        resume_step = 0
+    del saved
     callbacks = _callbacks(L, out_dir, t, tokens_per_step, resume_step)
     monitor = callbacks[0]
     if t.progress:

@@ -139,6 +139,9 @@ def load_runs(path: str | os.PathLike, columns: dict[str, str] | None = None) ->
         if col not in df.columns:
             raise UserError(f"--columns: {name}={col!r}: no column {col!r} in {csv} "
                             f"(columns: {', '.join(map(str, df.columns))})")
+        if name != col and name in df.columns and name not in columns.values():
+            raise UserError(f"--columns: {name}={col!r}: {csv} already has a column {name!r}; "
+                            f"map that one too or use the CSV's own {name!r}")
     df = df.rename(columns={col: name for name, col in columns.items()})
     for name in ("params", "loss"):
         if name not in df.columns:
