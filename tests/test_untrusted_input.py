@@ -13,6 +13,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -90,14 +91,11 @@ def _foreign(path: Path, marker: Path):
                 "loops": {}, "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}, path)
 
 
-@pytest.mark.parametrize("plant, said", [(_plant, "refused, not a plain weights file (Trying to load unsupported "
-                                                   "GLOBAL posix.system"),
-                                         (_foreign, "refused, its weights are of another model")])
-def test_a_planted_checkpoint_is_refused_in_one_line_and_the_run_starts_over(tmp_path, capsys, monkeypatch,
-                                                                             plant, said):
+def test_a_planted_checkpoint_is_refused_in_one_line_and_the_run_starts_over(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_dir, marker = tmp_path / "run", tmp_path / "PWNED"
-    plant(run_dir / "checkpoints" / "last.ckpt", marker)
+    _plant(run_dir / "checkpoints" / "last.ckpt", marker)
+    said = "refused, not a plain weights file (Trying to load unsupported GLOBAL posix.system"
     cfg = write(tmp_path / "run.yaml", run_raw())
     assert main(["train", str(cfg), "--out", str(run_dir)]) == 0
     assert not marker.exists()                                   # nothing in the pickle ran
@@ -122,6 +120,19 @@ def test_safe_loaders_refuse_code_and_foreign_files_without_running_anything(tmp
     assert safeload.load_weights(tmp_path / "weights.pt")["w"].sum() == 2
     with pytest.raises(safeload.FileRefused, match="not a checkpoint of this training loop"):
         safeload.load_checkpoint(tmp_path / "weights.pt")
+
+
+def test_a_checkpoint_of_another_model_is_told_apart_before_lightning_reads_it(tmp_path):
+    from ssmscale.models import LM, ModelConfig
+    _foreign(tmp_path / "last.ckpt", tmp_path / "unused")
+    saved = safeload.load_checkpoint(tmp_path / "last.ckpt")["state_dict"]
+    model = LM(ModelConfig(family="transformer", d_model=16, n_layer=1, head_dim=8))
+    expected = {f"model.{k}": v for k, v in model.state_dict().items()}
+    assert "its weights are of another model (model.embedding.weight: (3, 5)" in \
+        safeload.state_dict_mismatch(saved, expected)
+    assert safeload.state_dict_mismatch(expected, expected) is None
+    assert "model.extra is not in this model" in safeload.state_dict_mismatch(
+        {**expected, "model.extra": expected["model.embedding.weight"]}, expected)
 
 
 # ------------------------------------------------------------------------- 2. names are plain names
@@ -317,13 +328,18 @@ def test_result_json_holds_strict_json_with_null_for_nan(tmp_path):
     assert safeload.result_problem(res) is None            # a diverged run with a null loss has ended
 
 
-def test_a_train_command_on_a_malformed_result_says_so_and_trains(tmp_path, capsys):
+def test_a_train_command_on_a_malformed_result_says_so_and_trains(tmp_path, capsys, monkeypatch):
+    from ssmscale import train
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "result.json").write_text("[1]")
+    trained = []
+    monkeypatch.setattr(train, "run_training", lambda cfg, out: trained.append(out) or {
+        "status": "failed", "message": "stub", "family": "transformer", "d_model": 16, "n_layer": 1, "params": 1,
+        "tokens": 1, "flops": 1.0, "loss": math.nan, "bpb": math.nan, "tokens_per_s": 1.0, "wall_s": 0.0})
     cfg = write(tmp_path / "run.yaml", run_raw())
-    assert main(["train", str(cfg), "--out", str(tmp_path / "o")]) == 0
+    assert main(["train", str(cfg), "--out", str(tmp_path / "o")]) == 1
     assert "holds a JSON list, not an object; the run counts as unfinished" in capsys.readouterr().err
-    assert json.loads((tmp_path / "o" / "result.json").read_text())["status"] == "ok"
+    assert trained == [tmp_path / "o"]
 
 
 # ------------------------------------------------------------------------ 6. a strict schema
@@ -401,6 +417,18 @@ def test_a_column_mapping_onto_a_column_that_exists_is_one_line(tmp_path, capsys
     path = _csv(tmp_path, "params,tokens,loss,budget,x\n" + ROWS.replace("\n", ",1\n"))
     assert main(["fit", str(path), "--columns", "params=x", "--n-boot", "0", "--jobs", "1"]) == 2
     assert "--columns: params='x': " in one_error_line(capsys)
+
+
+def test_a_fit_that_runs_off_to_infinity_is_skipped_with_its_reason(tmp_path):
+    # found by the property test: Approach 3 on these runs ends at B = e^500, which math.exp cannot return
+    from ssmscale.fit import CHINCHILLA_GRID, fit_runs, load_runs
+    rows = ("1.366e16,4.843e17,2.4862 6.438e17,3.849e17,3.8811 1.888e16,1e7,1.5 4.615e17,6.818e17,3.8325 "
+            "5.332e17,7.765e17,2.2798 3.203e17,1e15,1.5 6.038e17,6.694e16,1.5 6.812e17,1.974e16,1.5 "
+            "7.759e17,3.245e17,1.5 1e5,1e7,4.1025 6.442e16,6.35e15,1.5 2.339e16,1e5,3.344")
+    path = _csv(tmp_path, "params,tokens,loss\n" + "\n".join(rows.split()) + "\n")
+    fit = fit_runs(load_runs(path), n_boot=4, n_jobs=1, progress=False,
+                   parametric_grid=np.asarray(CHINCHILLA_GRID)[::500])
+    assert fit["families"]["all"]["parametric"]["skipped"] == "numerical failure (OverflowError: math range error)"
 
 
 def test_a_truncated_results_csv_of_a_study_is_refused(tmp_path, capsys):

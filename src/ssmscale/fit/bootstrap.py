@@ -55,7 +55,7 @@ def _bootstrap_sample(families, warm, delta, seed_seq) -> dict:
                 sample[name][approach] = _fit_one(approach, runs, starts, delta)
             except Skip as exc:
                 sample[name][approach] = str(exc)
-            except (ValueError, np.linalg.LinAlgError, FloatingPointError) as exc:
+            except (ValueError, np.linalg.LinAlgError, ArithmeticError) as exc:
                 sample[name][approach] = f"numerical failure: {type(exc).__name__}"
     return sample
 

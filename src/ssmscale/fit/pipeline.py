@@ -73,6 +73,9 @@ def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
                 except Skip as exc:
                     point[name][approach] = {"skipped": str(exc), **exc.details}
                     continue
+                except ArithmeticError as exc:    # a fit that ran off to infinity on pathological runs
+                    point[name][approach] = {"skipped": f"numerical failure ({type(exc).__name__}: {exc})"}
+                    continue
                 point[name][approach] = r
                 warm[name][approach] = (distinct_minima(r["theta"], r["rows"], N_WARM_STARTS)
                                         if "theta" in r else None)
