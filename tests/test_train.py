@@ -11,6 +11,7 @@ import time
 import pytest
 import yaml
 
+from ssmscale import threads
 from ssmscale.config import RunConfig, TrainConfig, validate
 from ssmscale.models import LM, ModelConfig
 from ssmscale.train import lr_at, param_groups, plan_steps, run_training
@@ -58,9 +59,12 @@ def test_token_budget_becomes_whole_steps():
 
 
 @pytest.mark.parametrize("family", ["transformer", "mamba"])
-def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family):
+def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family, capsys, monkeypatch):
+    monkeypatch.setattr(threads, "available_cores", lambda: 8)
     cfg = tiny_config(tmp_path, family)
-    r = run_training(cfg, tmp_path / "run")
+    r = run_training(cfg, tmp_path / "run", parallel_jobs=2, max_cores=2)   # 2 of the 8 cores, 2 runs
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.endswith(f"threads: 1 (2 cores, 2 parallel runs; {threads.waiting()})"), header
     on_disk = json.loads((tmp_path / "run" / "result.json").read_text())
     assert on_disk["status"] == r["status"] == "ok"
     assert r["steps"] == 30 and r["tokens"] == 30 * 4 * 32
@@ -69,6 +73,8 @@ def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family):
     for key in ("params", "params_total", "seed", "config_hash", "data_fingerprint", "versions", "commit",
                 "device", "wall_s", "tokens_per_s", "family"):
         assert on_disk[key] not in (None, ""), key
+    assert (on_disk["threads"], on_disk["threads_reason"]) == (1, "2 cores, 2 parallel runs")
+    assert on_disk["thread_waiting"] == threads.waiting()
     rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("step,tokens,train_loss") and len(rows) == 1 + 30 + 1
 

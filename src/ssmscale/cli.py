@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .threads import configure_waiting
+    configure_waiting()      # before anything imports torch: libgomp reads it once, when it loads
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
@@ -195,7 +197,11 @@ def _profile_args(p):
     p.add_argument("--d-state", default="16", help="scan: state size N")
     p.add_argument("--modes", help="model: train,prefill,generate (default all); scan: fwd,fwdbwd (default both)")
     p.add_argument("--repeats", default="3", help="timed repeats per point (median reported)")
-    p.add_argument("--threads", help="torch threads in each measuring process (default: torch's)")
+    p.add_argument("--threads", help="torch threads in each measuring process (default: the thread policy, "
+                                     "the cores this process may use)")
+    p.add_argument("--compete", default="0", metavar="N",
+                   help="model: measure every point alone and again beside N CPU-bound competitor processes "
+                        "(busy loops), reporting the share of the alone tokens/s kept (default 0: alone only)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--ref-max-len", default="1024", help="scan: skip the slow reference beyond this length")
     p.add_argument("--timeout", default=None, help="seconds allowed per point (default: no limit)")
@@ -210,7 +216,21 @@ def _profile(args):
         raise UserError(f"{args.config}: a config file is only used with --op loop")
     if args.impls and args.op != "scan":
         raise UserError("--impls: only used with --op scan")
+    args.compete = _count(args.compete, "--compete")
+    if args.compete and args.op != "model":
+        raise UserError("--compete: only used with --op model")
     return {"scan": _profile_scan, "model": _profile_model, "loop": _profile_loop}[args.op](args)
+
+
+def _count(text, flag: str) -> int:
+    """A whole number >= 0 (e.g. --compete)."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag}: expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise UserError(f"{flag}: expected a whole number >= 0, got {text!r}")
+    return value
 
 
 def _seconds(text):
@@ -265,7 +285,7 @@ def _profile_model(args):
         batch=_positive_int(args.batch or "1", "--batch"), gen_tokens=_positive_int(args.gen_tokens, "--gen-tokens"),
         repeats=_positive_int(args.repeats, "--repeats"), device=args.device,
         threads=_positive_int(args.threads, "--threads") if args.threads else None,
-        timeout_s=_seconds(args.timeout), out=args.out, mem_limit_bytes=mem)
+        timeout_s=_seconds(args.timeout), out=args.out, mem_limit_bytes=mem, compete=args.compete)
     return 0 if all(r["status"] in ("ok", "oom") for r in rows) else 1
 
 
@@ -273,7 +293,12 @@ def _profile_loop(args):
     if not args.config:
         raise UserError("--op loop: give a run config, e.g. ssmscale profile --op loop configs/train_tiny.yaml")
     from .config import load_run_config
-    load_run_config(args.config, {"model.family": args.family} if args.family else None)  # errors first
+    cfg = load_run_config(args.config, {"model.family": args.family} if args.family else None)  # errors first
+    from . import threads
+    explicit = _positive_int(args.threads, "--threads") if args.threads else None
+    choice = threads.choose(explicit or cfg.train.num_threads,
+                            explicit_name="--threads" if explicit else "train.num_threads")
+    print(threads.apply(choice).describe(), flush=True)
     from .profile import loop_overhead
     r = loop_overhead(args.config, args.family, steps=_positive_int(args.steps, "--steps"))
     print(f"{r['family']} d_model {r['d_model']} x {r['n_layer']} layers, {r['tokens_per_step']} tokens/step, "

@@ -73,6 +73,8 @@ def _failed(status: str, error: str) -> dict:
 
 
 def _child_main():
+    from .threads import configure_waiting
+    configure_waiting()      # before torch is imported (see threads.py)
     spec, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     result = _measure(**spec)
     tmp = out.with_suffix(".tmp")

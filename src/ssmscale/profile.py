@@ -12,8 +12,15 @@ optimiser state and the inputs are allocated before the baseline and reported se
             (KV cache for the transformer, conv + SSM state for Mamba); tokens/s counts decoded tokens
             and the memory reported adds the cache itself to the step's peak.
 MFU = achieved model FLOP/s (flops.py: training = 3 x forward; decoding a token at context L
-attends L keys) over the peak: on CPU a 2048^3 fp32 matmul timed at the start of the run, on GPU the
-vendor's dense bf16 figure. A point that runs out of memory is recorded as status "oom".
+attends L keys) over the peak: on CPU the best rate of a 2048^3 fp32 matmul timed in this run, with the
+measuring processes' thread count, at its start and again at its end (the best of both: on a shared
+machine the quieter moment is the closer estimate of what the cores can do); on GPU the vendor's dense
+bf16 figure. A point that runs out of memory is recorded as status "oom".
+
+Contention (`compete`=N): every point is measured alone and then again while N CPU-bound competitors
+run (plain busy loops in their own processes, started before the measuring process and stopped after
+it); the row adds the competed tokens/s and its ratio to the alone figure. Threads follow threads.py
+(cores / 1 run, idle OpenMP threads sleep) unless given.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from pathlib import Path
 MODES = ("train", "prefill", "generate")
 CSV_COLUMNS = ["family", "mode", "seq_len", "batch", "d_model", "n_layer", "params", "tokens_per_s",
                "step_ms", "peak_mem_bytes", "state_bytes", "mfu", "flops_per_token", "status", "error",
-               "memory_method", "device", "scan_impl"]
+               "memory_method", "device", "scan_impl",
+               # added with the thread policy (issue #15); older CSVs lack them
+               "threads", "peak_flops", "competitors", "tokens_per_s_compete", "step_ms_compete", "compete_ratio"]
 
 # dense bf16 tensor-core peaks (FLOP/s), by substring of torch.cuda.get_device_name()
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -162,9 +171,11 @@ def state_bytes(family, d_model, n_layer, batch, max_len, vocab_size=256, head_d
 
 
 # -------------------------------------------------------------------------------- the parent side
-def measure_peak_flops(device: str = "cpu") -> tuple[float, str]:
-    """(peak FLOP/s, how it was obtained): a timed 2048^3 fp32 matmul on CPU, a table on GPU."""
+def measure_peak_flops(device: str = "cpu", threads: int | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, how it was obtained): a timed 2048^3 fp32 matmul on CPU (with `threads`), a table on GPU."""
     import torch
+    if threads:
+        torch.set_num_threads(threads)
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name()
         for key, peak in GPU_PEAKS.items():
@@ -213,12 +224,38 @@ def _flops_per_token(family, d_model, n_layer, mode, seq_len, head_dim):
     return flops.forward_flops_per_token(cfg, seq_len, causal=False)   # a new token attends all L keys
 
 
+class Competitors:
+    """`n` CPU-bound busy loops, each in its own Python process (not ssmscale), for a `with` block.
+    Only the processes started here are stopped, by their handles."""
+
+    CODE = "while True:\n    pass"
+
+    def __init__(self, n: int):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        import subprocess
+        self.procs = [subprocess.Popen([sys.executable, "-c", self.CODE], stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                      for _ in range(self.n)]
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+        self.procs = []
+        return False
+
+
 def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, repeats=3, device="cpu",
                    threads=None, timeout_s=None, head_dim=32, scan_impl="auto", progress=None,
-                   mem_limit_bytes=None):
-    """Measure every (family, mode, length) point; returns (rows, peak, peak_note)."""
+                   mem_limit_bytes=None, compete=0):
+    """Measure every (family, mode, length) point, alone and (compete > 0) beside `compete` busy
+    processes; returns (rows, peak, peak_note)."""
     from .memprobe import run_isolated
-    peak, peak_note = measure_peak_flops(device)
+    first = measure_peak_flops(device, threads)
     rows = []
     prep = {"train": "prepare_train", "prefill": "prepare_prefill", "generate": "prepare_generate"}
     for mode in modes:
@@ -232,9 +269,11 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                     kwargs["gen_tokens"] = gen_tokens
                 # long points are slow on a CPU: fewer repeats there (the median of what was run)
                 reps = repeats if L <= 4096 or device != "cpu" else 1
-                res = run_isolated(f"ssmscale.profile:{prep[mode]}", kwargs, repeats=reps,
-                                   warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s,
-                                   mem_limit_bytes=mem_limit_bytes)
+                def measure():
+                    return run_isolated(f"ssmscale.profile:{prep[mode]}", kwargs, repeats=reps,
+                                        warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s,
+                                        mem_limit_bytes=mem_limit_bytes)
+                res = measure()
                 fpt = _flops_per_token(fam, d, n, mode, L, head_dim)
                 tokens = batch * (gen_tokens if mode == "generate" else L)
                 ok = res["status"] == "ok"
@@ -244,12 +283,28 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                        "params": params, "tokens_per_s": tps, "step_ms": res["median_ms"],
                        "peak_mem_bytes": (res["peak_extra_bytes"] + cache) if ok else None,
                        "state_bytes": cache if mode == "generate" else None,
-                       "mfu": tps * fpt / peak if ok and peak == peak else float("nan"),
-                       "flops_per_token": fpt, "status": res["status"], "error": res.get("error"),
-                       "memory_method": res.get("memory_method"), "device": device, "scan_impl": impl}
+                       "mfu": float("nan"), "flops_per_token": fpt, "status": res["status"], "error": res.get("error"),
+                       "memory_method": res.get("memory_method"), "device": device, "scan_impl": impl,
+                       "threads": threads, "peak_flops": float("nan"), "competitors": compete,
+                       "tokens_per_s_compete": float("nan"), "step_ms_compete": None, "compete_ratio": float("nan")}
+                if ok and compete:
+                    with Competitors(compete):
+                        busy = measure()
+                    if busy["status"] == "ok":
+                        row.update(tokens_per_s_compete=tokens / (busy["median_ms"] / 1e3),
+                                   step_ms_compete=busy["median_ms"])
+                        row["compete_ratio"] = row["tokens_per_s_compete"] / tps
                 rows.append(row)
                 if progress:
                     progress(row)
+    last = measure_peak_flops(device, threads) if not device.startswith("cuda") else first
+    peak, peak_note = max(first, last)
+    if last is not first:
+        peak_note += f" (best of the run's start and end: {first[0] / 1e9:.0f} and {last[0] / 1e9:.0f} GFLOP/s)"
+    for row in rows:
+        row["peak_flops"] = peak
+        if row["status"] == "ok" and peak == peak:
+            row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak
     return rows, peak, peak_note
 
 
@@ -283,16 +338,23 @@ def growth_exponents(rows, min_len=1024) -> dict:
 
 
 def format_table(rows) -> str:
+    compete = max((r.get("competitors") or 0 for r in rows), default=0)
+    extra = f" {f'w/ {compete} busy':>10} {'kept':>6}" if compete else ""
     lines = [f"{'family':<11} {'mode':<8} {'L':>6} {'tokens/s':>10} {'step ms':>9} {'peak MiB':>9} "
-             f"{'MFU':>6}  status"]
+             f"{'MFU':>6}{extra}  status"]
     for r in rows:
         ok = r["status"] == "ok"
         tps = f"{r['tokens_per_s']:,.0f}" if ok else "-"
         ms = f"{r['step_ms']:.1f}" if ok else "-"
         mem = f"{r['peak_mem_bytes'] / 2**20:.1f}" if ok else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if ok and r["mfu"] == r["mfu"] else "-"
+        cells = ""
+        if compete:
+            busy, kept = r.get("tokens_per_s_compete"), r.get("compete_ratio")
+            cells = (f" {busy:>10,.0f} {100 * kept:>5.0f}%" if ok and busy == busy
+                     else f" {'-':>10} {'-':>6}")
         lines.append(f"{r['family']:<11} {r['mode']:<8} {r['seq_len']:>6} {tps:>10} {ms:>9} {mem:>9} "
-                     f"{mfu:>6}  {r['status']}")
+                     f"{mfu:>6}{cells}  {r['status']}")
     return "\n".join(lines)
 
 
@@ -343,23 +405,29 @@ def plot(rows, path: Path, title: str):
 
 def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer=None, batch=1,
                 gen_tokens=32, repeats=3, device="cpu", threads=None, timeout_s=None, out=None,
-                head_dim=32, scan_impl="auto", mem_limit_bytes=None) -> list[dict]:
+                head_dim=32, scan_impl="auto", mem_limit_bytes=None, compete=0) -> list[dict]:
     import pandas as pd
 
+    from . import threads as thread_policy
     from .fsutil import atomic_write_dataframe_csv, atomic_write_json
     from .provenance import provenance
     shapes = shapes_for(families, params, d_model, n_layer, head_dim)
     for fam, (d, n, p) in shapes.items():
         print(f"{fam}: d_model {d}, n_layer {n}, {p:,} non-embedding parameters", flush=True)
+    choice = thread_policy.choose(threads, explicit_name="--threads")
+    print(f"{choice.describe()}" + (f"; each point alone, then beside {compete} CPU-bound competitor"
+                                     f"{'s' if compete != 1 else ''}" if compete else ""), flush=True)
 
     def progress(r):
         took = f"{r['tokens_per_s']:,.0f} tokens/s" if r["status"] == "ok" else f"{r['status']}: {r['error']}"
+        if r["tokens_per_s_compete"] == r["tokens_per_s_compete"]:
+            took += f", {r['tokens_per_s_compete']:,.0f} beside {compete} busy ({100 * r['compete_ratio']:.0f}%)"
         print(f"  {r['family']:>11} {r['mode']:<8} L={r['seq_len']:<6} {took}", file=sys.stderr, flush=True)
 
     rows, peak, note = profile_models(families, shapes, seq_lens, modes, batch=batch, gen_tokens=gen_tokens,
-                                      repeats=repeats, device=device, threads=threads, timeout_s=timeout_s,
+                                      repeats=repeats, device=device, threads=choice.threads, timeout_s=timeout_s,
                                       head_dim=head_dim, scan_impl=scan_impl, progress=progress,
-                                      mem_limit_bytes=mem_limit_bytes)
+                                      mem_limit_bytes=mem_limit_bytes, compete=compete)
     print(f"peak for MFU: {note}")
     print(format_table(rows))
     growth = growth_exponents(rows)
@@ -371,6 +439,8 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
         atomic_write_dataframe_csv(out / "profile.csv", pd.DataFrame(rows, columns=CSV_COLUMNS))
         atomic_write_json(out / "profile.json", {"peak_flops": peak, "peak_note": note, "growth": growth,
                                                  "shapes": shapes, "batch": batch, "gen_tokens": gen_tokens,
+                                                 "threads": choice.threads, "threads_reason": choice.reason,
+                                                 "thread_waiting": thread_policy.waiting(), "competitors": compete,
                                                  **provenance(device)})
         plot(rows, out / "profile.png",
              f"{' vs '.join(f'{f} {shapes[f][2] / 1e6:.1f}M' for f in families)} params, batch {batch}, "
