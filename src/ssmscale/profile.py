@@ -17,10 +17,10 @@ measuring processes' thread count, at its start and again at its end (the best o
 machine the quieter moment is the closer estimate of what the cores can do); on GPU the vendor's dense
 bf16 figure. A point that runs out of memory is recorded as status "oom".
 
-Contention (`compete`=N): every point is measured alone and then again while N CPU-bound competitors
-run (plain busy loops in their own processes, started before the measuring process and stopped after
-it); the row adds the competed tokens/s and its ratio to the alone figure. Threads follow threads.py
-(cores / 1 run, idle OpenMP threads sleep) unless given.
+Contention (`compete`=N): each timed step is followed by one timed while N CPU-bound competitors run
+(plain busy loops in their own processes, paused in between; memprobe.Competitors), so the alone and
+contended steps interleave; the row adds the contended tokens/s and its ratio to the alone figure.
+Threads follow threads.py (the cores / 1 run; idle OpenMP threads sleep) unless given.
 """
 
 from __future__ import annotations
@@ -224,36 +224,11 @@ def _flops_per_token(family, d_model, n_layer, mode, seq_len, head_dim):
     return flops.forward_flops_per_token(cfg, seq_len, causal=False)   # a new token attends all L keys
 
 
-class Competitors:
-    """`n` CPU-bound busy loops, each in its own Python process (not ssmscale), for a `with` block.
-    Only the processes started here are stopped, by their handles."""
-
-    CODE = "while True:\n    pass"
-
-    def __init__(self, n: int):
-        self.n, self.procs = n, []
-
-    def __enter__(self):
-        import subprocess
-        self.procs = [subprocess.Popen([sys.executable, "-c", self.CODE], stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                      for _ in range(self.n)]
-        return self
-
-    def __exit__(self, *exc):
-        for p in self.procs:
-            p.kill()
-        for p in self.procs:
-            p.wait()
-        self.procs = []
-        return False
-
-
 def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, repeats=3, device="cpu",
                    threads=None, timeout_s=None, head_dim=32, scan_impl="auto", progress=None,
                    mem_limit_bytes=None, compete=0):
-    """Measure every (family, mode, length) point, alone and (compete > 0) beside `compete` busy
-    processes; returns (rows, peak, peak_note)."""
+    """Measure every (family, mode, length) point, alone and (compete > 0) interleaved with steps beside
+    `compete` busy processes; returns (rows, peak, peak_note)."""
     from .memprobe import run_isolated
     first = measure_peak_flops(device, threads)
     rows = []
@@ -269,11 +244,9 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                     kwargs["gen_tokens"] = gen_tokens
                 # long points are slow on a CPU: fewer repeats there (the median of what was run)
                 reps = repeats if L <= 4096 or device != "cpu" else 1
-                def measure():
-                    return run_isolated(f"ssmscale.profile:{prep[mode]}", kwargs, repeats=reps,
-                                        warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s,
-                                        mem_limit_bytes=mem_limit_bytes)
-                res = measure()
+                res = run_isolated(f"ssmscale.profile:{prep[mode]}", kwargs, repeats=reps,
+                                   warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s,
+                                   mem_limit_bytes=mem_limit_bytes, compete=compete)
                 fpt = _flops_per_token(fam, d, n, mode, L, head_dim)
                 tokens = batch * (gen_tokens if mode == "generate" else L)
                 ok = res["status"] == "ok"
@@ -288,12 +261,9 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                        "threads": threads, "peak_flops": float("nan"), "competitors": compete,
                        "tokens_per_s_compete": float("nan"), "step_ms_compete": None, "compete_ratio": float("nan")}
                 if ok and compete:
-                    with Competitors(compete):
-                        busy = measure()
-                    if busy["status"] == "ok":
-                        row.update(tokens_per_s_compete=tokens / (busy["median_ms"] / 1e3),
-                                   step_ms_compete=busy["median_ms"])
-                        row["compete_ratio"] = row["tokens_per_s_compete"] / tps
+                    row.update(tokens_per_s_compete=tokens / (res["median_compete_ms"] / 1e3),
+                               step_ms_compete=res["median_compete_ms"])
+                    row["compete_ratio"] = row["tokens_per_s_compete"] / tps
                 rows.append(row)
                 if progress:
                     progress(row)
@@ -415,7 +385,7 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
     for fam, (d, n, p) in shapes.items():
         print(f"{fam}: d_model {d}, n_layer {n}, {p:,} non-embedding parameters", flush=True)
     choice = thread_policy.choose(threads, explicit_name="--threads")
-    print(f"{choice.describe()}" + (f"; each point alone, then beside {compete} CPU-bound competitor"
+    print(f"{choice.describe()}" + (f"; each timed step alone, then one beside {compete} CPU-bound competitor"
                                      f"{'s' if compete != 1 else ''}" if compete else ""), flush=True)
 
     def progress(r):
