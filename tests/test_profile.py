@@ -102,3 +102,9 @@ def test_a_bad_compete_value_exits_2_with_one_line_naming_it(args, capsys):
     assert main(["profile", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--compete" in err[0]
+
+
+def test_a_width_that_is_not_a_multiple_of_the_head_dimension_exits_2_naming_it(capsys):
+    assert main(["profile", "--d-model", "96", "--n-layer", "2", "--head-dim", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--head-dim" in err[0] and "96" in err[0]

@@ -9,12 +9,13 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from ssmscale import threads
 from ssmscale.config import RunConfig, TrainConfig, validate
 from ssmscale.models import LM, ModelConfig
-from ssmscale.train import lr_at, param_groups, plan_steps, run_training
+from ssmscale.train import lr_at, make_optimizer, param_groups, plan_steps, run_training
 
 
 def tiny_config(tmp_path, family="transformer", **train):
@@ -50,6 +51,28 @@ def test_weight_decay_only_on_weight_matrices():
     dt_bias = model.blocks[0].mixer.dt_proj.bias
     assert any(p is dt_bias for p in no_decay["params"])
     assert any(p is model.blocks[0].mixer.in_proj.weight for p in decay["params"])
+
+
+def test_the_fused_optimizer_step_matches_the_per_tensor_adamw_loop_with_the_same_groups():
+    a, b = (LM(ModelConfig(family="mamba", d_model=32, n_layer=2)) for _ in range(2))
+    b.load_state_dict(a.state_dict())
+    t = TrainConfig(tokens=1000, lr=3e-3, weight_decay=0.1)
+    fused = make_optimizer(a, t)
+    loop = torch.optim.AdamW(param_groups(b, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, foreach=False)
+    assert [g["weight_decay"] for g in fused.param_groups] == [0.1, 0.0] and fused.defaults["fused"]
+    for ga, gb in zip(fused.param_groups, loop.param_groups):
+        assert [p.shape for p in ga["params"]] == [p.shape for p in gb["params"]]
+    start = [p.detach().clone() for p in a.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pa.grad = torch.randn(pa.shape, generator=gen) * 0.01
+            pb.grad = pa.grad.clone()
+        fused.step()
+        loop.step()
+    for p0, pa, pb in zip(start, a.parameters(), b.parameters()):
+        assert not torch.equal(pa, p0)
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
 def test_token_budget_becomes_whole_steps():

@@ -184,6 +184,8 @@ def _profile_args(p):
     p.add_argument("--params", help="model: target non-embedding parameters of a matched pair (default 1e7)")
     p.add_argument("--d-model", help="model: explicit width (with --n-layer) instead of --params")
     p.add_argument("--n-layer", help="model: explicit depth (with --d-model)")
+    p.add_argument("--head-dim", default="32", help="model: transformer head dimension (default 32; "
+                                                    "nanoGPT-style models use 64)")
     p.add_argument("--gen-tokens", default="32", help="model: tokens decoded per generation measurement")
     p.add_argument("--mem-limit-gb", help="model: cap on the memory a point may add (beyond it: oom)")
     p.add_argument("--family", help="loop: the family to time (default: the config's)")
@@ -278,14 +280,22 @@ def _profile_model(args):
             mem = int(float(args.mem_limit_gb) * 2**30)
         except ValueError:
             raise UserError(f"--mem-limit-gb: expected a number, got {args.mem_limit_gb!r}") from None
+    d_model = _positive_int(args.d_model, "--d-model") if args.d_model else None
+    n_layer = _positive_int(args.n_layer, "--n-layer") if args.n_layer else None
+    head_dim = _positive_int(args.head_dim, "--head-dim")
+    from .profile import shapes_for
+    try:
+        shapes_for(families, params, d_model, n_layer, head_dim)
+    except ValueError as exc:
+        raise UserError(f"--head-dim: {exc}") from None
     rows = run_profile(
         families, _positive_ints(args.seq_lens or "256,512,1024,2048,4096,8192,16384", "--seq-lens"), modes,
-        params=params, d_model=_positive_int(args.d_model, "--d-model") if args.d_model else None,
-        n_layer=_positive_int(args.n_layer, "--n-layer") if args.n_layer else None,
+        params=params, d_model=d_model, n_layer=n_layer,
         batch=_positive_int(args.batch or "1", "--batch"), gen_tokens=_positive_int(args.gen_tokens, "--gen-tokens"),
         repeats=_positive_int(args.repeats, "--repeats"), device=args.device,
         threads=_positive_int(args.threads, "--threads") if args.threads else None,
-        timeout_s=_seconds(args.timeout), out=args.out, mem_limit_bytes=mem, compete=args.compete)
+        timeout_s=_seconds(args.timeout), out=args.out, mem_limit_bytes=mem, compete=args.compete,
+        head_dim=head_dim)
     return 0 if all(r["status"] in ("ok", "oom") for r in rows) else 1
 
 

@@ -58,8 +58,10 @@ def prepare_train(family, d_model, n_layer, seq_len, batch, vocab_size=256, head
     """One training step (forward, backward, AdamW) on random tokens; optimiser state exists already."""
     import torch
     import torch.nn.functional as F
+    from .config import TrainConfig
+    from .train import make_optimizer
     model, _ = _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model, TrainConfig(lr=1e-4))      # the training loop's optimiser
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _Null()
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -440,7 +442,7 @@ def loop_overhead(config_path: str, family: str | None = None, steps: int = 60, 
     def bare() -> list[float]:
         torch.manual_seed(cfg.seed)
         model = LM(model_cfg)
-        opt = torch.optim.AdamW(T.param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps)
+        opt = T.make_optimizer(model, t)
         warm = int(t.warmup_fraction * n_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: T.lr_at(s, n_steps, warm, t.lr, t.final_lr) / t.lr)
         times = []

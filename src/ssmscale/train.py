@@ -72,6 +72,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, fused (one pass over each tensor) on the CPU as on the GPU: on CPU the
+    default is a per-tensor loop of ~6 elementwise ops, 2-3x slower at the 10M profile size; the fused
+    step agrees with it to fp32 rounding (tests/test_train.py)."""
+    return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr, betas=train.betas,
+                             eps=train.eps, fused=True)
+
+
 def resolve_device(train: TrainConfig) -> tuple[str, str]:
     """(accelerator, precision) after resolving 'auto'."""
     accel = train.accelerator
@@ -171,9 +179,7 @@ def build_module(model_cfg: ModelConfig, train: TrainConfig, n_steps: int, val, 
 
         def configure_optimizers(self):
             t = self.train_cfg
-            fused = {"fused": True} if torch.cuda.is_available() and t.accelerator != "cpu" else {}
-            opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr, betas=t.betas,
-                                    eps=t.eps, **fused)
+            opt = make_optimizer(self.model, t)
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s: lr_at(s, self.n_steps, self.warmup_steps, t.lr, t.final_lr) / t.lr)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
