@@ -94,8 +94,11 @@ class Competitors:
         self.n, self.procs = n, []
 
     def __enter__(self):
+        # each in a session of its own, like a job started from another shell: where the kernel groups
+        # CPU time by session (sched_autogroup), a competitor then takes its share from the machine,
+        # not from the measured process's session
         self.procs = [subprocess.Popen([sys.executable, "-c", self.CODE], stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
                       for _ in range(self.n)]
         for p in self.procs:       # each has armed its death signal before it can be paused
             p.stdout.readline()
