@@ -46,10 +46,13 @@ def test_an_unknown_function_is_an_error_not_a_crash():
     assert res["status"] == "error" and "nope" in res["error"]
 
 
-def test_with_competitors_every_repeat_is_also_timed_beside_them():
-    res = run_isolated("memprobe_targets:touch", {"mib": 1}, repeats=3, compete=1, env=ENV)
+def test_with_competitors_every_repeat_is_also_timed_beside_them_and_next_to_a_matmul():
+    res = run_isolated("memprobe_targets:touch", {"mib": 1}, repeats=3, compete=1, matmul_peak=True, env=ENV)
     assert res["status"] == "ok"
     assert len(res["times_compete_ms"]) == len(res["times_ms"]) == 3 and res["median_compete_ms"] > 0
+    assert res["peak_flops"] > 1e8                  # any CPU multiplies faster than 0.1 GFLOP/s
+    plain = run_isolated("memprobe_targets:touch", {"mib": 1}, repeats=1, env=ENV)
+    assert plain["times_compete_ms"] == [] and plain["peak_flops"] is None
 
 
 def _state(pid):

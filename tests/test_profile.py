@@ -72,16 +72,15 @@ def test_params_give_a_matched_pair():
 
 
 def test_compete_measures_each_point_alone_and_beside_busy_processes(tmp_path, capsys, monkeypatch):
-    """The wiring, with the measurement faked: 10 ms alone, 25 ms beside the competitors; the peak is
-    the best of the run's start (1 GFLOP/s) and end (2 GFLOP/s)."""
+    """The wiring, with the measurement faked: 10 ms alone, 25 ms beside the competitors, the matmul
+    beside the steps at 2 GFLOP/s (alone at the run's start: 1 GFLOP/s)."""
     def fake_run_isolated(func_path, kwargs, **kw):
-        assert kw["threads"] == 1 and kw["compete"] == 2
-        return {"status": "ok", "median_ms": 10.0, "median_compete_ms": 25.0, "peak_extra_bytes": 1000,
-                "memory_method": "VmHWM"}
+        assert kw["threads"] == 1 and kw["compete"] == 2 and kw["matmul_peak"]
+        return {"status": "ok", "median_ms": 10.0, "median_compete_ms": 25.0, "peak_flops": 2e9,
+                "peak_extra_bytes": 1000, "memory_method": "VmHWM"}
 
-    peaks = iter([(1e9, "start"), (2e9, "end")])
     monkeypatch.setattr(memprobe, "run_isolated", fake_run_isolated)
-    monkeypatch.setattr(profile, "measure_peak_flops", lambda device, threads: next(peaks))
+    monkeypatch.setattr(profile, "measure_peak_flops", lambda device, threads: (1e9, "alone"))
     run_profile(["transformer"], [32], ["train"], d_model=32, n_layer=1, head_dim=16, repeats=1, threads=1,
                 compete=2, out=tmp_path)
     r = pd.read_csv(tmp_path / "profile.csv").iloc[0]
@@ -90,7 +89,7 @@ def test_compete_measures_each_point_alone_and_beside_busy_processes(tmp_path, c
     assert r.compete_ratio == pytest.approx(0.4) and r.step_ms_compete == 25.0
     assert r.peak_flops == 2e9 and r.mfu == pytest.approx(r.tokens_per_s * r.flops_per_token / 2e9)
     meta = json.loads((tmp_path / "profile.json").read_text())
-    assert meta["peak_flops"] == 2e9 and "1 and 2 GFLOP/s" in meta["peak_note"]
+    assert meta["peak_flops"] == 1e9 and "after each timed step" in meta["peak_note"]
     assert (meta["threads"], meta["threads_reason"], meta["competitors"]) == (1, "--threads", 2)
     out = capsys.readouterr().out
     assert "w/ 2 busy" in out and "40%" in out and "beside 2 CPU-bound competitors" in out

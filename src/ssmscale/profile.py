@@ -12,10 +12,10 @@ optimiser state and the inputs are allocated before the baseline and reported se
             (KV cache for the transformer, conv + SSM state for Mamba); tokens/s counts decoded tokens
             and the memory reported adds the cache itself to the step's peak.
 MFU = achieved model FLOP/s (flops.py: training = 3 x forward; decoding a token at context L
-attends L keys) over the peak: on CPU the best rate of a 2048^3 fp32 matmul timed in this run, with the
-measuring processes' thread count, at its start and again at its end (the best of both: on a shared
-machine the quieter moment is the closer estimate of what the cores can do); on GPU the vendor's dense
-bf16 figure. A point that runs out of memory is recorded as status "oom".
+attends L keys) over the peak: on CPU the median rate of a 2048^3 fp32 matmul timed in the measuring
+process right after each of its timed steps (same threads, same moments: on a shared machine whose load
+drifts, a peak timed at another moment would make the ratio meaningless; the run's header also times
+it once alone), on GPU the vendor's dense bf16 figure. A point that runs out of memory is "oom".
 
 Contention (`compete`=N): each timed step is followed by one timed while N CPU-bound competitors run
 (plain busy loops in their own processes, paused in between; memprobe.Competitors), so the alone and
@@ -184,16 +184,10 @@ def measure_peak_flops(device: str = "cpu", threads: int | None = None) -> tuple
             if key in name:
                 return peak, f"{name}: dense bf16 peak {peak / 1e12:.0f} TFLOP/s (vendor table)"
         return float("nan"), f"{name}: no peak in the table (MFU not reported)"
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    peak = 2 * n ** 3 / min(times)
-    return peak, f"fp32 {n}^3 matmul, best of 5: {peak / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)"
+    from .memprobe import MatmulClock
+    clock = MatmulClock(2048)
+    peak = max(clock.rate() for _ in range(5))
+    return peak, f"fp32 2048^3 matmul, best of 5: {peak / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)"
 
 
 def shapes_for(families, params=None, d_model=None, n_layer=None, head_dim=32):
@@ -232,7 +226,11 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
     """Measure every (family, mode, length) point, alone and (compete > 0) interleaved with steps beside
     `compete` busy processes; returns (rows, peak, peak_note)."""
     from .memprobe import run_isolated
-    first = measure_peak_flops(device, threads)
+    peak, peak_note = measure_peak_flops(device, threads)
+    cpu = not device.startswith("cuda")
+    if cpu:
+        peak_note = (f"fp32 2048^3 matmul timed after each timed step in the measuring process (median; "
+                     f"column peak_flops); alone at the run's start: {peak_note}")
     rows = []
     prep = {"train": "prepare_train", "prefill": "prepare_prefill", "generate": "prepare_generate"}
     for mode in modes:
@@ -248,7 +246,7 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                 reps = repeats if L <= 4096 or device != "cpu" else 1
                 res = run_isolated(f"ssmscale.profile:{prep[mode]}", kwargs, repeats=reps,
                                    warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s,
-                                   mem_limit_bytes=mem_limit_bytes, compete=compete)
+                                   mem_limit_bytes=mem_limit_bytes, compete=compete, matmul_peak=cpu)
                 fpt = _flops_per_token(fam, d, n, mode, L, head_dim)
                 tokens = batch * (gen_tokens if mode == "generate" else L)
                 ok = res["status"] == "ok"
@@ -260,8 +258,10 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                        "state_bytes": cache if mode == "generate" else None,
                        "mfu": float("nan"), "flops_per_token": fpt, "status": res["status"], "error": res.get("error"),
                        "memory_method": res.get("memory_method"), "device": device, "scan_impl": impl,
-                       "threads": threads, "peak_flops": float("nan"), "competitors": compete,
+                       "threads": threads, "peak_flops": res.get("peak_flops") or peak, "competitors": compete,
                        "tokens_per_s_compete": float("nan"), "step_ms_compete": None, "compete_ratio": float("nan")}
+                if ok and row["peak_flops"] == row["peak_flops"]:
+                    row["mfu"] = tps * fpt / row["peak_flops"]
                 if ok and compete:
                     row.update(tokens_per_s_compete=tokens / (res["median_compete_ms"] / 1e3),
                                step_ms_compete=res["median_compete_ms"])
@@ -269,14 +269,6 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                 rows.append(row)
                 if progress:
                     progress(row)
-    last = measure_peak_flops(device, threads) if not device.startswith("cuda") else first
-    peak, peak_note = max(first, last)
-    if last is not first:
-        peak_note += f" (best of the run's start and end: {first[0] / 1e9:.0f} and {last[0] / 1e9:.0f} GFLOP/s)"
-    for row in rows:
-        row["peak_flops"] = peak
-        if row["status"] == "ok" and peak == peak:
-            row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak
     return rows, peak, peak_note
 
 
