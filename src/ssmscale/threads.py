@@ -17,8 +17,8 @@ Two things made a run collapse beside other work (issue #15; 2 cores, both measu
 The load of other processes is deliberately not sampled: the thread count fixes the order of the
 fp32 reductions, so a count that followed a momentary load sample would make a run's numbers depend
 on its neighbours; a sample taken at start is also wrong for most of a run that lasts minutes; and
-with sleeping waits an oversubscribed count costs little (measured: 2 threads within a few percent
-of 1 on a loaded 2-core machine, where spinning 2 threads lost 4-10x).
+with sleeping waits an oversubscribed count costs little next to spinning (measured on 2 cores under
+a load of 8-14: 2 sleeping threads 4-30% slower than 1 thread, 2 spinning threads 4-10x slower).
 
 Thread count and numbers: same config, seed and thread count give bit-identical results on CPU.
 A different thread count can change the last bits (matmul and scan reductions are split
