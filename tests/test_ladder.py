@@ -12,10 +12,11 @@ import pytest
 import yaml
 
 from ssmscale.cli import main
-from ssmscale.config import LadderConfig, validate
+from ssmscale.config import LadderConfig, config_hash, validate
 from ssmscale.errors import UserError
 from ssmscale.flops import train_flops_per_token
-from ssmscale.ladder import StudyLock, plan, run_ladder
+from ssmscale.ladder import StudyLock, plan, run_config, run_ladder, thread_share
+from ssmscale.threads import available_cores
 
 
 def micro(tmp_path, **over):
@@ -159,6 +160,35 @@ def test_submitit_local_executor_trains_the_same_runs(tmp_path):
     assert (study / "submitit").is_dir()
     local = json.loads((study / "runs" / df.run_id[0] / "result.json").read_text())
     assert local["tokens"] > 0 and local["budget"] == 2.0e9
+    # two runs at once share this machine's cores (threads.py)
+    assert local["threads"] == max(1, available_cores() // 2) and "2 parallel runs" in local["threads_reason"]
+
+
+def test_thread_share_divides_a_local_pool_and_caps_a_slurm_job(tmp_path):
+    cfg = validate(LadderConfig, micro(tmp_path, submitit={"parallelism": 3, "cpus_per_task": 4}), "test")
+    assert thread_share(cfg, "local") == (3, None)
+    assert thread_share(cfg, "slurm") == (1, 4)
+    assert thread_share(cfg, "inprocess") == (1, None)
+
+
+def test_resuming_a_study_with_another_thread_count_retrains_nothing(tmp_path):
+    raw = micro(tmp_path, budgets=[2.0e9], sizes=[6.0e3])
+    raw["train"] = {**raw["train"], "num_threads": 1}
+    study = tmp_path / "study"
+    run_ladder(str(write_cfg(tmp_path, raw)), out=str(study), progress=False)
+    before = {p.parent.name: p.stat().st_mtime_ns for p in study.glob("runs/*/result.json")}
+    assert len(before) == 2
+    raw["train"]["num_threads"] = 2
+    run_ladder(str(write_cfg(tmp_path, raw, "more_threads.yaml")), out=str(study), progress=False)
+    assert {p.parent.name: p.stat().st_mtime_ns for p in study.glob("runs/*/result.json")} == before
+    df = _results(study)
+    assert len(df) == 2 and set(df.threads) == {1}
+    # the run's identity does not include how many threads trained it
+    run = next(r for r in plan(validate(LadderConfig, raw, "test")) if not r.skip)
+    cfg = validate(LadderConfig, raw, "test")
+    one, two = (run_config(cfg.model_copy(update={"train": cfg.train.model_copy(update={"num_threads": n})}), run)
+                for n in (1, None))
+    assert config_hash(one) == config_hash(two) == df.config_hash[df.run_id == run.run_id].iloc[0]
 
 
 def test_learning_rate_tuned_at_one_budget_is_used_at_the_others(tmp_path, capsys):

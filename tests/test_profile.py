@@ -1,13 +1,16 @@
 """The model profiler: every mode measures, a point that does not fit is 'oom', exponents are slopes."""
 
+import json
 import math
 
 import pandas as pd
 import pytest
 import torch
 
+from ssmscale import memprobe, profile
+from ssmscale.cli import main
 from ssmscale.models import LM, ModelConfig
-from ssmscale.profile import (growth_exponents, prepare_generate, run_profile, shapes_for, state_bytes)
+from ssmscale.profile import growth_exponents, prepare_generate, run_profile, shapes_for, state_bytes
 
 
 def test_profile_writes_csv_json_and_plot_for_both_families_and_all_modes(tmp_path):
@@ -66,3 +69,41 @@ def test_params_give_a_matched_pair():
     shapes = shapes_for(["transformer", "mamba"], params=1e6)
     (_, nt, pt), (_, nm, pm) = shapes["transformer"], shapes["mamba"]
     assert nm == 2 * nt and abs(pm / pt - 1) < 0.1
+
+
+def test_compete_measures_each_point_alone_and_beside_busy_processes(tmp_path, capsys, monkeypatch):
+    """The wiring, with the measurement faked: 10 ms alone, 25 ms beside the competitors, the matmul
+    beside the steps at 2 GFLOP/s (alone at the run's start: 1 GFLOP/s)."""
+    def fake_run_isolated(func_path, kwargs, **kw):
+        assert kw["threads"] == 1 and kw["compete"] == 2 and kw["matmul_peak"]
+        return {"status": "ok", "median_ms": 10.0, "median_compete_ms": 25.0, "peak_flops": 2e9,
+                "peak_extra_bytes": 1000, "memory_method": "VmHWM"}
+
+    monkeypatch.setattr(memprobe, "run_isolated", fake_run_isolated)
+    monkeypatch.setattr(profile, "measure_peak_flops", lambda device, threads: (1e9, "alone"))
+    run_profile(["transformer"], [32], ["train"], d_model=32, n_layer=1, head_dim=16, repeats=1, threads=1,
+                compete=2, out=tmp_path)
+    r = pd.read_csv(tmp_path / "profile.csv").iloc[0]
+    assert r.status == "ok" and r.competitors == 2 and r.threads == 1
+    assert r.tokens_per_s == pytest.approx(32 / 0.010) and r.tokens_per_s_compete == pytest.approx(32 / 0.025)
+    assert r.compete_ratio == pytest.approx(0.4) and r.step_ms_compete == 25.0
+    assert r.peak_flops == 2e9 and r.mfu == pytest.approx(r.tokens_per_s * r.flops_per_token / 2e9)
+    meta = json.loads((tmp_path / "profile.json").read_text())
+    assert meta["peak_flops"] == 1e9 and "after each timed step" in meta["peak_note"]
+    assert (meta["threads"], meta["threads_reason"], meta["competitors"]) == (1, "--threads", 2)
+    out = capsys.readouterr().out
+    assert "w/ 2 busy" in out and "40%" in out and "beside 2 CPU-bound competitors" in out
+
+
+@pytest.mark.parametrize("args", [["--compete", "x"], ["--compete", "-1"], ["--compete", "1.5"],
+                                  ["--op", "scan", "--compete", "1"]])
+def test_a_bad_compete_value_exits_2_with_one_line_naming_it(args, capsys):
+    assert main(["profile", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compete" in err[0]
+
+
+def test_a_width_that_is_not_a_multiple_of_the_head_dimension_exits_2_naming_it(capsys):
+    assert main(["profile", "--d-model", "96", "--n-layer", "2", "--head-dim", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--head-dim" in err[0] and "96" in err[0]

@@ -9,11 +9,13 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
+from ssmscale import threads
 from ssmscale.config import RunConfig, TrainConfig, validate
 from ssmscale.models import LM, ModelConfig
-from ssmscale.train import lr_at, param_groups, plan_steps, run_training
+from ssmscale.train import lr_at, make_optimizer, param_groups, plan_steps, run_training
 
 
 def tiny_config(tmp_path, family="transformer", **train):
@@ -51,6 +53,28 @@ def test_weight_decay_only_on_weight_matrices():
     assert any(p is model.blocks[0].mixer.in_proj.weight for p in decay["params"])
 
 
+def test_the_fused_optimizer_step_matches_the_per_tensor_adamw_loop_with_the_same_groups():
+    a, b = (LM(ModelConfig(family="mamba", d_model=32, n_layer=2)) for _ in range(2))
+    b.load_state_dict(a.state_dict())
+    t = TrainConfig(tokens=1000, lr=3e-3, weight_decay=0.1)
+    fused = make_optimizer(a, t)
+    loop = torch.optim.AdamW(param_groups(b, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps, foreach=False)
+    assert [g["weight_decay"] for g in fused.param_groups] == [0.1, 0.0] and fused.defaults["fused"]
+    for ga, gb in zip(fused.param_groups, loop.param_groups):
+        assert [p.shape for p in ga["params"]] == [p.shape for p in gb["params"]]
+    start = [p.detach().clone() for p in a.parameters()]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pa.grad = torch.randn(pa.shape, generator=gen) * 0.01
+            pb.grad = pa.grad.clone()
+        fused.step()
+        loop.step()
+    for p0, pa, pb in zip(start, a.parameters(), b.parameters()):
+        assert not torch.equal(pa, p0)
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
 def test_token_budget_becomes_whole_steps():
     t = TrainConfig(seq_len=64, batch_size=8, tokens=10_000)
     steps, per_step = plan_steps(t)
@@ -58,9 +82,12 @@ def test_token_budget_becomes_whole_steps():
 
 
 @pytest.mark.parametrize("family", ["transformer", "mamba"])
-def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family):
+def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family, capsys, monkeypatch):
+    monkeypatch.setattr(threads, "available_cores", lambda: 8)
     cfg = tiny_config(tmp_path, family)
-    r = run_training(cfg, tmp_path / "run")
+    r = run_training(cfg, tmp_path / "run", parallel_jobs=2, max_cores=2)   # 2 of the 8 cores, 2 runs
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.endswith(f"threads: 1 (2 cores, 2 parallel runs; {threads.waiting()})"), header
     on_disk = json.loads((tmp_path / "run" / "result.json").read_text())
     assert on_disk["status"] == r["status"] == "ok"
     assert r["steps"] == 30 and r["tokens"] == 30 * 4 * 32
@@ -69,6 +96,8 @@ def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family):
     for key in ("params", "params_total", "seed", "config_hash", "data_fingerprint", "versions", "commit",
                 "device", "wall_s", "tokens_per_s", "family"):
         assert on_disk[key] not in (None, ""), key
+    assert (on_disk["threads"], on_disk["threads_reason"]) == (1, "2 cores, 2 parallel runs")
+    assert on_disk["thread_waiting"] == threads.waiting()
     rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("step,tokens,train_loss") and len(rows) == 1 + 30 + 1
 

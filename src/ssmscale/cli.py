@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .threads import configure_waiting
+    configure_waiting()      # before anything imports torch: libgomp reads it once, when it loads
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
@@ -188,6 +190,8 @@ def _profile_args(p):
     p.add_argument("--params", help="model: target non-embedding parameters of a matched pair (default 1e7)")
     p.add_argument("--d-model", help="model: explicit width (with --n-layer) instead of --params")
     p.add_argument("--n-layer", help="model: explicit depth (with --d-model)")
+    p.add_argument("--head-dim", default="32", help="model: transformer head dimension (default 32; "
+                                                    "nanoGPT-style models use 64)")
     p.add_argument("--gen-tokens", default="32", help="model: tokens decoded per generation measurement")
     p.add_argument("--mem-limit-gb", help="model: cap on the memory a point may add (beyond it: oom)")
     p.add_argument("--family", help="loop: the family to time (default: the config's)")
@@ -201,7 +205,11 @@ def _profile_args(p):
     p.add_argument("--d-state", default="16", help="scan: state size N")
     p.add_argument("--modes", help="model: train,prefill,generate (default all); scan: fwd,fwdbwd (default both)")
     p.add_argument("--repeats", default="3", help="timed repeats per point (median reported)")
-    p.add_argument("--threads", help="torch threads in each measuring process (default: torch's)")
+    p.add_argument("--threads", help="torch threads in each measuring process (default: the thread policy, "
+                                     "the cores this process may use)")
+    p.add_argument("--compete", default="0", metavar="N",
+                   help="model: measure every point alone and again beside N CPU-bound competitor processes "
+                        "(busy loops), reporting the share of the alone tokens/s kept (default 0: alone only)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--ref-max-len", default="1024", help="scan: skip the slow reference beyond this length")
     p.add_argument("--timeout", default=None, help="seconds allowed per point (default: no limit)")
@@ -216,7 +224,21 @@ def _profile(args):
         raise UserError(f"{args.config}: a config file is only used with --op loop")
     if args.impls and args.op != "scan":
         raise UserError("--impls: only used with --op scan")
+    args.compete = _count(args.compete, "--compete")
+    if args.compete and args.op != "model":
+        raise UserError("--compete: only used with --op model")
     return {"scan": _profile_scan, "model": _profile_model, "loop": _profile_loop}[args.op](args)
+
+
+def _count(text, flag: str) -> int:
+    """A whole number >= 0 and at most limits.MAX_COUNT (e.g. --compete)."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag}: expected a whole number >= 0, got {text!r}") from None
+    if not 0 <= value <= limits.MAX_COUNT:
+        raise UserError(f"{flag}: expected a whole number from 0 to {limits.MAX_COUNT}, got {text!r}")
+    return value
 
 
 def _number(text, flag: str, hi: float) -> float:
@@ -285,13 +307,19 @@ def _profile_model(args):
         gen_tokens=_positive_int(args.gen_tokens, "--gen-tokens", limits.MAX_SEQ_LEN),
         repeats=_positive_int(args.repeats, "--repeats"),
         threads=_positive_int(args.threads, "--threads") if args.threads else None,
-        timeout_s=_seconds(args.timeout))
+        timeout_s=_seconds(args.timeout),
+        head_dim=_positive_int(args.head_dim, "--head-dim", limits.MAX_WIDTH))
+    from .profile import shapes_for
+    try:
+        shapes_for(families, params, sizes["d_model"], sizes["n_layer"], sizes["head_dim"])
+    except ValueError as exc:
+        raise UserError(f"--head-dim: {exc}") from None
     if args.out:
         from .fsutil import check_writable_dir
         check_writable_dir(args.out, "--out")      # before the measuring, not after it
     seq_lens = sizes.pop("seq_lens")
     rows = run_profile(families, seq_lens, modes, params=params, device=args.device, out=args.out,
-                       mem_limit_bytes=mem, **sizes)
+                       mem_limit_bytes=mem, compete=args.compete, **sizes)
     return 0 if all(r["status"] in ("ok", "oom") for r in rows) else 1
 
 
@@ -299,7 +327,12 @@ def _profile_loop(args):
     if not args.config:
         raise UserError("--op loop: give a run config, e.g. ssmscale profile --op loop configs/train_tiny.yaml")
     from .config import load_run_config
-    load_run_config(args.config, {"model.family": args.family} if args.family else None)  # errors first
+    cfg = load_run_config(args.config, {"model.family": args.family} if args.family else None)  # errors first
+    from . import threads
+    explicit = _positive_int(args.threads, "--threads") if args.threads else None
+    choice = threads.choose(explicit or cfg.train.num_threads,
+                            explicit_name="--threads" if explicit else "train.num_threads")
+    print(threads.apply(choice).describe(), flush=True)
     from .profile import loop_overhead
     r = loop_overhead(args.config, args.family, steps=_positive_int(args.steps, "--steps", limits.MAX_COUNT))
     print(f"{r['family']} d_model {r['d_model']} x {r['n_layer']} layers, {r['tokens_per_step']} tokens/step, "

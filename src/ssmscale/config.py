@@ -141,7 +141,7 @@ class TrainConfig(_Strict):
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: PositiveInt = 1
     strategy: Literal[STRATEGIES] = "auto"              # Lightning strategy for multi-device runs (e.g. ddp)
-    num_threads: PositiveInt | None = None              # CPU threads for torch (default: torch's choice)
+    num_threads: PositiveInt | None = None              # CPU threads (default: threads.py, cores / parallel runs)
     progress: bool = True
 
     @model_validator(mode="after")
@@ -419,6 +419,15 @@ def load_ladder_config(path: str | Path, overrides: dict | None = None) -> Ladde
     return validate(LadderConfig, apply_overrides(read_yaml(path), overrides), str(path))
 
 
+# Train settings that say how a run executes, not what it computes; result.json records their values
+EXECUTION_KEYS = {"num_threads": None, "progress": True}
+
+
 def config_hash(cfg: BaseModel) -> str:
+    """Hash of the resolved config with the execution settings at their defaults (so a run resumed or
+    rerun with another thread count keeps its identity; hashes of default configs are unchanged)."""
     from .provenance import stable_hash
-    return stable_hash(cfg.model_dump(mode="json"))
+    d = cfg.model_dump(mode="json")
+    if isinstance(d.get("train"), dict):
+        d["train"].update(EXECUTION_KEYS)
+    return stable_hash(d)

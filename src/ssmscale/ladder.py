@@ -24,14 +24,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import LadderConfig, ModelSpec, RunConfig, ShapeSpec, load_ladder_config
+from .config import EXECUTION_KEYS, LadderConfig, ModelSpec, RunConfig, ShapeSpec, load_ladder_config
 from .errors import UserError
 
 RESULT_COLUMNS = [
     "run_id", "study", "family", "size", "d_model", "n_layer", "params", "params_total", "budget", "flops",
     "flops_per_token", "ratio_to_6n", "tokens", "steps", "lr", "lr_source", "seed", "seq_len", "batch_size",
     "loss", "bpb", "status", "message", "flags", "wall_s", "tokens_per_s", "config_hash", "data_fingerprint",
-    "commit", "device", "versions", "flops_convention",
+    "commit", "device", "versions", "flops_convention", "threads",
 ]
 
 
@@ -232,7 +232,8 @@ def _fixed_part(cfg: LadderConfig) -> dict:
                 "allow_repeats",
                 "executor", "submitit", "fit"):
         d.pop(key)
-    d["train"].pop("progress")
+    for key in EXECUTION_KEYS:          # how runs execute, not what they compute
+        d["train"].pop(key)
     return d
 
 
@@ -321,25 +322,55 @@ def _finished(out_dir: Path, run: PlannedRun) -> bool:
 
 
 # ------------------------------------------------------------------------------------- running
-def run_one(study_dir: str, run_id: str, progress: bool = False) -> dict:
-    """Train one planned run of a study (the unit of work of every executor)."""
+def run_one(study_dir: str, run_id: str, progress: bool = False, parallel_jobs: int = 1,
+            max_cores: int | None = None) -> dict:
+    """Train one planned run of a study (the unit of work of every executor). `parallel_jobs` and
+    `max_cores` size its threads (threads.py; see thread_share)."""
     out_dir = Path(study_dir)
     cfg = load_ladder_config(out_dir / "config.yaml")
     run = next((r for r in plan(cfg, tuned=tuned_lrs(cfg, out_dir)) if r.run_id == run_id), None)
     if run is None or run.lr is None:
         raise UserError(f"{run_id}: not a runnable run of the study in {out_dir}")
-    return _train_run(cfg, out_dir, run, progress=progress, position=1,
-                      threads=cfg.train.num_threads or cfg.submitit.cpus_per_task)
+    return _train_run(cfg, out_dir, run, progress=progress, position=1, share=(parallel_jobs, max_cores),
+                      announce=True)
 
 
-def _train_run(cfg, out_dir, run, progress, position, threads=None):
+def thread_share(cfg: LadderConfig, cluster: str) -> tuple[int, int | None]:
+    """(runs sharing one machine's cores at a time, cap on the cores a run may count) for an executor:
+    the local submitit pool runs `parallelism` runs at once on this machine; a Slurm job runs alone
+    on its allocation, counted at most `cpus_per_task`; the in-process executor ("inprocess") runs alone."""
+    if cluster == "local":
+        return cfg.submitit.parallelism, None
+    if cluster == "slurm":
+        return 1, cfg.submitit.cpus_per_task
+    return 1, None
+
+
+def _train_run(cfg, out_dir, run, progress, position, share=(1, None), announce=False):
     from .train import run_training
-    rc = run_config(cfg, run, progress)
-    if threads:
-        rc = rc.model_copy(update={"train": rc.train.model_copy(update={"num_threads": threads})})
     extra = {"run_id": run.run_id, "budget": run.budget, "size": run.size, "study": cfg.name,
              "lr_source": run.lr_source}
-    return run_training(rc, out_dir / "runs" / run.run_id, progress_position=position, extra=extra)
+    return run_training(run_config(cfg, run, progress), out_dir / "runs" / run.run_id, progress_position=position,
+                        extra=extra, parallel_jobs=share[0], max_cores=share[1], announce=announce)
+
+
+def _cluster(cfg: LadderConfig, executor: str) -> str:
+    """Where runs execute: 'inprocess', or the submitit cluster ('local', 'slurm', ...) 'auto' resolves to."""
+    if executor != "submitit":
+        return "inprocess"
+    if cfg.submitit.cluster != "auto":
+        return cfg.submitit.cluster
+    import submitit
+    return submitit.AutoExecutor.which()
+
+
+def _thread_line(cfg: LadderConfig, cluster: str) -> str:
+    from . import threads
+    jobs, cap = thread_share(cfg, cluster)
+    if cluster == "slurm" and not cfg.train.num_threads:
+        return (f"threads per run: its Slurm allocation's cores, at most cpus_per_task {cap} "
+                f"({threads.waiting()})")
+    return "per run " + threads.choose(cfg.train.num_threads, jobs=jobs).describe()
 
 
 def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
@@ -371,7 +402,9 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
         _say_malformed(out_dir, runs)
         pending = [r for r in runs if not r.skip and not _finished(out_dir, r)]
         done = sum(1 for r in runs if not r.skip) - len(pending)
-        print(f"{out_dir}: {done} runs already finished, {len(pending)} to train ({executor} executor)")
+        cluster = _cluster(cfg, executor)
+        print(f"{out_dir}: {done} runs already finished, {len(pending)} to train ({executor} executor); "
+              f"{_thread_line(cfg, cluster)}")
         start = time.perf_counter()
         execute = _run_submitit if executor == "submitit" else _run_local
         bar = _ladder_bar(pending, progress)
@@ -385,7 +418,7 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
             if not todo:
                 break
             attempted.update((r.run_id, r.lr) for r in todo)
-            execute(cfg, out_dir, runs, todo, bar, tally)
+            execute(cfg, out_dir, runs, todo, bar, tally, cluster)
         bar.close()
         if cfg.lr_tune_budget is not None:
             _print_tuned(cfg, out_dir)
@@ -439,7 +472,7 @@ def _report_run(bar, tally, run, res):
     bar.set_postfix_str(f"runs {k}/{n}")
 
 
-def _run_local(cfg, out_dir, runs, todo, bar, tally):
+def _run_local(cfg, out_dir, runs, todo, bar, tally, cluster):
     for run in todo:
         try:
             res = _train_run(cfg, out_dir, run, bar.disable is False, position=1)
@@ -459,11 +492,14 @@ def _write_failed(out_dir, run, res):
                        "d_model": run.d_model, "n_layer": run.n_layer, "lr": run.lr, "seed": run.seed})
 
 
-def _run_submitit(cfg, out_dir, runs, todo, bar, tally):
+def _run_submitit(cfg, out_dir, runs, todo, bar, tally, cluster):
     """Each run is a submitit job: a local process pool here, a Slurm job array on a cluster."""
     import submitit
+
+    from .threads import configure_waiting
+    configure_waiting()      # the jobs inherit os.environ: their OpenMP threads sleep when idle
     s = cfg.submitit
-    ex = submitit.AutoExecutor(folder=out_dir / "submitit", cluster=None if s.cluster == "auto" else s.cluster)
+    ex = submitit.AutoExecutor(folder=out_dir / "submitit", cluster=cluster)
     params = {"timeout_min": s.timeout_min, "gpus_per_node": s.gpus_per_node, "cpus_per_task": s.cpus_per_task,
               "name": f"ssmscale-{cfg.name}"}
     if s.mem_gb:
@@ -475,13 +511,15 @@ def _run_submitit(cfg, out_dir, runs, todo, bar, tally):
         if s.account:
             params["slurm_account"] = s.account
     ex.update_parameters(**params)
+    share = thread_share(cfg, ex.cluster)
     ids = [r.run_id for r in todo]
     by_id = {r.run_id: r for r in todo}
     # a local "cluster" starts every submitted job at once: submit in waves of `parallelism`
     wave = s.parallelism if ex.cluster == "local" else len(ids)
     for i in range(0, len(ids), wave):
         chunk = ids[i:i + wave]
-        jobs = ex.map_array(run_one, [str(out_dir)] * len(chunk), chunk)
+        n = len(chunk)
+        jobs = ex.map_array(run_one, [str(out_dir)] * n, chunk, [False] * n, *([x] * n for x in share))
         for job, run_id in zip(jobs, chunk):
             try:
                 res = job.result()

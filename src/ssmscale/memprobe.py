@@ -13,6 +13,11 @@ before the baseline and not counted as the step's memory. The child then
 2. runs the step once and reads the peak: VmHWM (CPU) or torch.cuda.max_memory_allocated();
    peak_extra_bytes = peak - baseline, i.e. what the step needed beyond its inputs;
 3. runs `warmup` more steps, then `repeats` timed ones (CUDA: synchronised), reporting each.
+   With `compete` = N, each timed step is followed by one more while N CPU-bound competitor processes
+   run (busy loops, paused with SIGSTOP between the pairs): alone and contended steps interleave, so
+   the ratio of the two holds on a machine whose other load drifts. With `matmul_peak`, each timed
+   step is also followed by a 2048^3 fp32 matmul (MatmulClock), whose median rate is the peak an MFU
+   of this step is measured against: taken in the same process, threads and moments as the step.
 
 Memory is read on the first step of a fresh process, so no allocator cache or earlier run hides or
 inflates it; RSS counts only pages actually touched. Where clear_refs cannot be written (not
@@ -42,14 +47,17 @@ _OOM_MESSAGES = ("can't allocate memory", "out of memory", "cannot allocate memo
 
 def run_isolated(func_path: str, kwargs: dict | None = None, *, repeats: int = 5, warmup: int = 1,
                  threads: int | None = None, timeout_s: float | None = None,
-                 env: dict | None = None, mem_limit_bytes: int | None = None) -> dict:
+                 env: dict | None = None, mem_limit_bytes: int | None = None, compete: int = 0,
+                 matmul_peak: bool = False) -> dict:
     """Measure `func_path`'s step in a fresh process. `mem_limit_bytes` caps the address space the
-    step may add beyond what prepare left (RLIMIT_AS): a point that needs more is "oom". Returns a dict with
-    status ("ok", "oom", "error", "timeout"), times_ms (list), median_ms, min_ms,
-    peak_extra_bytes, baseline_bytes, memory_method, device and error (message or None)."""
+    step may add beyond what prepare left (RLIMIT_AS): a point that needs more is "oom". `compete`:
+    also time each repeat beside that many busy processes; `matmul_peak`: also time a reference matmul
+    after each repeat (CPU). Returns a dict with status ("ok", "oom", "error", "timeout"), times_ms
+    (list), median_ms, min_ms, times_compete_ms, median_compete_ms, peak_flops (None without
+    matmul_peak), peak_extra_bytes, baseline_bytes, memory_method, device and error (message or None)."""
     kwargs = dict(kwargs or {})
     spec = dict(func_path=func_path, kwargs=kwargs, repeats=repeats, warmup=warmup, threads=threads,
-                mem_limit_bytes=mem_limit_bytes)
+                mem_limit_bytes=mem_limit_bytes, compete=compete, matmul_peak=matmul_peak)
     with tempfile.TemporaryDirectory(prefix="ssmscale-memprobe-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-c", "from ssmscale.memprobe import _child_main; _child_main()",
@@ -68,11 +76,77 @@ def run_isolated(func_path: str, kwargs: dict | None = None, *, repeats: int = 5
 
 
 def _failed(status: str, error: str) -> dict:
-    return dict(status=status, times_ms=[], median_ms=None, min_ms=None, peak_extra_bytes=None,
-                baseline_bytes=None, memory_method=None, device=None, error=error)
+    return dict(status=status, times_ms=[], median_ms=None, min_ms=None, times_compete_ms=[],
+                median_compete_ms=None, peak_flops=None, peak_extra_bytes=None, baseline_bytes=None,
+                memory_method=None, device=None, error=error)
+
+
+class MatmulClock:
+    """The rate (FLOP/s) of an n^3 fp32 matmul on preallocated operands: what the cores can do with
+    the current thread count, the peak an MFU is measured against on a CPU."""
+
+    def __init__(self, n: int = 2048):
+        import torch
+        self.torch, self.flop = torch, 2 * n ** 3
+        self.a, self.b, self.out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+        self.rate()                                 # first call: MKL's buffers and threads
+
+    def rate(self) -> float:
+        start = time.perf_counter()
+        self.torch.matmul(self.a, self.b, out=self.out)
+        return self.flop / (time.perf_counter() - start)
+
+
+class Competitors:
+    """`n` CPU-bound busy loops, each a plain Python process (not ssmscale), for a `with` block;
+    `pause()` / `resume()` stop and continue them. Each dies with the process that started it
+    (PR_SET_PDEATHSIG on Linux; elsewhere it exits once its parent is gone), and the block's end
+    kills them: only processes started here, by their handles."""
+
+    CODE = ("import ctypes, os, signal\n"
+            "try:\n    ctypes.CDLL(None).prctl(1, signal.SIGKILL)\n"      # 1 = PR_SET_PDEATHSIG
+            "except (OSError, AttributeError):\n    pass\n"
+            "parent = os.getppid()\n"
+            "print('ready', flush=True)\n"
+            "while os.getppid() == parent:\n    for _ in range(1_000_000):\n        pass\n")
+
+    def __init__(self, n: int):
+        self.n, self.procs = n, []
+
+    def __enter__(self):
+        # each in a session of its own, like a job started from another shell: where the kernel groups
+        # CPU time by session (sched_autogroup), a competitor then takes its share from the machine,
+        # not from the measured process's session
+        self.procs = [subprocess.Popen([sys.executable, "-c", self.CODE], stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+                      for _ in range(self.n)]
+        for p in self.procs:       # each has armed its death signal before it can be paused
+            p.stdout.readline()
+            p.stdout.close()
+        return self
+
+    def _signal(self, sig):
+        for p in self.procs:
+            p.send_signal(sig)
+
+    def pause(self):
+        self._signal(signal.SIGSTOP)
+
+    def resume(self):
+        self._signal(signal.SIGCONT)
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+        self.procs = []
+        return False
 
 
 def _child_main():
+    from .threads import configure_waiting
+    configure_waiting()      # before torch is imported (see threads.py)
     spec, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     result = _measure(**spec)
     tmp = out.with_suffix(".tmp")
@@ -80,7 +154,7 @@ def _child_main():
     os.replace(tmp, out)
 
 
-def _measure(func_path, kwargs, repeats, warmup, threads, mem_limit_bytes=None):
+def _measure(func_path, kwargs, repeats, warmup, threads, mem_limit_bytes=None, compete=0, matmul_peak=False):
     import torch
     if threads:
         torch.set_num_threads(threads)
@@ -89,6 +163,7 @@ def _measure(func_path, kwargs, repeats, warmup, threads, mem_limit_bytes=None):
     try:
         module, _, name = func_path.partition(":")
         step = getattr(importlib.import_module(module), name)(**kwargs)
+        clock = MatmulClock() if matmul_peak and not cuda else None    # part of the baseline, not the step
         if mem_limit_bytes:
             limit = _status_kib("VmSize") * 1024 + int(mem_limit_bytes)
             resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
@@ -100,15 +175,27 @@ def _measure(func_path, kwargs, repeats, warmup, threads, mem_limit_bytes=None):
         peak_extra = probe.peak_extra()
         for _ in range(warmup):
             step()
-        times = []
-        for _ in range(repeats):
+
+        def timed() -> float:
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             step()
             if cuda:
                 torch.cuda.synchronize()
-            times.append((time.perf_counter() - start) * 1e3)
+            return (time.perf_counter() - start) * 1e3
+
+        times, busy, rates = [], [], []
+        with Competitors(compete) as rivals:
+            rivals.pause()
+            for _ in range(repeats):
+                times.append(timed())
+                if clock:
+                    rates.append(clock.rate())
+                if compete:
+                    rivals.resume()
+                    busy.append(timed())
+                    rivals.pause()
     except Exception as exc:  # the child reports every failure as data, never a traceback
         oom = isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in _OOM_MESSAGES)
         message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
@@ -116,7 +203,9 @@ def _measure(func_path, kwargs, repeats, warmup, threads, mem_limit_bytes=None):
             traceback.print_exc()
         return {**_failed("oom" if oom else "error", message), "device": device}
     return dict(status="ok", times_ms=times, median_ms=statistics.median(times) if times else None,
-                min_ms=min(times) if times else None, peak_extra_bytes=peak_extra,
+                min_ms=min(times) if times else None, times_compete_ms=busy,
+                median_compete_ms=statistics.median(busy) if busy else None,
+                peak_flops=statistics.median(rates) if rates else None, peak_extra_bytes=peak_extra,
                 baseline_bytes=probe.baseline, memory_method=probe.method, device=device, error=None)
 
 

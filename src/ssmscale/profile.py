@@ -12,8 +12,15 @@ optimiser state and the inputs are allocated before the baseline and reported se
             (KV cache for the transformer, conv + SSM state for Mamba); tokens/s counts decoded tokens
             and the memory reported adds the cache itself to the step's peak.
 MFU = achieved model FLOP/s (flops.py: training = 3 x forward; decoding a token at context L
-attends L keys) over the peak: on CPU a 2048^3 fp32 matmul timed at the start of the run, on GPU the
-vendor's dense bf16 figure. A point that runs out of memory is recorded as status "oom".
+attends L keys) over the peak: on CPU the median rate of a 2048^3 fp32 matmul timed in the measuring
+process right after each of its timed steps (same threads, same moments: on a shared machine whose load
+drifts, a peak timed at another moment would make the ratio meaningless; the run's header also times
+it once alone), on GPU the vendor's dense bf16 figure. A point that runs out of memory is "oom".
+
+Contention (`compete`=N): each timed step is followed by one timed while N CPU-bound competitors run
+(plain busy loops in their own processes, paused in between; memprobe.Competitors), so the alone and
+contended steps interleave; the row adds the contended tokens/s and its ratio to the alone figure.
+Threads follow threads.py (the cores / 1 run; idle OpenMP threads sleep) unless given.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from .errors import UserError
 MODES = ("train", "prefill", "generate")
 CSV_COLUMNS = ["family", "mode", "seq_len", "batch", "d_model", "n_layer", "params", "tokens_per_s",
                "step_ms", "peak_mem_bytes", "state_bytes", "mfu", "flops_per_token", "status", "error",
-               "memory_method", "device", "scan_impl"]
+               "memory_method", "device", "scan_impl",
+               # added with the thread policy (issue #15); older CSVs lack them
+               "threads", "peak_flops", "competitors", "tokens_per_s_compete", "step_ms_compete", "compete_ratio"]
 
 # dense bf16 tensor-core peaks (FLOP/s), by substring of torch.cuda.get_device_name()
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -51,8 +60,10 @@ def prepare_train(family, d_model, n_layer, seq_len, batch, vocab_size=256, head
     """One training step (forward, backward, AdamW) on random tokens; optimiser state exists already."""
     import torch
     import torch.nn.functional as F
+    from .config import TrainConfig
+    from .train import make_optimizer
     model, _ = _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model, TrainConfig(lr=1e-4))      # the training loop's optimiser
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _Null()
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -164,25 +175,21 @@ def state_bytes(family, d_model, n_layer, batch, max_len, vocab_size=256, head_d
 
 
 # -------------------------------------------------------------------------------- the parent side
-def measure_peak_flops(device: str = "cpu") -> tuple[float, str]:
-    """(peak FLOP/s, how it was obtained): a timed 2048^3 fp32 matmul on CPU, a table on GPU."""
+def measure_peak_flops(device: str = "cpu", threads: int | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, how it was obtained): a timed 2048^3 fp32 matmul on CPU (with `threads`), a table on GPU."""
     import torch
+    if threads:
+        torch.set_num_threads(threads)
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name()
         for key, peak in GPU_PEAKS.items():
             if key in name:
                 return peak, f"{name}: dense bf16 peak {peak / 1e12:.0f} TFLOP/s (vendor table)"
         return float("nan"), f"{name}: no peak in the table (MFU not reported)"
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t0)
-    peak = 2 * n ** 3 / min(times)
-    return peak, f"fp32 {n}^3 matmul, best of 5: {peak / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)"
+    from .memprobe import MatmulClock
+    clock = MatmulClock(2048)
+    peak = max(clock.rate() for _ in range(5))
+    return peak, f"fp32 2048^3 matmul, best of 5: {peak / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)"
 
 
 def shapes_for(families, params=None, d_model=None, n_layer=None, head_dim=32):
@@ -217,10 +224,15 @@ def _flops_per_token(family, d_model, n_layer, mode, seq_len, head_dim):
 
 def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, repeats=3, device="cpu",
                    threads=None, timeout_s=None, head_dim=32, scan_impl="auto", progress=None,
-                   mem_limit_bytes=None):
-    """Measure every (family, mode, length) point; returns (rows, peak, peak_note)."""
+                   mem_limit_bytes=None, compete=0):
+    """Measure every (family, mode, length) point, alone and (compete > 0) interleaved with steps beside
+    `compete` busy processes; returns (rows, peak, peak_note)."""
     from .memprobe import run_isolated
-    peak, peak_note = measure_peak_flops(device)
+    peak, peak_note = measure_peak_flops(device, threads)
+    cpu = not device.startswith("cuda")
+    if cpu:
+        peak_note = (f"fp32 2048^3 matmul timed after each timed step in the measuring process (median; "
+                     f"column peak_flops); alone at the run's start: {peak_note}")
     rows = []
     prep = {"train": "prepare_train", "prefill": "prepare_prefill", "generate": "prepare_generate"}
     for mode in modes:
@@ -236,7 +248,7 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                 reps = repeats if L <= 4096 or device != "cpu" else 1
                 res = run_isolated(f"ssmscale.profile:{prep[mode]}", kwargs, repeats=reps,
                                    warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s,
-                                   mem_limit_bytes=mem_limit_bytes)
+                                   mem_limit_bytes=mem_limit_bytes, compete=compete, matmul_peak=cpu)
                 fpt = _flops_per_token(fam, d, n, mode, L, head_dim)
                 tokens = batch * (gen_tokens if mode == "generate" else L)
                 ok = res["status"] == "ok"
@@ -246,9 +258,16 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                        "params": params, "tokens_per_s": tps, "step_ms": res["median_ms"],
                        "peak_mem_bytes": (res["peak_extra_bytes"] + cache) if ok else None,
                        "state_bytes": cache if mode == "generate" else None,
-                       "mfu": tps * fpt / peak if ok and peak == peak else float("nan"),
-                       "flops_per_token": fpt, "status": res["status"], "error": res.get("error"),
-                       "memory_method": res.get("memory_method"), "device": device, "scan_impl": impl}
+                       "mfu": float("nan"), "flops_per_token": fpt, "status": res["status"], "error": res.get("error"),
+                       "memory_method": res.get("memory_method"), "device": device, "scan_impl": impl,
+                       "threads": threads, "peak_flops": res.get("peak_flops") or peak, "competitors": compete,
+                       "tokens_per_s_compete": float("nan"), "step_ms_compete": None, "compete_ratio": float("nan")}
+                if ok and row["peak_flops"] == row["peak_flops"]:
+                    row["mfu"] = tps * fpt / row["peak_flops"]
+                if ok and compete:
+                    row.update(tokens_per_s_compete=tokens / (res["median_compete_ms"] / 1e3),
+                               step_ms_compete=res["median_compete_ms"])
+                    row["compete_ratio"] = row["tokens_per_s_compete"] / tps
                 rows.append(row)
                 if progress:
                     progress(row)
@@ -285,16 +304,23 @@ def growth_exponents(rows, min_len=1024) -> dict:
 
 
 def format_table(rows) -> str:
+    compete = max((r.get("competitors") or 0 for r in rows), default=0)
+    extra = f" {f'w/ {compete} busy':>10} {'kept':>6}" if compete else ""
     lines = [f"{'family':<11} {'mode':<8} {'L':>6} {'tokens/s':>10} {'step ms':>9} {'peak MiB':>9} "
-             f"{'MFU':>6}  status"]
+             f"{'MFU':>6}{extra}  status"]
     for r in rows:
         ok = r["status"] == "ok"
         tps = f"{r['tokens_per_s']:,.0f}" if ok else "-"
         ms = f"{r['step_ms']:.1f}" if ok else "-"
         mem = f"{r['peak_mem_bytes'] / 2**20:.1f}" if ok else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if ok and r["mfu"] == r["mfu"] else "-"
+        cells = ""
+        if compete:
+            busy, kept = r.get("tokens_per_s_compete"), r.get("compete_ratio")
+            cells = (f" {busy:>10,.0f} {100 * kept:>5.0f}%" if ok and busy == busy
+                     else f" {'-':>10} {'-':>6}")
         lines.append(f"{r['family']:<11} {r['mode']:<8} {r['seq_len']:>6} {tps:>10} {ms:>9} {mem:>9} "
-                     f"{mfu:>6}  {r['status']}")
+                     f"{mfu:>6}{cells}  {r['status']}")
     return "\n".join(lines)
 
 
@@ -345,9 +371,10 @@ def plot(rows, path: Path, title: str):
 
 def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer=None, batch=1,
                 gen_tokens=32, repeats=3, device="cpu", threads=None, timeout_s=None, out=None,
-                head_dim=32, scan_impl="auto", mem_limit_bytes=None) -> list[dict]:
+                head_dim=32, scan_impl="auto", mem_limit_bytes=None, compete=0) -> list[dict]:
     import pandas as pd
 
+    from . import threads as thread_policy
     from .fsutil import atomic_write_dataframe_csv, atomic_write_json
     from .provenance import provenance
     try:
@@ -356,15 +383,20 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
         raise UserError(f"model shape: {exc}") from None
     for fam, (d, n, p) in shapes.items():
         print(f"{fam}: d_model {d}, n_layer {n}, {p:,} non-embedding parameters", flush=True)
+    choice = thread_policy.choose(threads, explicit_name="--threads")
+    print(f"{choice.describe()}" + (f"; each timed step alone, then one beside {compete} CPU-bound competitor"
+                                     f"{'s' if compete != 1 else ''}" if compete else ""), flush=True)
 
     def progress(r):
         took = f"{r['tokens_per_s']:,.0f} tokens/s" if r["status"] == "ok" else f"{r['status']}: {r['error']}"
+        if r["tokens_per_s_compete"] == r["tokens_per_s_compete"]:
+            took += f", {r['tokens_per_s_compete']:,.0f} beside {compete} busy ({100 * r['compete_ratio']:.0f}%)"
         print(f"  {r['family']:>11} {r['mode']:<8} L={r['seq_len']:<6} {took}", file=sys.stderr, flush=True)
 
     rows, peak, note = profile_models(families, shapes, seq_lens, modes, batch=batch, gen_tokens=gen_tokens,
-                                      repeats=repeats, device=device, threads=threads, timeout_s=timeout_s,
+                                      repeats=repeats, device=device, threads=choice.threads, timeout_s=timeout_s,
                                       head_dim=head_dim, scan_impl=scan_impl, progress=progress,
-                                      mem_limit_bytes=mem_limit_bytes)
+                                      mem_limit_bytes=mem_limit_bytes, compete=compete)
     print(f"peak for MFU: {note}")
     print(format_table(rows))
     growth = growth_exponents(rows)
@@ -376,6 +408,8 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
         atomic_write_dataframe_csv(out / "profile.csv", pd.DataFrame(rows, columns=CSV_COLUMNS))
         atomic_write_json(out / "profile.json", {"peak_flops": peak, "peak_note": note, "growth": growth,
                                                  "shapes": shapes, "batch": batch, "gen_tokens": gen_tokens,
+                                                 "threads": choice.threads, "threads_reason": choice.reason,
+                                                 "thread_waiting": thread_policy.waiting(), "competitors": compete,
                                                  **provenance(device)})
         plot(rows, out / "profile.png",
              f"{' vs '.join(f'{f} {shapes[f][2] / 1e6:.1f}M' for f in families)} params, batch {batch}, "
@@ -405,7 +439,7 @@ def loop_overhead(config_path: str, family: str | None = None, steps: int = 60, 
     def bare() -> list[float]:
         torch.manual_seed(cfg.seed)
         model = LM(model_cfg)
-        opt = torch.optim.AdamW(T.param_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps)
+        opt = T.make_optimizer(model, t)
         warm = int(t.warmup_fraction * n_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: T.lr_at(s, n_steps, warm, t.lr, t.final_lr) / t.lr)
         times = []
