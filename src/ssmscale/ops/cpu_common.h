@@ -47,6 +47,26 @@ INLINE void gather(const View *v, int64_t b, int64_t t0, int64_t len, int64_t c0
     }
 }
 
+/* one tile row: dst[j] = src[j] for j < w, and 0 for j in [w, W) */
+INLINE void load_lanes(float *restrict dst, const float *restrict src, int64_t w) {
+    if (w == W) {
+#pragma omp simd
+        for (int64_t j = 0; j < W; j++) dst[j] = src[j];
+    } else {
+        for (int64_t j = 0; j < W; j++) dst[j] = j < w ? src[j] : 0.f;
+    }
+}
+
+/* the first w lanes of a tile row */
+INLINE void store_lanes(float *restrict dst, const float *restrict src, int64_t w) {
+    if (w == W) {
+#pragma omp simd
+        for (int64_t j = 0; j < W; j++) dst[j] = src[j];
+    } else {
+        for (int64_t j = 0; j < w; j++) dst[j] = src[j];
+    }
+}
+
 /* ask for the cache lines of a tile's rows ahead of their gather: a tile's rows lie one matrix row
  * apart, a stride across pages that the hardware prefetchers do not follow far */
 INLINE void prefetch_tile(const View *v, int64_t b, int64_t t0, int64_t len, int64_t c0) {
@@ -101,6 +121,25 @@ INLINE float sigmoid_from(float x, float e) {
     const float r = 1.f / (1.f + e);
     return x >= 0.f ? r : e * r;
 }
+
+/* log(1 + e) for e in [0, 1], inline (libmvec's log1pf would be a call with its register spills):
+ * 2 atanh(s) with s = e / (2 + e) in [0, 1/3], by its series to s^13 (truncation < 2e-8 relative),
+ * so it keeps full relative precision for tiny e. */
+INLINE float log1p_unit(float e) {
+    const float s = e / (2.f + e), s2 = s * s;
+    float p = 1.f / 13.f;
+    p = fmaf(p, s2, 1.f / 11.f);
+    p = fmaf(p, s2, 1.f / 9.f);
+    p = fmaf(p, s2, 1.f / 7.f);
+    p = fmaf(p, s2, 1.f / 5.f);
+    p = fmaf(p, s2, 1.f / 3.f);
+    p = fmaf(p, s2, 1.f);
+    return 2.f * s * p;
+}
+
+/* softplus(x) = max(x, 0) + log(1 + exp(-|x|)), from e = exp(-|x|): never overflows, and keeps
+ * full relative precision for very negative x (the model's initial dt of 1e-3 sits at x ~ -7) */
+INLINE float softplus_from(float x, float e) { return fmaxf(x, 0.f) + log1p_unit(e); }
 
 INLINE float sigmoid(float x) { return sigmoid_from(x, exp_inline(-fabsf(x))); }
 

@@ -47,9 +47,12 @@ INLINE Share share_of(const ScanArgs *a, int64_t k, int64_t n) {
     return (Share){items * k / n, items * (k + 1) / n, n_tiles};
 }
 
-/* A, D, delta_bias of tile columns c0 .. c0+w-1, lane-major; lanes past w are 0 */
-INLINE void tile_params(const ScanArgs *a, int64_t c0, int64_t w, const int64_t N,
-                        float *restrict At, float *restrict Dt, float *restrict bias) {
+#define PARAMS (N * W + 2 * W)   /* floats of a tile's parameters: A (N, W), D (W), delta_bias (W) */
+
+/* A, D and delta_bias of one tile, lane-major (lanes past the last channel are 0) */
+INLINE void tile_params(const ScanArgs *a, int64_t tile, const int64_t N, float *restrict p) {
+    const int64_t c0 = tile * W, w = min64(W, a->d_inner - c0);
+    float *At = p, *Dt = p + N * W, *bias = Dt + W;
     for (int64_t n = 0; n < N; n++)
         for (int64_t j = 0; j < W; j++) At[n * W + j] = j < w ? a->A[(c0 + j) * N + n] : 0.f;
     for (int64_t j = 0; j < W; j++) {
@@ -58,10 +61,7 @@ INLINE void tile_params(const ScanArgs *a, int64_t c0, int64_t w, const int64_t 
     }
 }
 
-/* In place: dt <- softplus(delta + bias) (or delta + bias); dtu = dt * u; dsp = softplus' (if given).
- * softplus(x) = max(x, 0) + log1p(exp(-|x|)): never overflows and keeps full relative precision
- * for very negative x (the model's initial dt of 1e-3 sits at x ~ -7); log1pf vectorises through
- * libmvec (glibc >= 2.35; older glibc calls the scalar one, with the same result). */
+/* In place: dt <- softplus(delta + bias) (or delta + bias); dtu = dt * u; dsp = softplus' (if given) */
 INLINE void step_sizes(float *restrict dt, const float *restrict u, const float *restrict bias,
                        int softplus, int64_t len, float *restrict dtu, float *restrict dsp) {
     for (int64_t i = 0; i < len; i++) {
@@ -78,7 +78,7 @@ INLINE void step_sizes(float *restrict dt, const float *restrict u, const float 
 #pragma omp simd
             for (int64_t j = 0; j < W; j++) {
                 const float x = d[j] + bias[j], e = exp_inline(-fabsf(x));
-                d[j] = fmaxf(x, 0.f) + log1pf(e);
+                d[j] = softplus_from(x, e);
                 du[j] = d[j] * ui[j];
                 if (dsp) dsp[i * W + j] = sigmoid_from(x, e);
             }
@@ -90,18 +90,18 @@ INLINE void step_sizes(float *restrict dt, const float *restrict u, const float 
 
 typedef struct {
     float *h;                     /* (n_tiles, N, W): the state of each tile of the current batch */
+    float *params;                /* (n_tiles, PARAMS): each tile's A, D and delta_bias */
     float *u, *dt, *dtu, *z, *y;  /* (K, W) each */
     float *Bt, *Ct;               /* (K, N) each */
 } FwdScratch;
 
-INLINE void forward_tile(const ScanArgs *a, FwdScratch *s, float *restrict h, int64_t b, int64_t tile,
-                         int64_t t0, int64_t len, const int64_t N) {
+INLINE void forward_tile(const ScanArgs *a, FwdScratch *s, float *restrict h, const float *restrict At,
+                         int64_t b, int64_t tile, int64_t t0, int64_t len, const int64_t N) {
     const int64_t E = a->d_inner, K = a->chunk, c0 = tile * W, w = min64(W, E - c0);
-    float At[N * W], Dt[W], bias[W];
-    tile_params(a, c0, w, N, At, Dt, bias);
+    const float *Dt = At + N * W, *bias = Dt + W;
     if (a->chunk_states) {
         float *st = a->chunk_states + (b * ((a->length + K - 1) / K) + t0 / K) * N * E + c0;
-        for (int64_t n = 0; n < N; n++) memcpy(st + n * E, h + n * W, w * sizeof(float));
+        for (int64_t n = 0; n < N; n++) store_lanes(st + n * E, h + n * W, w);
     }
     float *restrict u = s->u, *restrict dt = s->dt, *restrict dtu = s->dtu, *restrict y = s->y;
     gather(&a->u, b, t0, len, c0, w, u, W);
@@ -139,6 +139,7 @@ INLINE void forward_share(const ScanArgs *a, FwdScratch *s, int64_t k, int64_t n
         const int64_t b = item / sh.n_tiles, first = item % sh.n_tiles;
         const int64_t end = min64(sh.n_tiles, first + (sh.hi - item));
         memset(s->h, 0, (end - first) * N * W * sizeof(float));
+        for (int64_t tile = first; tile < end; tile++) tile_params(a, tile, N, s->params + (tile - first) * PARAMS);
         for (int64_t t0 = 0; t0 < L; t0 += K) {
             const int64_t len = min64(K, L - t0);
             gather(&a->B, b, t0, len, 0, N, s->Bt, N);
@@ -148,7 +149,8 @@ INLINE void forward_share(const ScanArgs *a, FwdScratch *s, int64_t k, int64_t n
                     const View *next[] = {&a->u, &a->delta, &a->z};
                     for (int v = 0; v < 3; v++) prefetch_tile(next[v], b, t0, len, (tile + 1) * W);
                 }
-                forward_tile(a, s, s->h + (tile - first) * N * W, b, tile, t0, len, N);
+                forward_tile(a, s, s->h + (tile - first) * N * W, s->params + (tile - first) * PARAMS, b, tile,
+                             t0, len, N);
             }
         }
         if (a->last_state) {
@@ -170,6 +172,7 @@ typedef struct {
     float *dB_lanes, *dC_lanes;   /* (K, N, W): this chunk's dB, dC, summed over the task's tiles */
     float *u, *dt, *dtu, *dsp, *z, *gate, *g, *gy, *y, *du, *dd;   /* (K, W) each */
     float *Bt, *Ct;               /* (K, N) each */
+    float *params;                /* (n_tiles, PARAMS): each tile's A, D and delta_bias */
     float *carry, *dA;            /* (n_tiles, N, W): dLoss/dh arriving from the next chunk; dA */
     float *dD, *dbias;            /* (n_tiles, W) */
     float *dB_part, *dC_part;     /* (batches in the share, L, N): this task's dB, dC */
@@ -179,8 +182,7 @@ typedef struct {
 INLINE void backward_tile(const ScanArgs *a, BwdScratch *s, int64_t slot, int64_t b, int64_t tile,
                           int64_t t0, int64_t len, const int64_t N) {
     const int64_t E = a->d_inner, K = a->chunk, c0 = tile * W, w = min64(W, E - c0);
-    float At[N * W], Dt[W], bias[W];
-    tile_params(a, c0, w, N, At, Dt, bias);
+    const float *At = s->params + slot * PARAMS, *Dt = At + N * W, *bias = Dt + W;
     float *restrict carry = s->carry + slot * N * W, *restrict dA = s->dA + slot * N * W;
     float *restrict dD = s->dD + slot * W, *restrict dbias = s->dbias + slot * W;
     float *restrict u = s->u, *restrict dt = s->dt, *restrict dtu = s->dtu, *restrict dsp = s->dsp;
@@ -205,8 +207,7 @@ INLINE void backward_tile(const ScanArgs *a, BwdScratch *s, int64_t slot, int64_
     }
     /* recompute the chunk's states and outputs from its saved start; dC needs only those */
     const float *st = a->chunk_states + (b * ((a->length + K - 1) / K) + t0 / K) * N * E + c0;
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t j = 0; j < W; j++) hs[n * W + j] = j < w ? st[n * E + j] : 0.f;
+    for (int64_t n = 0; n < N; n++) load_lanes(hs + n * W, st + n * E, w);
     for (int64_t i = 0; i < len; i++) {
         const float *Bi = s->Bt + i * N, *Ci = s->Ct + i * N, *dti = dt + i * W, *dtui = dtu + i * W;
         const float *gyi = gy + i * W;
@@ -284,6 +285,7 @@ INLINE void backward_share(const ScanArgs *a, BwdScratch *s, int64_t k, int64_t 
         for (int64_t tile = first; tile < end; tile++) {
             const int64_t c0 = tile * W, w = min64(W, E - c0);
             float *carry = s->carry + (tile - first) * N * W;
+            tile_params(a, tile, N, s->params + (tile - first) * PARAMS);
             for (int64_t m = 0; m < N; m++)
                 for (int64_t j = 0; j < W; j++)
                     carry[m * W + j] = (a->glast && j < w) ? a->glast[(b * E + c0 + j) * N + m] : 0.f;
@@ -364,7 +366,7 @@ static float *carve(float *p, float **slots[], const int64_t sizes[], int count)
 int ssm_scan_forward(const ScanArgs *a) {
     const int64_t nt = n_tasks(a), K = a->chunk, N = a->n_state, tiles = (a->d_inner + W - 1) / W;
     if (a->batch * a->d_inner == 0) return 0;
-    const int64_t per = tiles * N * W + 5 * K * W + 2 * K * N;
+    const int64_t per = tiles * N * W + tiles * PARAMS + 5 * K * W + 2 * K * N;
     FwdScratch *s = calloc(nt, sizeof(FwdScratch));
     float *block = malloc(nt * per * sizeof(float));
     if (!s || !block) {
@@ -372,9 +374,10 @@ int ssm_scan_forward(const ScanArgs *a) {
         return 1;
     }
     for (int64_t k = 0; k < nt; k++) {
-        float **slots[] = {&s[k].h, &s[k].u, &s[k].dt, &s[k].dtu, &s[k].z, &s[k].y, &s[k].Bt, &s[k].Ct};
-        const int64_t sizes[] = {tiles * N * W, K * W, K * W, K * W, K * W, K * W, K * N, K * N};
-        carve(block + k * per, slots, sizes, 8);
+        float **slots[] = {&s[k].h, &s[k].params, &s[k].u, &s[k].dt, &s[k].dtu, &s[k].z, &s[k].y, &s[k].Bt,
+                           &s[k].Ct};
+        const int64_t sizes[] = {tiles * N * W, tiles * PARAMS, K * W, K * W, K * W, K * W, K * W, K * N, K * N};
+        carve(block + k * per, slots, sizes, 9);
     }
     Call c = {a, s};
     const int status = run_tasks(forward_task, &c, nt);
@@ -393,11 +396,11 @@ int ssm_scan_backward(const ScanArgs *a) {
         const Share sh = share_of(a, k, nt);
         const int64_t b_first = sh.lo / tiles, b_count = sh.hi > sh.lo ? (sh.hi - 1) / tiles - b_first + 1 : 0;
         float **slots[] = {&s[k].h, &s[k].decay, &s[k].dB_lanes, &s[k].dC_lanes, &s[k].Bt, &s[k].Ct,
-                           &s[k].carry, &s[k].dA, &s[k].dD, &s[k].dbias, &s[k].dB_part, &s[k].dC_part,
+                           &s[k].params, &s[k].carry, &s[k].dA, &s[k].dD, &s[k].dbias, &s[k].dB_part, &s[k].dC_part,
                            &s[k].u, &s[k].dt, &s[k].dtu, &s[k].dsp, &s[k].z, &s[k].gate, &s[k].g,
                            &s[k].gy, &s[k].y, &s[k].du, &s[k].dd};
         const int64_t sizes[] = {(K + 1) * N * W, K * N * W, K * N * W, K * N * W, K * N, K * N,
-                                 tiles * N * W, tiles * N * W, tiles * W, tiles * W, b_count * L * N,
+                                 tiles * PARAMS, tiles * N * W, tiles * N * W, tiles * W, tiles * W, b_count * L * N,
                                  b_count * L * N, K * W, K * W, K * W, K * W, K * W, K * W, K * W, K * W,
                                  K * W, K * W, K * W};
         const int count = sizeof sizes / sizeof sizes[0];
