@@ -9,7 +9,7 @@
 One residual branch per layer (no separate MLP). For generation, `step` advances a conv state
 (batch, E d, d_conv) and an SSM state (batch, E d, N): O(1) time and memory per token.
 Where the scan runs the fused CPU kernel (fp32 on the CPU), everything between in_proj and out_proj
-runs as one op, `ops.mamba_inner_fused` (same numbers within fp32 rounding; it keeps ~5x less for
+runs as one op, `ops.mamba_inner_fused` (same numbers within fp32 rounding; it keeps ~3x less for
 the backward); elsewhere (GPU, no C compiler, another `scan_impl`) as the composition below.
 """
 

@@ -30,6 +30,11 @@ typedef struct {
 INLINE void gather(const View *v, int64_t b, int64_t t0, int64_t len, int64_t c0, int64_t w,
                    float *restrict tile, int64_t ld) {
     const float *base = v->data + b * v->sb + t0 * v->st + c0 * v->sc;
+    if (v->st == 1 && v->sc != 1) {   /* mamba_ssm's (b, channels, L): a transpose, column by column */
+        for (int64_t j = 0; j < ld; j++)
+            for (int64_t i = 0; i < len; i++) tile[i * ld + j] = j < w ? base[j * v->sc + i] : 0.f;
+        return;
+    }
     for (int64_t i = 0; i < len; i++) {
         const float *row = base + i * v->st;
         float *out = tile + i * ld;
@@ -79,6 +84,11 @@ INLINE void prefetch_tile(const View *v, int64_t b, int64_t t0, int64_t len, int
 INLINE void scatter(const View *v, int64_t b, int64_t t0, int64_t len, int64_t c0, int64_t w,
                     const float *restrict tile, int64_t ld) {
     float *base = v->data + b * v->sb + t0 * v->st + c0 * v->sc;
+    if (v->st == 1 && v->sc != 1) {
+        for (int64_t j = 0; j < w; j++)
+            for (int64_t i = 0; i < len; i++) base[j * v->sc + i] = tile[i * ld + j];
+        return;
+    }
     for (int64_t i = 0; i < len; i++) {
         float *row = base + i * v->st;
         const float *in = tile + i * ld;
@@ -123,8 +133,9 @@ INLINE float sigmoid_from(float x, float e) {
 }
 
 /* log(1 + e) for e in [0, 1], inline (libmvec's log1pf would be a call with its register spills):
- * 2 atanh(s) with s = e / (2 + e) in [0, 1/3], by its series to s^13 (truncation < 2e-8 relative),
- * so it keeps full relative precision for tiny e. */
+ * 2 atanh(s) with s = e / (2 + e) in [0, 1/3], by its series to s^13 (truncation < 2e-8), so tiny
+ * e keep full relative precision. Max relative error 2.2e-7 (about 4 ulp: the rounding of 2 + e
+ * and of the division), checked against double log1p on [0, 1]. */
 INLINE float log1p_unit(float e) {
     const float s = e / (2.f + e), s2 = s * s;
     float p = 1.f / 13.f;

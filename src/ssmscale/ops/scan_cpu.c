@@ -37,7 +37,7 @@ typedef struct {
 
 INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* the (batch, first tile, end tile) segments of task k's share of the batch * n_tiles items */
+/* task k's share of the batch * n_tiles (batch, tile) items: [lo, hi), batch-major */
 typedef struct {
     int64_t lo, hi, n_tiles;
 } Share;
