@@ -1,0 +1,17 @@
+"""Print the worst normwise relative error of the chunked SSD against `ref`, per output and gradient, over the
+grid of tests/test_ssd.py.  Run: python tests/ssd_error_grid.py"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_ssd import OPTIONS, SHAPES, errors
+
+worst: dict[str, float] = {}
+for shape in SHAPES:
+    errs_shape: dict[str, float] = {}
+    for opt in OPTIONS:
+        for k, e in errors(shape, opt).items():
+            errs_shape[k] = max(errs_shape.get(k, 0.0), e)
+            worst[k] = max(worst.get(k, 0.0), e)
+    print("b{} L{} h{} p{} g{} N{} chunk{}: ".format(*shape) + "  ".join(f"{k} {v:.1e}" for k, v in errs_shape.items()))
+print("worst over the grid: " + "  ".join(f"{k} {v:.1e}" for k, v in worst.items()))
