@@ -51,13 +51,23 @@ def test_weight_decay_only_on_weight_matrices():
     assert any(p is model.blocks[0].mixer.in_proj.weight for p in decay["params"])
 
 
+def test_weight_decay_spares_mamba2s_decay_skip_and_dt_bias():
+    model = LM(ModelConfig(family="hybrid", d_model=32, n_layer=2))
+    decay, no_decay = param_groups(model, 0.1)
+    mixer = model.blocks[0].mixer
+    exempt = {id(p) for p in no_decay["params"]}
+    assert {id(mixer.A_log), id(mixer.D), id(mixer.dt_bias), id(mixer.norm.weight)} <= exempt
+    assert any(p is mixer.in_proj.weight for p in decay["params"])
+    assert any(p is model.blocks[1].attn.qkv.weight for p in decay["params"])
+
+
 def test_token_budget_becomes_whole_steps():
     t = TrainConfig(seq_len=64, batch_size=8, tokens=10_000)
     steps, per_step = plan_steps(t)
     assert per_step == 512 and steps == 20            # 19.5 rounds to 20
 
 
-@pytest.mark.parametrize("family", ["transformer", "mamba"])
+@pytest.mark.parametrize("family", ["transformer", "mamba", "mamba2", "hybrid"])
 def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family):
     cfg = tiny_config(tmp_path, family)
     r = run_training(cfg, tmp_path / "run")
@@ -71,6 +81,9 @@ def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family):
         assert on_disk[key] not in (None, ""), key
     rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("step,tokens,train_loss") and len(rows) == 1 + 30 + 1
+    assert (on_disk["scan_impl"] or "").startswith({"transformer": "", "mamba": "", "mamba2": "ssd-",
+                                                    "hybrid": "ssd-"}[family])
+    assert on_disk["model_config"]["family"] == family
 
 
 def test_same_config_and_seed_give_the_same_validation_loss(tmp_path):
