@@ -17,7 +17,9 @@ def test_profile_writes_csv_json_and_plot_for_the_families_and_all_modes(tmp_pat
     df = pd.read_csv(tmp_path / "profile.csv")
     assert len(df) == len(rows) == 2 * 3 and set(df.status) == {"ok"}
     from ssmscale.ops.scan import resolve_impl
-    assert dict(zip(df.family, df.scan_impl)) == {"mamba": resolve_impl("auto", "cpu").name, "hybrid": "ssd-chunked"}
+    from ssmscale.ops.ssd import resolve_ssd_impl
+    assert dict(zip(df.family, df.scan_impl)) == {"mamba": resolve_impl("auto", "cpu").name,
+                                                  "hybrid": "ssd-" + resolve_ssd_impl("auto", "cpu")}
     assert {"family", "mode", "seq_len", "batch", "tokens_per_s", "peak_mem_bytes", "mfu", "status"} <= set(df)
     assert (df.tokens_per_s > 0).all() and (df.peak_mem_bytes > 0).all() and (df.mfu > 0).all()
     gen = df[df["mode"] == "generate"]

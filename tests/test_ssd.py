@@ -1,12 +1,15 @@
-"""Mamba-2's SSD: the chunked matrix form agrees with the sequential reference (outputs, final state, every
-gradient), the reference with the quadratic (semiseparable-matrix) form in float64, and a split sequence
-continued from its final state with the whole one."""
+"""Mamba-2's SSD: the chunked matrix form and the fused CPU kernel agree with the sequential reference
+(outputs, final state, every gradient), the reference with the quadratic (semiseparable-matrix) form
+in float64, and a split sequence continued from its final state with the whole one."""
 
 import pytest
 import torch
 
 from ssmscale.ops import ssd
+from ssmscale.ops.ssd import available_ssd_impls
 from scan_inputs import rel_err
+
+FAST_IMPLS = [i for i in available_ssd_impls("cpu") if i != "ref"]
 
 SHAPES = [  # (batch, L, heads, head_dim, groups, d_state, chunk): L = 1, L not a multiple of the chunk,
     (1, 1, 1, 1, 1, 1, 4),          # several groups, a chunk longer than L, several chunks
@@ -59,23 +62,29 @@ def _cases():
             yield shape, opt
 
 
-def errors(shape, opt) -> dict:
-    """Normwise relative error of chunked against ref for y, the final state and every gradient."""
+def errors(shape, opt, impl="chunked") -> dict:
+    """Normwise relative error of `impl` against ref for y, the final state and every gradient."""
     *dims, chunk = shape
     D, bias, softplus, initial = opt
     inputs = make_inputs(*dims, D=D, dt_bias=bias, softplus=softplus, initial=initial)
     y_ref, h_ref, g_ref = run("ref", inputs, softplus, chunk)
-    y, h, grads = run("chunked", inputs, softplus, chunk)
+    y, h, grads = run(impl, inputs, softplus, chunk)
     assert y.shape == y_ref.shape and h.shape == h_ref.shape and h.dtype == torch.float32
     assert set(grads) == set(g_ref)
     return {"y": rel_err(y, y_ref), "final_state": rel_err(h, h_ref),
             **{"d" + k: rel_err(grads[k], g_ref[k]) for k in g_ref}}
 
 
+def test_the_fused_kernel_is_there_where_a_c_compiler_is():
+    import shutil
+    assert ("fused" in FAST_IMPLS) == (shutil.which("gcc") is not None), available_ssd_impls("cpu")
+
+
+@pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "b{}L{}h{}p{}g{}n{}T{}".format(*s))
 @pytest.mark.parametrize("opt", OPTIONS, ids=lambda o: "D{}bias{}sp{}h0{}".format(*map(str, o)))
-def test_chunked_matches_reference_outputs_final_state_and_every_gradient(shape, opt):
-    errs = errors(shape, opt)
+def test_fast_ssd_matches_reference_outputs_final_state_and_every_gradient(impl, shape, opt):
+    errs = errors(shape, opt, impl)
     expected = {"y", "final_state", "dx", "ddt", "dA", "dB", "dC"} | {
         name for name, on in (("dD", opt[0]), ("ddt_bias", opt[1]), ("dinitial_state", opt[3])) if on}
     assert set(errs) == expected
@@ -100,7 +109,7 @@ def test_reference_equals_the_quadratic_semiseparable_form_computed_in_float64()
     assert rel_err(y, want) < 1e-6
 
 
-@pytest.mark.parametrize("impl", ["ref", "chunked"])
+@pytest.mark.parametrize("impl", ["ref"] + FAST_IMPLS)
 def test_a_split_sequence_continued_from_its_final_state_equals_the_whole(impl):
     inp = make_inputs(2, 45, 4, 3, 2, 6, D="h", initial=False)
     whole, last = ssd(**{k: inp.get(k) for k in NAMES}, dt_softplus=True, return_final_state=True,
@@ -116,11 +125,12 @@ def test_a_split_sequence_continued_from_its_final_state_equals_the_whole(impl):
     assert rel_err(torch.cat([y1, y2], dim=1), whole) < 1e-5 and rel_err(h2, last) < 1e-5
 
 
-def test_chunked_keeps_fp32_state_under_bf16_inputs():
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_fast_ssd_keeps_fp32_state_under_bf16_inputs(impl):
     inp = make_inputs(1, 20, 2, 4, 1, 4, D="h")
     y_ref = ssd(**{k: inp.get(k) for k in NAMES}, dt_softplus=True, impl="ref")
     low = {k: (v.bfloat16() if k in ("x", "B", "C") else v) for k, v in inp.items()}
-    y = ssd(**{k: low.get(k) for k in NAMES}, dt_softplus=True, impl="chunked")
+    y = ssd(**{k: low.get(k) for k in NAMES}, dt_softplus=True, impl=impl)
     assert y.dtype == torch.bfloat16 and rel_err(y.float(), y_ref) < 3e-2
 
 

@@ -83,6 +83,7 @@ def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family):
     assert rows[0].startswith("step,tokens,train_loss") and len(rows) == 1 + 30 + 1
     assert (on_disk["scan_impl"] or "").startswith({"transformer": "", "mamba": "", "mamba2": "ssd-",
                                                     "hybrid": "ssd-"}[family])
+    assert (on_disk["scan_impl"] is None) == (family == "transformer")
     assert on_disk["model_config"]["family"] == family
 
 

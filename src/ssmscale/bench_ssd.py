@@ -2,8 +2,8 @@
 
     ssmscale profile --op ssd --seq-lens 1024,4096 --batch 8 --d-inner 256 --head-dim 8 --d-state 16
 
-Implementations are named "ssd-<impl>" (ops.ssd: chunked, ref) and "scan-<impl>" (ops.selective_scan:
-fused, chunked, triton, ref). Every point runs in a fresh process (memprobe.run_isolated): median
+Implementations are named "ssd-<impl>" (ops.ssd: fused, chunked, ref) and "scan-<impl>"
+(ops.selective_scan: fused, chunked, triton, ref). Every point runs in a fresh process (memprobe.run_isolated): median
 milliseconds over the timed repeats after one warm-up, and the peak memory the first step needed
 beyond its inputs. "fwd" is a forward whose inputs require grad, "fwdbwd" adds the backward of a
 fixed random output gradient. Both ops get what their block passes them:
@@ -35,16 +35,18 @@ class Point:
 
 
 def default_impls(device: str) -> list[str]:
-    """The SSD's chunked form and reference, and every selective scan available on `device` but "ref"."""
+    """Every SSD and every selective scan available on `device`, the references ("ref") last."""
     from .ops.scan import available_impls
-    return ["ssd-chunked"] + [f"scan-{i}" for i in available_impls(device) if i != "ref"] + ["ssd-ref"]
+    from .ops.ssd import available_ssd_impls
+    return ([f"ssd-{i}" for i in available_ssd_impls(device) if i != "ref"]
+            + [f"scan-{i}" for i in available_impls(device) if i != "ref"] + ["ssd-ref"])
 
 
 def check_impls(impls: list[str], device: str) -> None:
     """ValueError naming the first implementation that is unknown or cannot run on `device`."""
     from .ops.scan import available_impls
-    from .ops.ssd import IMPLS
-    known = [f"ssd-{i}" for i in IMPLS] + [f"scan-{i}" for i in available_impls(device)]
+    from .ops.ssd import available_ssd_impls
+    known = [f"ssd-{i}" for i in available_ssd_impls(device)] + [f"scan-{i}" for i in available_impls(device)]
     for name in impls:
         if name not in known:
             raise ValueError(f"--impls: unknown or not available on {device}: {name!r}; choose from {','.join(known)}")
@@ -86,7 +88,7 @@ def prepare(impl: str, batch: int, d_inner: int, d_state: int, head_dim: int, ch
     return step
 
 
-def run_benchmark(impls, seq_lens, *, batch=8, d_inner=256, d_state=16, head_dim=8, chunk_size=16,
+def run_benchmark(impls, seq_lens, *, batch=8, d_inner=256, d_state=16, head_dim=8, chunk_size=8,
                   modes=MODES, repeats=3, device="cpu", ref_max_len=1024, threads=None, timeout_s=None,
                   progress=None) -> list[dict]:
     """One row per (impl, L, mode), plus speedup_vs_<impl> = that impl's ms / this row's ms at the
@@ -109,6 +111,7 @@ def run_benchmark(impls, seq_lens, *, batch=8, d_inner=256, d_state=16, head_dim
                 rows.append(row)
                 if progress:
                     progress(row)
+    # the first scan listed (in the default list, the fastest) and the SSD's reference
     anchors = [i for i in impls if i.startswith("scan-")][:1] + [i for i in impls if i == "ssd-ref"]
     ok = {(r["impl"], r["length"], r["mode"]): r for r in rows if r["status"] == "ok"}
     for r in rows:

@@ -193,14 +193,14 @@ def _profile_args(p):
     p.add_argument("--steps", default="60", help="loop: timed steps per round (after 10 warm-up steps)")
     p.add_argument("--impls", help="scan: comma-separated implementations (default: all available on the "
                                    "device, plus the mambapy anchor); ssd: ssd-<impl> and scan-<impl> names "
-                                   "(default: ssd-chunked, every scan but ref, ssd-ref)")
+                                   "(default: every SSD and scan available, the references last)")
     p.add_argument("--seq-lens", help="comma-separated sequence lengths (model default 256,...,16384; "
                                       "scan default 1024,4096)")
     p.add_argument("--batch", help="batch size (model default 1, scan default 8)")
     p.add_argument("--d-inner", default="256", help="scan, ssd: channels (Mamba's expand * d_model)")
     p.add_argument("--d-state", default="16", help="scan, ssd: state size N")
     p.add_argument("--ssd-head-dim", default="8", help="ssd: the SSD's head dimension (d_inner / it heads)")
-    p.add_argument("--chunk-size", default="16", help="ssd: the chunked SSD's chunk length")
+    p.add_argument("--chunk-size", default="8", help="ssd: the SSD's chunk length (default 8)")
     p.add_argument("--modes", help="model: train,prefill,generate (default all); scan, ssd: fwd,fwdbwd (default both)")
     p.add_argument("--repeats", default="3", help="timed repeats per point (median reported)")
     p.add_argument("--threads", help="torch threads in each measuring process (default: torch's)")

@@ -80,7 +80,7 @@ class ModelDefaults(_Strict):
     mamba2_head_dim: PositiveInt = 8
     mamba2_d_state: PositiveInt = 16
     mamba2_ngroups: PositiveInt = 1
-    mamba2_chunk_size: PositiveInt = 16                # the chunked SSD's chunk: speed only, not results
+    mamba2_chunk_size: PositiveInt = 8                 # the SSD's chunk: speed (and counted FLOPs), not results
     ssd_impl: Literal[SSD_IMPLS] = "auto"              # ops.ssd impl
     hybrid_ssm: Literal[HYBRID_SSMS] = "mamba2"        # the hybrid's SSM layers
     hybrid_attn_every: PositiveInt = 8                 # about one attention layer in this many (at least one)

@@ -14,8 +14,10 @@ parameters on GPUs). The defaults here are for the 2.5e4-4e5-parameter CPU model
 - mamba2_d_state 16: the per-layer state is d_inner x d_state, the same as Mamba-1 with its N = 16, so
   the two SSMs compare at equal state size; B and C cost 2 d_state d_model parameters per layer, which
   at N = 128 would be a third of a 25K model's layer;
-- mamba2_chunk_size 16: the chunked SSD's result does not depend on it; short chunks are faster on a
-  CPU (its cost is memory traffic over heads x T x T per chunk, see ops/ssd_chunked.py).
+- mamba2_chunk_size 8: the SSD's result does not depend on it (up to rounding); short chunks are
+  faster on a CPU, in the chunked form (memory traffic over heads x T x T per chunk) and in the
+  fused kernel alike (measured: 8 a little faster than 16, 32 and 64 much slower at head_dim 8). The
+  FLOP count follows it (flops.py counts the SSD as the chunked form computes it).
 Mamba-2's d_inner is head_dim x heads with heads = expand d_model / head_dim rounded to a multiple of
 ngroups (the reference requires expand d_model to be such a multiple; rounding lets the sizing rule
 use any even width, so that families match within a few percent even at toy sizes). Likewise the
@@ -30,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 
 FAMILIES = ("transformer", "mamba", "mamba2", "hybrid")
 HYBRID_SSMS = ("mamba2", "mamba")
-SSD_IMPLS = ("auto", "chunked", "ref")
+SSD_IMPLS = ("auto", "fused", "chunked", "ref")
 
 
 def pad_vocab(vocab_size: int, multiple: int = 8) -> int:
@@ -73,7 +75,7 @@ class ModelConfig:
     mamba2_head_dim: int = 8
     mamba2_d_state: int = 16
     mamba2_ngroups: int = 1
-    mamba2_chunk_size: int = 16
+    mamba2_chunk_size: int = 8
     ssd_impl: str = "auto"
     # hybrid: SSM layers with attention-only layers at hybrid_attn_layers (default: one in hybrid_attn_every)
     hybrid_ssm: str = "mamba2"

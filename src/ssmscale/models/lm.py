@@ -95,5 +95,5 @@ def kernel_impl(cfg: ModelConfig, device: str) -> str | None:
         names.append(resolve_impl(cfg.scan_impl, device).name)
     if "mamba2" in kinds:
         from ..ops.ssd import resolve_ssd_impl
-        names.append(f"ssd-{resolve_ssd_impl(cfg.ssd_impl)}")
+        names.append(f"ssd-{resolve_ssd_impl(cfg.ssd_impl, device)}")
     return "+".join(names) or None

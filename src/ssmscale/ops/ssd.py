@@ -6,7 +6,8 @@
 Semantics and layout: `ssd_ref.ssd_ref` (the definition). Implementations:
 - "ref": the sequential loop (slow; the tests' yardstick);
 - "chunked": the chunked matrix form (ssd_chunked.py), pure PyTorch, any device;
-- "auto": "chunked", the fastest one here.
+- "fused": the C kernel for the CPU (ssd_cpu.c), when a C compiler is there;
+- "auto": "fused" for CPU tensors where it is available, else "chunked".
 Returns y, or (y, final_state) with return_final_state; final_state is (batch, heads, head_dim, d_state), fp32.
 """
 
@@ -14,18 +15,28 @@ from __future__ import annotations
 
 import torch
 
+from . import ssd_cpu
 from .ssd_chunked import DEFAULT_CHUNK, ssd_chunked
 from .ssd_ref import ssd_ref
 
-IMPLS = {"ref": ssd_ref, "chunked": ssd_chunked}
+IMPLS = {"ref": ssd_ref, "chunked": ssd_chunked, "fused": ssd_cpu.ssd_fused}
 
 
-def resolve_ssd_impl(impl: str) -> str:
-    """The implementation `impl` names ("auto": the fastest available)."""
+def available_ssd_impls(device: str = "cpu") -> list[str]:
+    """The implementations that can run on `device` in this process, fastest first."""
+    fused = ["fused"] if device == "cpu" and ssd_cpu.available() else []
+    return fused + ["chunked", "ref"]
+
+
+def resolve_ssd_impl(impl: str, device: str = "cpu") -> str:
+    """The implementation `impl` names on `device` ("auto": the fastest available there)."""
     if impl == "auto":
-        return "chunked"
+        return available_ssd_impls(device)[0]
     if impl not in IMPLS:
         raise ValueError(f"impl: unknown SSD implementation {impl!r}; known: auto, {', '.join(IMPLS)}")
+    if impl not in available_ssd_impls(device):
+        why = ssd_cpu.unavailable_reason() if device == "cpu" else f"it runs on the CPU only"
+        raise ValueError(f"impl: {impl!r} is not available on {device} in this process ({why})")
     return impl
 
 
@@ -64,6 +75,6 @@ def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, initial_state=N
         return_final_state=False, chunk_size=DEFAULT_CHUNK, impl="auto"):
     """SSD with the semantics of ssd_ref; returns y, or (y, final_state) when asked."""
     _check_args(x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
-    return IMPLS[resolve_ssd_impl(impl)](x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
+    return IMPLS[resolve_ssd_impl(impl, x.device.type)](x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                          initial_state=initial_state, return_final_state=return_final_state,
                                          chunk_size=chunk_size)

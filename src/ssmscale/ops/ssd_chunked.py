@@ -7,14 +7,14 @@ and X_t = dt_t x_t, per chunk and head:
    a masked (T x T) matrix times X;
 2. chunk states: the state each chunk leaves from a zero start, sum_s exp(a*_T - a*_s) X_s B_s^T;
 3. inter-chunk recurrence: the state entering each chunk, h <- exp(a*_T) h + chunk state, a loop over
-   the chunks (the listing writes it as a (chunks + 1)^2 matrix, which costs O(L^2 / T^2) per
-   sequence; the loop is O(L / T) small steps);
+   the chunks with its own backward (the listing writes it as a (chunks + 1)^2 matrix, which costs
+   O(L^2 / T^2) per sequence; the loop is O(L / T) small in-place steps);
 4. state to output: y_l += exp(a*_l) C_l . (state entering the chunk).
 The decays are differences of within-chunk prefix sums, as in mamba_ssm's kernels, taken in float64 so
 that they are exact to fp32 rounding. The quadratic part is what a CPU pays for (memory traffic over
-(heads, T, T) per chunk), so the default chunk is short: 16 here against 256 on a GPU.
+(heads, T, T) per chunk), so the default chunk is short: 8 here against 256 on a GPU.
 Every contraction is one batched matmul that FlopCounterMode sees, so flops.py counts what is
-computed. Autograd differentiates it; states and sums stay in fp32.
+computed. Autograd differentiates all but step 3; states and sums stay in fp32.
 """
 
 from __future__ import annotations
@@ -24,13 +24,49 @@ import math
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK = 16
+DEFAULT_CHUNK = 8
 
 
 def chunk_geometry(length: int, chunk_size: int) -> tuple[int, int]:
     """(T, chunks): the chunk length actually used (never longer than the sequence) and how many."""
     T = max(1, min(chunk_size, length))
     return T, math.ceil(length / T)
+
+
+class _ChunkRecurrence(torch.autograd.Function):
+    """H_0 = h0, H_{k+1} = decay_k H_k + S_k over the chunks k, in place: (H_0 .. H_{c-1}) and H_c.
+
+    Its own backward, because autograd through a Python loop over the chunks costs a few graph nodes
+    per chunk (1024 chunks per layer at L = 16K): adjoint G_c = dH_c, G_k = dH_k + decay_k G_{k+1};
+    then dS_k = G_{k+1}, d decay_k = <G_{k+1}, H_k>, dh0 = G_0."""
+
+    @staticmethod
+    def forward(ctx, decay, states, h0):
+        # decay (b, c, h); states (b, c, h, p, N); h0 (b, h, p, N)
+        c = states.shape[1]
+        H = states.new_empty(states.shape[0], c + 1, *states.shape[2:])
+        H[:, 0] = h0
+        d = decay[..., None, None]
+        for k in range(c):
+            torch.addcmul(states[:, k], d[:, k], H[:, k], out=H[:, k + 1])
+        ctx.save_for_backward(decay, H)
+        return H[:, :c], H[:, c]
+
+    @staticmethod
+    def backward(ctx, d_entering, d_final):
+        decay, H = ctx.saved_tensors
+        c = decay.shape[1]
+        G = torch.empty_like(H)
+        G[:, c] = d_final if d_final is not None else 0.0
+        if d_entering is None:
+            G[:, :c] = 0.0
+        else:
+            G[:, :c] = d_entering
+        d = decay[..., None, None]
+        for k in range(c - 1, -1, -1):
+            G[:, k].addcmul_(d[:, k], G[:, k + 1])
+        d_decay = (G[:, 1:] * H[:, :c]).sum(dim=(-2, -1))
+        return d_decay, G[:, 1:], G[:, 0]
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, initial_state=None,
@@ -71,14 +107,8 @@ def ssd_chunked(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, initial
         states = states.view(batch, c, heads, p, n)
 
         # 3. inter-chunk recurrence: the state entering each chunk
-        chunk_decay = torch.exp(a_cum[..., -1].float())[..., None, None]   # (b, c, h, 1, 1)
-        h = initial_state.float() if initial_state is not None else x32.new_zeros(batch, heads, p, n)
-        entering = []
-        # unbind, not indexing: one backward node for all chunks (an index's backward writes a full-size zero tensor)
-        for decay_k, state_k in zip(chunk_decay.unbind(1), states.unbind(1)):
-            entering.append(h)
-            h = decay_k * h + state_k
-        entering = torch.stack(entering, dim=1)                             # (b, c, h, p, N)
+        h0 = initial_state.float() if initial_state is not None else x32.new_zeros(batch, heads, p, n)
+        entering, h = _ChunkRecurrence.apply(torch.exp(a_cum[..., -1].float()), states, h0)   # (b, c, h, p, N)
 
         # 4. entering state to output, decayed to each position of the chunk
         y_off = Cc @ entering.view(batch, c, groups, r * p, n).transpose(-1, -2)   # (b, c, g, T, r p)
