@@ -56,6 +56,30 @@ def test_plan_spends_each_budget_in_whole_steps(tmp_path):
         assert abs(b.params / a.params - 1) < 0.10 and b.n_layer == 2 * a.n_layer
 
 
+def test_plan_matches_every_family_to_the_transformer_and_takes_explicit_shapes(tmp_path):
+    from ssmscale.ladder import size_label
+    from ssmscale.models import FAMILIES
+    cfg = validate(LadderConfig, micro(tmp_path, families=list(FAMILIES), sizes=[
+        1.2e4, {"transformer": [32, 2], "mamba": [24, 4], "mamba2": [28, 4], "hybrid": [30, 4]}]), "x")
+    runs = plan(cfg)
+    assert len(runs) == 2 * 2 * len(FAMILIES) and len({r.run_id for r in runs}) == len(runs)
+    by_size = {}
+    for r in runs:
+        by_size.setdefault((r.size, r.budget), {})[r.family] = r
+    for (size, _), per in by_size.items():
+        tf = per["transformer"]
+        for fam in FAMILIES[1:]:
+            assert per[fam].n_layer == 2 * tf.n_layer
+            if size == "1.2e04":     # width 20-24: a step of 2 in width is ~20% of the count
+                assert abs(per[fam].params / tf.params - 1) < 0.10, fam
+    explicit = [r for r in runs if r.size != "1.2e04"]
+    assert {(r.family, r.d_model, r.n_layer) for r in explicit} == {
+        ("transformer", 32, 2), ("mamba", 24, 4), ("mamba2", 28, 4), ("hybrid", 30, 4)}
+    assert explicit[0].size == size_label(cfg.sizes[1]) == \
+        "transformer-d32xL2+mamba-d24xL4+mamba2-d28xL4+hybrid-d30xL4"
+    assert {r.run_id.split("_")[1] for r in explicit} == {"d32xL2", "d24xL4", "d28xL4", "d30xL4"}
+
+
 def test_plan_flags_few_steps_and_repeats_and_skips_them(tmp_path):
     cfg = validate(LadderConfig, micro(tmp_path, budgets=[2.0e9, 4.0e10], sizes=[6.0e3, 2.0e5], min_steps=30), "x")
     runs = plan(cfg, n_train_tokens=20_000)

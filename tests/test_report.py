@@ -11,7 +11,7 @@ import pytest
 
 from ssmscale import fit, report
 from ssmscale.cli import main
-from synthetic_study import SMALL_LM_LAWS, make_study
+from synthetic_study import FOUR_FAMILY_LAWS, SMALL_LM_LAWS, make_study
 
 TINY_GRID = fit.CHINCHILLA_GRID[::90]   # speed: the Chinchilla test in test_fit.py runs the full grid
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -106,6 +106,29 @@ def test_report_on_a_bad_directory_gives_one_line_and_exit_2(tmp_path, capsys, m
     assert main(["report", str(make(tmp_path))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expect in err[0]
+
+
+def test_four_families_get_every_crossover_their_own_colours_and_profile_ratios(tmp_path, monkeypatch):
+    import itertools
+    study = make_study(tmp_path / "scaling", name="four", laws=FOUR_FAMILY_LAWS, budgets=(1e13, 3e13, 1e14),
+                       size_factors=(0.25, 0.5, 1, 2, 4), noise=0.005)
+    result = fit.fit_study(study, n_boot=4, n_jobs=1, progress=False, verbose=False, parametric_grid=TINY_GRID)
+    families = sorted(FOUR_FAMILY_LAWS)
+    pairs = [tuple(sorted(p["families"])) for p in result["crossover"]["pairs"]]
+    assert sorted(pairs) == sorted(itertools.combinations(families, 2))     # every pair, once
+    assert all(p["statement"] for p in result["crossover"]["pairs"])
+    monkeypatch.setattr(report, "fit_runs", _no_refit)
+    md = report.write_report(study, tmp_path / "out").read_text()
+    for a, b in itertools.combinations(families, 2):
+        assert f"Crossover {a} vs {b}" in md or f"Crossover {b} vs {a}" in md
+    head = next(line for line in md.splitlines() if line.startswith("| mode | L |"))
+    # a speed ratio to the profile CSV's first family (hybrid: the CSV is in sorted order) for every other one
+    assert [c.strip() for c in head.strip("|").split("|")[-3:]] == [
+        "mamba / hybrid tokens/s", "mamba2 / hybrid tokens/s", "transformer / hybrid tokens/s"]
+    colors = report.family_colors(families)
+    assert len(set(colors.values())) == 4 and colors["transformer"] == "#1f77b4" and colors["mamba"] == "#d62728"
+    width, height = _png_size((tmp_path / "out" / "isoflop.png").read_bytes())
+    assert height > 700 and width < 1600                                     # four panels: two rows of two
 
 
 def test_family_colours_are_fixed_across_figures():

@@ -75,13 +75,23 @@ def test_the_fused_optimizer_step_matches_the_per_tensor_adamw_loop_with_the_sam
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
+def test_weight_decay_spares_mamba2s_decay_skip_and_dt_bias():
+    model = LM(ModelConfig(family="hybrid", d_model=32, n_layer=2))
+    decay, no_decay = param_groups(model, 0.1)
+    mixer = model.blocks[0].mixer
+    exempt = {id(p) for p in no_decay["params"]}
+    assert {id(mixer.A_log), id(mixer.D), id(mixer.dt_bias), id(mixer.norm.weight)} <= exempt
+    assert any(p is mixer.in_proj.weight for p in decay["params"])
+    assert any(p is model.blocks[1].attn.qkv.weight for p in decay["params"])
+
+
 def test_token_budget_becomes_whole_steps():
     t = TrainConfig(seq_len=64, batch_size=8, tokens=10_000)
     steps, per_step = plan_steps(t)
     assert per_step == 512 and steps == 20            # 19.5 rounds to 20
 
 
-@pytest.mark.parametrize("family", ["transformer", "mamba"])
+@pytest.mark.parametrize("family", ["transformer", "mamba", "mamba2", "hybrid"])
 def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family, capsys, monkeypatch):
     monkeypatch.setattr(threads, "available_cores", lambda: 8)
     cfg = tiny_config(tmp_path, family)
@@ -100,6 +110,10 @@ def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family, capsys
     assert on_disk["thread_waiting"] == threads.waiting()
     rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("step,tokens,train_loss") and len(rows) == 1 + 30 + 1
+    assert (on_disk["scan_impl"] or "").startswith({"transformer": "", "mamba": "", "mamba2": "ssd-",
+                                                    "hybrid": "ssd-"}[family])
+    assert (on_disk["scan_impl"] is None) == (family == "transformer")
+    assert on_disk["model_config"]["family"] == family
 
 
 def test_same_config_and_seed_give_the_same_validation_loss(tmp_path):

@@ -11,6 +11,7 @@ import sys
 
 from . import limits
 from .errors import UserError
+from .models.config import FAMILIES
 
 
 # Each subcommand: `_<name>_args(parser)` declares its arguments, `_<name>(args)` runs it, and one
@@ -69,7 +70,7 @@ def _parse_overrides(pairs: list[str]) -> dict:
 # ------------------------------------------------------------------------------------- train
 def _train_args(p):
     p.add_argument("config", help="run config (YAML), e.g. configs/train_tiny.yaml")
-    p.add_argument("--family", help="model family: transformer or mamba (overrides model.family)")
+    p.add_argument("--family", help=f"model family: one of {', '.join(FAMILIES)} (overrides model.family)")
     p.add_argument("--out", help="run directory (default: runs/<name>-<family>)")
     p.add_argument("--seed", type=int, help="overrides seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-3")
@@ -114,7 +115,7 @@ def _train(args):
 # ------------------------------------------------------------------------------------- sizes
 def _sizes_args(p):
     p.add_argument("params", nargs="+", help="target non-embedding parameter counts, e.g. 1e5 1e6 1e7")
-    p.add_argument("--families", default="transformer,mamba", help="comma-separated families")
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated families (default: all)")
     p.add_argument("--seq-len", type=int, default=256, help="sequence length for FLOPs per token (default 256)")
     p.add_argument("--head-dim", type=int, default=32, help="transformer head dimension (default 32)")
     p.add_argument("--vocab", type=int, default=256, help="tokenizer vocabulary (default 256, bytes)")
@@ -127,13 +128,10 @@ def _sizes(args):
     _in_range(args.seq_len, "--seq-len", limits.MAX_SEQ_LEN)
     _in_range(args.head_dim, "--head-dim", limits.MAX_WIDTH)
     _in_range(args.vocab, "--vocab", limits.MAX_VOCAB)
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
-    bad = [f for f in families if f not in ("transformer", "mamba")]
-    if bad or not families:
-        raise UserError(f"--families: unknown family {bad[0] if bad else args.families!r}; use transformer,mamba")
+    families = _families(args.families)
     from . import flops
     from .models import ModelConfig
-    from .models.sizing import ladder_shapes
+    from .models.sizing import ladder_shapes, shape_for
     base = ModelConfig(family="transformer", d_model=args.head_dim, n_layer=1, head_dim=args.head_dim,
                        vocab_size=args.vocab)
     try:
@@ -143,20 +141,26 @@ def _sizes(args):
     if args.verify:
         _check_fits_in_memory(max(s.params_total for s in shapes), "--verify")
     print(f"sizing.py: transformer n_layer from aspect ratio 64 (>= 2 layers), width a multiple of head_dim "
-          f"{args.head_dim}; Mamba 2x layers, width matched in parameters. FLOPs at L={args.seq_len}: {flops.CONVENTION}")
+          f"{args.head_dim}; the other families 2x layers, width matched in parameters. FLOPs at L={args.seq_len}: "
+          f"{flops.CONVENTION}")
     head = f"{'target':>9} {'family':<11} {'d_model':>7} {'n_layer':>7} {'params':>12} {'total':>12} " \
-           f"{'train FLOPs/tok':>15} {'/6N':>6}"
-    print(head + ("  FlopCounterMode matmul (attention)" if args.verify else ""))
+           f"{'/ tf':>6} {'train FLOPs/tok':>15} {'/6N':>6}"
+    print(head + ("  FlopCounterMode/analytic: matmul (attention) [SSD]" if args.verify else ""))
+    anchor = {t: shape_for("transformer", t, base).params for t in targets}   # "/ tf": matched to this
     for i, s in enumerate(shapes):
+        target = targets[i // len(families)]
         cfg = base.replace(family=s.family, d_model=s.d_model, n_layer=s.n_layer)
         summ = flops.flops_summary(cfg, args.seq_len)
-        line = (f"{targets[i // len(families)]:>9.3g} {s.family:<11} {s.d_model:>7} {s.n_layer:>7} {s.params:>12,} "
-                f"{s.params_total:>12,} {summ['train_flops_per_token']:>15,.0f} {summ['ratio_to_6n']:>6.3f}")
+        line = (f"{target:>9.3g} {s.family:<11} {s.d_model:>7} {s.n_layer:>7} {s.params:>12,} "
+                f"{s.params_total:>12,} {s.params / anchor[target]:>6.3f} {summ['train_flops_per_token']:>15,.0f} "
+                f"{summ['ratio_to_6n']:>6.3f}")
         if args.verify:
             chk = flops.counter_check(cfg, args.seq_len)
             line += f"  {chk['matmul_ratio']:.4f}"
             if "attention_ratio" in chk:
                 line += f" ({chk['attention_ratio']:.4f})"
+            if "ssd_ratio" in chk:
+                line += f" [{chk['ssd_ratio']:.4f}]"
         print(line)
     return 0
 
@@ -183,10 +187,11 @@ def _ladder(args):
 # ----------------------------------------------------------------------------------- profile
 def _profile_args(p):
     p.add_argument("config", nargs="?", help="--op loop: the run config whose model and batch are timed")
-    p.add_argument("--op", choices=["model", "scan", "loop"], default="model",
-                   help="model: both families against sequence length (default); scan: the selective-scan "
-                        "implementations; loop: the Lightning training loop against a bare PyTorch loop")
-    p.add_argument("--families", default="transformer,mamba", help="model: comma-separated families")
+    p.add_argument("--op", choices=["model", "scan", "ssd", "loop"], default="model",
+                   help="model: the families against sequence length (default); scan: the selective-scan "
+                        "implementations; ssd: Mamba-2's SSD against the selective scan at the same d_inner; "
+                        "loop: the Lightning training loop against a bare PyTorch loop")
+    p.add_argument("--families", default=",".join(FAMILIES), help="model: comma-separated families (default: all)")
     p.add_argument("--params", help="model: target non-embedding parameters of a matched pair (default 1e7)")
     p.add_argument("--d-model", help="model: explicit width (with --n-layer) instead of --params")
     p.add_argument("--n-layer", help="model: explicit depth (with --d-model)")
@@ -197,13 +202,16 @@ def _profile_args(p):
     p.add_argument("--family", help="loop: the family to time (default: the config's)")
     p.add_argument("--steps", default="60", help="loop: timed steps per round (after 10 warm-up steps)")
     p.add_argument("--impls", help="scan: comma-separated implementations (default: all available on the "
-                                   "device, plus the mambapy anchor)")
+                                   "device, plus the mambapy anchor); ssd: ssd-<impl> and scan-<impl> names "
+                                   "(default: every SSD and scan available, the references last)")
     p.add_argument("--seq-lens", help="comma-separated sequence lengths (model default 256,...,16384; "
                                       "scan default 1024,4096)")
     p.add_argument("--batch", help="batch size (model default 1, scan default 8)")
-    p.add_argument("--d-inner", default="256", help="scan: channels (Mamba's expand * d_model)")
-    p.add_argument("--d-state", default="16", help="scan: state size N")
-    p.add_argument("--modes", help="model: train,prefill,generate (default all); scan: fwd,fwdbwd (default both)")
+    p.add_argument("--d-inner", default="256", help="scan, ssd: channels (Mamba's expand * d_model)")
+    p.add_argument("--d-state", default="16", help="scan, ssd: state size N")
+    p.add_argument("--ssd-head-dim", default="8", help="ssd: the SSD's head dimension (d_inner / it heads)")
+    p.add_argument("--chunk-size", default="8", help="ssd: the SSD's chunk length (default 8)")
+    p.add_argument("--modes", help="model: train,prefill,generate (default all); scan, ssd: fwd,fwdbwd (default both)")
     p.add_argument("--repeats", default="3", help="timed repeats per point (median reported)")
     p.add_argument("--threads", help="torch threads in each measuring process (default: the thread policy, "
                                      "the cores this process may use)")
@@ -211,23 +219,24 @@ def _profile_args(p):
                    help="model: measure every point alone and again beside N CPU-bound competitor processes "
                         "(busy loops), reporting the share of the alone tokens/s kept (default 0: alone only)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--ref-max-len", default="1024", help="scan: skip the slow reference beyond this length")
+    p.add_argument("--ref-max-len", default="1024", help="scan, ssd: skip the slow references beyond this length")
     p.add_argument("--timeout", default=None, help="seconds allowed per point (default: no limit)")
     p.add_argument("--model-args", action="store_true",
                    help="scan: give it the Mamba block's arguments, delta_softplus with delta_bias, D and "
                         "the gate z (the anchors compute the same)")
-    p.add_argument("--out", help="folder for the CSV (model: profile.csv, .json, .png; scan: scan_bench.csv)")
+    p.add_argument("--out", help="folder for the CSV (model: profile.csv, .json, .png; scan: scan_bench.csv; "
+                                 "ssd: ssd_bench.csv)")
 
 
 def _profile(args):
     if args.config and args.op != "loop":
         raise UserError(f"{args.config}: a config file is only used with --op loop")
-    if args.impls and args.op != "scan":
-        raise UserError("--impls: only used with --op scan")
+    if args.impls and args.op not in ("scan", "ssd"):
+        raise UserError("--impls: only used with --op scan or ssd")
     args.compete = _count(args.compete, "--compete")
     if args.compete and args.op != "model":
         raise UserError("--compete: only used with --op model")
-    return {"scan": _profile_scan, "model": _profile_model, "loop": _profile_loop}[args.op](args)
+    return {"scan": _profile_scan, "ssd": _profile_ssd, "model": _profile_model, "loop": _profile_loop}[args.op](args)
 
 
 def _count(text, flag: str) -> int:
@@ -277,10 +286,7 @@ def _seconds(text):
 
 def _profile_model(args):
     from .profile import MODES, run_profile
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
-    bad = [f for f in families if f not in ("transformer", "mamba")]
-    if bad or not families:
-        raise UserError(f"--families: unknown family {bad[0] if bad else args.families!r}; use transformer,mamba")
+    families = _families(args.families)
     modes = [m.strip() for m in (args.modes or ",".join(MODES)).split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         raise UserError(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
@@ -341,6 +347,15 @@ def _profile_loop(args):
     print(f"  Lightning loop:    {r['lightning_ms']:.1f} ms/step, {r['lightning_tokens_per_s']:,.0f} tokens/s")
     print(f"  Lightning overhead: {100 * r['overhead']:+.1f}% per step")
     return 0
+
+
+def _families(text: str) -> list[str]:
+    """--families: a comma-separated subset of FAMILIES."""
+    families = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in families if f not in FAMILIES]
+    if bad or not families:
+        raise UserError(f"--families: unknown family {bad[0] if bad else text!r}; choose from {','.join(FAMILIES)}")
+    return families
 
 
 def _positive_ints(text: str, flag: str, hi: int = limits.MAX_COUNT) -> list[int]:
@@ -420,6 +435,57 @@ def _profile_scan(args):
     return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
 
 
+def _profile_ssd(args):
+    from pathlib import Path
+
+    from . import bench_ssd
+    modes = [m.strip() for m in (args.modes or "fwd,fwdbwd").split(",") if m.strip()]
+    if not modes or any(m not in bench_ssd.MODES for m in modes):
+        raise UserError(f"--modes: expected a comma-separated subset of {','.join(bench_ssd.MODES)}, got {args.modes!r}")
+    if args.device not in ("cpu", "cuda"):
+        raise UserError(f"--device: expected cpu or cuda, got {args.device!r}")
+    sizes = {k: _positive_int(getattr(args, k) or default, "--" + k.replace("_", "-"))
+             for k, default in (("batch", "8"), ("d_inner", None), ("d_state", None), ("ssd_head_dim", None),
+                                ("chunk_size", None), ("repeats", None), ("ref_max_len", None))}
+    if sizes["d_inner"] % sizes["ssd_head_dim"]:
+        raise UserError(f"--d-inner: {sizes['d_inner']} is not a multiple of --ssd-head-dim {sizes['ssd_head_dim']}")
+    threads = _positive_int(args.threads, "--threads") if args.threads is not None else None
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device in this process")
+    impls = [x.strip() for x in args.impls.split(",") if x.strip()] if args.impls else bench_ssd.default_impls(args.device)
+    try:
+        bench_ssd.check_impls(impls, args.device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    seq_lens = _positive_ints(args.seq_lens or "1024,4096", "--seq-lens")
+    print(f"SSD vs selective scan on {args.device}: batch {sizes['batch']}, d_inner {sizes['d_inner']}, "
+          f"N {sizes['d_state']}, SSD head_dim {sizes['ssd_head_dim']} ({sizes['d_inner'] // sizes['ssd_head_dim']} "
+          f"heads, 1 group), chunk {sizes['chunk_size']}; the blocks' arguments; median of {sizes['repeats']} after "
+          f"1 warm-up; peak = memory the first step needed beyond its inputs; each point in a fresh process",
+          flush=True)
+
+    def progress(row):
+        took = f"{row['median_ms']:.1f} ms" if row.get("median_ms") is not None else row["status"]
+        print(f"  {row['impl']:>12} L={row['length']} {row['mode']}: {took}", file=sys.stderr, flush=True)
+
+    rows = bench_ssd.run_benchmark(
+        impls, seq_lens, batch=sizes["batch"], d_inner=sizes["d_inner"], d_state=sizes["d_state"],
+        head_dim=sizes["ssd_head_dim"], chunk_size=sizes["chunk_size"], modes=modes, repeats=sizes["repeats"],
+        device=args.device, ref_max_len=sizes["ref_max_len"], threads=threads, timeout_s=_seconds(args.timeout),
+        progress=progress)
+    print(bench_ssd.format_table(rows))
+    if args.out:
+        import pandas as pd
+
+        from .fsutil import atomic_write_dataframe_csv
+        path = Path(args.out) / "ssd_bench.csv"
+        atomic_write_dataframe_csv(path, pd.DataFrame(rows))
+        print(f"wrote {path}")
+    return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
+
+
 # ------------------------------------------------------------------------------------- fit
 def _fit_args(p):
     p.add_argument("path", help="a study directory (scaling/<study>, reads its results.csv) or any CSV with "
@@ -478,7 +544,8 @@ COMMANDS: list = [
     ("train", "train one model on its token budget (writes DIR/result.json)", _train_args, _train),
     ("ladder", "plan and run an IsoFLOP ladder (resumable), then fit and report", _ladder_args, _ladder),
     ("profile", "throughput, peak memory and MFU against sequence length (training, prefill, generation); "
-                "--op scan: the selective-scan kernels; --op loop: Lightning overhead",
+                "--op scan: the selective-scan kernels; --op ssd: Mamba-2's SSD against them; "
+                "--op loop: Lightning overhead",
      _profile_args, _profile),
     ("fit", "fit scaling laws with bootstrap intervals to a study or a CSV of runs (writes fit.json)",
      _fit_args, _fit),

@@ -15,10 +15,13 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from . import limits
 from .errors import UserError
+from .models.config import FAMILIES, HYBRID_SSMS, SSD_IMPLS
+
+Family = Literal[FAMILIES]
 
 PositiveInt = Annotated[int, Field(gt=0, le=limits.MAX_COUNT)]
 Count = Annotated[int, Field(ge=0, le=limits.MAX_COUNT)]
@@ -92,20 +95,33 @@ class TokenizerConfig(_Strict):
 
 
 class ModelDefaults(_Strict):
-    """Per-family knobs shared by every size of a ladder (shapes come from `sizes`)."""
-    head_dim: Width = 32
+    """Per-family knobs shared by every size of a ladder (shapes come from `sizes`); the names and
+    defaults are models.ModelConfig's (see its module docstring for the Mamba-2 and hybrid ones)."""
+    head_dim: Width = 32                               # attention (transformer, hybrid)
     d_ff: Width | None = None
-    d_state: Width = 16
-    d_conv: Width = 4
-    expand: Width = 2
+    d_state: Width = 16                                # Mamba
+    d_conv: Width = 4                                  # Mamba, Mamba-2
+    expand: Width = 2                                  # Mamba, Mamba-2
     dt_rank: Width | None = None
     scan_impl: Literal["auto", "fused", "chunked", "ref", "triton"] = "auto"   # ops.selective_scan impl
+    mamba2_head_dim: Width = 8
+    mamba2_d_state: Width = 16
+    mamba2_ngroups: Width = 1
+    mamba2_chunk_size: Width = 8                       # the SSD's chunk: speed (and counted FLOPs), not results
+    ssd_impl: Literal[SSD_IMPLS] = "auto"              # ops.ssd impl
+    hybrid_ssm: Literal[HYBRID_SSMS] = "mamba2"        # the hybrid's SSM layers
+    hybrid_attn_every: Layers = 8                      # about one attention layer in this many (at least one)
+    hybrid_attn_layers: list[Annotated[int, Field(ge=0, le=limits.MAX_LAYERS)]] | None = None   # or exactly these layer indices
+
+    def knobs(self) -> dict:
+        """The ModelConfig keyword arguments these knobs set."""
+        return self.model_dump(include=set(ModelDefaults.model_fields))
 
 
 class ModelSpec(ModelDefaults):
     """One model: the family knobs plus either an explicit shape (d_model, n_layer) or a target
     non-embedding parameter count."""
-    family: Literal["transformer", "mamba"] = "transformer"
+    family: Family = "transformer"
     d_model: Width | None = None
     n_layer: Layers | None = None
     params: Params | None = None
@@ -174,10 +190,10 @@ class RunConfig(_Strict):
         return self
 
 
-class ShapeSpec(_Strict):
-    """An explicit size: one shape per family (e.g. {transformer: [64, 2], mamba: [56, 4]})."""
-    transformer: Annotated[tuple[Width, Layers], Field(strict=False)] | None = None
-    mamba: Annotated[tuple[Width, Layers], Field(strict=False)] | None = None
+ShapeSpec = create_model(
+    "ShapeSpec", __base__=_Strict,
+    __doc__="An explicit size: one (d_model, n_layer) per family (e.g. {transformer: [64, 2], mamba: [56, 4]}).",
+    **{family: (Annotated[tuple[Width, Layers], Field(strict=False)] | None, None) for family in FAMILIES})
 
 
 class SubmititConfig(_Strict):
@@ -196,7 +212,7 @@ class SubmititConfig(_Strict):
 class LadderConfig(_Strict):
     """`ssmscale ladder CONFIG`: an IsoFLOP grid of families x budgets x sizes x learning rates x seeds."""
     name: str
-    families: Annotated[list[Literal["transformer", "mamba"]], Field(min_length=1)] = ["transformer", "mamba"]
+    families: Annotated[list[Family], Field(min_length=1)] = list(FAMILIES)
     budgets: Annotated[list[Flops], Field(min_length=1)]                  # training FLOPs per run
     sizes: Annotated[list[Params | ShapeSpec], Field(min_length=1)]        # target non-embedding params, or shapes
     lrs: Annotated[list[PositiveFloat], Field(min_length=1)] | dict[str, Annotated[list[PositiveFloat], Field(min_length=1)]] = [3e-3]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .config import EXECUTION_KEYS, LadderConfig, ModelSpec, RunConfig, ShapeSpec, load_ladder_config
 from .errors import UserError
+from .models.config import FAMILIES
 
 RESULT_COLUMNS = [
     "run_id", "study", "family", "size", "d_model", "n_layer", "params", "params_total", "budget", "flops",
@@ -59,8 +60,7 @@ class PlannedRun:
 # ------------------------------------------------------------------------------------- planning
 def size_label(size) -> str:
     if isinstance(size, ShapeSpec):
-        return "+".join(f"{f}-d{s[0]}xL{s[1]}" for f, s in (("transformer", size.transformer),
-                                                             ("mamba", size.mamba)) if s)
+        return "+".join(f"{f}-d{s[0]}xL{s[1]}" for f in FAMILIES if (s := getattr(size, f)))
     return f"{size:.3g}".replace("+", "")
 
 
@@ -86,13 +86,12 @@ def vocab_size_of(cfg) -> int:
 
 
 def model_configs(cfg: LadderConfig):
-    """[(size, {family: ModelConfig})] in config order; Mamba is matched to the transformer per size."""
+    """[(size, {family: ModelConfig})] in config order; every family is matched to the transformer per size."""
     from .models import ModelConfig
     from .models.sizing import shape_for
     m = cfg.model
     base = ModelConfig(family="transformer", d_model=m.head_dim, n_layer=1, vocab_size=vocab_size_of(cfg),
-                       head_dim=m.head_dim, d_ff=m.d_ff, d_state=m.d_state, d_conv=m.d_conv,
-                       expand=m.expand, dt_rank=m.dt_rank, scan_impl=m.scan_impl)
+                       **m.knobs())
     out = []
     for i, size in enumerate(cfg.sizes):
         per_family = {}

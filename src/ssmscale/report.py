@@ -2,7 +2,7 @@
 
 Figures (PNG, matplotlib's object API on the Agg canvas, so no global backend is touched):
 - isoflop.png     loss against N per budget, one panel per family, fitted parabolas and their minima;
-- frontier.png    loss against training FLOPs, both families on one axis, frontier fits, the bootstrap
+- frontier.png    loss against training FLOPs, every family on one axis, frontier fits, the bootstrap
                   band continued FIGURE_EXTRAPOLATION beyond the data (dashed = extrapolated), crossovers;
 - allocation.png  compute-optimal N_opt(C) and D_opt(C): Approach 2 minima and fit, Approach 3 implied line;
 - profile.png     tokens/s and peak memory against sequence length, one column per mode (if profile/ exists).
@@ -21,24 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .colors import family_colors
 from .errors import UserError
 from .fit import (DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, LoadedRuns, fit_notes, fit_runs,
                   fmt_value, format_fit, frontier_loss, json_safe, load_runs, quantity_rows)
 from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir
 
-_KNOWN_COLORS = {"transformer": "#1f77b4", "mamba": "#d62728", "all": "#333333"}
-_OTHER_COLORS = ["#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
 _LOSS_LABEL = "validation loss (nats/token)"
 _FLOPS_LABEL = "training FLOPs C"
 _PARAMS_LABEL = "non-embedding parameters N"
-
-
-def family_colors(names) -> dict[str, str]:
-    """Fixed colours for the known families; others take the palette in sorted order."""
-    out, spare = {}, iter(_OTHER_COLORS)
-    for name in sorted(names):
-        out[name] = _KNOWN_COLORS.get(name) or next(spare, "#000000")
-    return out
 
 
 def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 4.6, **kw):
@@ -81,11 +72,16 @@ def _mathtext_sci(v: float) -> str:
 def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
     import matplotlib as mpl
     families = sorted(fit["families"])
-    fig, axes = _figure(ncols=len(families), sharey=True)
+    ncols = len(families) if len(families) <= 3 else 2          # four or more families: two per row
+    nrows = math.ceil(len(families) / ncols)
+    fig, grid = _figure(ncols=ncols, nrows=nrows, sharey=True)
+    panels = list(grid.flat)
+    for ax in panels[len(families):]:
+        ax.set_visible(False)
     budgets = np.unique(table["group_flops"])
     norm = mpl.colors.LogNorm(budgets.min(), budgets.max() * (1.0001 if len(budgets) == 1 else 1.0))
     cmap = mpl.colormaps["viridis"]
-    for ax, name in zip(axes[0], families):
+    for ax, name in zip(panels, families):
         t = table[table["family"] == name]
         block = fit["families"][name]["approach2"]
         entries = {e["budget"]: e for e in block.get("budgets", [])}
@@ -113,7 +109,8 @@ def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
         note = "\n(too few budgets with a minimum for Approach 2: see report)" if "skipped" in block else ""
         ax.set_title(f"{name}: IsoFLOP curves{note}", color=colors[name], fontweight="bold")
         ax.grid(True, which="both", alpha=0.25)
-    axes[0][0].set_ylabel(_LOSS_LABEL)
+    for row in grid:
+        row[0].set_ylabel(_LOSS_LABEL)
     from matplotlib.lines import Line2D
     handles, labels = [], []
     for c in budgets:
@@ -417,8 +414,7 @@ def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
     out += ["Peak MiB: the memory a step adds over its fresh process's baseline (weights, optimiser state and "
             "inputs excluded; generation includes the KV cache or the recurrent state).", ""]
     head = "| mode | L | " + " | ".join(f"{f} tokens/s | {f} peak MiB" for f in families) + " |"
-    if len(families) == 2:
-        head += f" {families[1]} / {families[0]} tokens/s |"
+    head += "".join(f" {f} / {families[0]} tokens/s |" for f in families[1:])
     out += [head, "|" + "---|" * (head.count("|") - 1)]
     for (mode, seq_len), grp in profile.groupby(["mode", "seq_len"], sort=False):
         cells, speed = [], {}
@@ -434,9 +430,9 @@ def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
             else:
                 cells += [r["status"], ""]
         line = f"| {mode} | {int(seq_len)} | " + " | ".join(cells) + " |"
-        if len(families) == 2:
-            a, b = families
-            line += f" {speed[b] / speed[a]:.2f}x |" if a in speed and b in speed else " |"
+        first = families[0]
+        line += "".join(f" {speed[f] / speed[first]:.2f}x |" if first in speed and f in speed else " |"
+                        for f in families[1:])
         out.append(line)
     growth = meta.get("growth", {})
     if growth:
@@ -510,7 +506,7 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
         "isoflop.png": "IsoFLOP curves: final validation loss against model size at each compute budget, with "
                        "the least-squares parabola in ln N and its minimum (star; hollow = outside the sampled "
                        "sizes or otherwise not used for Approach 2).",
-        "frontier.png": "Loss against training compute for both families. Bold points: the best run at each "
+        "frontier.png": "Loss against training compute for every family. Bold points: the best run at each "
                         "budget, which the frontier L(C) = E + A C^-alpha is fitted to. Dashed lines and the grey "
                         "area are extrapolation; shaded bands are bootstrap intervals of the frontier.",
         "allocation.png": "Compute-optimal allocation. Points: Approach 2 parabola minima (error bars: bootstrap "

@@ -34,15 +34,15 @@ METRIC_FIELDS = ["step", "tokens", "train_loss", "lr", "grad_norm", "elapsed_s",
 def resolve_model(spec: ModelSpec, vocab_size: int) -> ModelConfig:
     """The concrete ModelConfig of a spec: its explicit shape, or the sizing rule applied to `params`."""
     try:
-        cfg = ModelConfig(family=spec.family, d_model=spec.d_model or spec.head_dim,
-                          n_layer=spec.n_layer or 1, vocab_size=vocab_size, head_dim=spec.head_dim,
-                          d_ff=spec.d_ff, d_state=spec.d_state, d_conv=spec.d_conv, expand=spec.expand,
-                          dt_rank=spec.dt_rank, scan_impl=spec.scan_impl)
+        d_model, n_layer = spec.d_model, spec.n_layer
         if spec.params is not None:
             from .models.sizing import shape_for
-            shape = shape_for(spec.family, spec.params, cfg)
-            cfg = cfg.replace(d_model=shape.d_model, n_layer=shape.n_layer)
-        return cfg
+            base = ModelConfig(family="transformer", d_model=spec.head_dim, n_layer=1, vocab_size=vocab_size,
+                               **spec.knobs())
+            shape = shape_for(spec.family, spec.params, base)
+            d_model, n_layer = shape.d_model, shape.n_layer
+        return ModelConfig(family=spec.family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
+                           **spec.knobs())
     except ValueError as exc:
         raise UserError(f"model.{exc}") from None
 
@@ -417,10 +417,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
 
 
 def _scan_impl_name(model_cfg: ModelConfig, accelerator: str) -> str | None:
-    if model_cfg.family != "mamba":
-        return None
-    from .ops.scan import resolve_impl
-    return resolve_impl(model_cfg.scan_impl, "cuda" if accelerator == "gpu" else "cpu").name
+    from .models.lm import kernel_impl
+    return kernel_impl(model_cfg, "cuda" if accelerator == "gpu" else "cpu")
 
 
 def _save_weights(model, path: Path):
