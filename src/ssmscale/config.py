@@ -107,6 +107,12 @@ class TrainConfig(_Strict):
     eps: PositiveFloat = 1e-8
     grad_clip: Annotated[float, Field(ge=0)] = 1.0      # 0 disables clipping
     eval_every: Annotated[int, Field(ge=0)] = 0         # steps between validations; 0: only at the end
+    # validations at log-spaced steps (10% to 75% of the run, then the end) on one fixed subset of the
+    # validation set, for Chinchilla's Approach 1; 0: none
+    eval_points: Annotated[int, Field(ge=0)] = 8
+    # tokens of that subset; default: sized so the eval points cost about 5% of the run's compute
+    # (a ladder sizes it once for the whole study, from its smallest run, so every run uses the same)
+    eval_points_tokens: PositiveInt | None = None
     eval_tokens: PositiveInt = 65536                    # size of the fixed held-out validation set
     checkpoint_every: Annotated[int, Field(ge=0)] = 0   # steps between resumable checkpoints; 0: none
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"  # auto: 32 on CPU, bf16-mixed on GPU

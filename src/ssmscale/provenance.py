@@ -41,11 +41,26 @@ def versions() -> dict:
     return out
 
 
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's marketing name ("AMD EPYC 7B13"), from /proc/cpuinfo where there is one."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_description(device: str = "cpu") -> str:
+    """The machine a measurement ran on, named well enough to compare wall-clock numbers: the GPU, or
+    the CPU model and torch's thread count."""
     import torch
     if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return f"{torch.cuda.get_device_name(torch.device(device))} (GPU; host {cpu_model()})"
+    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
 
 
 def provenance(device: str = "cpu") -> dict:
