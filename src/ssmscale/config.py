@@ -174,6 +174,9 @@ class LadderConfig(_Strict):
     sizes: Annotated[list[PositiveFloat | ShapeSpec], Field(min_length=1)]  # target non-embedding params, or shapes
     lrs: Annotated[list[PositiveFloat], Field(min_length=1)] | dict[str, Annotated[list[PositiveFloat], Field(min_length=1)]] = [3e-3]
     seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = [0]
+    # seed noise: once the main grid has finished, the best run of each family and budget is trained
+    # again with each of these seeds (same shape and learning rate); the fits average seeds per point
+    noise_seeds: list[Annotated[int, Field(ge=0)]] = []
     # tune the learning rate at one budget only: runs at that budget try the whole `lrs` grid; every
     # other budget uses, per family and size, the learning rate that reached the lowest loss there
     lr_tune_budget: PositiveFloat | None = None
@@ -194,6 +197,11 @@ class LadderConfig(_Strict):
             raise ValueError("train.tokens: set by the ladder from each budget; remove it")
         if len(set(self.budgets)) != len(self.budgets):
             raise ValueError("budgets: duplicate entries")
+        if len(set(self.noise_seeds)) != len(self.noise_seeds):
+            raise ValueError("noise_seeds: duplicate entries")
+        if set(self.noise_seeds) & set(self.seeds):
+            raise ValueError(f"noise_seeds: {sorted(set(self.noise_seeds) & set(self.seeds))[0]} is already one "
+                             "of the seeds")
         if self.lr_tune_budget is not None and self.lr_tune_budget not in self.budgets:
             raise ValueError(f"lr_tune_budget: {self.lr_tune_budget:g} is not one of the budgets")
         if isinstance(self.lrs, dict):
