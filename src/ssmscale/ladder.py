@@ -343,7 +343,7 @@ def noise_runs(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]) -> list
         if (family, budget) not in best or mean < best[(family, budget)][0]:
             best[(family, budget)] = (mean, seeds[0][1])
     out = []
-    for (family, budget), (_, r) in sorted(best.items(), key=lambda kv: (cfg.families.index(kv[0][0]), kv[0][1])):
+    for _, r in sorted(best.values(), key=lambda v: (cfg.families.index(v[1].family), v[1].budget)):
         base = re.sub(r"_s\d+$", "", r.run_id) if len(cfg.seeds) > 1 else r.run_id
         for seed in cfg.noise_seeds:
             out.append(PlannedRun(**{**asdict(r), "run_id": f"{base}_s{seed}", "seed": seed,
