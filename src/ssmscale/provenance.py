@@ -30,6 +30,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+@lru_cache(maxsize=1)
+def source_commit() -> str:
+    """The last commit that changed the package's source, '+dirty' if it is modified: unlike HEAD it does not
+    move when regenerated study outputs are committed, so a report that names it stays byte-identical."""
+    root = Path(__file__).resolve().parents[2]
+    paths = ["src", "pyproject.toml"]
+    try:
+        sha = subprocess.run(["git", "log", "-1", "--format=%H", "--", *paths], cwd=root, capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (sha or "unknown") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def versions() -> dict:
     import importlib.metadata as md
     out = {"python": platform.python_version()}
