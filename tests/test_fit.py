@@ -36,7 +36,7 @@ def chinchilla_dir() -> Path | None:
 def _fit_frame(tmp_path, df, name="runs.csv", **kwargs):
     path = tmp_path / name
     df.to_csv(path, index=False)
-    kwargs = {"n_boot": 0, "n_jobs": 1, "progress": False, "parametric_grid": SMALL_GRID, **kwargs}
+    kwargs = {"n_boot": 0, "n_jobs": 1, "progress": False, "parametric_grid": SMALL_GRID, "backtest": False, **kwargs}
     return fit.fit_runs(fit.load_runs(path), **kwargs)
 
 
