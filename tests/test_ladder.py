@@ -266,3 +266,28 @@ def test_a_tuned_rate_is_only_used_once_every_rate_of_the_grid_has_been_tried(tm
     _train_run(cfg, study, first, progress=False, position=0)   # only one of the two rates has run
     assert tuned_lrs(cfg, study) == {}
     assert [r.lr for r in plan(cfg, tuned=tuned_lrs(cfg, study)) if r.budget == 4.0e9] == [None]
+
+
+def test_noise_seeds_added_to_a_finished_study_retrain_only_each_best_run_with_the_extra_seeds(tmp_path):
+    raw = micro(tmp_path, budgets=[2.0e9], sizes=[6.0e3, 1.2e4])
+    study = tmp_path / "study"
+    run_ladder(str(write_cfg(tmp_path, raw)), out=str(study), progress=False)
+    before = {p.parent.name: p.stat().st_mtime_ns for p in study.glob("runs/*/result.json")}
+    main_rows = _results(study)
+    assert len(before) == 4
+
+    raw["noise_seeds"] = [1]               # not part of the study's identity: the same directory takes it
+    run_ladder(str(write_cfg(tmp_path, raw)), out=str(study), progress=False)
+    df = _results(study)
+    assert len(df) == 4 + 2 and df.run_id.is_unique and set(df.status) == {"ok"}
+    for run_id, mtime in before.items():
+        assert (study / "runs" / run_id / "result.json").stat().st_mtime_ns == mtime
+    for fam in ("transformer", "mamba"):
+        best = main_rows[main_rows.family == fam].sort_values("loss").iloc[0]
+        extra = df[(df.family == fam) & (df.seed != 0)]
+        assert list(extra.run_id) == [f"{best.run_id}_s1"]
+        assert set(extra.lr) == {best.lr} and set(extra.params) == {best.params}
+        assert set(extra.d_model) == {best.d_model} and set(extra.lr_source) == {f"copied from {best.run_id}"}
+        assert best.loss not in set(extra.loss)          # another seed, another loss
+    with pytest.raises(UserError, match="noise_seeds: 0 is already one of the seeds"):
+        validate(LadderConfig, micro(tmp_path, noise_seeds=[0]), "x")

@@ -6,6 +6,7 @@ import json
 import shutil
 import struct
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -135,3 +136,45 @@ def test_family_colours_are_fixed_across_figures():
     colors = report.family_colors(["transformer", "mamba", "hyena"])
     assert colors["transformer"] == report.family_colors(["transformer"])["transformer"]
     assert len(set(colors.values())) == 3
+
+
+def _with_run_files(study):
+    """Give every synthetic run what a real one records: loss by position, eval-point curve, training time;
+    and two more seeds of each budget's best run."""
+    df = pd.read_csv(study / "results.csv")
+    ok = df[df["status"] == "ok"]
+    best = ok.loc[ok.groupby(["family", "budget"])["loss"].idxmin()]
+    seeds = pd.concat([best.assign(seed=s, run_id=best["run_id"] + f"_s{s}", loss=best["loss"] * (1 + d))
+                       for s, d in ((1, 0.004), (2, -0.004))])
+    df = pd.concat([df, seeds], ignore_index=True)
+    df["train_s"] = df["flops"] / 1e11 * df["family"].map({"mamba": 1.5, "transformer": 1.0})
+    df.to_csv(study / "results.csv", index=False)
+    fractions = 10.0 ** (-1 + np.arange(9) / 8)
+    for _, r in df.iterrows():
+        pos = np.arange(1, 65)
+        curve = {"subset_tokens": 512, "step": list(range(1, 10)), "tokens": (fractions * r["tokens"]).tolist(),
+                 "flops": (fractions * r["flops"]).tolist(), "loss": (r["loss"] * fractions ** -0.08).tolist()}
+        (study / "runs" / r["run_id"]).mkdir(parents=True, exist_ok=True)
+        (study / "runs" / r["run_id"] / "result.json").write_text(json.dumps(
+            {"val_loss_by_position": (r["loss"] * (1 + 0.6 / np.sqrt(pos))).tolist(), "eval_curve": curve}))
+    return study
+
+
+def test_report_says_how_far_to_trust_it_and_rewrites_the_same_bytes(tmp_path, monkeypatch):
+    study = _with_run_files(make_study(tmp_path / "scaling", name="trust", laws=SMALL_LM_LAWS,
+                                       budgets=(1e13, 3e13, 1e14, 3e14), size_factors=(0.25, 0.5, 1, 2, 4),
+                                       noise=0.005, lrs=(1e-3,), n_bad=0, profile=False))
+    fit.fit_study(study, n_boot=8, n_jobs=2, progress=False, verbose=False, parametric_grid=TINY_GRID)
+    monkeypatch.setattr(report, "fit_runs", _no_refit)
+    md = report.write_report(study, tmp_path / "a").read_text()
+    for text in ("### Backtest: do the laws predict budgets they were not fitted on?", "| 1 largest | 3e+14 | frontier |",
+                 "### Seed noise beside the family gaps", "| mamba | 3e+14 |", "![position.png](position.png)",
+                 "context gain (nats)", "![wallclock.png](wallclock.png)", "**Verdict**: At equal pure training time on",
+                 "holds for that machine", "| mamba | 1 (envelope) |", "Approach 1 caveat", "| approach1 | a |"):
+        assert text in md, text
+    assert "Fit time" not in md
+    gains = [line for line in md.splitlines() if line.startswith("| transformer | 3e14 |")]
+    assert len(gains) == 1 and "| 3 |" in gains[0]               # the best run's three seeds, averaged
+    report.write_report(study, tmp_path / "b")
+    for name in ("report.md", "frontier.png", "allocation.png", "position.png", "wallclock.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

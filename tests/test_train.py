@@ -15,7 +15,8 @@ import yaml
 from ssmscale import threads
 from ssmscale.config import RunConfig, TrainConfig, validate
 from ssmscale.models import LM, ModelConfig
-from ssmscale.train import lr_at, make_optimizer, param_groups, plan_steps, run_training
+from ssmscale.train import (context_gain, eval_point_steps, eval_points_tokens, eval_subset, lr_at, make_optimizer,
+                            param_groups, plan_steps, run_training)
 
 
 def tiny_config(tmp_path, family="transformer", **train):
@@ -114,6 +115,38 @@ def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family, capsys
                                                     "hybrid": "ssd-"}[family])
     assert (on_disk["scan_impl"] is None) == (family == "transformer")
     assert on_disk["model_config"]["family"] == family
+    # loss by position: one mean per window position, averaging to the validation loss (every position is scored)
+    by_pos = on_disk["val_loss_by_position"]
+    assert len(by_pos) == 32 and sum(by_pos) / 32 == pytest.approx(r["loss"], abs=1e-6)
+    assert on_disk["context_gain"] == pytest.approx(sum(by_pos[:4]) / 4 - sum(by_pos[-4:]) / 4, abs=1e-5)
+    # eval points: the log-spaced steps, then the end, on one subset; FLOPs spent so far at each
+    curve = on_disk["eval_curve"]
+    assert curve["step"] == eval_point_steps(30, 8) + [30] == [3, 4, 5, 7, 9, 13, 17, 22, 30]
+    assert curve["flops"] == [s * 128 * r["flops_per_token"] for s in curve["step"]]
+    assert curve["subset_tokens"] == eval_points_tokens(30 * 128, 32, 8, 2048) == 64
+    logged = [row.split(",")[-1] for row in rows[1:]]
+    assert sum(bool(v) for v in logged) == len(curve["step"])
+    assert float(logged[-1]) == pytest.approx(curve["loss"][-1], abs=1e-6)
+    assert train_s_excludes_validation(r)
+
+
+def train_s_excludes_validation(r) -> bool:
+    return 0 < r["train_s"] < r["wall_s"]
+
+
+def test_eval_points_are_log_spaced_over_a_decade_and_their_subset_spans_the_set():
+    assert eval_point_steps(1000, 8) == [100, 133, 178, 237, 316, 422, 562, 750]
+    assert eval_point_steps(1000, 0) == [] and eval_point_steps(5, 8) == [1, 2, 3, 4]
+    # ~5% of the compute: 8 points x subset <= 0.15 x training tokens, in whole windows, within the set
+    assert eval_points_tokens(1_000_000, 128, 8, 262144) == 18688 == 146 * 128
+    assert eval_points_tokens(1e9, 128, 8, 262144) == 262144 and eval_points_tokens(100, 128, 8, 4096) == 128
+    assert eval_subset(100, 10 * 128, 128) == list(range(0, 100, 10))
+    assert eval_subset(3, 10 * 128, 128) == [0, 1, 2]
+
+
+def test_context_gain_is_the_first_tenth_minus_the_last_tenth():
+    assert context_gain([5.0] * 10 + [3.0] * 80 + [1.0] * 10) == pytest.approx(4.0)
+    assert context_gain([None, 4.0] + [2.0] * 16 + [1.0, None]) == pytest.approx(3.0)    # unscored positions skipped
 
 
 def test_same_config_and_seed_give_the_same_validation_loss(tmp_path):
@@ -130,7 +163,7 @@ def test_nan_loss_ends_the_run_as_diverged(tmp_path, monkeypatch):
 
     def poisoned(self, tokens, cache=None):
         out = real_forward(self, tokens, cache)
-        calls["n"] += 1
+        calls["n"] += self.training          # validation forwards (eval points) do not count
         return out * float("nan") if self.training and calls["n"] > 5 else out
 
     monkeypatch.setattr(LM, "forward", poisoned)

@@ -497,6 +497,12 @@ def _fit_args(p):
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--ci", type=float, default=0.95, help="interval coverage (default 0.95)")
     p.add_argument("--jobs", type=int, help="worker processes (default: every available core)")
+    p.add_argument("--backtest", action=argparse.BooleanOptionalAction, default=True,
+                   help="refit each law without the largest IsoFLOP budgets and predict them (default on when the "
+                        "runs have budgets; --no-backtest skips it)")
+    p.add_argument("--holdout-above", type=float, metavar="FLOPS",
+                   help="backtest for a CSV of single runs: fit Approach 3 on the runs at or below FLOPS, "
+                        "predict the rest (e.g. 1e21 for Chinchilla's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -505,7 +511,8 @@ def _fit(args):
     from .fit import fit_path, format_fit, parse_column_mapping
     result, target = fit_path(args.path, out=args.out, columns=parse_column_mapping(args.columns),
                               n_boot=args.n_boot, seed=args.seed, ci=args.ci, n_jobs=args.jobs,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, backtest=args.backtest,
+                              holdout_above=args.holdout_above)
     print(format_fit(result))
     print(f"wrote {target}")
 

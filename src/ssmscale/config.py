@@ -151,6 +151,12 @@ class TrainConfig(_Strict):
     eps: PositiveFloat = 1e-8
     grad_clip: Annotated[float, Field(ge=0)] = 1.0      # 0 disables clipping
     eval_every: Count = 0                              # steps between validations; 0: only at the end
+    # validations at log-spaced steps (10% to 75% of the run, then the end) on one fixed subset of the
+    # validation set, for Chinchilla's Approach 1; 0: none
+    eval_points: Count = 8
+    # tokens of that subset; default: sized so the eval points cost about 5% of the run's compute
+    # (a ladder sizes it once for the whole study, from its smallest run, so every run uses the same)
+    eval_points_tokens: PositiveInt | None = None
     eval_tokens: PositiveInt = 65536                    # size of the fixed held-out validation set
     checkpoint_every: Count = 0                        # steps between resumable checkpoints; 0: none
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"  # auto: 32 on CPU, bf16-mixed on GPU
@@ -217,6 +223,9 @@ class LadderConfig(_Strict):
     sizes: Annotated[list[Params | ShapeSpec], Field(min_length=1)]        # target non-embedding params, or shapes
     lrs: Annotated[list[PositiveFloat], Field(min_length=1)] | dict[str, Annotated[list[PositiveFloat], Field(min_length=1)]] = [3e-3]
     seeds: Annotated[list[Seed], Field(min_length=1)] = [0]
+    # seed noise: once the main grid has finished, the best run of each family and budget is trained
+    # again with each of these seeds (same shape and learning rate); the fits average seeds per point
+    noise_seeds: list[Seed] = []
     # tune the learning rate at one budget only: runs at that budget try the whole `lrs` grid; every
     # other budget uses, per family and size, the learning rate that reached the lowest loss there
     lr_tune_budget: Flops | None = None
@@ -251,6 +260,11 @@ class LadderConfig(_Strict):
             raise ValueError("train.tokens: set by the ladder from each budget; remove it")
         if len(set(self.budgets)) != len(self.budgets):
             raise ValueError("budgets: duplicate entries")
+        if len(set(self.noise_seeds)) != len(self.noise_seeds):
+            raise ValueError("noise_seeds: duplicate entries")
+        if set(self.noise_seeds) & set(self.seeds):
+            raise ValueError(f"noise_seeds: {sorted(set(self.noise_seeds) & set(self.seeds))[0]} is already one "
+                             "of the seeds")
         if self.lr_tune_budget is not None and self.lr_tune_budget not in self.budgets:
             raise ValueError(f"lr_tune_budget: {self.lr_tune_budget:g} is not one of the budgets")
         if isinstance(self.lrs, dict):

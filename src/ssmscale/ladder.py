@@ -1,5 +1,9 @@
 """The IsoFLOP ladder: plan (families x budgets x sizes x learning rates x seeds) -> run -> results table.
 
+With `noise_seeds`, once the main grid has finished, the best run of each (family, budget) is trained
+again with each extra seed (same shape and learning rate; run id `<best run>_s<seed>`), so the fits can
+put the seed-to-seed noise into their intervals. Adding noise seeds to a finished study trains only them.
+
 Each run spends its budget: tokens = budget / training FLOPs per token (flops.py), rounded to whole
 optimiser steps; the FLOPs actually spent are recorded. The ladder is restartable at any moment:
 a run's result.json is written atomically when it ends, a restart skips runs that have one (and
@@ -32,7 +36,7 @@ RESULT_COLUMNS = [
     "run_id", "study", "family", "size", "d_model", "n_layer", "params", "params_total", "budget", "flops",
     "flops_per_token", "ratio_to_6n", "tokens", "steps", "lr", "lr_source", "seed", "seq_len", "batch_size",
     "loss", "bpb", "status", "message", "flags", "wall_s", "tokens_per_s", "config_hash", "data_fingerprint",
-    "commit", "device", "versions", "flops_convention", "threads",
+    "commit", "device", "versions", "flops_convention", "threads", "train_s", "context_gain",
 ]
 
 
@@ -169,11 +173,23 @@ def _run_id(family, size, budget, lr, seed, cfg) -> str:
     return re.sub(r"[^A-Za-z0-9.\-_]", "", "_".join(parts).replace("+", ""))
 
 
+def study_eval_points_tokens(cfg: LadderConfig) -> int | None:
+    """The eval points' validation subset, one size for every run of the study: the default size for its
+    run with the fewest tokens (so the points cost at most ~5% of any run), unless the config sets one."""
+    from .train import eval_points_tokens
+    t = cfg.train
+    if not t.eval_points or t.eval_points_tokens:
+        return t.eval_points_tokens
+    fewest = min((r.tokens for r in plan(cfg) if not r.skip), default=t.eval_tokens)
+    return eval_points_tokens(fewest, t.seq_len, t.eval_points, t.eval_tokens)
+
+
 def run_config(cfg: LadderConfig, run: PlannedRun, progress: bool = True) -> RunConfig:
     """The single-run config the training loop gets for one planned run."""
     spec = ModelSpec(family=run.family, d_model=run.d_model, n_layer=run.n_layer, **cfg.model.model_dump())
     train = cfg.train.model_copy(update={"tokens": float(run.tokens), "lr": run.lr,
-                                         "progress": cfg.train.progress and progress})
+                                         "progress": cfg.train.progress and progress,
+                                         "eval_points_tokens": study_eval_points_tokens(cfg)})
     return RunConfig(name=f"{cfg.name}/{run.run_id}", seed=run.seed, data=cfg.data,
                      tokenizer=cfg.tokenizer, model=spec, train=train)
 
@@ -227,7 +243,8 @@ class StudyLock:
 def _fixed_part(cfg: LadderConfig) -> dict:
     """What must not change between restarts of one study (the grid itself may grow)."""
     d = cfg.model_dump(mode="json")
-    for key in ("families", "budgets", "sizes", "lrs", "seeds", "lr_tune_budget", "min_steps", "run_flagged",
+    for key in ("families", "budgets", "sizes", "lrs", "seeds", "noise_seeds", "lr_tune_budget", "min_steps",
+                "run_flagged",
                 "allow_repeats",
                 "executor", "submitit", "fit"):
         d.pop(key)
@@ -312,6 +329,37 @@ def tuned_lrs(cfg: LadderConfig, out_dir: Path) -> dict:
     return {k: lr for k, (_, lr) in best.items() if k not in open_pairs}
 
 
+def noise_runs(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]) -> list[PlannedRun]:
+    """The seed-noise runs: none until every run of the main grid has ended; then, per (family, budget),
+    the run with the lowest loss (mean over `seeds`) trained again with each of `noise_seeds`."""
+    main = [r for r in runs if not r.skip]
+    if not cfg.noise_seeds or not main or any(r.lr is None or not _finished(out_dir, r) for r in main):
+        return []
+    losses: dict = {}
+    for r in main:
+        res = _read_result(out_dir, r.run_id)
+        if res.get("status") == "ok" and res.get("loss") is not None and math.isfinite(res["loss"]):
+            losses.setdefault((r.family, r.budget, r.size, r.lr), []).append((res["loss"], r))
+    best: dict = {}
+    for (family, budget, _, _), seeds in losses.items():
+        mean = sum(loss for loss, _ in seeds) / len(seeds)
+        if (family, budget) not in best or mean < best[(family, budget)][0]:
+            best[(family, budget)] = (mean, seeds[0][1])
+    out = []
+    for _, r in sorted(best.values(), key=lambda v: (cfg.families.index(v[1].family), v[1].budget)):
+        base = re.sub(r"_s\d+$", "", r.run_id) if len(cfg.seeds) > 1 else r.run_id
+        for seed in cfg.noise_seeds:
+            out.append(PlannedRun(**{**asdict(r), "run_id": f"{base}_s{seed}", "seed": seed,
+                                     "lr_source": f"copied from {r.run_id}"}))
+    return out
+
+
+def plan_study(cfg: LadderConfig, out_dir: Path, n_train_tokens: int | None = None) -> list[PlannedRun]:
+    """The plan as far as the study's results make it known: tuned learning rates, then the noise-seed runs."""
+    runs = plan(cfg, n_train_tokens, tuned_lrs(cfg, out_dir))
+    return runs + noise_runs(cfg, out_dir, runs)
+
+
 def _finished(out_dir: Path, run: PlannedRun) -> bool:
     """A result exists, is final, and was trained with the learning rate planned now (a tuned learning
     rate changes when the tuning grid grows: such runs are trained again)."""
@@ -327,7 +375,7 @@ def run_one(study_dir: str, run_id: str, progress: bool = False, parallel_jobs: 
     `max_cores` size its threads (threads.py; see thread_share)."""
     out_dir = Path(study_dir)
     cfg = load_ladder_config(out_dir / "config.yaml")
-    run = next((r for r in plan(cfg, tuned=tuned_lrs(cfg, out_dir)) if r.run_id == run_id), None)
+    run = next((r for r in plan_study(cfg, out_dir) if r.run_id == run_id), None)
     if run is None or run.lr is None:
         raise UserError(f"{run_id}: not a runnable run of the study in {out_dir}")
     return _train_run(cfg, out_dir, run, progress=progress, position=1, share=(parallel_jobs, max_cores),
@@ -391,8 +439,12 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
     plan(cfg, n_train)              # a grid that cannot be planned is refused before the study folder exists
     with StudyLock(out_dir):
         _check_same_study(cfg, out_dir)
-        runs = plan(cfg, n_train, tuned_lrs(cfg, out_dir))
+        runs = plan_study(cfg, out_dir, n_train)
         print(format_plan(runs))
+        if cfg.noise_seeds and not any(r.lr_source.startswith("copied") for r in runs):
+            print(f"noise seeds {cfg.noise_seeds}: once this grid has finished, the best run of each family and "
+                  f"budget is trained again with each ({len(cfg.noise_seeds)} x {len(cfg.families)} x "
+                  f"{len(cfg.budgets)} runs at most)")
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg.model_dump(mode="json")))
         atomic_write_dataframe_csv(out_dir / "plan.csv", plan_frame(runs))
         if dry_run:
@@ -410,12 +462,17 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
         tally = {"done": 0, "total": len(pending)}
         attempted = set()
         # rounds: runs whose learning rate is known; after the tuning budget, the rest become known
+        counted = {r.run_id for r in pending}
         while True:
-            runs = plan(cfg, n_train, tuned_lrs(cfg, out_dir))
+            runs = plan_study(cfg, out_dir, n_train)
             todo = [r for r in runs if not r.skip and r.lr is not None and (r.run_id, r.lr) not in attempted
                     and not _finished(out_dir, r)]
             if not todo:
                 break
+            new = [r for r in todo if r.run_id not in counted]     # noise-seed runs, known only now
+            counted.update(r.run_id for r in new)
+            tally["total"] += len(new)
+            bar.total += sum(r.flops for r in new)
             attempted.update((r.run_id, r.lr) for r in todo)
             execute(cfg, out_dir, runs, todo, bar, tally, cluster)
         bar.close()

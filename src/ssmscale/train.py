@@ -6,7 +6,10 @@ AdamW (betas 0.9/0.95, weight decay on weight matrices only: norms, biases, A_lo
 are exempt), linear warmup then cosine decay to `final_lr` at the last step, gradient clipping,
 fp32 on CPU / bf16-mixed on GPU. Batch i is a pure function of (seed, i), so a resumed run sees
 the same batches and both families see the same tokens in the same order. Validation uses a fixed
-held-out token set and reports nats/token and bits/byte. A NaN/inf loss ends the run as `diverged`.
+held-out token set and reports nats/token, bits/byte and the mean loss at each position of the window
+(does the model use its context?). `eval_points` more validations at log-spaced steps, on one fixed
+subset of that set, give the loss curve Chinchilla's Approach 1 needs. `train_s` is pure training time:
+the optimiser steps only, no start-up, validation or checkpointing. A NaN/inf loss ends the run as `diverged`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,12 @@ from .fsutil import atomic_write_json, atomic_write_text
 from .models import LM, ModelConfig
 
 LN2 = math.log(2.0)
-METRIC_FIELDS = ["step", "tokens", "train_loss", "lr", "grad_norm", "elapsed_s", "val_loss", "val_bpb"]
+# val_loss / val_bpb: the whole validation set (eval_every, the end); val_subset_loss: the eval points' subset
+METRIC_FIELDS = ["step", "tokens", "train_loss", "lr", "grad_norm", "elapsed_s", "val_loss", "val_bpb", "flops",
+                 "val_subset_loss"]
+# eval-point tokens (forward only: about a third of a training token's FLOPs) per training token: ~5% of compute
+EVAL_POINTS_COST = 0.15
+CONTEXT_EDGE = 0.1     # context gain: mean loss over the first 10% of window positions minus over the last 10%
 
 
 # ------------------------------------------------------------------------------- pure helpers
@@ -93,28 +101,80 @@ def resolve_device(train: TrainConfig) -> tuple[str, str]:
     return accel, ("32-true" if precision == "32" else precision)
 
 
+def eval_point_steps(n_steps: int, points: int) -> list[int]:
+    """Steps after which the eval points validate: log-spaced over one decade, from 10% of the run to
+    10^(-1/points) of it (the final validation adds the end); distinct steps in [1, n_steps - 1]."""
+    steps = {round(10.0 ** (-1.0 + i / points) * n_steps) for i in range(points)}
+    return sorted(s for s in steps if 1 <= s < n_steps)
+
+
+def eval_points_tokens(train_tokens: float, seq_len: int, points: int, eval_tokens: int) -> int:
+    """Default size of the eval points' subset: whole windows, at least one, at most the validation set,
+    with points x subset <= EVAL_POINTS_COST x the training tokens."""
+    windows = int(EVAL_POINTS_COST * train_tokens / max(points, 1)) // seq_len
+    return seq_len * max(1, min(windows, eval_tokens // seq_len))
+
+
+def eval_subset(n_windows: int, tokens: int, seq_len: int) -> list[int]:
+    """The subset's windows: evenly strided over the validation set (so it spans its documents)."""
+    k = max(1, min(n_windows, tokens // seq_len))
+    return [(i * n_windows) // k for i in range(k)]
+
+
+def context_gain(loss_by_position) -> float:
+    """Mean loss over the first CONTEXT_EDGE of window positions minus over the last (positions with no
+    scored target, e.g. MQAR's, are skipped): how much a model gains from the context it has seen."""
+    edge = max(1, math.ceil(CONTEXT_EDGE * len(loss_by_position)))
+
+    def mean(xs):
+        xs = [x for x in xs if x is not None and math.isfinite(x)]
+        return sum(xs) / len(xs) if xs else float("nan")
+    return mean(loss_by_position[:edge]) - mean(loss_by_position[-edge:])
+
+
 class Diverged(Exception):
     """Raised inside the step: Lightning unwinds before any optimiser update with the bad values."""
 
 
 @torch.no_grad()
-def evaluate(model: LM, val, batch_size: int, device, context=None) -> dict:
-    """Sum of nats over the fixed validation set -> loss (nats/token) and bits per byte."""
+def evaluate(model: LM, val, batch_size: int, device, context=None, windows=None) -> dict:
+    """Nats over the fixed validation set (or only its `windows`) -> loss (nats/token), bits per byte (whole
+    set only), the mean loss at each position of the window, and each window's nats and scored tokens."""
     x_all, y_all, n_bytes = val
+    if windows is not None:
+        idx = torch.as_tensor(windows, dtype=torch.long)
+        x_all, y_all, n_bytes = x_all[idx], y_all[idx], None
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    pos_nats = torch.zeros(y_all.shape[1], dtype=torch.float64)
+    pos_count = torch.zeros(y_all.shape[1], dtype=torch.int64)
+    win_nats, win_tokens = [], []
     for i in range(0, x_all.shape[0], batch_size):
         x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
         with (context() if context else _null()):
             logits = model(x)
-        total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
-                                 reduction="sum").item()
-        count += int((y != -100).sum())
+        # one cross-entropy per target (ignored ones are 0), summed both ways: by position and by window
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
+                              reduction="none").view(y.shape).double().cpu()
+        scored = (y != -100).cpu()
+        pos_nats += nll.sum(0)
+        pos_count += scored.sum(0)
+        win_nats.append(nll.sum(1))
+        win_tokens.append(scored.sum(1))
     model.train(was_training)
+    total, count = float(pos_nats.sum()), int(pos_count.sum())
     loss = total / max(count, 1)
     bpb = total / (LN2 * n_bytes) if n_bytes else float("nan")
-    return {"val_loss": loss, "val_bpb": bpb, "val_tokens": count, "val_bytes": n_bytes}
+    by_position = [float(n / c) if c else float("nan") for n, c in zip(pos_nats.tolist(), pos_count.tolist())]
+    return {"val_loss": loss, "val_bpb": bpb, "val_tokens": count, "val_bytes": n_bytes,
+            "val_loss_by_position": by_position, "window_nats": torch.cat(win_nats),
+            "window_tokens": torch.cat(win_tokens)}
+
+
+def subset_loss(ev: dict, windows) -> float:
+    """Loss over some of the windows an `evaluate` call scored (indices into its windows)."""
+    idx = torch.as_tensor(windows, dtype=torch.long)
+    return float(ev["window_nats"][idx].sum()) / max(int(ev["window_tokens"][idx].sum()), 1)
 
 
 class _null:
@@ -141,7 +201,8 @@ def _lightning():
     return L
 
 
-def build_module(model_cfg: ModelConfig, train: TrainConfig, n_steps: int, val, seed: int):
+def build_module(model_cfg: ModelConfig, train: TrainConfig, n_steps: int, val, seed: int,
+                 subset: list[int] | None = None):
     L = _lightning()
 
     class LMModule(L.LightningModule):
@@ -150,7 +211,7 @@ def build_module(model_cfg: ModelConfig, train: TrainConfig, n_steps: int, val, 
         def __init__(self):
             super().__init__()
             self.model = LM(model_cfg)
-            self.train_cfg, self.n_steps, self.val = train, n_steps, val
+            self.train_cfg, self.n_steps, self.val, self.subset = train, n_steps, val, subset
             self.warmup_steps = int(train.warmup_fraction * n_steps)
             self.last_eval: dict = {}
             self.last_loss = float("nan")
@@ -184,10 +245,16 @@ def build_module(model_cfg: ModelConfig, train: TrainConfig, n_steps: int, val, 
                 opt, lambda s: lr_at(s, self.n_steps, self.warmup_steps, t.lr, t.final_lr) / t.lr)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-        def run_eval(self) -> dict:
+        def run_eval(self, subset_only: bool = False) -> dict:
+            """The whole validation set (its subset loss read off the same pass), or only the subset."""
             ctx = self.trainer.precision_plugin.forward_context if self._trainer else None
-            self.last_eval = evaluate(self.model, self.val, self.train_cfg.batch_size, self.device, ctx)
-            return self.last_eval
+            ev = evaluate(self.model, self.val, self.train_cfg.batch_size, self.device, ctx,
+                          windows=self.subset if subset_only else None)
+            if self.subset is not None:
+                ev["val_subset_loss"] = (ev["val_loss"] if subset_only else subset_loss(ev, self.subset))
+            if not subset_only:
+                self.last_eval = ev
+            return ev
 
     torch.manual_seed(seed)
     return LMModule()
@@ -211,13 +278,16 @@ class StepBatches(torch.utils.data.IterableDataset):
         return self.n_steps
 
 
-def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resume_step: int):
+def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resume_step: int,
+               flops_per_token: float, point_steps: list[int]):
     class RunMonitor(L.Callback):
-        """Per-step metrics to CSV (flushed every line), periodic validation, train-time clock."""
+        """Per-step metrics to CSV (flushed every line), periodic validation, eval points, train-time clock."""
 
         def __init__(self):
             self.path = out_dir / "metrics.csv"
             self.train_time = 0.0
+            self.points = set(point_steps)
+            self.curve: list[tuple[int, float]] = []    # (step, subset loss) of the eval points so far
             self._t0 = None
             self._start = time.perf_counter()
             self._f = None
@@ -238,6 +308,7 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
             self._w.writeheader()
             self._w.writerows(rows)
             self._f.flush()
+            self.curve = [(int(r["step"]), float(r["val_subset_loss"])) for r in rows if r.get("val_subset_loss")]
 
         def on_train_start(self, trainer, module):
             self._open()
@@ -247,17 +318,23 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
             self._t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.train_time += time.perf_counter() - self._t0
+            self.train_time += time.perf_counter() - self._t0      # before any validation: not training time
             step = trainer.global_step
             # the learning rate this step used (the scheduler has already moved on to the next one)
             lr = lr_at(step - 1, module.n_steps, module.warmup_steps, train.lr, train.final_lr)
             row = {"step": step, "tokens": step * tokens_per_step, "train_loss": module.last_loss,
                    "lr": lr, "grad_norm": module.last_grad_norm,
-                   "elapsed_s": round(time.perf_counter() - self._start, 3)}
+                   "elapsed_s": round(time.perf_counter() - self._start, 3),
+                   "flops": step * tokens_per_step * flops_per_token}
+            ev = None
             if train.eval_every and step % train.eval_every == 0 and step < module.n_steps:
                 ev = module.run_eval()
                 row.update(val_loss=ev["val_loss"], val_bpb=ev["val_bpb"])
                 module.log("val_bpb", ev["val_bpb"], prog_bar=True)
+            if step in self.points:
+                ev = ev or module.run_eval(subset_only=True)
+                row["val_subset_loss"] = ev["val_subset_loss"]
+                self.curve.append((step, ev["val_subset_loss"]))
             self._w.writerow(row)
             self._f.flush()
             module.log("loss", module.last_loss, prog_bar=True)
@@ -268,9 +345,20 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
                     return
                 self._open()
             if ev is not None:
-                self._w.writerow({"step": step, "tokens": step * tokens_per_step, "val_loss": ev["val_loss"],
-                                  "val_bpb": ev["val_bpb"]})
+                row = {"step": step, "tokens": step * tokens_per_step, "val_loss": ev["val_loss"],
+                       "val_bpb": ev["val_bpb"], "flops": step * tokens_per_step * flops_per_token}
+                if "val_subset_loss" in ev:
+                    row["val_subset_loss"] = ev["val_subset_loss"]
+                    self.curve.append((step, ev["val_subset_loss"]))
+                self._w.writerow(row)
             self._f.close()
+
+        def eval_curve(self, subset_tokens: int) -> dict:
+            """The eval points (and the end) as columns, for Approach 1: tokens and FLOPs spent so far."""
+            steps = [s for s, _ in self.curve]
+            return {"subset_tokens": subset_tokens, "step": steps, "tokens": [s * tokens_per_step for s in steps],
+                    "flops": [s * tokens_per_step * flops_per_token for s in steps],
+                    "loss": [round(v, 6) for _, v in self.curve]}
 
     callbacks = [RunMonitor()]
     if train.checkpoint_every:
@@ -336,15 +424,22 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
             print(f"{exc}; starting the run over", file=sys.stderr)
             ckpt.unlink()
     val = data.val_set(t.seq_len)
+    point_steps = eval_point_steps(n_steps, t.eval_points) if t.eval_points else []
+    subset_tokens = t.eval_points_tokens or eval_points_tokens(n_steps * tokens_per_step, t.seq_len,
+                                                               t.eval_points, t.eval_tokens)
+    subset = eval_subset(val[0].shape[0], subset_tokens, t.seq_len) if t.eval_points else None
+    # the selective scan resolves (and the fused kernel compiles) here, before the training clock starts
+    scan_impl = _scan_impl_name(model_cfg, accelerator)
 
     L = _lightning()
-    module = build_module(model_cfg, t, n_steps, val, cfg.seed)
+    module = build_module(model_cfg, t, n_steps, val, cfg.seed, subset)
     if saved is not None and (problem := state_dict_mismatch(saved["state_dict"], module.state_dict())):
         print(f"{ckpt}: refused, {problem}; starting the run over", file=sys.stderr)
         ckpt.unlink()
         resume_step = 0
     del saved
-    callbacks = _callbacks(L, out_dir, t, tokens_per_step, resume_step)
+    callbacks = _callbacks(L, out_dir, t, tokens_per_step, resume_step, cost["train_flops_per_token"],
+                           point_steps)
     monitor = callbacks[0]
     if t.progress:
         callbacks.append(_progress_bar(L, progress_position))
@@ -377,7 +472,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     except (RuntimeError, MemoryError) as exc:   # e.g. out of memory: recorded, not a crash of the ladder
         status, message = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
     steps_done = trainer.global_step
-    ev = {"val_loss": float("nan"), "val_bpb": float("nan"), "val_tokens": 0, "val_bytes": None}
+    ev = {"val_loss": float("nan"), "val_bpb": float("nan"), "val_tokens": 0, "val_bytes": None,
+          "val_loss_by_position": None}
     if status == "ok":
         ev = module.run_eval()
     monitor.write_final(steps_done, ev if status == "ok" else None)
@@ -394,6 +490,11 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
         "flops_per_token": cost["train_flops_per_token"], "ratio_to_6n": cost["ratio_to_6n"],
         "flops_convention": cost["flops_convention"],
         "loss": ev["val_loss"], "bpb": ev["val_bpb"], "val_tokens": ev["val_tokens"], "val_bytes": ev["val_bytes"],
+        "val_loss_by_position": (None if ev["val_loss_by_position"] is None    # null: no target at a position
+                                 else [round(v, 6) if math.isfinite(v) else None for v in ev["val_loss_by_position"]]),
+        "context_gain": (None if ev["val_loss_by_position"] is None
+                         else round(context_gain(ev["val_loss_by_position"]), 6)),
+        "eval_curve": monitor.eval_curve(len(subset) * t.seq_len) if subset is not None else None,
         "final_train_loss": module.last_loss,
         "lr": t.lr, "seq_len": t.seq_len, "batch_size": t.batch_size, "seed": cfg.seed,
         "wall_s": round(wall, 3), "train_s": round(monitor.train_time, 3),
@@ -401,7 +502,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
                          if monitor.train_time > 0 else float("nan")),
         "resumed_from_step": resume_step,
         "config_hash": config_hash(cfg), "data_fingerprint": data.fingerprint,
-        "precision": precision, "scan_impl": _scan_impl_name(model_cfg, accelerator),
+        "precision": precision, "scan_impl": scan_impl,
         "threads": thread_choice.threads, "threads_reason": thread_choice.reason,
         "thread_waiting": threads.waiting(),
         **provenance("cuda" if accelerator == "gpu" else "cpu"),

@@ -37,6 +37,13 @@ def parametric_quantities(theta) -> dict:
     return out
 
 
+def parametric_loss(fit: dict, params, tokens) -> np.ndarray:
+    """E + A/N^alpha + B/D^beta, the power terms in log space (A and B can be astronomically large)."""
+    log_n, log_d = np.log(np.asarray(params, float)), np.log(np.asarray(tokens, float))
+    return (fit["E"] + np.exp(math.log(fit["A"]) - fit["alpha"] * log_n)
+            + np.exp(math.log(fit["B"]) - fit["beta"] * log_d))
+
+
 def parametric_allocation(fit: dict, flops) -> tuple[np.ndarray, np.ndarray]:
     """Compute-optimal (N_opt, D_opt) implied by an Approach-3 fit, with C = 6ND."""
     c6 = np.asarray(flops, float) / 6.0

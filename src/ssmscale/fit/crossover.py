@@ -1,4 +1,5 @@
-"""Where two families' frontiers cross: roots inside the range both were fitted on, and extrapolated ones."""
+"""Where two families' frontiers cross: roots inside the range both were fitted on, and extrapolated ones.
+The same for loss against training seconds (key "wallclock")."""
 
 from __future__ import annotations
 
@@ -33,15 +34,18 @@ def find_crossings(fit1: dict, fit2: dict, lo: float, hi: float, n_grid: int = 2
 
 
 
-def _crossovers(point: dict, samples: list, ci: float) -> dict:
+_UNITS = {"frontier": ("C", "FLOPs"), "wallclock": ("t", "s of training")}
+
+
+def _crossovers(point: dict, samples: list, ci: float, key: str = "frontier") -> dict:
     names = sorted(point)
     pairs = []
     for f1, f2 in itertools.combinations(names, 2):
-        p1, p2 = point[f1]["frontier"], point[f2]["frontier"]
+        p1, p2 = point[f1][key], point[f2][key]
         entry: dict = {"families": [f1, f2]}
         if "skipped" in p1 or "skipped" in p2:
             which = f1 if "skipped" in p1 else f2
-            entry["statement"] = f"no crossover computed: the {which} frontier was not fitted"
+            entry["statement"] = f"no crossover computed: the {which} {key} fit was skipped"
             pairs.append(entry)
             continue
         lo, hi = max(p1["range"][0], p2["range"][0]), min(p1["range"][1], p2["range"][1])
@@ -55,7 +59,7 @@ def _crossovers(point: dict, samples: list, ci: float) -> dict:
 
         boot = []
         for s in samples:
-            b1, b2 = s[f1].get("frontier"), s[f2].get("frontier")
+            b1, b2 = s[f1].get(key), s[f2].get(key)
             if isinstance(b1, dict) and isinstance(b2, dict):
                 boot.append(find_crossings(b1, b2, s_lo, s_hi))
         entry["resamples_compared"] = len(boot)
@@ -67,36 +71,36 @@ def _crossovers(point: dict, samples: list, ci: float) -> dict:
             crossings.append({"flops": _q(c, near if boot else None, ci), "extrapolated": not inside(c),
                               "lower_above": f2 if sign > 0 else f1, "found_in_resamples": len(near)})
         entry["crossings"] = crossings
-        entry["statement"] = _crossover_statement(entry, p1, p2, f1, f2, ci)
+        entry["statement"] = _crossover_statement(entry, p1, p2, f1, f2, ci, *_UNITS[key])
         pairs.append(entry)
     return {"pairs": pairs}
 
 
 
-def _crossover_statement(entry, p1, p2, f1, f2, ci) -> str:
+def _crossover_statement(entry, p1, p2, f1, f2, ci, symbol="C", unit="FLOPs") -> str:
     rng = entry["fitted_range"]
     lines = []
     n_b = entry["resamples_compared"]
     if rng is None:
-        lines.append(f"{f1} and {f2} frontiers were fitted on disjoint FLOP ranges: no in-range comparison")
+        lines.append(f"{f1} and {f2} were fitted on disjoint ranges of {unit}: no in-range comparison")
     inside = [c for c in entry["crossings"] if not c["extrapolated"]]
     for c in inside:
         other = f1 if c["lower_above"] == f2 else f2
         q = c["flops"]
-        lines.append(f"{c['lower_above']}'s frontier drops below {other}'s at C = {fmt_value(q['value'])} FLOPs "
+        lines.append(f"{c['lower_above']}'s frontier drops below {other}'s at {symbol} = {fmt_value(q['value'])} {unit} "
                      f"({ci:.0%} CI [{fmt_value(q['lo'])}, {fmt_value(q['hi'])}], a crossing near it in "
                      f"{c['found_in_resamples']}/{n_b} resamples)")
     if rng is not None and not inside:
         mid = math.sqrt(rng[0] * rng[1])
         lower = f1 if frontier_loss(p1, mid) < frontier_loss(p2, mid) else f2
-        lines.append(f"no crossover in [{fmt_value(rng[0])}, {fmt_value(rng[1])}] FLOPs: {lower} is lower throughout "
+        lines.append(f"no crossover in [{fmt_value(rng[0])}, {fmt_value(rng[1])}] {unit}: {lower} is lower throughout "
                      f"({entry['resamples_crossing_in_range']}/{n_b} resamples cross in that range)")
     for c in entry["crossings"]:
         if c["extrapolated"]:
             other = f1 if c["lower_above"] == f2 else f2
             q = c["flops"]
             lines.append(f"EXTRAPOLATED (outside the fitted range): {c['lower_above']} would drop below "
-                         f"{other} at C = {fmt_value(q['value'])} FLOPs "
+                         f"{other} at {symbol} = {fmt_value(q['value'])} {unit} "
                          f"({ci:.0%} CI [{fmt_value(q['lo'])}, {fmt_value(q['hi'])}])")
     return "; ".join(lines)
 

@@ -16,8 +16,10 @@ def frontier_points(runs: FamilyRuns) -> dict:
     members = [m for g in np.flatnonzero(runs.frontier_budgets) if len(m := np.flatnonzero(runs.group == g))]
     idx = np.array([m[np.argmin(runs.loss[m])] for m in members], dtype=int)
     at_edge = [bool(runs.params[i] in (runs.params[m].min(), runs.params[m].max())) for i, m in zip(idx, members)]
+    seeds = [runs.seed_losses[i] if runs.seed_losses else runs.loss[i:i + 1] for i in idx]
     return {"flops": runs.flops[idx], "loss": runs.loss[idx], "params": runs.params[idx],
-            "tokens": runs.tokens[idx], "budget": runs.budgets[runs.group[idx]], "best_at_edge": at_edge}
+            "tokens": runs.tokens[idx], "budget": runs.budgets[runs.group[idx]], "best_at_edge": at_edge,
+            "seed_losses": seeds}
 
 
 def frontier_starts(log_c: np.ndarray, log_l: np.ndarray) -> np.ndarray:

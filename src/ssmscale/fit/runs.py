@@ -1,10 +1,18 @@
-"""Runs in: read a study's results.csv or any CSV of runs, clean it, and hold one family's runs as arrays."""
+"""Runs in: read a study's results.csv or any CSV of runs, clean it, and hold one family's runs as arrays.
+
+A study's runs also bring, where recorded, their pure training time (train_s), the device that trained
+them, and the loss curve of their eval points (runs/<run_id>/result.json, for Approach 1). Repeated
+seeds of one configuration are averaged into one point that keeps every seed's loss, so the bootstrap
+can resample seeds too.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,13 +22,15 @@ import pandas as pd
 from ..errors import UserError
 
 MIN_RUNS_PER_BUDGET = 3          # a budget's "best run" or parabola means something only with >= 3 sizes
-CANONICAL_COLUMNS = ("params", "tokens", "flops", "loss", "family", "budget", "status", "lr", "seed")
-_NUMERIC_COLUMNS = ("params", "tokens", "flops", "loss", "budget", "lr")
+CANONICAL_COLUMNS = ("params", "tokens", "flops", "loss", "family", "budget", "status", "lr", "seed", "train_s")
+_NUMERIC_COLUMNS = ("params", "tokens", "flops", "loss", "budget", "lr", "train_s")
 
 
 @dataclass
 class LoadedRuns:
-    table: pd.DataFrame            # family, params, tokens, flops, loss, group_flops
+    # family, params, tokens, flops, loss, group_flops, seed_losses (tuple: one loss per seed), train_s
+    # (NaN where not recorded), run_ids (tuple), curve (eval points: array (flops, loss) rows, or None)
+    table: pd.DataFrame
     source: dict
     dropped: dict
     notes: list[str] = field(default_factory=list)
@@ -126,10 +136,11 @@ def load_runs(path: str | os.PathLike, columns: dict[str, str] | None = None) ->
     """Read a study directory's results.csv or any CSV of runs, clean it, and say what was dropped.
 
     Needs `params` and `loss` and at least one of `tokens` / `flops` (the other follows from C = 6ND);
-    optional `family` (default "all"), `budget` (IsoFLOP groups), `status`, `lr`, `seed`.
+    optional `family` (default "all"), `budget` (IsoFLOP groups), `status`, `lr`, `seed`, `train_s`.
     Every row must have the header's number of fields. Cleaning, in order: drop rows that repeat an
     earlier row exactly; keep status == "ok"; drop rows with NaN, inf or non-positive values; average
-    repeated seeds of one configuration; keep the lowest-loss learning rate per (family, params, budget).
+    repeated seeds of one configuration (keeping each seed's loss); keep the lowest-loss learning rate
+    per (family, params, budget).
     """
     path = Path(path)
     csv, kind = _csv_of(path)
@@ -187,6 +198,10 @@ def load_runs(path: str | os.PathLike, columns: dict[str, str] | None = None) ->
         notes.append(f"dropped {dropped['invalid_values']} rows with NaN, inf or non-positive "
                      f"{'/'.join(checked)}")
     df = df[valid].copy()
+    df["seed_losses"] = [(v,) for v in df["loss"]]
+    df["run_ids"] = [(str(v),) for v in df["run_id"]] if "run_id" in df.columns else [()] * len(df)
+    if "train_s" not in df.columns:
+        df["train_s"] = np.nan
 
     if "budget" in df.columns:
         df["group_flops"] = df["budget"]
@@ -201,7 +216,7 @@ def load_runs(path: str | os.PathLike, columns: dict[str, str] | None = None) ->
         keys = ["family", "params", "group_flops"]
         n_before = len(df)
         agg = {c: "first" for c in df.columns if c not in keys + ["lr", "loss"]}
-        agg["loss"] = "mean"
+        agg.update(loss="mean", train_s="mean", seed_losses=lambda v: sum(v, ()), run_ids=lambda v: sum(v, ()))
         df = df.groupby(keys + ["lr"], as_index=False, sort=False, dropna=False).agg(agg)
         dropped["seed_duplicates_averaged"] = n_before - len(df)
         if dropped["seed_duplicates_averaged"]:
@@ -215,12 +230,49 @@ def load_runs(path: str | os.PathLike, columns: dict[str, str] | None = None) ->
                          f"{dropped['other_learning_rates']} runs with other learning rates set aside "
                          f"(Porian et al. 2024: compare architectures at their best LR per size)")
 
-    table = df[["family", "params", "tokens", "flops", "loss", "group_flops"]].reset_index(drop=True)
+    table = df[["family", "params", "tokens", "flops", "loss", "group_flops", "seed_losses", "train_s",
+                "run_ids"]].reset_index(drop=True)
+    table["curve"] = pd.Series(_curves(csv.parent, table["run_ids"], notes) if kind == "study"
+                               else [None] * len(table), dtype=object)
     source = {"path": str(path), "csv": str(csv), "kind": kind, "sha256": hashlib.sha256(raw).hexdigest(),
               "rows_read": rows_read, "columns": columns}
-    if "flops_convention" in df.columns:
-        source["flops_convention"] = sorted(df["flops_convention"].dropna().astype(str).unique().tolist())
+    for col in ("flops_convention", "device", "threads"):
+        if col in df.columns:
+            source[col] = sorted(df[col].dropna().astype(str).unique().tolist())
     return LoadedRuns(table=table, source=source, dropped=dropped, notes=notes, grouping=grouping)
+
+
+def _curves(study: Path, run_ids, notes: list[str]) -> list:
+    """Each configuration's eval-point curve (rows: flops, loss; its seeds averaged), from its runs'
+    result.json. Runs whose validation subset differs from the most common one are left out: their
+    losses are on other tokens."""
+    found = []
+    for ids in run_ids:
+        runs = []
+        for run_id in ids:
+            try:
+                curve = json.loads((study / "runs" / run_id / "result.json").read_text()).get("eval_curve")
+            except (OSError, json.JSONDecodeError):
+                curve = None
+            if curve and curve.get("loss"):
+                runs.append(curve)
+        found.append(runs)
+    sizes = Counter(c["subset_tokens"] for runs in found for c in runs)
+    if not sizes:
+        return [None] * len(found)
+    subset = sizes.most_common(1)[0][0]
+    if len(sizes) > 1:
+        notes.append(f"eval-point curves on a {subset}-token validation subset used for Approach 1; "
+                     f"{sum(sizes.values()) - sizes[subset]} runs with another subset size left out")
+    out = []
+    for runs in found:
+        runs = [c for c in runs if c["subset_tokens"] == subset]
+        steps = {tuple(c["step"]) for c in runs}
+        if not runs or len(steps) > 1:      # seeds of one configuration share their steps
+            out.append(None)
+            continue
+        out.append(np.array([runs[0]["flops"], np.mean([c["loss"] for c in runs], axis=0)]))
+    return out
 
 
 
@@ -229,18 +281,25 @@ class FamilyRuns:
     params: np.ndarray
     tokens: np.ndarray
     flops: np.ndarray
-    loss: np.ndarray
+    loss: np.ndarray         # mean over seeds
     group: np.ndarray        # index into budgets, one per run
     budgets: np.ndarray      # C of each IsoFLOP group
     frontier_budgets: np.ndarray  # per budget: >= MIN_RUNS_PER_BUDGET sizes in the full data (fixed under resampling)
+    seed_losses: tuple = ()  # per run: every seed's loss (empty: one seed each, the loss itself)
+    train_s: np.ndarray | None = None   # per run: pure training time (NaN where not recorded)
+    curves: tuple = ()       # per run: eval-point curve, array rows (flops, loss), or None (empty: none at all)
 
     @classmethod
     def from_table(cls, t: pd.DataFrame) -> "FamilyRuns":
         budgets, group = np.unique(t["group_flops"].to_numpy(dtype=float), return_inverse=True)
         params = t["params"].to_numpy(float)
         sizes = np.array([len(np.unique(params[group == g])) for g in range(len(budgets))])
+        seeds = tuple(np.asarray(v, float) for v in t["seed_losses"]) if "seed_losses" in t else ()
+        curves = tuple(t["curve"]) if "curve" in t and t["curve"].notna().any() else ()
         return cls(params, t["tokens"].to_numpy(float), t["flops"].to_numpy(float),
-                   t["loss"].to_numpy(float), group, budgets, sizes >= MIN_RUNS_PER_BUDGET)
+                   t["loss"].to_numpy(float), group, budgets, sizes >= MIN_RUNS_PER_BUDGET,
+                   seeds if any(len(v) > 1 for v in seeds) else (),
+                   t["train_s"].to_numpy(float) if "train_s" in t else None, curves)
 
     @classmethod
     def from_arrays(cls, params, tokens, loss, flops=None, budget=None) -> "FamilyRuns":
@@ -250,17 +309,36 @@ class FamilyRuns:
                           "group_flops": flops if budget is None else np.asarray(budget, float)})
         return cls.from_table(t)
 
-    def take(self, idx: np.ndarray) -> "FamilyRuns":
-        return FamilyRuns(self.params[idx], self.tokens[idx], self.flops[idx], self.loss[idx],
-                          self.group[idx], self.budgets, self.frontier_budgets)
+    def take(self, idx: np.ndarray, loss: np.ndarray | None = None) -> "FamilyRuns":
+        """Runs idx (repeats allowed), optionally with other losses; budgets and their flags unchanged."""
+        return FamilyRuns(self.params[idx], self.tokens[idx], self.flops[idx],
+                          self.loss[idx] if loss is None else loss, self.group[idx], self.budgets,
+                          self.frontier_budgets, tuple(self.seed_losses[i] for i in idx) if self.seed_losses else (),
+                          None if self.train_s is None else self.train_s[idx],
+                          tuple(self.curves[i] for i in idx) if self.curves else ())
+
+    def select(self, keep: np.ndarray) -> "FamilyRuns":
+        """The runs where `keep` is true as a study of their own: budgets without runs are dropped,
+        the others keep their frontier flag (judged on the full data)."""
+        idx = np.flatnonzero(keep)
+        used, group = np.unique(self.group[idx], return_inverse=True)
+        sub = self.take(idx)
+        return FamilyRuns(sub.params, sub.tokens, sub.flops, sub.loss, group, self.budgets[used],
+                          self.frontier_budgets[used], sub.seed_losses, sub.train_s, sub.curves)
 
     def __len__(self) -> int:
         return len(self.loss)
 
 
 def _resample(runs: FamilyRuns, rng: np.random.Generator) -> FamilyRuns:
-    """Draw runs with replacement within each IsoFLOP group, keeping every group's size."""
+    """Draw runs with replacement within each IsoFLOP group, keeping every group's size; a run with
+    several seeds then gets the mean of its seeds drawn with replacement, so intervals carry seed noise."""
     parts = [rng.choice(members, size=len(members), replace=True)
              for g in range(len(runs.budgets)) if len(members := np.flatnonzero(runs.group == g))]
-    return runs.take(np.sort(np.concatenate(parts)))
+    idx = np.sort(np.concatenate(parts))
+    if not runs.seed_losses:
+        return runs.take(idx)
+    loss = np.array([runs.loss[i] if len(s := runs.seed_losses[i]) < 2 else rng.choice(s, size=len(s)).mean()
+                     for i in idx])
+    return runs.take(idx, loss)
 
