@@ -16,13 +16,13 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     raw = yaml.safe_load(path.read_text())
-    schema = LadderConfig if "budgets" in raw else RunConfig
+    schema = LadderConfig if "sizes" in raw or "widths" in raw else RunConfig
     validate(schema, raw, str(path))
 
 
 def test_configs_folder_has_the_documented_configs():
     names = {p.name for p in CONFIGS}
-    assert {"train_tiny.yaml", "tiny.yaml", "small.yaml"} <= names
+    assert {"train_tiny.yaml", "tiny.yaml", "small.yaml", "mqar.yaml"} <= names
 
 
 def _write(tmp_path, text):
@@ -42,7 +42,8 @@ train: {tokens: 1000, seq_len: 16, batch_size: 2}
     (GOOD_RUN.replace("seq_len: 16", "seq_len: sixteen"), "train.seq_len: Input should be a valid integer"),
     (GOOD_RUN.replace("seq_len: 16", "seq_len: -3"), "train.seq_len: Input should be greater than 0"),
     (GOOD_RUN.replace("n_layer: 1}", "n_layer: 1, dropout: 0.1}"), "model.dropout: unknown key"),
-    (GOOD_RUN.replace("family: transformer", "family: rnn"), "model.family: Input should be 'transformer' or 'mamba'"),
+    (GOOD_RUN.replace("family: transformer", "family: rnn"),
+     "model.family: unknown model family 'rnn' (known families are transformer, mamba"),
     (GOOD_RUN + "data: {source: files}\n", "data.paths: source 'files' needs at least one path"),
     (GOOD_RUN + "tokenizer: {kind: byte, vocab_size: 512}\n", "tokenizer.vocab_size: the byte tokenizer has exactly 256"),
     ("model: [1, 2]\n", "model: Input should be a valid dictionary"),
@@ -62,7 +63,7 @@ def test_bad_run_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, t
 def test_unknown_family_on_the_command_line_exits_2(tmp_path, capsys):
     cfg = _write(tmp_path, GOOD_RUN)
     assert main(["train", str(cfg), "--family", "rwkv", "--out", str(tmp_path / "o")]) == 2
-    assert "model.family: Input should be 'transformer' or 'mamba' (got 'rwkv')" in capsys.readouterr().err
+    assert "model.family: unknown model family 'rwkv' (known families are" in capsys.readouterr().err
 
 
 def test_missing_config_file_exits_2(tmp_path, capsys):
@@ -88,7 +89,7 @@ train: {seq_len: 32, batch_size: 4}
 
 @pytest.mark.parametrize("text, expected", [
     (LADDER.replace("budgets: [1.0e+11]", "budgets: []"), "budgets: List should have at least 1 item"),
-    (LADDER + "families: [transformer, lstm]\n", "families.1: Input should be 'transformer' or 'mamba'"),
+    (LADDER + "families: [transformer, lstm]\n", "families.1: unknown model family 'lstm'"),
     (LADDER.replace("[2.0e+4]", "[2.0e+4, {transformer: [64, 2]}]"), "sizes.1: no shape for family mamba"),
     (LADDER + "lrs: {foo: [1.0e-3]}\n", "lrs.foo: keys are sizes"),
     (LADDER.replace("batch_size: 4}", "batch_size: 4, tokens: 5}"), "train.tokens: set by the ladder"),

@@ -541,6 +541,9 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         raise UserError(f"{study}: not a study directory (no results.csv in it)")
     name = study.resolve().name
     out = Path(out_dir) if out_dir is not None else Path("reports") / name
+    from .report_recall import is_fixed_length_study, write_recall_report
+    if is_fixed_length_study(study):      # no budgets, no scaling law: the recall report
+        return write_recall_report(study, out)
     loaded = load_runs(study)
     fit = _load_or_fit(study, loaded, refit, n_boot=n_boot, seed=seed, progress=progress,
                        parametric_grid=parametric_grid)

@@ -25,9 +25,11 @@ from .config import ModelSpec, RunConfig, TrainConfig, config_hash
 from .errors import UserError
 from .fsutil import atomic_write_json, atomic_write_text
 from .models import LM, ModelConfig
+from .models.lm import state_bytes
 
 LN2 = math.log(2.0)
-METRIC_FIELDS = ["step", "tokens", "train_loss", "lr", "grad_norm", "elapsed_s", "val_loss", "val_bpb"]
+METRIC_FIELDS = ["step", "tokens", "train_loss", "lr", "grad_norm", "elapsed_s", "val_loss", "val_bpb",
+                 "val_accuracy"]
 
 
 # ------------------------------------------------------------------------------- pure helpers
@@ -91,11 +93,16 @@ class Diverged(Exception):
 
 @torch.no_grad()
 def evaluate(model: LM, val, batch_size: int, device, context=None) -> dict:
-    """Sum of nats over the fixed validation set -> loss (nats/token) and bits per byte."""
+    """Sum of nats over the fixed validation set -> loss (nats/token) and bits per byte.
+
+    Where only some positions are scored (synthetic recall: targets -100 elsewhere), also the
+    accuracy: the fraction of scored positions whose argmax over the vocabulary is the target.
+    Text data scores every position and gets None (no argmax: its evaluation costs what it did)."""
     x_all, y_all, n_bytes = val
+    sparse = bool((y_all == -100).any())
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count, correct = 0.0, 0, 0
     for i in range(0, x_all.shape[0], batch_size):
         x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
         with (context() if context else _null()):
@@ -103,10 +110,13 @@ def evaluate(model: LM, val, batch_size: int, device, context=None) -> dict:
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
                                  reduction="sum").item()
         count += int((y != -100).sum())
+        if sparse:   # padded vocabulary rows are never targets: argmax over the real tokens only
+            correct += int((logits[..., :model.cfg.vocab_size].argmax(-1) == y).sum())
     model.train(was_training)
     loss = total / max(count, 1)
     bpb = total / (LN2 * n_bytes) if n_bytes else float("nan")
-    return {"val_loss": loss, "val_bpb": bpb, "val_tokens": count, "val_bytes": n_bytes}
+    accuracy = correct / max(count, 1) if sparse else None
+    return {"val_loss": loss, "val_bpb": bpb, "val_accuracy": accuracy, "val_tokens": count, "val_bytes": n_bytes}
 
 
 class _null:
@@ -241,7 +251,7 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
                    "elapsed_s": round(time.perf_counter() - self._start, 3)}
             if train.eval_every and step % train.eval_every == 0 and step < module.n_steps:
                 ev = module.run_eval()
-                row.update(val_loss=ev["val_loss"], val_bpb=ev["val_bpb"])
+                row.update(val_loss=ev["val_loss"], val_bpb=ev["val_bpb"], val_accuracy=ev["val_accuracy"])
                 module.log("val_bpb", ev["val_bpb"], prog_bar=True)
             self._w.writerow(row)
             self._f.flush()
@@ -250,7 +260,7 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
         def write_final(self, step, ev):
             if ev is not None:
                 self._w.writerow({"step": step, "tokens": step * tokens_per_step, "val_loss": ev["val_loss"],
-                                  "val_bpb": ev["val_bpb"]})
+                                  "val_bpb": ev["val_bpb"], "val_accuracy": ev["val_accuracy"]})
             self._f.close()
 
     callbacks = [RunMonitor()]
@@ -333,7 +343,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     except (RuntimeError, MemoryError) as exc:   # e.g. out of memory: recorded, not a crash of the ladder
         status, message = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
     steps_done = trainer.global_step
-    ev = {"val_loss": float("nan"), "val_bpb": float("nan"), "val_tokens": 0, "val_bytes": None}
+    ev = {"val_loss": float("nan"), "val_bpb": float("nan"), "val_accuracy": None, "val_tokens": 0,
+          "val_bytes": None}
     if status == "ok":
         ev = module.run_eval()
     monitor.write_final(steps_done, ev if status == "ok" else None)
@@ -345,11 +356,13 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
         "status": status, "message": message,
         "family": model_cfg.family, "d_model": model_cfg.d_model, "n_layer": model_cfg.n_layer,
         "params": cost["params"], "params_total": cost["params_total"],
+        "state_bytes": state_bytes(model_cfg, 1, t.seq_len),
         "tokens": tokens, "steps": steps_done, "planned_steps": n_steps,
         "flops": tokens * cost["train_flops_per_token"],
         "flops_per_token": cost["train_flops_per_token"], "ratio_to_6n": cost["ratio_to_6n"],
         "flops_convention": cost["flops_convention"],
-        "loss": ev["val_loss"], "bpb": ev["val_bpb"], "val_tokens": ev["val_tokens"], "val_bytes": ev["val_bytes"],
+        "loss": ev["val_loss"], "bpb": ev["val_bpb"], "val_accuracy": ev["val_accuracy"],
+        "val_tokens": ev["val_tokens"], "val_bytes": ev["val_bytes"],
         "final_train_loss": module.last_loss,
         "lr": t.lr, "seq_len": t.seq_len, "batch_size": t.batch_size, "seed": cfg.seed,
         "wall_s": round(wall, 3), "train_s": round(monitor.train_time, 3),

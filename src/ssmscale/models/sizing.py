@@ -6,7 +6,7 @@ Transformer++ (the anchor family):
   non-embedding count is closest to N (in log space). Shapes keep r within ASPECT_BAND;
   a 2-layer floor keeps the smallest models from being single-layer (r drops below 64 there).
 Mamba (as in Gu & Dao 2023): twice the transformer's layers (two Mamba blocks ~ one attention +
-  MLP layer, both ~12 d^2), width = the multiple of 8 (of 2 below width 64, so that toy ladders
+  MLP layer, both ~12 d^2; LAYERS_PER_TRANSFORMER_LAYER holds this depth rule per family), width = the multiple of 8 (of 2 below width 64, so that toy ladders
   still match) closest in non-embedding parameters to the transformer's exact count. At large width this is the transformer's width; at small width it is
   a little narrower, because x_proj, dt_proj, A_log and D cost relatively more there.
 All counts come from flops.param_counts, which a test checks against the built models.
@@ -23,6 +23,10 @@ ASPECT = 64
 ASPECT_BAND = (16, 128)
 MIN_LAYERS = 2
 MAMBA_WIDTH_MULTIPLE = 8
+# Blocks that stand for one transformer layer at the same width: a Transformer++ layer is attention +
+# MLP (~12 d^2); a Mamba block has no MLP (~6 d^2 at expand 2), so Mamba stacks two (Gu & Dao 2023).
+# Every family in models.config.FAMILIES needs an entry (a test checks).
+LAYERS_PER_TRANSFORMER_LAYER = {"transformer": 1, "mamba": 2}
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,20 @@ def transformer_layers(target: float) -> int:
     return max(MIN_LAYERS, round((target / (12 * ASPECT ** 2)) ** (1 / 3)))
 
 
+def layer_multiple(family: str) -> int:
+    """Blocks of `family` that match one transformer layer in depth (see LAYERS_PER_TRANSFORMER_LAYER)."""
+    try:
+        return LAYERS_PER_TRANSFORMER_LAYER[family]
+    except KeyError:
+        raise ValueError(f"family: no depth rule for model family {family!r} in sizing.py") from None
+
+
+def layers_at_width(family: str, transformer_layers: int) -> int:
+    """Depth of `family` beside a transformer of `transformer_layers` layers at the same width (a
+    width sweep such as the recall study's: width varies, depth follows the family's rule)."""
+    return layer_multiple(family) * transformer_layers
+
+
 def shape_for(family: str, target_params: float, base: ModelConfig | None = None,
               match: int | None = None) -> Shape:
     """(d_model, n_layer) of `family` for a target non-embedding count (see module docstring).
@@ -78,7 +96,7 @@ def shape_for(family: str, target_params: float, base: ModelConfig | None = None
     elif family == "mamba":
         if match is None:
             match = shape_for("transformer", target_params, base).params
-        n = 2 * n_tf
+        n = layers_at_width("mamba", n_tf)
         d = _closest_width(base, "mamba", n, match, MAMBA_WIDTH_MULTIPLE)
         if d < 64:
             d = _closest_width(base, "mamba", n, match, 2)
