@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import pandas as pd
@@ -101,8 +102,8 @@ def test_a_width_sweep_plans_families_x_widths_x_points_x_lrs_at_a_fixed_length(
     assert {(r.family, r.d_model, r.n_layer) for r in runs} == {
         ("transformer", 16, 2), ("transformer", 32, 2), ("mamba", 16, 4), ("mamba", 32, 4)}
     ids = {r.run_id for r in runs}
-    assert "transformer_d16xL2_num_kv_pairs2_seq_len16_lr0.001" in ids and "mamba_d32xL4_num_kv_pairs4_seq_len32_lr0.01" in ids
-    assert all(set(i) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") for i in ids)
+    assert {"transformer_d16xL2_num_kv_pairs2_seq_len16_lr0.001", "mamba_d32xL4_num_kv_pairs4_seq_len32_lr0.01"} <= ids
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", i) for i in ids)
     run = next(r for r in runs if r.run_id == "mamba_d32xL4_num_kv_pairs4_seq_len32_lr0.01")
     rc = run_config(cfg, run)           # the point's values reach the run's config
     assert rc.train.seq_len == 32 and rc.data.synthetic.num_kv_pairs == 4 and rc.train.tokens == 12 * 4 * 32
@@ -114,10 +115,10 @@ def test_width_layers_and_tokens_per_run_and_a_union_of_grids(tmp_path):
                      sweep=[{"train.seq_len": [16], "data.synthetic.num_kv_pairs": [2, 4]},
                             {"train.seq_len": [64], "data.synthetic.num_kv_pairs": [16]}])
     runs = plan(validate(LadderConfig, raw, "x"))
-    points = sorted({r.sweep for r in runs})
-    assert [sweep.decode(p) for p in points] == [
-        {"data.synthetic.num_kv_pairs": 16, "train.seq_len": 64}, {"data.synthetic.num_kv_pairs": 2, "train.seq_len": 16},
-        {"data.synthetic.num_kv_pairs": 4, "train.seq_len": 16}]
+    points = list(dict.fromkeys(r.sweep for r in runs))        # in the order written
+    assert [sweep.decode(p) for p in points] == [{"data.synthetic.num_kv_pairs": 2, "train.seq_len": 16},
+                                                 {"data.synthetic.num_kv_pairs": 4, "train.seq_len": 16},
+                                                 {"data.synthetic.num_kv_pairs": 16, "train.seq_len": 64}]
     for r in runs:
         seq_len = json.loads(r.sweep)["train.seq_len"]
         assert r.steps == round(2000 / (4 * seq_len)) and r.n_layer == (1 if r.family == "transformer" else 2)

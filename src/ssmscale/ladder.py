@@ -5,10 +5,11 @@ An IsoFLOP ladder (`budgets`): each run spends its budget, tokens = budget / tra
 ladder (`steps` or `tokens`, e.g. the recall study) trains every run equally long and has no scaling
 law to fit: its report is the recall report (report_recall.py). `widths` instead of `sizes` gives
 each family the same d_model at the depth sizing.layers_at_width sets; `sweep` repeats the grid at
-every point of extra config axes (sweep.py), whose labels go into the run ids. The ladder is restartable at any moment:
-a run's result.json is written atomically when it ends, a restart skips runs that have one (and
-retries runs that failed), results.csv is rebuilt from the result files (never appended), and a
-lock file keeps a second ladder process out of the same directory.
+every point of extra config axes (sweep.py), whose labels go into the run ids.
+
+The ladder is restartable at any moment: a run's result.json is written atomically when it ends, a
+restart skips runs that have one (and retries runs that failed), results.csv is rebuilt from the
+result files (never appended), and a lock file keeps a second ladder process out of the same directory.
 
     scaling/<study>/config.yaml           the ladder config
     scaling/<study>/plan.csv              every planned run, with flags
@@ -34,8 +35,8 @@ from .errors import UserError
 RESULT_COLUMNS = [
     "run_id", "study", "family", "size", "d_model", "n_layer", "params", "params_total", "state_bytes", "budget",
     "sweep", "flops", "flops_per_token", "ratio_to_6n", "tokens", "steps", "lr", "lr_source", "seed", "seq_len",
-    "batch_size", "loss", "bpb", "val_accuracy", "status", "message", "flags", "wall_s", "tokens_per_s", "config_hash", "data_fingerprint",
-    "commit", "device", "versions", "flops_convention",
+    "batch_size", "loss", "bpb", "val_accuracy", "status", "message", "flags", "wall_s", "tokens_per_s",
+    "config_hash", "data_fingerprint", "commit", "device", "versions", "flops_convention",
 ]
 
 
@@ -106,7 +107,8 @@ def vocab_size_of(cfg) -> int:
 
 
 def model_configs(cfg: LadderConfig):
-    """[(size, {family: ModelConfig})] in config order; Mamba is matched to the transformer per size."""
+    """[(size, {family: ModelConfig})] in config order: with `sizes`, Mamba is matched to the transformer in
+    parameters per size; with `widths`, every family has that d_model and its depth rule's layers."""
     from .models import ModelConfig
     from .models.sizing import MIN_LAYERS, layers_at_width, shape_for
     m = cfg.model
@@ -137,12 +139,17 @@ def model_configs(cfg: LadderConfig):
 
 
 def sweep_points(cfg: LadderConfig) -> list[tuple[dict, LadderConfig]]:
-    """[(point, the ladder config at that point, without its sweep)]; [({}, cfg)] without a sweep."""
+    """[(point, the ladder config at that point)]; [({}, cfg)] without a sweep."""
     from . import sweep
-    if cfg.sweep is None:
-        return [({}, cfg)]
-    base = cfg.model_dump(mode="json", exclude={"sweep"})
-    return [(p, LadderConfig.model_validate(sweep.apply_point(base, p))) for p in sweep.points(cfg.sweep)]
+    return [(p, config_at(cfg, p)) for p in sweep.points(cfg.sweep)]
+
+
+def config_at(cfg: LadderConfig, point: dict) -> LadderConfig:
+    """The ladder config with a sweep point's values written in and no sweep of its own."""
+    from . import sweep
+    if not point:
+        return cfg
+    return LadderConfig.model_validate(sweep.apply_point(cfg.model_dump(mode="json", exclude={"sweep"}), point))
 
 
 def plan(cfg: LadderConfig, n_train_tokens: int | dict | None = None, tuned: dict | None = None) -> list[PlannedRun]:
@@ -160,8 +167,8 @@ def plan(cfg: LadderConfig, n_train_tokens: int | dict | None = None, tuned: dic
     seen = set()
     for r in runs:
         if r.run_id in seen:
-            raise UserError(f"sweep: two runs would share the id {r.run_id} (sweep keys ending in the same name "
-                            "with the same value); sweep fewer keys or rename")
+            raise UserError(f"sweep: two runs would share the id {r.run_id} (keys with the same last name and "
+                            "value, or values that differ only in characters a run id cannot hold)")
         seen.add(r.run_id)
     return runs
 
@@ -242,9 +249,7 @@ def _run_id(family, size, mc, budget, point, lr, seed, cfg) -> str:
 def run_config(cfg: LadderConfig, run: PlannedRun, progress: bool = True) -> RunConfig:
     """The single-run config the training loop gets for one planned run (at its sweep point)."""
     from . import sweep
-    point = sweep.decode(run.sweep)
-    if point:
-        cfg = LadderConfig.model_validate(sweep.apply_point(cfg.model_dump(mode="json", exclude={"sweep"}), point))
+    cfg = config_at(cfg, sweep.decode(run.sweep))
     spec = ModelSpec(family=run.family, d_model=run.d_model, n_layer=run.n_layer, **cfg.model.model_dump())
     train = cfg.train.model_copy(update={"tokens": float(run.tokens), "lr": run.lr,
                                          "progress": cfg.train.progress and progress})

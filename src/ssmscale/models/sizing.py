@@ -6,7 +6,8 @@ Transformer++ (the anchor family):
   non-embedding count is closest to N (in log space). Shapes keep r within ASPECT_BAND;
   a 2-layer floor keeps the smallest models from being single-layer (r drops below 64 there).
 Mamba (as in Gu & Dao 2023): twice the transformer's layers (two Mamba blocks ~ one attention +
-  MLP layer, both ~12 d^2; LAYERS_PER_TRANSFORMER_LAYER holds this depth rule per family), width = the multiple of 8 (of 2 below width 64, so that toy ladders
+  MLP layer, both ~12 d^2; LAYERS_PER_TRANSFORMER_LAYER holds this depth rule per family),
+  width = the multiple of 8 (of 2 below width 64, so that toy ladders
   still match) closest in non-embedding parameters to the transformer's exact count. At large width this is the transformer's width; at small width it is
   a little narrower, because x_proj, dt_proj, A_log and D cost relatively more there.
 All counts come from flops.param_counts, which a test checks against the built models.
