@@ -16,13 +16,13 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     raw = read_yaml(path)
-    schema = LadderConfig if "budgets" in raw else RunConfig
+    schema = LadderConfig if "sizes" in raw or "widths" in raw else RunConfig
     validate(schema, raw, str(path))
 
 
 def test_configs_folder_has_the_documented_configs():
     names = {p.name for p in CONFIGS}
-    assert {"train_tiny.yaml", "tiny.yaml", "small.yaml"} <= names
+    assert {"train_tiny.yaml", "tiny.yaml", "small.yaml", "mqar.yaml"} <= names
 
 
 def _write(tmp_path, text):

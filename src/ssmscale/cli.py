@@ -102,9 +102,10 @@ def _train(args):
             print(f"{problem}; the run counts as unfinished and is trained again", file=sys.stderr)
     from .train import run_training
     r = run_training(cfg, out)
+    accuracy = f", accuracy={r['val_accuracy']:.4f}" if r.get("val_accuracy") is not None else ""
     print(f"{r['status']}: {r['family']} d_model={r['d_model']} n_layer={r['n_layer']} "
           f"params={r['params']:,} tokens={r['tokens']:,} flops={r['flops']:.3g} "
-          f"val loss={r['loss']:.4f} nats/token, bpb={r['bpb']:.4f}, {r['tokens_per_s']:,.0f} tokens/s, "
+          f"val loss={r['loss']:.4f} nats/token, bpb={r['bpb']:.4f}{accuracy}, {r['tokens_per_s']:,.0f} tokens/s, "
           f"{r['wall_s']:.1f} s -> {out / 'result.json'}")
     if r["status"] != "ok":
         print(f"run {r['status']}: {r['message']}", file=sys.stderr)
@@ -508,6 +509,12 @@ def _fit_args(p):
 
 def _fit(args):
     _check_fit_args(args)
+    from pathlib import Path
+
+    from .report_recall import is_fixed_length_study
+    if is_fixed_length_study(Path(args.path)):
+        raise UserError(f"{args.path}: a fixed-length study (steps or tokens, no budgets) has no scaling law to "
+                        "fit; ssmscale report draws its recall report")
     from .fit import fit_path, format_fit, parse_column_mapping
     result, target = fit_path(args.path, out=args.out, columns=parse_column_mapping(args.columns),
                               n_boot=args.n_boot, seed=args.seed, ci=args.ci, n_jobs=args.jobs,
@@ -549,7 +556,8 @@ def _report(args):
 COMMANDS: list = [
     ("sizes", "matched shapes, parameter counts and FLOPs per token for target sizes", _sizes_args, _sizes),
     ("train", "train one model on its token budget (writes DIR/result.json)", _train_args, _train),
-    ("ladder", "plan and run an IsoFLOP ladder (resumable), then fit and report", _ladder_args, _ladder),
+    ("ladder", "plan and run a ladder (resumable): IsoFLOP budgets, or fixed-length runs over widths and "
+               "swept config keys (recall); then fit and report", _ladder_args, _ladder),
     ("profile", "throughput, peak memory and MFU against sequence length (training, prefill, generation); "
                 "--op scan: the selective-scan kernels; --op ssd: Mamba-2's SSD against them; "
                 "--op loop: Lightning overhead",

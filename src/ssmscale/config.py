@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
@@ -215,12 +215,27 @@ class SubmititConfig(_Strict):
     slurm_extra: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 
+SweepGrid = dict[str, Annotated[list[Any], Field(min_length=1)]]
+
+
 class LadderConfig(_Strict):
-    """`ssmscale ladder CONFIG`: an IsoFLOP grid of families x budgets x sizes x learning rates x seeds."""
+    """`ssmscale ladder CONFIG`: a grid of families x run lengths x sizes x learning rates x seeds,
+    repeated at every point of an optional `sweep` over config keys (sweep.py).
+
+    Run length, one of: `budgets` (an IsoFLOP ladder: each run spends a FLOP budget, the length follows
+    from its size), `steps` or `tokens` (every run trains that long, e.g. a recall study).
+    Sizes, one of: `sizes` (target non-embedding parameters or explicit shapes, sizing.py matches the
+    families) or `widths` (d_model; the transformer gets `width_layers` layers, other families the
+    depth sizing.layers_at_width gives them)."""
     name: str
     families: Annotated[list[Family], Field(min_length=1)] = list(FAMILIES)
-    budgets: Annotated[list[Flops], Field(min_length=1)]                  # training FLOPs per run
-    sizes: Annotated[list[Params | ShapeSpec], Field(min_length=1)]        # target non-embedding params, or shapes
+    budgets: Annotated[list[Flops], Field(min_length=1)] | None = None   # training FLOPs per run
+    steps: PositiveInt | None = None                    # optimiser steps per run (instead of budgets)
+    tokens: Annotated[float, Field(gt=0, le=limits.MAX_TOKENS)] | None = None   # training tokens per run (instead of budgets)
+    sizes: Annotated[list[Params | ShapeSpec], Field(min_length=1)] | None = None  # target params, or shapes
+    widths: Annotated[list[Width], Field(min_length=1)] | None = None  # d_model per size (instead of sizes)
+    width_layers: Layers | None = None                  # with widths: transformer layers (default 2)
+    sweep: SweepGrid | Annotated[list[SweepGrid], Field(min_length=1)] | None = None   # extra axes (sweep.py)
     lrs: Annotated[list[PositiveFloat], Field(min_length=1)] | dict[str, Annotated[list[PositiveFloat], Field(min_length=1)]] = [3e-3]
     seeds: Annotated[list[Seed], Field(min_length=1)] = [0]
     # seed noise: once the main grid has finished, the best run of each family and budget is trained
@@ -257,31 +272,75 @@ class LadderConfig(_Strict):
     @model_validator(mode="after")
     def _grid(self):
         if self.train.tokens is not None:
-            raise ValueError("train.tokens: set by the ladder from each budget; remove it")
-        if len(set(self.budgets)) != len(self.budgets):
+            raise ValueError("train.tokens: set by the ladder (budgets, steps or tokens); remove it")
+        lengths = [k for k in ("budgets", "steps", "tokens") if getattr(self, k) is not None]
+        if len(lengths) != 1:
+            raise ValueError("budgets: give the run length as one of budgets (FLOPs per run), steps or tokens "
+                             f"(the same for every run){', not ' + ' and '.join(lengths) if lengths else ''}")
+        if (self.sizes is None) == (self.widths is None):
+            raise ValueError("sizes: give one of sizes (parameter counts or shapes) or widths (d_model), "
+                             f"{'not both' if self.sizes else 'none given'}")
+        if self.budgets is not None and len(set(self.budgets)) != len(self.budgets):
             raise ValueError("budgets: duplicate entries")
         if len(set(self.noise_seeds)) != len(self.noise_seeds):
             raise ValueError("noise_seeds: duplicate entries")
         if set(self.noise_seeds) & set(self.seeds):
             raise ValueError(f"noise_seeds: {sorted(set(self.noise_seeds) & set(self.seeds))[0]} is already one "
                              "of the seeds")
-        if self.lr_tune_budget is not None and self.lr_tune_budget not in self.budgets:
+        if self.noise_seeds and self.budgets is None:
+            raise ValueError("noise_seeds: only used with budgets (an IsoFLOP study)")
+        if self.widths is not None and len(set(self.widths)) != len(self.widths):
+            raise ValueError("widths: duplicate entries")
+        if self.width_layers is not None and self.widths is None:
+            raise ValueError("width_layers: only used with widths")
+        if self.steps is not None and self.steps < self.min_steps:
+            raise ValueError(f"steps: {self.steps} is below min_steps {self.min_steps}")
+        if self.lr_tune_budget is not None and self.lr_tune_budget not in (self.budgets or []):
             raise ValueError(f"lr_tune_budget: {self.lr_tune_budget:g} is not one of the budgets")
         if isinstance(self.lrs, dict):
             if not self.lrs:
                 raise ValueError("lrs: empty learning-rate grid")
             for key in self.lrs:
                 if key != "default" and not _is_size_key(key):
-                    raise ValueError(f"lrs.{key}: keys are sizes (e.g. '1e5') or 'default'")
-        for i, size in enumerate(self.sizes):
+                    raise ValueError(f"lrs.{key}: keys are sizes (e.g. '1e5', or 'd64' with widths) or 'default'")
+        for i, size in enumerate(self.sizes or []):
             if isinstance(size, ShapeSpec):
-                missing = [f for f in self.families if getattr(size, f) is None]
+                missing = [f for f in self.families if getattr(size, f, None) is None]
                 if missing:
                     raise ValueError(f"sizes.{i}: no shape for family {missing[0]}")
+        if self.sweep is not None:
+            self._check_sweep()
         return self
+
+    def _check_sweep(self):
+        """Every key sweepable, no value twice, no point twice, and every point a valid config."""
+        from . import sweep
+        seen = set()
+        for grid in sweep.grids(self.sweep):
+            if not grid:
+                raise ValueError("sweep: an empty grid")
+            for key, values in grid.items():
+                sweep.check_key(key)
+                if len({sweep.encode({key: v}) for v in values}) != len(values):
+                    raise ValueError(f"sweep.{key}: duplicate values")
+        base = self.model_dump(mode="json", exclude={"sweep"})
+        for point in sweep.points(self.sweep):
+            code = sweep.encode(point)
+            if code in seen:
+                raise ValueError(f"sweep: the point {sweep.label(point)} appears twice")
+            seen.add(code)
+            try:
+                LadderConfig.model_validate(sweep.apply_point(base, point))
+            except ValidationError as exc:
+                loc, msg = _error_parts(exc)
+                key = next((k for k in point if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")),
+                           None)
+                raise ValueError(f"sweep.{key or loc}: {msg} (at the point {sweep.label(point)})") from None
 
 
 def _is_size_key(key: str) -> bool:
+    if key[:1] == "d" and key[1:].isdigit():     # a width label
+        return int(key[1:]) > 0
     try:
         return float(key) > 0
     except ValueError:
@@ -297,6 +356,12 @@ def _is_union_tag(part) -> bool:
 
 def format_validation_error(source: str, exc: ValidationError) -> str:
     """One line: `file: key.path: what is wrong` for the most relevant error (and how many more)."""
+    loc, msg = _error_parts(exc)
+    return f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"
+
+
+def _error_parts(exc: ValidationError) -> tuple[str, str]:
+    """(dotted key path, message) of the most relevant error."""
     errs = exc.errors()
     # in a union, the branch that got deepest into the input is the one the user meant
     first = max(errs, key=lambda e: len(e["loc"]))
@@ -319,7 +384,7 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
         msg = "required key is missing"
     elif "input" in first and not is_value_error and first["type"] != "model_type":
         msg = f"{msg} (got {first['input']!r})"
-    return f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"
+    return loc, msg
 
 
 # YAML 1.2's floats that YAML 1.1 (PyYAML's rule) reads as strings: an exponent without a dot or a sign

@@ -1,14 +1,18 @@
-"""The IsoFLOP ladder: plan (families x budgets x sizes x learning rates x seeds) -> run -> results table.
+"""The ladder: plan (families x budgets x sizes x learning rates x seeds [x sweep points]) -> run -> results.
 
-With `noise_seeds`, once the main grid has finished, the best run of each (family, budget) is trained
-again with each extra seed (same shape and learning rate; run id `<best run>_s<seed>`), so the fits can
-put the seed-to-seed noise into their intervals. Adding noise seeds to a finished study trains only them.
+An IsoFLOP ladder (`budgets`): each run spends its budget, tokens = budget / training FLOPs per token
+(flops.py), rounded to whole optimiser steps; the FLOPs actually spent are recorded. With `noise_seeds`,
+once the main grid has finished, the best run of each (family, budget) is trained again with each extra
+seed (same shape and learning rate; run id `<best run>_s<seed>`), so the fits can put the seed-to-seed
+noise into their intervals; adding noise seeds to a finished study trains only them. A fixed-length
+ladder (`steps` or `tokens`, e.g. the recall study) trains every run equally long and has no scaling
+law to fit: its report is the recall report (report_recall.py). `widths` instead of `sizes` gives
+each family the same d_model at the depth sizing.layers_at_width sets; `sweep` repeats the grid at
+every point of extra config axes (sweep.py), whose labels go into the run ids.
 
-Each run spends its budget: tokens = budget / training FLOPs per token (flops.py), rounded to whole
-optimiser steps; the FLOPs actually spent are recorded. The ladder is restartable at any moment:
-a run's result.json is written atomically when it ends, a restart skips runs that have one (and
-retries runs that failed), results.csv is rebuilt from the result files (never appended), and a
-lock file keeps a second ladder process out of the same directory.
+The ladder is restartable at any moment: a run's result.json is written atomically when it ends, a
+restart skips runs that have one (and retries runs that failed), results.csv is rebuilt from the
+result files (never appended), and a lock file keeps a second ladder process out of the same directory.
 
     scaling/<study>/config.yaml           the ladder config
     scaling/<study>/plan.csv              every planned run, with flags
@@ -33,10 +37,11 @@ from .errors import UserError
 from .models.config import FAMILIES
 
 RESULT_COLUMNS = [
-    "run_id", "study", "family", "size", "d_model", "n_layer", "params", "params_total", "budget", "flops",
-    "flops_per_token", "ratio_to_6n", "tokens", "steps", "lr", "lr_source", "seed", "seq_len", "batch_size",
-    "loss", "bpb", "status", "message", "flags", "wall_s", "tokens_per_s", "config_hash", "data_fingerprint",
-    "commit", "device", "versions", "flops_convention", "threads", "train_s", "context_gain",
+    "run_id", "study", "family", "size", "d_model", "n_layer", "params", "params_total", "state_bytes", "budget",
+    "sweep", "flops", "flops_per_token", "ratio_to_6n", "tokens", "steps", "lr", "lr_source", "seed", "seq_len",
+    "batch_size", "loss", "bpb", "val_accuracy", "status", "message", "flags", "wall_s", "tokens_per_s",
+    "config_hash", "data_fingerprint", "commit", "device", "versions", "flops_convention", "threads", "train_s",
+    "context_gain",
 ]
 
 
@@ -44,12 +49,13 @@ RESULT_COLUMNS = [
 class PlannedRun:
     run_id: str
     family: str
-    size: str                 # label of the size entry ("1e5" or "d64xL2")
+    size: str                 # label of the size entry ("1e5", "transformer-d64xL2+mamba-d56xL4" or "d64")
     d_model: int
     n_layer: int
     params: int               # non-embedding
     params_total: int
-    budget: float             # target training FLOPs
+    budget: float | None      # target training FLOPs (None: a fixed-length ladder)
+    sweep: str                # the sweep point as JSON (sweep.encode), "" without a sweep
     lr: float | None          # None: to be taken from the tuning budget's results (not known yet)
     lr_source: str            # "grid", or "tuned at <budget>"
     seed: int
@@ -62,14 +68,29 @@ class PlannedRun:
 
 
 # ------------------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class Width:
+    """A `widths` entry: every family at this d_model, at its depth rule's number of layers."""
+    d_model: int
+
+
+def size_entries(cfg: LadderConfig) -> list:
+    """The size axis: `sizes` entries (floats or ShapeSpecs) or Width entries."""
+    return list(cfg.sizes) if cfg.sizes is not None else [Width(w) for w in cfg.widths]
+
+
 def size_label(size) -> str:
+    if isinstance(size, Width):
+        return f"d{size.d_model}"
     if isinstance(size, ShapeSpec):
         return "+".join(f"{f}-d{s[0]}xL{s[1]}" for f in FAMILIES if (s := getattr(size, f)))
     return f"{size:.3g}".replace("+", "")
 
 
 def _lr_key_matches(key: str, size) -> bool:
-    return not isinstance(size, ShapeSpec) and math.isclose(float(key), float(size), rel_tol=1e-9)
+    if isinstance(size, (ShapeSpec, Width)) or key.startswith("d"):
+        return False
+    return math.isclose(float(key), float(size), rel_tol=1e-9)
 
 
 def lrs_for(cfg: LadderConfig, size) -> list[float]:
@@ -90,17 +111,22 @@ def vocab_size_of(cfg) -> int:
 
 
 def model_configs(cfg: LadderConfig):
-    """[(size, {family: ModelConfig})] in config order; every family is matched to the transformer per size."""
+    """[(size, {family: ModelConfig})] in config order: with `sizes`, every family is matched to the transformer
+    in parameters per size; with `widths`, every family has that d_model and its depth rule's layers."""
     from .models import ModelConfig
-    from .models.sizing import shape_for
+    from .models.sizing import MIN_LAYERS, layers_at_width, shape_for
     m = cfg.model
     base = ModelConfig(family="transformer", d_model=m.head_dim, n_layer=1, vocab_size=vocab_size_of(cfg),
                        **m.knobs())
     out = []
-    for i, size in enumerate(cfg.sizes):
+    for i, size in enumerate(size_entries(cfg)):
         per_family = {}
         try:
-            if isinstance(size, ShapeSpec):
+            if isinstance(size, Width):
+                for fam in cfg.families:
+                    per_family[fam] = base.replace(family=fam, d_model=size.d_model,
+                                                   n_layer=layers_at_width(fam, cfg.width_layers or MIN_LAYERS))
+            elif isinstance(size, ShapeSpec):
                 for fam in cfg.families:
                     d, n = getattr(size, fam)
                     per_family[fam] = base.replace(family=fam, d_model=d, n_layer=n)
@@ -110,31 +136,65 @@ def model_configs(cfg: LadderConfig):
                     s = tf if fam == "transformer" else shape_for(fam, size, base, match=tf.params)
                     per_family[fam] = base.replace(family=fam, d_model=s.d_model, n_layer=s.n_layer)
         except ValueError as exc:
-            raise UserError(f"sizes.{i}: {exc}") from None
+            raise UserError(f"{'sizes' if cfg.sizes is not None else 'widths'}.{i}: {exc}") from None
         out.append((size, per_family))
     return out
 
 
-def plan(cfg: LadderConfig, n_train_tokens: int | None = None, tuned: dict | None = None) -> list[PlannedRun]:
+def sweep_points(cfg: LadderConfig) -> list[tuple[dict, LadderConfig]]:
+    """[(point, the ladder config at that point)]; [({}, cfg)] without a sweep."""
+    from . import sweep
+    return [(p, config_at(cfg, p)) for p in sweep.points(cfg.sweep)]
+
+
+def config_at(cfg: LadderConfig, point: dict) -> LadderConfig:
+    """The ladder config with a sweep point's values written in and no sweep of its own."""
+    from . import sweep
+    if not point:
+        return cfg
+    return LadderConfig.model_validate(sweep.apply_point(cfg.model_dump(mode="json", exclude={"sweep"}), point))
+
+
+def plan(cfg: LadderConfig, n_train_tokens: int | dict | None = None, tuned: dict | None = None) -> list[PlannedRun]:
     """Every run of the grid, with its shape, tokens, steps, FLOPs and flags. Pure (no training).
 
+    `n_train_tokens`: the training split's size, or {sweep.encode(point): size} per sweep point.
     With `lr_tune_budget`, runs at other budgets take their learning rate from `tuned`
-    ({(family, size label): lr}, see tuned_lrs); until it is known their lr is None."""
+    ({(family, size label, sweep point): lr}, see tuned_lrs); until it is known their lr is None."""
+    from . import sweep
+    runs = []
+    for point, pcfg in sweep_points(cfg):
+        code = sweep.encode(point)
+        n_train = n_train_tokens.get(code) if isinstance(n_train_tokens, dict) else n_train_tokens
+        runs += _plan_point(pcfg, point, n_train, tuned)
+    seen = set()
+    for r in runs:
+        if r.run_id in seen:
+            raise UserError(f"sweep: two runs would share the id {r.run_id} (keys with the same last name and "
+                            "value, or values that differ only in characters a run id cannot hold)")
+        seen.add(r.run_id)
+    return runs
+
+
+def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tuned: dict | None) -> list[PlannedRun]:
+    """The runs of one sweep point (`cfg` is the ladder config at that point)."""
+    from . import sweep
     from .flops import flops_summary
     t = cfg.train
     per_step = t.batch_size * t.seq_len
+    code = sweep.encode(point)
+    where = f" at the sweep point {sweep.label(point)}" if point else ""
     sized = model_configs(cfg)
     runs = []
     tune = cfg.lr_tune_budget
-    budgets = sorted(cfg.budgets, key=lambda b: b != tune)     # the tuning budget runs first
+    budgets = sorted(cfg.budgets, key=lambda b: b != tune) if cfg.budgets else [None]   # the tuning budget first
     for budget in budgets:
-        bi = cfg.budgets.index(budget)
         smallest = None
         for size, per_family in sized:
             for fam in cfg.families:
                 mc = per_family[fam]
                 cost = flops_summary(mc, t.seq_len)
-                steps = max(0, round(budget / cost["train_flops_per_token"] / per_step))
+                steps = _steps(cfg, budget, cost["train_flops_per_token"], per_step)
                 if smallest is None or cost["params"] < smallest[0]:
                     smallest = (cost["params"], steps, size)
                 tokens = steps * per_step
@@ -148,24 +208,40 @@ def plan(cfg: LadderConfig, n_train_tokens: int | None = None, tuned: dict | Non
                 if tune is None or budget == tune:
                     choices = [(float(lr), "grid") for lr in lrs_for(cfg, size)]
                 else:
-                    choices = [((tuned or {}).get((fam, size_label(size))), f"tuned at {tune:.3g}")]
+                    choices = [((tuned or {}).get((fam, size_label(size), code)), f"tuned at {tune:.3g}")]
                 for lr, source in choices:
                     for seed in cfg.seeds:
-                        run_id = _run_id(fam, size, budget, lr if source == "grid" else None, seed, cfg)
+                        run_id = _run_id(fam, size, mc, budget, point, lr if source == "grid" else None, seed, cfg)
                         runs.append(PlannedRun(run_id, fam, size_label(size), mc.d_model, mc.n_layer,
-                                               cost["params"], cost["params_total"], float(budget), lr, source,
+                                               cost["params"], cost["params_total"], budget, code, lr, source,
                                                seed, cost["train_flops_per_token"], tokens, steps,
                                                tokens * cost["train_flops_per_token"], ";".join(flags), skip))
         if smallest[1] < cfg.min_steps:
-            raise UserError(f"budgets.{bi}: {budget:.3g} FLOPs gives the smallest size ({size_label(smallest[2])}, "
-                            f"{smallest[0]:,} params) only {smallest[1]} step{'' if smallest[1] == 1 else 's'} of {per_step} tokens "
-                            f"(min_steps {cfg.min_steps}): raise the budget or shrink the batch")
+            what = (f"budgets.{cfg.budgets.index(budget)}: {budget:.3g} FLOPs" if budget is not None
+                    else f"tokens: {cfg.tokens:.3g} tokens")
+            raise UserError(f"{what} gives the smallest size ({size_label(smallest[2])}, "
+                            f"{smallest[0]:,} params) only {smallest[1]} step{'' if smallest[1] == 1 else 's'} of "
+                            f"{per_step} tokens{where} (min_steps {cfg.min_steps}): raise it or shrink the batch")
     return runs
 
 
-def _run_id(family, size, budget, lr, seed, cfg) -> str:
-    parts = [family, f"N{size_label(size)}" if not isinstance(size, ShapeSpec)
-             else f"d{getattr(size, family)[0]}xL{getattr(size, family)[1]}", f"C{budget:.3g}"]
+def _steps(cfg: LadderConfig, budget: float | None, flops_per_token: float, per_step: int) -> int:
+    """Optimiser steps of one run: its budget's, or the ladder's fixed length."""
+    if budget is not None:
+        return max(0, round(budget / flops_per_token / per_step))
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(0, round(cfg.tokens / per_step))
+
+
+def _run_id(family, size, mc, budget, point, lr, seed, cfg) -> str:
+    from . import sweep
+    parts = [family, f"N{size_label(size)}" if not isinstance(size, (ShapeSpec, Width))
+             else f"d{mc.d_model}xL{mc.n_layer}"]
+    if budget is not None:
+        parts.append(f"C{budget:.3g}")
+    if point:
+        parts.append(sweep.label(point))
     if lr is not None and (isinstance(cfg.lrs, dict) or len(cfg.lrs) > 1):
         parts.append(f"lr{lr:.3g}")
     if len(cfg.seeds) > 1:
@@ -185,7 +261,9 @@ def study_eval_points_tokens(cfg: LadderConfig) -> int | None:
 
 
 def run_config(cfg: LadderConfig, run: PlannedRun, progress: bool = True) -> RunConfig:
-    """The single-run config the training loop gets for one planned run."""
+    """The single-run config the training loop gets for one planned run (at its sweep point)."""
+    from . import sweep
+    cfg = config_at(cfg, sweep.decode(run.sweep))
     spec = ModelSpec(family=run.family, d_model=run.d_model, n_layer=run.n_layer, **cfg.model.model_dump())
     train = cfg.train.model_copy(update={"tokens": float(run.tokens), "lr": run.lr,
                                          "progress": cfg.train.progress and progress,
@@ -200,12 +278,13 @@ def plan_frame(runs: list[PlannedRun]):
 
 
 def format_plan(runs: list[PlannedRun]) -> str:
-    lines = [f"{'run_id':<44} {'family':<11} {'d_model':>7} {'n_layer':>7} {'params':>10} {'tokens':>11} "
+    w = max([44] + [len(r.run_id) for r in runs])
+    lines = [f"{'run_id':<{w}} {'family':<11} {'d_model':>7} {'n_layer':>7} {'params':>10} {'tokens':>11} "
              f"{'FLOPs':>9} {'steps':>6} {'lr':>8}  flags"]
     for r in runs:
         flags = r.flags + (" (skipped)" if r.skip else "")
         lr = f"{r.lr:.2g}" if r.lr is not None else "tuned"
-        lines.append(f"{r.run_id:<44} {r.family:<11} {r.d_model:>7} {r.n_layer:>7} {r.params:>10,} "
+        lines.append(f"{r.run_id:<{w}} {r.family:<11} {r.d_model:>7} {r.n_layer:>7} {r.params:>10,} "
                      f"{r.tokens:>11,} {r.flops:>9.3g} {r.steps:>6} {lr:>8}  {flags}")
     todo = [r for r in runs if not r.skip]
     lines.append(f"{len(todo)} runs to train ({len(runs) - len(todo)} skipped), "
@@ -243,10 +322,8 @@ class StudyLock:
 def _fixed_part(cfg: LadderConfig) -> dict:
     """What must not change between restarts of one study (the grid itself may grow)."""
     d = cfg.model_dump(mode="json")
-    for key in ("families", "budgets", "sizes", "lrs", "seeds", "noise_seeds", "lr_tune_budget", "min_steps",
-                "run_flagged",
-                "allow_repeats",
-                "executor", "submitit", "fit"):
+    for key in ("families", "budgets", "sizes", "widths", "sweep", "lrs", "seeds", "noise_seeds", "lr_tune_budget",
+                "min_steps", "run_flagged", "allow_repeats", "executor", "submitit", "fit"):
         d.pop(key)
     for key in EXECUTION_KEYS:          # how runs execute, not what they compute
         d["train"].pop(key)
@@ -287,7 +364,7 @@ def collect_results(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]):
         if res is None:
             continue      # not run yet, or malformed (run_ladder said so and trains it again)
         row = {**res, "run_id": r.run_id, "study": cfg.name, "size": r.size, "budget": r.budget,
-               "lr_source": r.lr_source, "flags": r.flags,
+               "sweep": r.sweep, "lr_source": r.lr_source, "flags": r.flags,
                "versions": json.dumps(res.get("versions", {}), sort_keys=True)}
         rows.append({k: row.get(k) for k in RESULT_COLUMNS})
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
@@ -311,15 +388,16 @@ def _say_malformed(out_dir: Path, runs: list[PlannedRun]) -> None:
 
 
 def tuned_lrs(cfg: LadderConfig, out_dir: Path) -> dict:
-    """{(family, size label): lr} with the lowest validation loss at the tuning budget, for the
-    (family, size) pairs whose tuning runs have all ended (a pair with no successful run gets none)."""
+    """{(family, size label, sweep point): lr} with the lowest validation loss at the tuning budget, for
+    the (family, size, point) cells whose tuning runs have all ended (a cell with no successful run gets
+    none)."""
     if cfg.lr_tune_budget is None:
         return {}
     best, open_pairs = {}, set()
     for r in plan(cfg):
         if r.budget != cfg.lr_tune_budget:
             continue
-        key = (r.family, r.size)
+        key = (r.family, r.size, r.sweep)
         res = _read_result(out_dir, r.run_id)
         if res is None:
             open_pairs.add(key)       # not tried yet: the best rate is not known
@@ -394,9 +472,10 @@ def thread_share(cfg: LadderConfig, cluster: str) -> tuple[int, int | None]:
 
 
 def _train_run(cfg, out_dir, run, progress, position, share=(1, None), announce=False):
+    from . import sweep
     from .train import run_training
     extra = {"run_id": run.run_id, "budget": run.budget, "size": run.size, "study": cfg.name,
-             "lr_source": run.lr_source}
+             "sweep": sweep.decode(run.sweep), "lr_source": run.lr_source}
     return run_training(run_config(cfg, run, progress), out_dir / "runs" / run.run_id, progress_position=position,
                         extra=extra, parallel_jobs=share[0], max_cores=share[1], announce=announce)
 
@@ -429,13 +508,7 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
     out_dir = Path(out or Path("scaling") / cfg.name)
     check_writable_dir(out_dir, "study directory")
     executor = executor or cfg.executor
-    from .data import prepare_data
-    data = prepare_data(cfg.data, cfg.tokenizer, seq_len=cfg.train.seq_len, eval_tokens=cfg.train.eval_tokens,
-                        progress=progress)
-    if data.vocab_size != vocab_size_of(cfg):
-        raise UserError(f"tokenizer.vocab_size: the data has {data.vocab_size} tokens, the config says "
-                        f"{vocab_size_of(cfg)}")
-    n_train = data.n_train_tokens
+    n_train = training_tokens(cfg, progress)
     plan(cfg, n_train)              # a grid that cannot be planned is refused before the study folder exists
     with StudyLock(out_dir):
         _check_same_study(cfg, out_dir)
@@ -485,21 +558,43 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
         df = collect_results(cfg, out_dir, runs)
         print(f"ladder finished in {time.perf_counter() - start:.1f} s: {len(df)} results in {out_dir / 'results.csv'}")
         if cfg.fit:
-            _fit_and_report(out_dir)
+            _fit_and_report(out_dir, scaling_law=cfg.budgets is not None)
     return out_dir
 
 
+def training_tokens(cfg: LadderConfig, progress: bool = True) -> dict:
+    """{sweep point (encoded): tokens in the training split}, preparing (and checking) each point's data:
+    its vocabulary must be the config's, a synthetic task must fit the point's sequence length."""
+    from . import sweep
+    from .data import prepare_data
+    out = {}
+    for point, pcfg in sweep_points(cfg):
+        where = f"sweep point {sweep.label(point)}: " if point else ""
+        try:
+            data = prepare_data(pcfg.data, pcfg.tokenizer, seq_len=pcfg.train.seq_len,
+                                eval_tokens=pcfg.train.eval_tokens, progress=progress)
+        except UserError as exc:
+            raise UserError(f"{where}{exc}") from None
+        if data.vocab_size != vocab_size_of(pcfg):
+            raise UserError(f"{where}tokenizer.vocab_size: the data has {data.vocab_size} tokens, the config says "
+                            f"{vocab_size_of(pcfg)}")
+        out[sweep.encode(point)] = data.n_train_tokens
+    return out
+
+
 def _print_tuned(cfg: LadderConfig, out_dir: Path):
+    from . import sweep
     tuned = tuned_lrs(cfg, out_dir)
     lines = []
-    for size in cfg.sizes:
-        grid = sorted(lrs_for(cfg, size))
-        for fam in cfg.families:
-            lr = tuned.get((fam, size_label(size)))
-            if lr is None:
-                continue
-            edge = "  <- edge of the grid: the optimum may lie outside it" if lr in (grid[0], grid[-1]) else ""
-            lines.append(f"  {fam:<11} {size_label(size):>8}  lr {lr:.3g}{edge}")
+    for point, _ in sweep_points(cfg):
+        for size in size_entries(cfg):
+            grid = sorted(lrs_for(cfg, size))
+            for fam in cfg.families:
+                lr = tuned.get((fam, size_label(size), sweep.encode(point)))
+                if lr is None:
+                    continue
+                edge = "  <- edge of the grid: the optimum may lie outside it" if lr in (grid[0], grid[-1]) else ""
+                lines.append(f"  {fam:<11} {size_label(size):>8} {sweep.label(point)}  lr {lr:.3g}{edge}")
     print(f"learning rates tuned at {cfg.lr_tune_budget:.3g} FLOPs:\n" + "\n".join(lines))
 
 
@@ -519,7 +614,9 @@ def _report_run(bar, tally, run, res):
     k, n = tally["done"], tally["total"]
     status = res.get("status", "failed")
     if status == "ok":
-        line = (f"[{k}/{n}] ok       {run.run_id}: loss {res['loss']:.4f} nats/token, bpb {res['bpb']:.4f} "
+        score = (f"accuracy {res['val_accuracy']:.3f}" if res.get("val_accuracy") is not None
+                 else f"bpb {res['bpb']:.4f}")
+        line = (f"[{k}/{n}] ok       {run.run_id}: loss {res['loss']:.4f} nats/token, {score} "
                 f"({res.get('wall_s', 0):.1f} s)")
     else:
         line = f"[{k}/{n}] {status:<8} {run.run_id}: {res.get('message', '')}"
@@ -586,13 +683,15 @@ def _run_submitit(cfg, out_dir, runs, todo, bar, tally, cluster):
             collect_results(cfg, out_dir, runs)
 
 
-def _fit_and_report(out_dir: Path):
-    """fit.json in the study directory; the report in reports/<directory name>, as `ssmscale report` does."""
+def _fit_and_report(out_dir: Path, scaling_law: bool = True):
+    """fit.json in the study directory (IsoFLOP ladders only: a fixed-length ladder has no scaling law);
+    the report in reports/<directory name>, as `ssmscale report` does."""
     try:
         from .fit import fit_study
         from .report import write_report
     except ImportError:
         return
-    fit_study(out_dir)
+    if scaling_law:
+        fit_study(out_dir)
     report = write_report(out_dir, Path("reports") / out_dir.resolve().name)
     print(f"report: {report}")

@@ -161,19 +161,10 @@ class _Null:
 
 def state_bytes(family, d_model, n_layer, batch, max_len, vocab_size=256, head_dim=32) -> int:
     """Bytes of the generation cache: KV caches (attention layers), conv + SSM states (SSM layers)."""
-    import torch
-
-    from .models import LM, ModelConfig
-    with torch.device("meta"):
-        model = LM(ModelConfig(family=family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
-                               head_dim=head_dim))
-        cache = model.allocate_cache(batch, max_len, dtype=torch.float32, device="meta")
-    total = 0
-    for c in cache:
-        for t in vars(c).values():
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    from .models import ModelConfig
+    from .models.lm import state_bytes as model_state_bytes
+    return model_state_bytes(ModelConfig(family=family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
+                                         head_dim=head_dim), batch, max_len)
 
 
 # -------------------------------------------------------------------------------- the parent side

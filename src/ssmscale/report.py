@@ -594,6 +594,9 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     name = study.resolve().name
     out = Path(out_dir) if out_dir is not None else Path("reports") / name
     check_writable_dir(out, "report folder (--out)")     # before a fit that may take minutes
+    from .report_recall import is_fixed_length_study, write_recall_report
+    if is_fixed_length_study(study):      # no budgets, no scaling law: the recall report
+        return write_recall_report(study, out)
     loaded = load_runs(study)
     profile = _read_profile(study)
     fit_kwargs = dict(n_boot=n_boot, seed=seed, progress=progress, parametric_grid=parametric_grid)

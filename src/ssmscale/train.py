@@ -28,11 +28,13 @@ from .config import ModelSpec, RunConfig, TrainConfig, config_hash, dump_yaml
 from .errors import UserError
 from .fsutil import atomic_write_json, atomic_write_text
 from .models import LM, ModelConfig
+from .models.lm import state_bytes
 
 LN2 = math.log(2.0)
-# val_loss / val_bpb: the whole validation set (eval_every, the end); val_subset_loss: the eval points' subset
-METRIC_FIELDS = ["step", "tokens", "train_loss", "lr", "grad_norm", "elapsed_s", "val_loss", "val_bpb", "flops",
-                 "val_subset_loss"]
+# val_loss / val_bpb (/ val_accuracy for recall tasks): the whole validation set (eval_every, the end);
+# val_subset_loss: the eval points' subset
+METRIC_FIELDS = ["step", "tokens", "train_loss", "lr", "grad_norm", "elapsed_s", "val_loss", "val_bpb",
+                 "val_accuracy", "flops", "val_subset_loss"]
 # eval-point tokens (forward only: about a third of a training token's FLOPs) per training token: ~5% of compute
 EVAL_POINTS_COST = 0.15
 CONTEXT_EDGE = 0.1     # context gain: mean loss over the first 10% of window positions minus over the last 10%
@@ -139,16 +141,22 @@ class Diverged(Exception):
 @torch.no_grad()
 def evaluate(model: LM, val, batch_size: int, device, context=None, windows=None) -> dict:
     """Nats over the fixed validation set (or only its `windows`) -> loss (nats/token), bits per byte (whole
-    set only), the mean loss at each position of the window, and each window's nats and scored tokens."""
+    set only), the mean loss at each position of the window, and each window's nats and scored tokens.
+
+    Where only some positions are scored (synthetic recall: targets -100 elsewhere), also the
+    accuracy: the fraction of scored positions whose argmax over the vocabulary is the target.
+    Text data scores every position and gets None (no argmax: its evaluation costs what it did)."""
     x_all, y_all, n_bytes = val
     if windows is not None:
         idx = torch.as_tensor(windows, dtype=torch.long)
         x_all, y_all, n_bytes = x_all[idx], y_all[idx], None
+    sparse = bool((y_all == -100).any())
     was_training = model.training
     model.eval()
     pos_nats = torch.zeros(y_all.shape[1], dtype=torch.float64)
     pos_count = torch.zeros(y_all.shape[1], dtype=torch.int64)
     win_nats, win_tokens = [], []
+    correct = 0
     for i in range(0, x_all.shape[0], batch_size):
         x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
         with (context() if context else _null()):
@@ -161,12 +169,15 @@ def evaluate(model: LM, val, batch_size: int, device, context=None, windows=None
         pos_count += scored.sum(0)
         win_nats.append(nll.sum(1))
         win_tokens.append(scored.sum(1))
+        if sparse:   # padded vocabulary rows are never targets: argmax over the real tokens only
+            correct += int((logits[..., :model.cfg.vocab_size].argmax(-1) == y).sum())
     model.train(was_training)
     total, count = float(pos_nats.sum()), int(pos_count.sum())
     loss = total / max(count, 1)
     bpb = total / (LN2 * n_bytes) if n_bytes else float("nan")
     by_position = [float(n / c) if c else float("nan") for n, c in zip(pos_nats.tolist(), pos_count.tolist())]
-    return {"val_loss": loss, "val_bpb": bpb, "val_tokens": count, "val_bytes": n_bytes,
+    accuracy = correct / max(count, 1) if sparse else None
+    return {"val_loss": loss, "val_bpb": bpb, "val_accuracy": accuracy, "val_tokens": count, "val_bytes": n_bytes,
             "val_loss_by_position": by_position, "window_nats": torch.cat(win_nats),
             "window_tokens": torch.cat(win_tokens)}
 
@@ -329,7 +340,7 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
             ev = None
             if train.eval_every and step % train.eval_every == 0 and step < module.n_steps:
                 ev = module.run_eval()
-                row.update(val_loss=ev["val_loss"], val_bpb=ev["val_bpb"])
+                row.update(val_loss=ev["val_loss"], val_bpb=ev["val_bpb"], val_accuracy=ev["val_accuracy"])
                 module.log("val_bpb", ev["val_bpb"], prog_bar=True)
             if step in self.points:
                 ev = ev or module.run_eval(subset_only=True)
@@ -346,7 +357,8 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
                 self._open()
             if ev is not None:
                 row = {"step": step, "tokens": step * tokens_per_step, "val_loss": ev["val_loss"],
-                       "val_bpb": ev["val_bpb"], "flops": step * tokens_per_step * flops_per_token}
+                       "val_bpb": ev["val_bpb"], "val_accuracy": ev["val_accuracy"],
+                       "flops": step * tokens_per_step * flops_per_token}
                 if "val_subset_loss" in ev:
                     row["val_subset_loss"] = ev["val_subset_loss"]
                     self.curve.append((step, ev["val_subset_loss"]))
@@ -472,8 +484,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     except (RuntimeError, MemoryError) as exc:   # e.g. out of memory: recorded, not a crash of the ladder
         status, message = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
     steps_done = trainer.global_step
-    ev = {"val_loss": float("nan"), "val_bpb": float("nan"), "val_tokens": 0, "val_bytes": None,
-          "val_loss_by_position": None}
+    ev = {"val_loss": float("nan"), "val_bpb": float("nan"), "val_accuracy": None, "val_tokens": 0,
+          "val_bytes": None, "val_loss_by_position": None}
     if status == "ok":
         ev = module.run_eval()
     monitor.write_final(steps_done, ev if status == "ok" else None)
@@ -485,11 +497,13 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
         "status": status, "message": message,
         "family": model_cfg.family, "d_model": model_cfg.d_model, "n_layer": model_cfg.n_layer,
         "params": cost["params"], "params_total": cost["params_total"],
+        "state_bytes": state_bytes(model_cfg, 1, t.seq_len),
         "tokens": tokens, "steps": steps_done, "planned_steps": n_steps,
         "flops": tokens * cost["train_flops_per_token"],
         "flops_per_token": cost["train_flops_per_token"], "ratio_to_6n": cost["ratio_to_6n"],
         "flops_convention": cost["flops_convention"],
-        "loss": ev["val_loss"], "bpb": ev["val_bpb"], "val_tokens": ev["val_tokens"], "val_bytes": ev["val_bytes"],
+        "loss": ev["val_loss"], "bpb": ev["val_bpb"], "val_accuracy": ev["val_accuracy"],
+        "val_tokens": ev["val_tokens"], "val_bytes": ev["val_bytes"],
         "val_loss_by_position": (None if ev["val_loss_by_position"] is None    # null: no target at a position
                                  else [round(v, 6) if math.isfinite(v) else None for v in ev["val_loss_by_position"]]),
         "context_gain": (None if ev["val_loss_by_position"] is None

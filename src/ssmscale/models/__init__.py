@@ -1,7 +1,7 @@
 """Language models: one LM shell, the block of every family, and the sizing rule that matches them.
 
-`FAMILIES` and `ModelConfig` import without torch (the config schema and the CLI use them); `LM` is
-imported on first use."""
+`FAMILIES` and `ModelConfig` import without torch (the config schema and the CLI check family names
+against FAMILIES, so config errors answer in about a second); `LM` is imported on first use."""
 
 from .config import FAMILIES, ModelConfig
 

@@ -97,3 +97,25 @@ def kernel_impl(cfg: ModelConfig, device: str) -> str | None:
         from ..ops.ssd import resolve_ssd_impl
         names.append(f"ssd-{resolve_ssd_impl(cfg.ssd_impl, device)}")
     return "+".join(names) or None
+
+def state_bytes(cfg: ModelConfig, batch: int = 1, max_len: int = 1) -> int:
+    """Bytes of the generation state `LM.allocate_cache` holds for `max_len` tokens (fp32 weights):
+    the KV cache of attention layers, the conv and SSM state of recurrent ones, whatever mix the
+    family's blocks allocate. Built on the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        model = LM(cfg)
+        cache = model.allocate_cache(batch, max_len, dtype=torch.float32, device="meta")
+    return _tensor_bytes(cache)
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of every tensor reachable from obj (tensors, lists, tuples, dicts, objects' attributes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return sum(_tensor_bytes(v) for v in vars(obj).values())
+    return 0

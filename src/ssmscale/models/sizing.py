@@ -8,14 +8,14 @@ Transformer++ (the anchor family):
 Every other family (Mamba, Mamba-2, the hybrid) is a stack of single-branch layers with no MLP, so
   it takes twice the transformer's layers (Gu & Dao 2023: two Mamba blocks ~ one attention + MLP
   layer, both ~12 d^2; Mamba-2 likewise, ~6 d^2 per block at expand 2; the hybrid's attention-only
-  layers ~4 d^2 each) and the width = the multiple of 8 closest in non-embedding parameters to the
-  transformer's exact count, or the even width closest below width 256 (64 for Mamba, the rule its
-  committed study was planned with), so that small models match within a few percent: a step of 8
-  in width moves the count by 16/d, 25% at width 64. At large width
-  Mamba's is the transformer's width; at small width it is a little narrower, because x_proj,
-  dt_proj, A_log and D cost relatively more there (Mamba-2: B and C, whose size does not scale with
-  width). Mamba-2 and the hybrid's attention round their head counts (models/config.py), so any even
-  width is a valid model.
+  layers ~4 d^2 each; LAYERS_PER_TRANSFORMER_LAYER holds this depth rule per family) and the width =
+  the multiple of 8 closest in non-embedding parameters to the transformer's exact count, or the even
+  width closest below width 256 (64 for Mamba, the rule its committed study was planned with), so that
+  small models match within a few percent: a step of 8 in width moves the count by 16/d, 25% at width
+  64. At large width Mamba's is the transformer's width; at small width it is a little narrower,
+  because x_proj, dt_proj, A_log and D cost relatively more there (Mamba-2: B and C, whose size does
+  not scale with width). Mamba-2 and the hybrid's attention round their head counts
+  (models/config.py), so any even width is a valid model.
 All counts come from flops.param_counts, which a test checks against the built models.
 Targets are bounded by limits.MAX_PARAMS and widths by limits.MAX_WIDTH, so no request can hang the search.
 """
@@ -34,6 +34,10 @@ MIN_LAYERS = 2
 WIDTH_MULTIPLE = 8      # of the families matched to the transformer, from width FINE_BELOW on
 FINE_BELOW = {"mamba": 64}     # other families: FINE_BELOW_DEFAULT
 FINE_BELOW_DEFAULT = 256
+# Blocks that stand for one transformer layer at the same width: a Transformer++ layer is attention +
+# MLP (~12 d^2); the other families' blocks have no MLP (Mamba ~6 d^2 at expand 2), so they stack two
+# (Gu & Dao 2023). Every family in models.config.FAMILIES needs an entry (a test checks).
+LAYERS_PER_TRANSFORMER_LAYER = {"transformer": 1, "mamba": 2, "mamba2": 2, "hybrid": 2}
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,20 @@ def transformer_layers(target: float) -> int:
     return max(MIN_LAYERS, round((target / (12 * ASPECT ** 2)) ** (1 / 3)))
 
 
+def layer_multiple(family: str) -> int:
+    """Blocks of `family` that match one transformer layer in depth (see LAYERS_PER_TRANSFORMER_LAYER)."""
+    try:
+        return LAYERS_PER_TRANSFORMER_LAYER[family]
+    except KeyError:
+        raise ValueError(f"family: no depth rule for model family {family!r} in sizing.py") from None
+
+
+def layers_at_width(family: str, transformer_layers: int) -> int:
+    """Depth of `family` beside a transformer of `transformer_layers` layers at the same width (a
+    width sweep such as the recall study's: width varies, depth follows the family's rule)."""
+    return layer_multiple(family) * transformer_layers
+
+
 def shape_for(family: str, target_params: float, base: ModelConfig | None = None,
               match: int | None = None) -> Shape:
     """(d_model, n_layer) of `family` for a target non-embedding count (see module docstring).
@@ -95,7 +113,7 @@ def shape_for(family: str, target_params: float, base: ModelConfig | None = None
     else:
         if match is None:
             match = shape_for("transformer", target_params, base).params
-        n = 2 * n_tf
+        n = layers_at_width(family, n_tf)
         d = _closest_width(base, family, n, match, WIDTH_MULTIPLE)
         if d < FINE_BELOW.get(family, FINE_BELOW_DEFAULT):
             d = _closest_width(base, family, n, match, 2)
