@@ -94,6 +94,8 @@ def _train(args):
         raise UserError(f"{out}: already holds a finished run (result.json); use --force to retrain")
     from .train import run_training
     r = run_training(cfg, out)
+    if r.get("global_rank"):     # an extra rank of a multi-process strategy: rank 0 reports
+        return 0 if r["status"] == "ok" else 1
     print(f"{r['status']}: {r['family']} d_model={r['d_model']} n_layer={r['n_layer']} "
           f"params={r['params']:,} tokens={r['tokens']:,} flops={r['flops']:.3g} "
           f"val loss={r['loss']:.4f} nats/token, bpb={r['bpb']:.4f}, {r['tokens_per_s']:,.0f} tokens/s, "

@@ -8,6 +8,7 @@ else is strict: unknown keys, wrong types and impossible values are errors namin
 
 from __future__ import annotations
 
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -112,9 +113,13 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"  # auto: 32 on CPU, bf16-mixed on GPU
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: PositiveInt = 1
-    strategy: str = "auto"                              # Lightning strategy for multi-device runs (e.g. ddp)
+    # Lightning strategy: with devices > 1 both mean ddp, which re-executes the command line once per
+    # extra rank (gloo on CPU, NCCL on GPU); batch_size stays the global batch
+    strategy: Literal["auto", "ddp"] = "auto"
     num_threads: PositiveInt | None = None              # CPU threads for torch (default: torch's choice)
     progress: bool = True
+    # Lightning loggers under <run>/logs/, beside metrics.csv and with its fields: csv is always written
+    loggers: list[Literal["csv", "tensorboard", "wandb"]] = ["csv"]
 
     @model_validator(mode="after")
     def _lrs(self):
@@ -279,12 +284,28 @@ def apply_overrides(raw: dict, overrides: dict | None) -> dict:
     return raw
 
 
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_logger_packages(cfg: RunConfig | LadderConfig, source: str) -> None:
+    """A logger the config asks for must be importable: say so now, not after the data is prepared."""
+    for name in cfg.train.loggers:
+        packages = LOGGER_PACKAGES.get(name, ())
+        if packages and not any(find_spec(p) for p in packages):
+            raise UserError(f"{source}: train.loggers: '{name}' needs the {packages[0]} package "
+                            f"(pip install {packages[0]})")
+
+
 def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    return validate(RunConfig, apply_overrides(read_yaml(path), overrides), str(path))
+    cfg = validate(RunConfig, apply_overrides(read_yaml(path), overrides), str(path))
+    check_logger_packages(cfg, str(path))
+    return cfg
 
 
 def load_ladder_config(path: str | Path, overrides: dict | None = None) -> LadderConfig:
-    return validate(LadderConfig, apply_overrides(read_yaml(path), overrides), str(path))
+    cfg = validate(LadderConfig, apply_overrides(read_yaml(path), overrides), str(path))
+    check_logger_packages(cfg, str(path))
+    return cfg
 
 
 def config_hash(cfg: BaseModel) -> str:

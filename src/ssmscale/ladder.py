@@ -232,7 +232,8 @@ def _fixed_part(cfg: LadderConfig) -> dict:
                 "allow_repeats",
                 "executor", "submitit", "fit"):
         d.pop(key)
-    d["train"].pop("progress")
+    for key in ("progress", "loggers"):     # how a run is watched, not what it computes
+        d["train"].pop(key)
     return d
 
 

@@ -7,6 +7,12 @@ are exempt), linear warmup then cosine decay to `final_lr` at the last step, gra
 fp32 on CPU / bf16-mixed on GPU. Batch i is a pure function of (seed, i), so a resumed run sees
 the same batches and both families see the same tokens in the same order. Validation uses a fixed
 held-out token set and reports nats/token and bits/byte. A NaN/inf loss ends the run as `diverged`.
+
+Several devices (`train.devices`, `train.strategy: ddp`): `batch_size` is the global batch; each rank
+trains on its rows of it, the logged loss is the mean over all ranks, and only rank 0 evaluates and
+writes (metrics, logs, checkpoints, model.pt, result.json), so tokens and FLOPs are counted once.
+Per-step metrics go to `metrics.csv` (METRIC_FIELDS, what resume and the report read) and, with the
+same fields, to Lightning's loggers under `logs/`: CSV always, TensorBoard and W&B by `train.loggers`.
 """
 
 from __future__ import annotations
@@ -128,7 +134,10 @@ def _lightning():
     # run continues exactly), the IterableDataset runs in the main process, checkpoints overwrite
     for pattern in (".*IterableDataset.*has `__len__`", ".*resuming from a checkpoint that ended before",
                     ".*Checkpoint directory .* exists and is not empty", ".*LeafSpec.*is deprecated",
-                    ".*does not have many workers", ".*Total length of .* across ranks is zero"):
+                    ".*does not have many workers", ".*Total length of .* across ranks is zero",
+                    ".*The `srun` command is available on your system but is not used",
+                    ".*Experiment logs directory .* exists and is not empty",
+                    ".*smaller than the logging interval"):
         warnings.filterwarnings("ignore", message=pattern)
     return L
 
@@ -155,7 +164,9 @@ def build_module(model_cfg: ModelConfig, train: TrainConfig, n_steps: int, val, 
                 x, y = x[self.global_rank::world], y[self.global_rank::world]
             logits = self.model(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
-            value = loss.item()
+            # the global batch's loss (ranks hold equal rows); every rank sees it, so all stop together
+            value = self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean").item() \
+                if world > 1 else loss.item()
             self.last_loss = value
             if not math.isfinite(value):
                 raise Diverged(f"loss became {value} at step {self.global_step}")
@@ -205,20 +216,42 @@ class StepBatches(torch.utils.data.IterableDataset):
         return self.n_steps
 
 
+def _kept_rows(path: Path, resume_step: int) -> list[dict]:
+    """The training rows a killed run logged up to the checkpoint it resumes from."""
+    if not resume_step or not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f) if r.get("step", "").isdigit()
+                and int(r["step"]) <= resume_step and r.get("train_loss")]
+
+
+def _numbers(row: dict) -> dict:
+    """A metrics row as the loggers take it: the numeric fields except the step, empty ones dropped."""
+    return {k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)}
+
+
 def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resume_step: int):
     class RunMonitor(L.Callback):
-        """Per-step metrics to CSV (flushed every line), periodic validation, train-time clock."""
+        """Per-step metrics to metrics.csv (flushed every line) and to the loggers, periodic validation,
+        train-time clock. Only rank 0 evaluates and writes; the files open once the ranks are known."""
 
         def __init__(self):
             self.path = out_dir / "metrics.csv"
             self.train_time = 0.0
             self._t0 = None
             self._start = time.perf_counter()
-            rows = []
-            if resume_step and self.path.exists():   # keep the steps the killed run logged up to its checkpoint
-                with open(self.path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()
-                            and int(r["step"]) <= resume_step and r.get("train_loss")]
+            self._f = self._w = None
+            self._loggers = []
+
+        def setup(self, trainer, module, stage):
+            if not trainer.is_global_zero or self._f is not None:
+                return
+            rows = _kept_rows(self.path, resume_step)
+            self._loggers = trainer.loggers
+            for logger in self._loggers:     # the Lightning CSV log starts empty: give it the kept steps
+                if isinstance(logger, L.pytorch.loggers.CSVLogger):
+                    for r in rows:
+                        logger.log_metrics(_numbers(r), step=int(r["step"]))
             self._f = open(self.path, "w", newline="")
             self._w = csv.DictWriter(self._f, fieldnames=METRIC_FIELDS)
             self._w.writeheader()
@@ -233,6 +266,9 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.train_time += time.perf_counter() - self._t0
+            module.log("loss", module.last_loss, prog_bar=True, logger=False)
+            if not trainer.is_global_zero:
+                return
             step = trainer.global_step
             # the learning rate this step used (the scheduler has already moved on to the next one)
             lr = lr_at(step - 1, module.n_steps, module.warmup_steps, train.lr, train.final_lr)
@@ -242,16 +278,24 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
             if train.eval_every and step % train.eval_every == 0 and step < module.n_steps:
                 ev = module.run_eval()
                 row.update(val_loss=ev["val_loss"], val_bpb=ev["val_bpb"])
-                module.log("val_bpb", ev["val_bpb"], prog_bar=True)
+                module.log("val_bpb", ev["val_bpb"], prog_bar=True, logger=False)
+            self._write(row)
+
+        def _write(self, row: dict):
             self._w.writerow(row)
             self._f.flush()
-            module.log("loss", module.last_loss, prog_bar=True)
+            for logger in self._loggers:
+                logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
         def write_final(self, step, ev):
+            if self._f is None:       # not rank 0, or training never started
+                return
             if ev is not None:
-                self._w.writerow({"step": step, "tokens": step * tokens_per_step, "val_loss": ev["val_loss"],
-                                  "val_bpb": ev["val_bpb"]})
+                self._write({"step": step, "tokens": step * tokens_per_step, "val_loss": ev["val_loss"],
+                             "val_bpb": ev["val_bpb"]})
             self._f.close()
+            for logger in self._loggers:
+                logger.finalize("success" if ev is not None else "failed")
 
     callbacks = [RunMonitor()]
     if train.checkpoint_every:
@@ -259,6 +303,27 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
             dirpath=out_dir / "checkpoints", filename="last", every_n_train_steps=train.checkpoint_every,
             save_top_k=1, save_last=False, enable_version_counter=False))
     return callbacks
+
+
+def _loggers(L, cfg: RunConfig, out_dir: Path, resume_step: int) -> list:
+    """Lightning's loggers under out_dir/logs/: csv/ always, tensorboard/ and wandb/ when configured.
+    A resumed run's TensorBoard log drops the killed run's steps after the checkpoint (purge_step);
+    its W&B run continues under the same id."""
+    from .provenance import stable_hash
+    loggers = L.pytorch.loggers
+    save_dir = out_dir / "logs"
+    out = [loggers.CSVLogger(save_dir, name="", version="csv")]
+    if "tensorboard" in cfg.train.loggers:
+        out.append(loggers.TensorBoardLogger(save_dir, name="", version="tensorboard", default_hp_metric=False,
+                                             purge_step=resume_step + 1 if resume_step else None))
+    if "wandb" in cfg.train.loggers:
+        study, _, run = cfg.name.rpartition("/")
+        out.append(loggers.WandbLogger(project=study or cfg.name, name=run, save_dir=str(save_dir),
+                                       id=stable_hash(str(out_dir.resolve())), resume="allow"))
+    hparams = cfg.model_dump(mode="json")
+    for logger in out:
+        logger.log_hyperparams(hparams)
+    return out
 
 
 def _progress_bar(L, position: int):
@@ -314,8 +379,10 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     if t.progress:
         callbacks.append(_progress_bar(L, progress_position))
     trainer = L.Trainer(
-        accelerator=accelerator, devices=t.devices, strategy=t.strategy, precision=precision,
-        max_steps=n_steps, max_epochs=1, logger=False, enable_checkpointing=bool(t.checkpoint_every),
+        accelerator=accelerator, devices=t.devices, precision=precision,
+        strategy="ddp" if t.devices > 1 else t.strategy,   # never Lightning's in-notebook ddp_fork
+        max_steps=n_steps, max_epochs=1, logger=_loggers(L, cfg, out_dir, resume_step),
+        enable_checkpointing=bool(t.checkpoint_every),
         enable_progress_bar=t.progress, enable_model_summary=False, callbacks=callbacks,
         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(out_dir),
         deterministic=accelerator == "cpu")
@@ -333,13 +400,13 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     except (RuntimeError, MemoryError) as exc:   # e.g. out of memory: recorded, not a crash of the ladder
         status, message = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
     steps_done = trainer.global_step
+    if not trainer.is_global_zero:     # multi-process strategies: rank 0 evaluates and writes the result
+        return {"status": status, "message": message, "global_rank": trainer.global_rank}
     ev = {"val_loss": float("nan"), "val_bpb": float("nan"), "val_tokens": 0, "val_bytes": None}
     if status == "ok":
         ev = module.run_eval()
     monitor.write_final(steps_done, ev if status == "ok" else None)
     wall = time.perf_counter() - start
-    if not trainer.is_global_zero:     # multi-process strategies: rank 0 writes the result
-        return {"status": status, "message": message}
     tokens = steps_done * tokens_per_step
     result = {
         "status": status, "message": message,
