@@ -163,6 +163,9 @@ def _ladder_args(p):
     p.add_argument("--executor", help="local (in-process) or submitit (local pool / Slurm job array)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.seq_len=64")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--throughput-from", metavar="PROFILE_CSV",
+                   help="price the plan in device-hours from a `ssmscale profile` CSV (training rows per family) "
+                        "instead of the stated GPU assumption")
 
 
 def _ladder(args):
@@ -170,7 +173,8 @@ def _ladder(args):
         raise UserError(f"--executor: unknown executor {args.executor!r}; use local or submitit")
     from .ladder import run_ladder
     run_ladder(args.config, out=args.out, dry_run=args.dry_run, executor=args.executor,
-               progress=not args.no_progress, overrides=_parse_overrides(args.set))
+               progress=not args.no_progress, overrides=_parse_overrides(args.set),
+               throughput_from=args.throughput_from)
     return 0
 
 

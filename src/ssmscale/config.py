@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
 
+Family = Literal["transformer", "mamba"]      # models.config.FAMILIES, spelled out: importing it imports torch
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
@@ -79,7 +80,7 @@ class ModelDefaults(_Strict):
 class ModelSpec(ModelDefaults):
     """One model: the family knobs plus either an explicit shape (d_model, n_layer) or a target
     non-embedding parameter count."""
-    family: Literal["transformer", "mamba"] = "transformer"
+    family: Family = "transformer"
     d_model: PositiveInt | None = None
     n_layer: PositiveInt | None = None
     params: PositiveFloat | None = None
@@ -168,7 +169,7 @@ class SubmititConfig(_Strict):
 class LadderConfig(_Strict):
     """`ssmscale ladder CONFIG`: an IsoFLOP grid of families x budgets x sizes x learning rates x seeds."""
     name: str
-    families: Annotated[list[Literal["transformer", "mamba"]], Field(min_length=1)] = ["transformer", "mamba"]
+    families: Annotated[list[Family], Field(min_length=1)] = Field(default_factory=lambda: list(get_args(Family)))
     budgets: Annotated[list[PositiveFloat], Field(min_length=1)]          # training FLOPs per run
     sizes: Annotated[list[PositiveFloat | ShapeSpec], Field(min_length=1)]  # target non-embedding params, or shapes
     lrs: Annotated[list[PositiveFloat], Field(min_length=1)] | dict[str, Annotated[list[PositiveFloat], Field(min_length=1)]] = [3e-3]
@@ -179,6 +180,9 @@ class LadderConfig(_Strict):
     min_steps: PositiveInt = 20            # runs with fewer optimiser steps are flagged (and skipped)
     run_flagged: bool = False              # also train runs flagged for too few steps / data repeats
     allow_repeats: bool = False            # allow runs that need more than one pass over the training tokens
+    # [low, high] training tokens per non-embedding parameter: runs outside are flagged "ratio" and skipped
+    # (Chinchilla's optimum is ~20), so each budget trains only the sizes near its optimum
+    tokens_per_param: tuple[PositiveFloat, PositiveFloat] | None = None
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelDefaults = ModelDefaults()
@@ -193,6 +197,8 @@ class LadderConfig(_Strict):
             raise ValueError("train.tokens: set by the ladder from each budget; remove it")
         if len(set(self.budgets)) != len(self.budgets):
             raise ValueError("budgets: duplicate entries")
+        if self.tokens_per_param is not None and self.tokens_per_param[0] >= self.tokens_per_param[1]:
+            raise ValueError("tokens_per_param: give [low, high] with low < high")
         if self.lr_tune_budget is not None and self.lr_tune_budget not in self.budgets:
             raise ValueError(f"lr_tune_budget: {self.lr_tune_budget:g} is not one of the budgets")
         if isinstance(self.lrs, dict):
