@@ -62,7 +62,8 @@ def _stand_in_ssd():
         h = x.new_zeros(x.shape[0], heads, x.shape[3], B.shape[-1])
         ys = []
         for t in range(x.shape[1]):
-            h = torch.exp(dt[:, t] * A)[..., None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None]
+            inflow = (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None]
+            h = torch.exp(dt[:, t] * A)[..., None, None] * h + inflow
             ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
         return torch.stack(ys, 1) + D[:, None] * x
     return types.SimpleNamespace(ssd=ssd, available_impls=lambda device: ["ref", "loop"])
@@ -88,7 +89,8 @@ def test_a_cpu_rehearsal_runs_every_section_and_passes(tmp_path, capsys, monkeyp
     table = out[out.index("section  item"):].splitlines()
     rows = [line.split() for line in table[2:-1]]
     assert {("scan", "fused"), ("scan", "chunked"), ("ssd", "loop")} <= {(r[0], r[1]) for r in rows}
-    assert [r[1:4] for r in rows if r[0] == "scan" and r[2] == "vs"] == [["fused", "vs", "ref"], ["chunked", "vs", "ref"]]
+    compared = [r[1] for r in rows if r[0] == "scan" and r[2:4] == ["vs", "ref"]]
+    assert compared == ["fused", "chunked"]
     assert any(r[:3] == ["scan", "fused", "L=256"] and "4.0x the floor" in " ".join(r) for r in rows)
     assert {f for r in rows if r[0] == "train" for f in FAMILIES if r[1] == f} == set(FAMILIES)
     profiled = [(r[1], r[2], r[3]) for r in rows if r[0] == "profile"]

@@ -37,7 +37,8 @@ def test_csv_and_tensorboard_logs_carry_the_metrics_file_fields_at_every_step(tm
 
     events = EventAccumulator(str(tmp_path / "run" / "logs" / "tensorboard"))
     events.Reload()
-    assert {"train_loss", "lr", "grad_norm", "tokens", "elapsed_s", "val_loss", "val_bpb"} <= set(events.Tags()["scalars"])
+    fields = {"train_loss", "lr", "grad_norm", "tokens", "elapsed_s", "val_loss", "val_bpb"}
+    assert fields <= set(events.Tags()["scalars"])
     logged = [(e.step, e.value) for e in events.Scalars("train_loss")]
     expected = [(int(r["step"]), float(r["train_loss"])) for r in own if r["train_loss"]]
     assert [s for s, _ in logged] == [s for s, _ in expected] == list(range(1, 13))

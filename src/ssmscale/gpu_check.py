@@ -238,7 +238,8 @@ def check_scan(device, sizes: Sizes, deadline, work):
                                     model_args=True)
     for r in rows:
         ok = r["status"] == "ok"
-        floor = f" = {r['over_floor']:.1f}x the floor at {r['bandwidth_gbs']:.0f} GB/s" if ok and r["over_floor"] else ""
+        floor = (f" = {r['over_floor']:.1f}x the floor at {r['bandwidth_gbs']:.0f} GB/s"
+                 if ok and r["over_floor"] else "")
         yield Row("scan", f"{best} L={r['length']} {r['mode']}", f"b{batch} d_inner {d_inner} N{n_state}",
                   f"{r['median_ms']:.2f} ms{floor}" if ok else f"{r['status']}: {r.get('error')}",
                   "ok" if ok else "FAIL")

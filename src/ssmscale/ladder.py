@@ -142,7 +142,8 @@ def plan(cfg: LadderConfig, n_train_tokens: int | None = None, tuned: dict | Non
                     flags.append("few-steps")
                 if n_train_tokens is not None and tokens > n_train_tokens:
                     flags.append("repeats")
-                if cfg.tokens_per_param and not cfg.tokens_per_param[0] <= tokens / cost["params"] <= cfg.tokens_per_param[1]:
+                window = cfg.tokens_per_param
+                if window and not window[0] <= tokens / cost["params"] <= window[1]:
                     flags.append("ratio")
                 skip = steps == 0 or (("few-steps" in flags or "ratio" in flags) and not cfg.run_flagged) or \
                     ("repeats" in flags and not (cfg.allow_repeats or cfg.run_flagged))

@@ -131,7 +131,8 @@ def _lightning():
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # notices that do not apply to this loop: batches are a function of the step (so a resumed
-    # run continues exactly), the IterableDataset runs in the main process, checkpoints overwrite
+    # run continues exactly), the IterableDataset runs in the main process, checkpoints overwrite, the
+    # ladder submits Slurm jobs itself (srun hint), RunMonitor logs every step itself (logging interval)
     for pattern in (".*IterableDataset.*has `__len__`", ".*resuming from a checkpoint that ended before",
                     ".*Checkpoint directory .* exists and is not empty", ".*LeafSpec.*is deprecated",
                     ".*does not have many workers", ".*Total length of .* across ranks is zero",
