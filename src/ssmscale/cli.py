@@ -102,6 +102,8 @@ def _train(args):
             print(f"{problem}; the run counts as unfinished and is trained again", file=sys.stderr)
     from .train import run_training
     r = run_training(cfg, out)
+    if r.get("global_rank"):     # an extra rank of a multi-process strategy: rank 0 reports
+        return 0 if r["status"] == "ok" else 1
     accuracy = f", accuracy={r['val_accuracy']:.4f}" if r.get("val_accuracy") is not None else ""
     print(f"{r['status']}: {r['family']} d_model={r['d_model']} n_layer={r['n_layer']} "
           f"params={r['params']:,} tokens={r['tokens']:,} flops={r['flops']:.3g} "
@@ -174,6 +176,9 @@ def _ladder_args(p):
     p.add_argument("--executor", help="local (in-process) or submitit (local pool / Slurm job array)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.seq_len=64")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--throughput-from", metavar="PROFILE_CSV",
+                   help="price the plan in device-hours from a `ssmscale profile` CSV (training rows per family) "
+                        "instead of the stated GPU assumption")
 
 
 def _ladder(args):
@@ -181,7 +186,8 @@ def _ladder(args):
         raise UserError(f"--executor: unknown executor {args.executor!r}; use local or submitit")
     from .ladder import run_ladder
     run_ladder(args.config, out=args.out, dry_run=args.dry_run, executor=args.executor,
-               progress=not args.no_progress, overrides=_parse_overrides(args.set))
+               progress=not args.no_progress, overrides=_parse_overrides(args.set),
+               throughput_from=args.throughput_from)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,7 +34,7 @@ Params = Annotated[float, Field(gt=0, le=limits.MAX_PARAMS)]
 Flops = Annotated[float, Field(gt=0, le=limits.MAX_FLOPS)]
 Seed = Annotated[int, Field(ge=0, le=limits.MAX_SEED)]
 # Lightning strategies this loop runs under (its batch rows are split per rank in training_step)
-STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork")
+STRATEGIES = ("auto", "ddp")
 
 # a plain name: a folder name that stays where it is put (no '/', no leading '.' or '-')
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,99}")
@@ -162,9 +163,13 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"  # auto: 32 on CPU, bf16-mixed on GPU
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: PositiveInt = 1
-    strategy: Literal[STRATEGIES] = "auto"              # Lightning strategy for multi-device runs (e.g. ddp)
+    # Lightning strategy: with devices > 1 both mean ddp, which re-executes the command line once per
+    # extra rank (gloo on CPU, NCCL on GPU); batch_size stays the global batch
+    strategy: Literal[STRATEGIES] = "auto"
     num_threads: PositiveInt | None = None              # CPU threads (default: threads.py, cores / parallel runs)
     progress: bool = True
+    # Lightning loggers under <run>/logs/, beside metrics.csv and with its fields: csv is always written
+    loggers: list[Literal["csv", "tensorboard", "wandb"]] = ["csv"]
 
     @model_validator(mode="after")
     def _lrs(self):
@@ -247,6 +252,9 @@ class LadderConfig(_Strict):
     min_steps: PositiveInt = 20            # runs with fewer optimiser steps are flagged (and skipped)
     run_flagged: bool = False              # also train runs flagged for too few steps / data repeats
     allow_repeats: bool = False            # allow runs that need more than one pass over the training tokens
+    # [low, high] training tokens per non-embedding parameter: runs outside are flagged "ratio" and skipped
+    # (Chinchilla's optimum is ~20), so each budget trains only the sizes near its optimum
+    tokens_per_param: tuple[PositiveFloat, PositiveFloat] | None = None
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelDefaults = ModelDefaults()
@@ -295,6 +303,8 @@ class LadderConfig(_Strict):
             raise ValueError("width_layers: only used with widths")
         if self.steps is not None and self.steps < self.min_steps:
             raise ValueError(f"steps: {self.steps} is below min_steps {self.min_steps}")
+        if self.tokens_per_param is not None and self.tokens_per_param[0] >= self.tokens_per_param[1]:
+            raise ValueError("tokens_per_param: give [low, high] with low < high")
         if self.lr_tune_budget is not None and self.lr_tune_budget not in (self.budgets or []):
             raise ValueError(f"lr_tune_budget: {self.lr_tune_budget:g} is not one of the budgets")
         if isinstance(self.lrs, dict):
@@ -506,12 +516,28 @@ def apply_overrides(raw: dict, overrides: dict | None) -> dict:
     return raw
 
 
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_logger_packages(cfg: RunConfig | LadderConfig, source: str) -> None:
+    """A logger the config asks for must be importable: say so now, not after the data is prepared."""
+    for name in cfg.train.loggers:
+        packages = LOGGER_PACKAGES.get(name, ())
+        if packages and not any(find_spec(p) for p in packages):
+            raise UserError(f"{source}: train.loggers: '{name}' needs the {packages[0]} package "
+                            f"(pip install {packages[0]})")
+
+
 def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    return validate(RunConfig, apply_overrides(read_yaml(path), overrides), str(path))
+    cfg = validate(RunConfig, apply_overrides(read_yaml(path), overrides), str(path))
+    check_logger_packages(cfg, str(path))
+    return cfg
 
 
 def load_ladder_config(path: str | Path, overrides: dict | None = None) -> LadderConfig:
-    return validate(LadderConfig, apply_overrides(read_yaml(path), overrides), str(path))
+    cfg = validate(LadderConfig, apply_overrides(read_yaml(path), overrides), str(path))
+    check_logger_packages(cfg, str(path))
+    return cfg
 
 
 # Train settings that say how a run executes, not what it computes; result.json records their values

@@ -27,8 +27,10 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -63,7 +65,7 @@ class PlannedRun:
     tokens: int               # tokens actually trained (whole steps)
     steps: int
     flops: float              # FLOPs actually spent = tokens * flops_per_token
-    flags: str                # "" or e.g. "few-steps;repeats"
+    flags: str                # "" or e.g. "few-steps;repeats;ratio"
     skip: bool                # not trained (flagged and the config does not ask for flagged runs)
 
 
@@ -203,7 +205,10 @@ def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tune
                     flags.append("few-steps")
                 if n_train_tokens is not None and tokens > n_train_tokens:
                     flags.append("repeats")
-                skip = steps == 0 or ("few-steps" in flags and not cfg.run_flagged) or \
+                window = cfg.tokens_per_param
+                if window and not window[0] <= tokens / cost["params"] <= window[1]:
+                    flags.append("ratio")
+                skip = steps == 0 or (("few-steps" in flags or "ratio" in flags) and not cfg.run_flagged) or \
                     ("repeats" in flags and not (cfg.allow_repeats or cfg.run_flagged))
                 if tune is None or budget == tune:
                     choices = [(float(lr), "grid") for lr in lrs_for(cfg, size)]
@@ -323,7 +328,7 @@ def _fixed_part(cfg: LadderConfig) -> dict:
     """What must not change between restarts of one study (the grid itself may grow)."""
     d = cfg.model_dump(mode="json")
     for key in ("families", "budgets", "sizes", "widths", "sweep", "lrs", "seeds", "noise_seeds", "lr_tune_budget",
-                "min_steps", "run_flagged", "allow_repeats", "executor", "submitit", "fit"):
+                "min_steps", "run_flagged", "allow_repeats", "tokens_per_param", "executor", "submitit", "fit"):
         d.pop(key)
     for key in EXECUTION_KEYS:          # how runs execute, not what they compute
         d["train"].pop(key)
@@ -449,15 +454,63 @@ def _finished(out_dir: Path, run: PlannedRun) -> bool:
 # ------------------------------------------------------------------------------------- running
 def run_one(study_dir: str, run_id: str, progress: bool = False, parallel_jobs: int = 1,
             max_cores: int | None = None) -> dict:
-    """Train one planned run of a study (the unit of work of every executor). `parallel_jobs` and
-    `max_cores` size its threads (threads.py; see thread_share)."""
+    """Train one planned run of a study: the unit of work of the out-of-process executors. `parallel_jobs`
+    and `max_cores` size its threads (threads.py; see thread_share).
+
+    One process at a time trains a run: a job whose run is still being trained elsewhere (a cancelled
+    job not yet dead, jobs left running by a ladder that was stopped and restarted) waits for it, and
+    then skips the run if that process finished it. Extra ranks of a multi-process run take no lock."""
     out_dir = Path(study_dir)
     cfg = load_ladder_config(out_dir / "config.yaml")
+    run = _planned(cfg, out_dir, run_id)
+    with _run_lock(out_dir / "runs" / run_id) if _process_rank() == 0 else nullcontext():
+        if _finished(out_dir, run):
+            return _read_result(out_dir, run_id)
+        if not _needs_own_process(cfg):
+            return _train_run(cfg, out_dir, run, progress=progress, position=1, share=(parallel_jobs, max_cores),
+                              announce=True)
+        # Lightning's ddp re-executes the command line for each extra rank: give the run a command of its own
+        code = subprocess.run([sys.executable, "-m", "ssmscale.worker", str(out_dir), run_id]).returncode
+        return _read_result(out_dir, run_id) or {"status": "failed",
+                                                 "message": f"ssmscale.worker exited with code {code}"}
+
+
+def train_planned_run(study_dir: str, run_id: str) -> dict:
+    """Train one planned run of a study in this process, which the run owns (`python -m ssmscale.worker`):
+    its ranks share the cores the process may use."""
+    out_dir = Path(study_dir)
+    cfg = load_ladder_config(out_dir / "config.yaml")
+    return _train_run(cfg, out_dir, _planned(cfg, out_dir, run_id), progress=False, position=1,
+                      share=(cfg.train.devices, None), announce=True)
+
+
+def _planned(cfg: LadderConfig, out_dir: Path, run_id: str) -> PlannedRun:
     run = next((r for r in plan_study(cfg, out_dir) if r.run_id == run_id), None)
     if run is None or run.lr is None:
         raise UserError(f"{run_id}: not a runnable run of the study in {out_dir}")
-    return _train_run(cfg, out_dir, run, progress=progress, position=1, share=(parallel_jobs, max_cores),
-                      announce=True)
+    return run
+
+
+def _process_rank() -> int:
+    """This process's rank in a multi-process run, 0 outside one: a Slurm task, or a rank Lightning launched."""
+    return max(int(os.environ.get(name) or 0) for name in ("SLURM_PROCID", "LOCAL_RANK"))
+
+
+def _needs_own_process(cfg: LadderConfig) -> bool:
+    """A multi-device run must own its command line, unless Slurm already started one task per device."""
+    return cfg.train.devices > 1 and os.environ.get("SLURM_NTASKS") != str(cfg.train.devices)
+
+
+@contextmanager
+def _run_lock(run_dir: Path):
+    """An exclusive flock on runs/<id>/.run.lock, waited for; the kernel releases it when its holder dies."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def thread_share(cfg: LadderConfig, cluster: str) -> tuple[int, int | None]:
@@ -500,7 +553,11 @@ def _thread_line(cfg: LadderConfig, cluster: str) -> str:
 
 
 def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
-               executor: str | None = None, progress: bool = True, overrides: dict | None = None) -> Path:
+               executor: str | None = None, progress: bool = True, overrides: dict | None = None,
+               throughput_from: str | None = None) -> Path:
+    """Plan, train (resumably) and fit a ladder. The plan is printed first, with a cost estimate in
+    device-hours when the study runs on GPUs or `throughput_from` names a `ssmscale profile` CSV."""
+    from . import cost
     from .config import dump_yaml
     from .fsutil import atomic_write_dataframe_csv, atomic_write_text, check_writable_dir
 
@@ -508,7 +565,17 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
     out_dir = Path(out or Path("scaling") / cfg.name)
     check_writable_dir(out_dir, "study directory")
     executor = executor or cfg.executor
-    n_train = training_tokens(cfg, progress)
+    throughput = None
+    if throughput_from:
+        throughput = cost.throughput_from_profile(throughput_from, cfg.families, cfg.train.seq_len)
+    elif cfg.train.accelerator == "gpu":
+        throughput = cost.assumed_throughput(cfg.families)
+    n_train = None
+    if dry_run and cfg.data.source == "hf":
+        print(f"dry run: the {cfg.data.hf_name} corpus is not downloaded, so runs are not checked against "
+              "its size (the 'repeats' flag)")
+    else:
+        n_train = training_tokens(cfg, progress)
     plan(cfg, n_train)              # a grid that cannot be planned is refused before the study folder exists
     with StudyLock(out_dir):
         _check_same_study(cfg, out_dir)
@@ -518,6 +585,8 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
             print(f"noise seeds {cfg.noise_seeds}: once this grid has finished, the best run of each family and "
                   f"budget is trained again with each ({len(cfg.noise_seeds)} x {len(cfg.families)} x "
                   f"{len(cfg.budgets)} runs at most)")
+        if throughput:
+            print(cost.format_estimate(runs, throughput))
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg.model_dump(mode="json")))
         atomic_write_dataframe_csv(out_dir / "plan.csv", plan_frame(runs))
         if dry_run:
@@ -628,7 +697,10 @@ def _report_run(bar, tally, run, res):
 def _run_local(cfg, out_dir, runs, todo, bar, tally, cluster):
     for run in todo:
         try:
-            res = _train_run(cfg, out_dir, run, bar.disable is False, position=1)
+            if cfg.train.devices > 1:     # the run needs a process of its own (see run_one)
+                res = run_one(str(out_dir), run.run_id)
+            else:
+                res = _train_run(cfg, out_dir, run, bar.disable is False, position=1)
         except UserError:
             raise
         except Exception as exc:  # a bug or crash in one run must not take the finished ones with it
@@ -638,15 +710,19 @@ def _run_local(cfg, out_dir, runs, todo, bar, tally, cluster):
         collect_results(cfg, out_dir, runs)
 
 
-def _write_failed(out_dir, run, res):
+def _write_failed(out_dir, run, res) -> dict:
+    """Record a run that ended without a result, unless its process did write a final one (a job
+    cancelled after its run had finished); return the run's result. The next invocation retries failed runs."""
     from .fsutil import atomic_write_json
-    atomic_write_json(out_dir / "runs" / run.run_id / "result.json",
-                      {**res, "family": run.family, "params": run.params, "params_total": run.params_total,
-                       "d_model": run.d_model, "n_layer": run.n_layer, "lr": run.lr, "seed": run.seed})
+    if _finished(out_dir, run):
+        return _read_result(out_dir, run.run_id)
+    failed = {**res, "family": run.family, "params": run.params, "params_total": run.params_total,
+              "d_model": run.d_model, "n_layer": run.n_layer, "lr": run.lr, "seed": run.seed}
+    atomic_write_json(out_dir / "runs" / run.run_id / "result.json", failed)
+    return failed
 
 
-def _run_submitit(cfg, out_dir, runs, todo, bar, tally, cluster):
-    """Each run is a submitit job: a local process pool here, a Slurm job array on a cluster."""
+def _executor(cfg: LadderConfig, out_dir: Path, cluster: str):
     import submitit
 
     from .threads import configure_waiting
@@ -658,29 +734,99 @@ def _run_submitit(cfg, out_dir, runs, todo, bar, tally, cluster):
     if s.mem_gb:
         params["mem_gb"] = s.mem_gb
     if ex.cluster == "slurm":
-        params.update(slurm_array_parallelism=s.parallelism, slurm_additional_parameters=dict(s.slurm_extra))
+        # one task per device: Lightning reads each rank from its Slurm task (SLURM_PROCID, SLURM_NTASKS)
+        params.update(slurm_array_parallelism=s.parallelism, slurm_additional_parameters=dict(s.slurm_extra),
+                      nodes=1, tasks_per_node=cfg.train.devices)
         if s.partition:
             params["slurm_partition"] = s.partition
         if s.account:
             params["slurm_account"] = s.account
     ex.update_parameters(**params)
+    return ex
+
+
+def _run_submitit(cfg, out_dir, runs, todo, bar, tally, cluster):
+    """Each run is a submitit job: a local process pool here, a Slurm job array on a cluster. Jobs are
+    collected in the order they end; a job that ends without a result is a failed run naming its log."""
+    ex = _executor(cfg, out_dir, cluster)
     share = thread_share(cfg, ex.cluster)
     ids = [r.run_id for r in todo]
     by_id = {r.run_id: r for r in todo}
     # a local "cluster" starts every submitted job at once: submit in waves of `parallelism`
-    wave = s.parallelism if ex.cluster == "local" else len(ids)
+    wave = cfg.submitit.parallelism if ex.cluster == "local" else len(ids)
     for i in range(0, len(ids), wave):
         chunk = ids[i:i + wave]
         n = len(chunk)
         jobs = ex.map_array(run_one, [str(out_dir)] * n, chunk, [False] * n, *([x] * n for x in share))
-        for job, run_id in zip(jobs, chunk):
-            try:
-                res = job.result()
-            except Exception as exc:
-                res = {"status": "failed", "message": f"{type(exc).__name__}: {str(exc).splitlines()[-1][:300]}"}
-                _write_failed(out_dir, by_id[run_id], res)
+        if ex.cluster == "slurm":
+            from tqdm.auto import tqdm
+            tqdm.write(f"Slurm job array {jobs[0].job_id.split('_')[0]}: {len(jobs)} runs, at most "
+                       f"{cfg.submitit.parallelism} at once; logs in {out_dir / 'submitit'}", file=sys.stderr)
+        for run_id, res, returned in _as_they_end(dict(zip(chunk, jobs)), slurm=ex.cluster == "slurm"):
+            if not returned:
+                res = _write_failed(out_dir, by_id[run_id], res)
             _report_run(bar, tally, by_id[run_id], res)
             collect_results(cfg, out_dir, runs)
+
+
+# Slurm job states after which a job runs no more. squeue --states=all lists them for MinJobAge (300 s by
+# default); after that, and at once for an array task cancelled before it started, squeue no longer knows
+# the job ("GONE")
+SLURM_ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+               "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT", "GONE"}
+RESULT_GRACE_S = 10.0     # how long a shared filesystem may take to show the result of a job that ended
+
+
+def _as_they_end(pending: dict, slurm: bool, poll_s: float = 2.0):
+    """Yield (run_id, result, returned) for each submitit job of {run_id: job} as it ends, in the order
+    they end; `returned`: the job returned the result (else it raised, or ended without one).
+
+    A job's result file decides first. On Slurm the states come from squeue, not from submitit's
+    watcher: it asks sacct, which clusters without an accounting database do not have, and without
+    it a cancelled job would be waited for forever."""
+    ended_at: dict[str, float] = {}
+    while pending:
+        states = _slurm_states([job.job_id for job in pending.values()]) if slurm else None
+        for run_id, job in list(pending.items()):
+            if slurm:
+                state = (states or {}).get(job.job_id, "GONE")
+                if not job.paths.result_pickle.exists():
+                    if states is None or state not in SLURM_ENDED:
+                        ended_at.pop(run_id, None)
+                        continue
+                    now = time.monotonic()       # ended for RESULT_GRACE_S and still no result: it has none
+                    if now - ended_at.setdefault(run_id, now) < RESULT_GRACE_S:
+                        continue
+                    del pending[run_id]
+                    how = "left the queue" if state == "GONE" else f"ended {state}"
+                    yield run_id, {"status": "failed", "message": f"Slurm job {job.job_id} {how} without a result; "
+                                                                  f"log: {job.paths.stderr}"}, False
+                    continue
+            elif not job.done():
+                continue
+            del pending[run_id]
+            yield (run_id, *_job_result(job))
+        if pending:
+            time.sleep(poll_s)
+
+
+def _job_result(job) -> tuple[dict, bool]:
+    try:
+        return job.result(), True
+    except Exception as exc:      # the job's own error, raised again here by submitit
+        last = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ""
+        return {"status": "failed", "message": f"{type(exc).__name__}: {last}; log: {job.paths.stderr}"}, False
+
+
+def _slurm_states(job_ids: list[str]) -> dict[str, str] | None:
+    """{job id ("123_4" for array tasks): state} from one squeue call; None when squeue cannot answer."""
+    masters = sorted({j.split("_")[0] for j in job_ids})
+    proc = subprocess.run(["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T",
+                           "--jobs=" + ",".join(masters)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        # the jobs are older than the controller's memory: they have all ended
+        return {} if "Invalid job id" in proc.stderr else None
+    return dict(line.split("|", 1) for line in proc.stdout.split() if "|" in line)
 
 
 def _fit_and_report(out_dir: Path, scaling_law: bool = True):

@@ -10,6 +10,12 @@ held-out token set and reports nats/token, bits/byte and the mean loss at each p
 (does the model use its context?). `eval_points` more validations at log-spaced steps, on one fixed
 subset of that set, give the loss curve Chinchilla's Approach 1 needs. `train_s` is pure training time:
 the optimiser steps only, no start-up, validation or checkpointing. A NaN/inf loss ends the run as `diverged`.
+
+Several devices (`train.devices`, `train.strategy: ddp`): `batch_size` is the global batch; each rank
+trains on its rows of it, the logged loss is the mean over all ranks, and only rank 0 evaluates and
+writes (metrics, logs, checkpoints, model.pt, result.json), so tokens and FLOPs are counted once.
+Per-step metrics go to `metrics.csv` (METRIC_FIELDS, what resume and the report read) and, with the
+same fields, to Lightning's loggers under `logs/`: CSV always, TensorBoard and W&B by `train.loggers`.
 """
 
 from __future__ import annotations
@@ -204,10 +210,14 @@ def _lightning():
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # notices that do not apply to this loop: batches are a function of the step (so a resumed
-    # run continues exactly), the IterableDataset runs in the main process, checkpoints overwrite
+    # run continues exactly), the IterableDataset runs in the main process, checkpoints overwrite, the
+    # ladder submits Slurm jobs itself (srun hint), RunMonitor logs every step itself (logging interval)
     for pattern in (".*IterableDataset.*has `__len__`", ".*resuming from a checkpoint that ended before",
                     ".*Checkpoint directory .* exists and is not empty", ".*LeafSpec.*is deprecated",
-                    ".*does not have many workers", ".*Total length of .* across ranks is zero"):
+                    ".*does not have many workers", ".*Total length of .* across ranks is zero",
+                    ".*The `srun` command is available on your system but is not used",
+                    ".*Experiment logs directory .* exists and is not empty",
+                    ".*smaller than the logging interval"):
         warnings.filterwarnings("ignore", message=pattern)
     return L
 
@@ -235,7 +245,9 @@ def build_module(model_cfg: ModelConfig, train: TrainConfig, n_steps: int, val, 
                 x, y = x[self.global_rank::world], y[self.global_rank::world]
             logits = self.model(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
-            value = loss.item()
+            # the global batch's loss (ranks hold equal rows); every rank sees it, so all stop together
+            value = self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean").item() \
+                if world > 1 else loss.item()
             self.last_loss = value
             if not math.isfinite(value):
                 raise Diverged(f"loss became {value} at step {self.global_step}")
@@ -289,10 +301,30 @@ class StepBatches(torch.utils.data.IterableDataset):
         return self.n_steps
 
 
+def _kept_rows(path: Path, resume_step: int) -> list[dict]:
+    """The training rows a killed run logged up to the checkpoint it resumes from (none if unreadable)."""
+    if not resume_step or not path.exists():
+        return []
+    try:
+        with open(path, newline="", errors="replace") as f:
+            return [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit()
+                    and int(r["step"]) <= resume_step and r.get("train_loss")]
+    except csv.Error as exc:
+        print(f"{path}: unreadable ({exc}); the steps before step {resume_step} are not kept", file=sys.stderr)
+        return []
+
+
+def _numbers(row: dict) -> dict:
+    """A metrics row as the loggers take it: the numeric fields except the step, empty ones dropped."""
+    return {k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)}
+
+
 def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resume_step: int,
                flops_per_token: float, point_steps: list[int]):
     class RunMonitor(L.Callback):
-        """Per-step metrics to CSV (flushed every line), periodic validation, eval points, train-time clock."""
+        """Per-step metrics to metrics.csv (flushed every line) and to the loggers, periodic validation,
+        eval points, train-time clock. Only rank 0 evaluates and writes; metrics.csv is (re)written once
+        training starts, so a run refused before that leaves none."""
 
         def __init__(self):
             self.path = out_dir / "metrics.csv"
@@ -301,19 +333,16 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
             self.curve: list[tuple[int, float]] = []    # (step, subset loss) of the eval points so far
             self._t0 = None
             self._start = time.perf_counter()
-            self._f = None
+            self._f = self._w = None
+            self._loggers = []
 
-        def _open(self):
-            """metrics.csv is (re)written once training starts: a run refused before that leaves none."""
-            rows = []
-            if resume_step and self.path.exists():   # keep the steps the killed run logged up to its checkpoint
-                try:
-                    with open(self.path, newline="", errors="replace") as f:
-                        rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit()
-                                and int(r["step"]) <= resume_step and r.get("train_loss")]
-                except csv.Error as exc:
-                    print(f"{self.path}: unreadable ({exc}); the steps before step {resume_step} are not kept",
-                          file=sys.stderr)
+        def _open(self, loggers):
+            rows = _kept_rows(self.path, resume_step)
+            self._loggers = loggers
+            for logger in loggers:     # the Lightning CSV log starts empty: give it the kept steps
+                if isinstance(logger, L.pytorch.loggers.CSVLogger):
+                    for r in rows:
+                        logger.log_metrics(_numbers(r), step=int(r["step"]))
             self._f = open(self.path, "w", newline="")
             self._w = csv.DictWriter(self._f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
             self._w.writeheader()
@@ -322,7 +351,8 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
             self.curve = [(int(r["step"]), float(r["val_subset_loss"])) for r in rows if r.get("val_subset_loss")]
 
         def on_train_start(self, trainer, module):
-            self._open()
+            if trainer.is_global_zero and self._f is None:
+                self._open(trainer.loggers)
             self._start = time.perf_counter()
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -330,6 +360,9 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.train_time += time.perf_counter() - self._t0      # before any validation: not training time
+            module.log("loss", module.last_loss, prog_bar=True, logger=False)
+            if not trainer.is_global_zero:
+                return
             step = trainer.global_step
             # the learning rate this step used (the scheduler has already moved on to the next one)
             lr = lr_at(step - 1, module.n_steps, module.warmup_steps, train.lr, train.final_lr)
@@ -341,20 +374,24 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
             if train.eval_every and step % train.eval_every == 0 and step < module.n_steps:
                 ev = module.run_eval()
                 row.update(val_loss=ev["val_loss"], val_bpb=ev["val_bpb"], val_accuracy=ev["val_accuracy"])
-                module.log("val_bpb", ev["val_bpb"], prog_bar=True)
+                module.log("val_bpb", ev["val_bpb"], prog_bar=True, logger=False)
             if step in self.points:
                 ev = ev or module.run_eval(subset_only=True)
                 row["val_subset_loss"] = ev["val_subset_loss"]
                 self.curve.append((step, ev["val_subset_loss"]))
+            self._write(row)
+
+        def _write(self, row: dict):
             self._w.writerow(row)
             self._f.flush()
-            module.log("loss", module.last_loss, prog_bar=True)
+            for logger in self._loggers:
+                logger.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
 
-        def write_final(self, step, ev):
-            if self._f is None:
+        def write_final(self, step, ev, loggers=()):
+            if self._f is None:      # not rank 0, or training never started (a run resumed at its last step)
                 if ev is None:
                     return
-                self._open()
+                self._open(loggers)
             if ev is not None:
                 row = {"step": step, "tokens": step * tokens_per_step, "val_loss": ev["val_loss"],
                        "val_bpb": ev["val_bpb"], "val_accuracy": ev["val_accuracy"],
@@ -362,8 +399,10 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
                 if "val_subset_loss" in ev:
                     row["val_subset_loss"] = ev["val_subset_loss"]
                     self.curve.append((step, ev["val_subset_loss"]))
-                self._w.writerow(row)
+                self._write(row)
             self._f.close()
+            for logger in self._loggers:
+                logger.finalize("success" if ev is not None else "failed")
 
         def eval_curve(self, subset_tokens: int) -> dict:
             """The eval points (and the end) as columns, for Approach 1: tokens and FLOPs spent so far."""
@@ -378,6 +417,24 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
             dirpath=out_dir / "checkpoints", filename="last", every_n_train_steps=train.checkpoint_every,
             save_top_k=1, save_last=False, enable_version_counter=False))
     return callbacks
+
+
+def _loggers(L, cfg: RunConfig, out_dir: Path, resume_step: int) -> list:
+    """Lightning's loggers under out_dir/logs/: csv/ always, tensorboard/ and wandb/ when configured.
+    A resumed run's TensorBoard log drops the killed run's steps after the checkpoint (purge_step);
+    its W&B run continues under the same id."""
+    from .provenance import stable_hash
+    loggers = L.pytorch.loggers
+    save_dir = out_dir / "logs"
+    out = [loggers.CSVLogger(save_dir, name="", version="csv")]
+    if "tensorboard" in cfg.train.loggers:
+        out.append(loggers.TensorBoardLogger(save_dir, name="", version="tensorboard", default_hp_metric=False,
+                                             purge_step=resume_step + 1 if resume_step else None))
+    if "wandb" in cfg.train.loggers:
+        study, _, run = cfg.name.rpartition("/")
+        out.append(loggers.WandbLogger(project=study or cfg.name, name=run, save_dir=str(save_dir),
+                                       id=stable_hash(str(out_dir.resolve())), resume="allow"))
+    return out
 
 
 def _progress_bar(L, position: int):
@@ -457,8 +514,10 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
         callbacks.append(_progress_bar(L, progress_position))
     try:
         trainer = L.Trainer(
-            accelerator=accelerator, devices=t.devices, strategy=t.strategy, precision=precision,
-            max_steps=n_steps, max_epochs=1, logger=False, enable_checkpointing=bool(t.checkpoint_every),
+            accelerator=accelerator, devices=t.devices, precision=precision,
+            strategy="ddp" if t.devices > 1 else t.strategy,   # never Lightning's in-notebook ddp_fork
+            max_steps=n_steps, max_epochs=1, logger=_loggers(L, cfg, out_dir, resume_step),
+            enable_checkpointing=bool(t.checkpoint_every),
             enable_progress_bar=t.progress, enable_model_summary=False, callbacks=callbacks,
             num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(out_dir),
             deterministic=accelerator == "cpu")
@@ -469,6 +528,9 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
                         f"precision {precision}: {first}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg.model_dump(mode="json")))
+    hparams = cfg.model_dump(mode="json")
+    for logger in trainer.loggers:      # rank 0 only (Lightning's loggers write on rank 0)
+        logger.log_hyperparams(hparams)
     loader = torch.utils.data.DataLoader(
         StepBatches(data, cfg.seed, n_steps, t.batch_size, t.seq_len, start_step=resume_step),
         batch_size=None, num_workers=0)
@@ -484,14 +546,14 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     except (RuntimeError, MemoryError) as exc:   # e.g. out of memory: recorded, not a crash of the ladder
         status, message = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
     steps_done = trainer.global_step
+    if not trainer.is_global_zero:     # multi-process strategies: rank 0 evaluates and writes the result
+        return {"status": status, "message": message, "global_rank": trainer.global_rank}
     ev = {"val_loss": float("nan"), "val_bpb": float("nan"), "val_accuracy": None, "val_tokens": 0,
           "val_bytes": None, "val_loss_by_position": None}
     if status == "ok":
         ev = module.run_eval()
-    monitor.write_final(steps_done, ev if status == "ok" else None)
+    monitor.write_final(steps_done, ev if status == "ok" else None, trainer.loggers)
     wall = time.perf_counter() - start
-    if not trainer.is_global_zero:     # multi-process strategies: rank 0 writes the result
-        return {"status": status, "message": message}
     tokens = steps_done * tokens_per_step
     result = {
         "status": status, "message": message,
