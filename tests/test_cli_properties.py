@@ -7,7 +7,8 @@ Each case runs `ssmscale.cli.main` in-process in a fresh temporary folder that i
 so nothing escapes. Only commands that finish in milliseconds run for real: `ladder --dry-run` on MQAR
 data, `sizes`, `fit` (with a 9-start Approach 3 grid), `report` on folders that are no study; what
 `train` and `profile` would start (training, measuring) is replaced by a stub after their checks.
-The cases are derandomized, so every run of the suite tries the same ones (seeded by the test's name).
+Generation is derandomized (seeded by each test, no example database), so a run does not depend on a
+random seed or on what an earlier run found; hypothesis may still vary a few cases from run to run.
 """
 
 from __future__ import annotations
