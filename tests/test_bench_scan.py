@@ -74,7 +74,7 @@ def test_profile_scan_measures_all_impls_in_one_run_and_writes_csv(tmp_path, cap
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--seq-lens", "0"], "--seq-lens: expected comma-separated positive integers, got '0'"),
+    (["--seq-lens", "0"], "--seq-lens: expected comma-separated positive integers up to 16777216, got '0'"),
     (["--batch", "two"], "--batch: expected comma-separated positive integers, got 'two'"),
     (["--modes", "bwd"], "--modes: expected a comma-separated subset of fwd,fwdbwd, got 'bwd'"),
     (["--impls", "fast"], "--impls: unknown or not for cpu: 'fast'"),

@@ -28,12 +28,12 @@ def test_csv_and_tensorboard_logs_carry_the_metrics_file_fields_at_every_step(tm
     run_training(cfg, tmp_path / "run")
     own = _rows(tmp_path / "run" / "metrics.csv")
     lightning_csv = _rows(tmp_path / "run" / "logs" / "csv" / "metrics.csv")
-    assert set(lightning_csv[0]) == set(METRIC_FIELDS)
+    assert set(lightning_csv[0]) == set(METRIC_FIELDS) - {"val_accuracy"}   # text data: no accuracy to log
     key = lambda r: (int(r["step"]), r["val_loss"] != "")          # noqa: E731  (the final row repeats a step)
     assert sorted(map(key, lightning_csv)) == sorted(map(key, own))
     for mine, theirs in zip(sorted(own, key=key), sorted(lightning_csv, key=key)):
         for field in METRIC_FIELDS:
-            assert (float(mine[field]) if mine[field] else None) == (float(theirs[field]) if theirs[field] else None)
+            assert (float(mine[field]) if mine[field] else None) == (float(theirs[field]) if theirs.get(field) else None)
 
     events = EventAccumulator(str(tmp_path / "run" / "logs" / "tensorboard"))
     events.Reload()

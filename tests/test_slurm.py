@@ -73,7 +73,8 @@ def test_a_cancelled_job_that_had_finished_keeps_its_result_and_a_failed_run_is_
     run = ladder.plan(cfg)[0]
     path = tmp_path / "runs" / run.run_id / "result.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"status": "ok", "lr": run.lr, "loss": 1.0}))
+    path.write_text(json.dumps({"status": "ok", "lr": run.lr, "loss": 1.0, "params": run.params,
+                                "tokens": run.tokens, "flops": run.flops}))
     kept = ladder._write_failed(tmp_path, run, {"status": "failed", "message": "cancelled"})
     assert kept["status"] == "ok" and json.loads(path.read_text())["status"] == "ok"
     path.write_text(json.dumps({"status": "failed", "lr": run.lr}))

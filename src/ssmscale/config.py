@@ -254,7 +254,7 @@ class LadderConfig(_Strict):
     allow_repeats: bool = False            # allow runs that need more than one pass over the training tokens
     # [low, high] training tokens per non-embedding parameter: runs outside are flagged "ratio" and skipped
     # (Chinchilla's optimum is ~20), so each budget trains only the sizes near its optimum
-    tokens_per_param: tuple[PositiveFloat, PositiveFloat] | None = None
+    tokens_per_param: Annotated[tuple[PositiveFloat, PositiveFloat], Field(strict=False)] | None = None
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelDefaults = ModelDefaults()

@@ -260,18 +260,14 @@ def ssd_inputs(batch, length, heads, head_dim, groups, n_state, device, seed=0) 
 
 def check_ssd(device, sizes: Sizes, deadline, work):
     try:
-        from .ops import ssd as ssd_mod
+        from .ops.ssd import available_ssd_impls as listing
+        from .ops.ssd import ssd as entry
     except ImportError:
         yield Row("ssd", "ssmscale.ops.ssd", "", "not available in this build", "skipped")
         return
     from functools import partial
 
     from . import bench_scan
-    entry = getattr(ssd_mod, "ssd", None)
-    listing = getattr(ssd_mod, "available_impls", None)
-    if entry is None or listing is None:
-        yield Row("ssd", "ssmscale.ops.ssd", "", "no ssd(...) / available_impls(device) to call", "FAIL")
-        return
     impls = [i for i in listing(device) if i != "ref"]
     fastest = None
     for impl in impls:

@@ -23,10 +23,15 @@ def _list(values, limit: int = 6) -> str:
     return shown + (f" and {len(values) - limit} more" if len(values) > limit else "")
 
 
+def _approaches(fam: dict):
+    """(approach, block) for the approaches a family's fit holds (a fit.json from an older version may
+    lack the newer ones, e.g. approach1 or wallclock)."""
+    return [(a, fam[a]) for a in APPROACHES if a in fam]
+
+
 def quantity_rows(fam: dict):
     """(approach, quantity, value, interval or None) for every fitted quantity of a family, formatted."""
-    for approach in APPROACHES:
-        block = fam[approach]
+    for approach, block in _approaches(fam):
         if "skipped" in block:
             continue
         for k in QUANTITIES[approach]:
@@ -40,8 +45,7 @@ def fit_notes(fam: dict) -> list[str]:
     notes = []
     front = fam["frontier"]
     loss_scale = min(p["loss"] for p in front["points"]) if "skipped" not in front else 1.0
-    for approach in APPROACHES:
-        block = fam[approach]
+    for approach, block in _approaches(fam):
         if "skipped" in block:
             notes.append(f"{approach} skipped: {block['skipped']}")
             continue
