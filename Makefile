@@ -9,7 +9,7 @@ OUT    ?=
 # OUT=DIR trains the study into DIR instead of scaling/<study> (which, as committed, is already complete)
 OUT_FLAG := $(if $(OUT),--out $(OUT))
 
-.PHONY: setup study tiny test
+.PHONY: setup study tiny test test-slurm
 
 # torch first: a bare `torch` requirement would make pip fetch a multi-GB CUDA build
 $(VENV)/.installed: pyproject.toml
@@ -28,3 +28,11 @@ tiny: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The ladder's Slurm path on a real one-node cluster started here (tools/slurm_cluster.sh: root, Debian
+# packages): the tiny ladder as a job array, half of it cancelled mid-flight, rerun; then the cluster stops.
+SLURM_DIR ?= /tmp/ssmscale-slurm
+test-slurm: setup
+	SLURM_DIR=$(SLURM_DIR) tools/slurm_cluster.sh up
+	SLURM_CONF=$(SLURM_DIR)/slurm.conf $(BIN)/python -m pytest -q -s -m slurm tests/test_slurm.py; \
+	rc=$$?; SLURM_DIR=$(SLURM_DIR) tools/slurm_cluster.sh down; exit $$rc

@@ -21,6 +21,10 @@ LAWS = {"transformer": CHINCHILLA,
 # loss levels like a small byte-level LM (2-4 nats/token at 1e5-1e7 parameters): for demo reports
 SMALL_LM_LAWS = {"transformer": {"E": 1.10, "A": 25.0, "B": 45.0, "alpha": 0.30, "beta": 0.27},
                  "mamba": {"E": 1.05, "A": 30.0, "B": 42.0, "alpha": 0.30, "beta": 0.28}}
+# four families whose frontiers cross pairwise inside or near 1e13-1e14 (steeper alpha, higher A)
+FOUR_FAMILY_LAWS = {**SMALL_LM_LAWS,
+                    "mamba2": {"E": 1.00, "A": 40.0, "B": 40.0, "alpha": 0.32, "beta": 0.28},
+                    "hybrid": {"E": 1.02, "A": 33.0, "B": 41.0, "alpha": 0.31, "beta": 0.28}}
 SIZE_FACTORS = (1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0, 8.0)
 
 

@@ -8,21 +8,21 @@ import pytest
 import yaml
 
 from ssmscale.cli import main
-from ssmscale.config import LadderConfig, RunConfig, validate
+from ssmscale.config import LadderConfig, RunConfig, parse_yaml, read_yaml, validate
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
-    raw = yaml.safe_load(path.read_text())
-    schema = LadderConfig if "budgets" in raw else RunConfig
+    raw = read_yaml(path)
+    schema = LadderConfig if "sizes" in raw or "widths" in raw else RunConfig
     validate(schema, raw, str(path))
 
 
 def test_configs_folder_has_the_documented_configs():
     names = {p.name for p in CONFIGS}
-    assert {"train_tiny.yaml", "tiny.yaml", "small.yaml"} <= names
+    assert {"train_tiny.yaml", "tiny.yaml", "small.yaml", "mqar.yaml"} <= names
 
 
 def _write(tmp_path, text):
@@ -42,7 +42,9 @@ train: {tokens: 1000, seq_len: 16, batch_size: 2}
     (GOOD_RUN.replace("seq_len: 16", "seq_len: sixteen"), "train.seq_len: Input should be a valid integer"),
     (GOOD_RUN.replace("seq_len: 16", "seq_len: -3"), "train.seq_len: Input should be greater than 0"),
     (GOOD_RUN.replace("n_layer: 1}", "n_layer: 1, dropout: 0.1}"), "model.dropout: unknown key"),
-    (GOOD_RUN.replace("family: transformer", "family: rnn"), "model.family: Input should be 'transformer' or 'mamba'"),
+    (GOOD_RUN.replace("family: transformer", "family: rnn"), "model.family: Input should be 'transformer', 'mamba', 'mamba2' or 'hybrid'"),
+    (GOOD_RUN.replace("n_layer: 1}", "n_layer: 1, hybrid_ssm: rwkv}"), "model.hybrid_ssm: Input should be 'mamba2' or 'mamba'"),
+    (GOOD_RUN.replace("n_layer: 1}", "n_layer: 1, mamba2_chunk_size: 0}"), "model.mamba2_chunk_size: Input should be greater than 0"),
     (GOOD_RUN + "data: {source: files}\n", "data.paths: source 'files' needs at least one path"),
     (GOOD_RUN + "tokenizer: {kind: byte, vocab_size: 512}\n", "tokenizer.vocab_size: the byte tokenizer has exactly 256"),
     ("model: [1, 2]\n", "model: Input should be a valid dictionary"),
@@ -62,7 +64,7 @@ def test_bad_run_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, t
 def test_unknown_family_on_the_command_line_exits_2(tmp_path, capsys):
     cfg = _write(tmp_path, GOOD_RUN)
     assert main(["train", str(cfg), "--family", "rwkv", "--out", str(tmp_path / "o")]) == 2
-    assert "model.family: Input should be 'transformer' or 'mamba' (got 'rwkv')" in capsys.readouterr().err
+    assert "model.family: Input should be 'transformer', 'mamba', 'mamba2' or 'hybrid' (got 'rwkv')" in capsys.readouterr().err
 
 
 def test_missing_config_file_exits_2(tmp_path, capsys):
@@ -71,9 +73,11 @@ def test_missing_config_file_exits_2(tmp_path, capsys):
 
 
 def test_numbers_in_yaml_exponent_form_are_numbers():
-    # YAML 1.1 reads 1e6 and 3e-3 (no dot) as strings
-    raw = yaml.safe_load("model: {params: 1.0e+5}\ntrain: {tokens: 1e6, lr: 3e-3}\n")
-    assert raw["train"]["tokens"] == "1e6"
+    # YAML 1.1 (PyYAML's rule) reads 1e6 and 3e-3 (no dot) as strings; the config loader follows YAML 1.2
+    text = "model: {params: 1.0e+5}\ntrain: {tokens: 1e6, lr: 3e-3}\n"
+    assert yaml.safe_load(text)["train"]["tokens"] == "1e6"
+    raw = parse_yaml(text, "x")
+    assert raw["train"] == {"tokens": 1e6, "lr": 3e-3}
     cfg = validate(RunConfig, raw, "x")
     assert cfg.train.tokens == 1e6 and cfg.train.lr == 3e-3
 
@@ -88,7 +92,9 @@ train: {seq_len: 32, batch_size: 4}
 
 @pytest.mark.parametrize("text, expected", [
     (LADDER.replace("budgets: [1.0e+11]", "budgets: []"), "budgets: List should have at least 1 item"),
-    (LADDER + "families: [transformer, lstm]\n", "families.1: Input should be 'transformer' or 'mamba'"),
+    (LADDER + "families: [transformer, lstm]\n", "families.1: Input should be 'transformer', 'mamba', 'mamba2' or 'hybrid'"),
+    (LADDER + "families: [hybrid]\nmodel: {hybrid_attn_layers: [7]}\n", "sizes.0: hybrid_attn_layers: layer 7 is outside 0..3"),
+    (LADDER.replace("[2.0e+4]", "[{mamba2: [32, 4]}]"), "sizes.0: no shape for family transformer"),
     (LADDER.replace("[2.0e+4]", "[2.0e+4, {transformer: [64, 2]}]"), "sizes.1: no shape for family mamba"),
     (LADDER + "lrs: {foo: [1.0e-3]}\n", "lrs.foo: keys are sizes"),
     (LADDER.replace("batch_size: 4}", "batch_size: 4, tokens: 5}"), "train.tokens: set by the ladder"),
@@ -117,3 +123,21 @@ def test_help_lists_only_working_subcommands():
     out = subprocess.run([sys.executable, "-m", "ssmscale.cli", "--help"], capture_output=True, text=True).stdout
     for name in ("train", "ladder"):
         assert name in out
+
+
+def test_model_knobs_default_to_the_model_configs_defaults():
+    import dataclasses
+
+    from ssmscale.config import ModelDefaults
+    from ssmscale.models import ModelConfig
+    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    knobs = ModelDefaults().knobs()
+    assert set(knobs) <= set(fields)
+    assert knobs == {k: fields[k] for k in knobs}
+
+
+def test_shape_spec_has_a_field_per_family():
+    from ssmscale.config import ShapeSpec
+    from ssmscale.models import FAMILIES
+    assert tuple(ShapeSpec.model_fields) == FAMILIES
+    assert ShapeSpec(hybrid=(32, 4)).hybrid == (32, 4)

@@ -87,3 +87,39 @@ def test_training_is_three_forwards_and_ratio_to_6n_is_reported():
 def test_mamba_scan_term_is_nine_bldn():
     cfg = ModelConfig(family="mamba", d_model=64, n_layer=3)
     assert flops.forward_flops_terms(cfg, 100)["scan"] == 3 * 9 * cfg.d_inner * cfg.d_state
+
+
+@pytest.mark.parametrize("family, kw, seq_len", [
+    ("mamba2", {}, 64), ("mamba2", {"mamba2_ngroups": 2, "mamba2_chunk_size": 8}, 37), ("mamba2", {}, 1),
+    ("hybrid", {}, 50), ("hybrid", {"hybrid_ssm": "mamba"}, 40),
+])
+def test_new_families_terms_match_flop_counter_with_the_ssd_counted_as_computed(family, kw, seq_len):
+    cfg = ModelConfig(family=family, d_model=46, n_layer=4, vocab_size=256, head_dim=16, **kw)
+    chk = flops.counter_check(cfg, seq_len)
+    assert chk["matmul_ratio"] == pytest.approx(1.0, rel=1e-9)
+    if "mamba2" in cfg.layer_kinds:   # the SSD's batched matmuls, padded chunks and all, are terms
+        assert chk["ssd_counted"] > 0 and chk["ssd_ratio"] == pytest.approx(1.0, rel=1e-9)
+    if family == "hybrid":
+        assert chk["attention_counted"] > 0 and chk["attention_ratio"] == pytest.approx(1.0, rel=1e-9)
+
+
+def test_ssd_terms_follow_the_chunk_geometry():
+    cfg = ModelConfig(family="mamba2", d_model=64, n_layer=1, mamba2_chunk_size=16)
+    e, n, h = cfg.mamba2_d_inner, cfg.mamba2_d_state, cfg.mamba2_nheads
+    t = flops.ssd_terms(cfg, 64)                        # 4 whole chunks of 16
+    assert t["ssd_intra"] == 2 * 16 * e and t["ssd_scores"] == 2 * 16 * n and t["ssd_states"] == 2 * n * e
+    assert t["ssd_elementwise"] == 3 * 16 * h + 2 * n * e / 16
+    padded = flops.ssd_terms(cfg, 40)                   # 3 chunks of 16 for 40 tokens: 48 / 40 of the cost
+    assert padded["ssd_intra"] == pytest.approx(2 * 16 * e * 48 / 40)
+    short = flops.ssd_terms(cfg, 5)                     # one chunk of 5, no padding
+    assert short["ssd_intra"] == 2 * 5 * e
+
+
+def test_decoding_a_token_attends_the_whole_context_and_runs_the_ssd_on_one_token():
+    hy = ModelConfig(family="hybrid", d_model=64, n_layer=4, head_dim=16)
+    dec = flops.forward_flops_terms(hy, 1000, decode=True)
+    full = flops.forward_flops_terms(hy, 1000, causal=False)
+    assert dec["attn_scores"] == full["attn_scores"] == 2 * hy.attn_dim * 1000 * len(hy.attn_layers)
+    one = flops.ssd_terms(hy, 1)
+    assert dec["ssd_intra"] == one["ssd_intra"] * (hy.n_layer - len(hy.attn_layers))
+    assert flops.forward_flops_terms(hy, 1, decode=True) == flops.forward_flops_terms(hy, 1)

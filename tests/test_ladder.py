@@ -56,6 +56,30 @@ def test_plan_spends_each_budget_in_whole_steps(tmp_path):
         assert abs(b.params / a.params - 1) < 0.10 and b.n_layer == 2 * a.n_layer
 
 
+def test_plan_matches_every_family_to_the_transformer_and_takes_explicit_shapes(tmp_path):
+    from ssmscale.ladder import size_label
+    from ssmscale.models import FAMILIES
+    cfg = validate(LadderConfig, micro(tmp_path, families=list(FAMILIES), sizes=[
+        1.2e4, {"transformer": [32, 2], "mamba": [24, 4], "mamba2": [28, 4], "hybrid": [30, 4]}]), "x")
+    runs = plan(cfg)
+    assert len(runs) == 2 * 2 * len(FAMILIES) and len({r.run_id for r in runs}) == len(runs)
+    by_size = {}
+    for r in runs:
+        by_size.setdefault((r.size, r.budget), {})[r.family] = r
+    for (size, _), per in by_size.items():
+        tf = per["transformer"]
+        for fam in FAMILIES[1:]:
+            assert per[fam].n_layer == 2 * tf.n_layer
+            if size == "1.2e04":     # width 20-24: a step of 2 in width is ~20% of the count
+                assert abs(per[fam].params / tf.params - 1) < 0.10, fam
+    explicit = [r for r in runs if r.size != "1.2e04"]
+    assert {(r.family, r.d_model, r.n_layer) for r in explicit} == {
+        ("transformer", 32, 2), ("mamba", 24, 4), ("mamba2", 28, 4), ("hybrid", 30, 4)}
+    assert explicit[0].size == size_label(cfg.sizes[1]) == \
+        "transformer-d32xL2+mamba-d24xL4+mamba2-d28xL4+hybrid-d30xL4"
+    assert {r.run_id.split("_")[1] for r in explicit} == {"d32xL2", "d24xL4", "d28xL4", "d30xL4"}
+
+
 def test_plan_flags_few_steps_and_repeats_and_skips_them(tmp_path):
     cfg = validate(LadderConfig, micro(tmp_path, budgets=[2.0e9, 4.0e10], sizes=[6.0e3, 2.0e5], min_steps=30), "x")
     runs = plan(cfg, n_train_tokens=20_000)
@@ -242,3 +266,28 @@ def test_a_tuned_rate_is_only_used_once_every_rate_of_the_grid_has_been_tried(tm
     _train_run(cfg, study, first, progress=False, position=0)   # only one of the two rates has run
     assert tuned_lrs(cfg, study) == {}
     assert [r.lr for r in plan(cfg, tuned=tuned_lrs(cfg, study)) if r.budget == 4.0e9] == [None]
+
+
+def test_noise_seeds_added_to_a_finished_study_retrain_only_each_best_run_with_the_extra_seeds(tmp_path):
+    raw = micro(tmp_path, budgets=[2.0e9], sizes=[6.0e3, 1.2e4])
+    study = tmp_path / "study"
+    run_ladder(str(write_cfg(tmp_path, raw)), out=str(study), progress=False)
+    before = {p.parent.name: p.stat().st_mtime_ns for p in study.glob("runs/*/result.json")}
+    main_rows = _results(study)
+    assert len(before) == 4
+
+    raw["noise_seeds"] = [1]               # not part of the study's identity: the same directory takes it
+    run_ladder(str(write_cfg(tmp_path, raw)), out=str(study), progress=False)
+    df = _results(study)
+    assert len(df) == 4 + 2 and df.run_id.is_unique and set(df.status) == {"ok"}
+    for run_id, mtime in before.items():
+        assert (study / "runs" / run_id / "result.json").stat().st_mtime_ns == mtime
+    for fam in ("transformer", "mamba"):
+        best = main_rows[main_rows.family == fam].sort_values("loss").iloc[0]
+        extra = df[(df.family == fam) & (df.seed != 0)]
+        assert list(extra.run_id) == [f"{best.run_id}_s1"]
+        assert set(extra.lr) == {best.lr} and set(extra.params) == {best.params}
+        assert set(extra.d_model) == {best.d_model} and set(extra.lr_source) == {f"copied from {best.run_id}"}
+        assert best.loss not in set(extra.loss)          # another seed, another loss
+    with pytest.raises(UserError, match="noise_seeds: 0 is already one of the seeds"):
+        validate(LadderConfig, micro(tmp_path, noise_seeds=[0]), "x")

@@ -13,11 +13,16 @@ from ssmscale.models import LM, ModelConfig
 from ssmscale.profile import growth_exponents, prepare_generate, run_profile, shapes_for, state_bytes
 
 
-def test_profile_writes_csv_json_and_plot_for_both_families_and_all_modes(tmp_path):
-    rows = run_profile(["transformer", "mamba"], [32], ["train", "prefill", "generate"], d_model=32,
-                       n_layer=1, head_dim=16, repeats=1, gen_tokens=4, out=tmp_path)
+def test_profile_writes_csv_json_and_plot_for_the_families_and_all_modes(tmp_path):
+    # Mamba, and the hybrid: attention (KV cache, prefilled in pieces) and Mamba-2 layers in one model
+    rows = run_profile(["mamba", "hybrid"], [32], ["train", "prefill", "generate"], d_model=32,
+                       n_layer=2, head_dim=16, repeats=1, gen_tokens=4, out=tmp_path)
     df = pd.read_csv(tmp_path / "profile.csv")
     assert len(df) == len(rows) == 2 * 3 and set(df.status) == {"ok"}
+    from ssmscale.ops.scan import resolve_impl
+    from ssmscale.ops.ssd import resolve_ssd_impl
+    assert dict(zip(df.family, df.scan_impl)) == {"mamba": resolve_impl("auto", "cpu").name,
+                                                  "hybrid": "ssd-" + resolve_ssd_impl("auto", "cpu")}
     assert {"family", "mode", "seq_len", "batch", "tokens_per_s", "peak_mem_bytes", "mfu", "status"} <= set(df)
     assert (df.tokens_per_s > 0).all() and (df.peak_mem_bytes > 0).all() and (df.mfu > 0).all()
     gen = df[df["mode"] == "generate"]
@@ -35,14 +40,18 @@ def test_a_point_that_does_not_fit_is_recorded_as_oom_not_a_crash(tmp_path):
     assert list(df.status) == ["ok", "oom"] and math.isnan(df.tokens_per_s[1])
 
 
-def test_kv_cache_grows_with_context_and_mamba_state_does_not():
+def test_kv_cache_grows_with_context_and_ssm_states_do_not():
     t1, t2 = (state_bytes("transformer", 64, 2, 1, L) for L in (1024, 4096))
     m1, m2 = (state_bytes("mamba", 64, 2, 1, L) for L in (1024, 4096))
     assert t2 == 4 * t1 == 4 * (2 * 2 * 1024 * 64 * 4)     # K and V, 2 layers, fp32
     assert m1 == m2 == 2 * (128 * 4 + 128 * 16) * 4          # conv (E d x d_conv) + SSM (E d x N)
+    s1, s2 = (state_bytes("mamba2", 64, 2, 1, L) for L in (1024, 4096))
+    assert s1 == s2 == 2 * ((128 + 2 * 16) * 4 + 16 * 8 * 16) * 4   # conv (x, B, C channels) + SSM (H x P x N)
+    h1, h2 = (state_bytes("hybrid", 64, 8, 1, L) for L in (1024, 4096))   # 1 attention layer of 8
+    assert h2 - h1 == 2 * 3072 * 64 * 4 and h1 == 2 * 1024 * 64 * 4 + 7 * s1 // 2
 
 
-@pytest.mark.parametrize("family", ["transformer", "mamba"])
+@pytest.mark.parametrize("family", ["transformer", "mamba", "mamba2", "hybrid"])
 def test_generation_step_decodes_like_the_full_forward_and_rewinds_its_cache(family):
     step = prepare_generate(family, 32, 2, seq_len=24, batch=2, gen_tokens=5, head_dim=16)
     step()
@@ -107,3 +116,11 @@ def test_a_width_that_is_not_a_multiple_of_the_head_dimension_exits_2_naming_it(
     assert main(["profile", "--d-model", "96", "--n-layer", "2", "--head-dim", "64"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--head-dim" in err[0] and "96" in err[0]
+
+
+def test_params_give_matched_shapes():
+    shapes = shapes_for(["transformer", "mamba", "mamba2", "hybrid"], params=1e6)
+    _, nt, pt = shapes["transformer"]
+    for fam in ("mamba", "mamba2", "hybrid"):
+        _, nm, pm = shapes[fam]
+        assert nm == 2 * nt and abs(pm / pt - 1) < 0.1

@@ -6,12 +6,13 @@ import json
 import shutil
 import struct
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from ssmscale import fit, report
 from ssmscale.cli import main
-from synthetic_study import SMALL_LM_LAWS, make_study
+from synthetic_study import FOUR_FAMILY_LAWS, SMALL_LM_LAWS, make_study
 
 TINY_GRID = fit.CHINCHILLA_GRID[::90]   # speed: the Chinchilla test in test_fit.py runs the full grid
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -108,7 +109,72 @@ def test_report_on_a_bad_directory_gives_one_line_and_exit_2(tmp_path, capsys, m
     assert len(err) == 1 and expect in err[0]
 
 
+def test_four_families_get_every_crossover_their_own_colours_and_profile_ratios(tmp_path, monkeypatch):
+    import itertools
+    study = make_study(tmp_path / "scaling", name="four", laws=FOUR_FAMILY_LAWS, budgets=(1e13, 3e13, 1e14),
+                       size_factors=(0.25, 0.5, 1, 2, 4), noise=0.005)
+    result = fit.fit_study(study, n_boot=4, n_jobs=1, progress=False, verbose=False, parametric_grid=TINY_GRID)
+    families = sorted(FOUR_FAMILY_LAWS)
+    pairs = [tuple(sorted(p["families"])) for p in result["crossover"]["pairs"]]
+    assert sorted(pairs) == sorted(itertools.combinations(families, 2))     # every pair, once
+    assert all(p["statement"] for p in result["crossover"]["pairs"])
+    monkeypatch.setattr(report, "fit_runs", _no_refit)
+    md = report.write_report(study, tmp_path / "out").read_text()
+    for a, b in itertools.combinations(families, 2):
+        assert f"Crossover {a} vs {b}" in md or f"Crossover {b} vs {a}" in md
+    head = next(line for line in md.splitlines() if line.startswith("| mode | L |"))
+    # a speed ratio to the profile CSV's first family (hybrid: the CSV is in sorted order) for every other one
+    assert [c.strip() for c in head.strip("|").split("|")[-3:]] == [
+        "mamba / hybrid tokens/s", "mamba2 / hybrid tokens/s", "transformer / hybrid tokens/s"]
+    colors = report.family_colors(families)
+    assert len(set(colors.values())) == 4 and colors["transformer"] == "#1f77b4" and colors["mamba"] == "#d62728"
+    width, height = _png_size((tmp_path / "out" / "isoflop.png").read_bytes())
+    assert height > 700 and width < 1600                                     # four panels: two rows of two
+
+
 def test_family_colours_are_fixed_across_figures():
     colors = report.family_colors(["transformer", "mamba", "hyena"])
     assert colors["transformer"] == report.family_colors(["transformer"])["transformer"]
     assert len(set(colors.values())) == 3
+
+
+def _with_run_files(study):
+    """Give every synthetic run what a real one records: loss by position, eval-point curve, training time;
+    and two more seeds of each budget's best run."""
+    df = pd.read_csv(study / "results.csv")
+    ok = df[df["status"] == "ok"]
+    best = ok.loc[ok.groupby(["family", "budget"])["loss"].idxmin()]
+    seeds = pd.concat([best.assign(seed=s, run_id=best["run_id"] + f"_s{s}", loss=best["loss"] * (1 + d))
+                       for s, d in ((1, 0.004), (2, -0.004))])
+    df = pd.concat([df, seeds], ignore_index=True)
+    df["train_s"] = df["flops"] / 1e11 * df["family"].map({"mamba": 1.5, "transformer": 1.0})
+    df.to_csv(study / "results.csv", index=False)
+    fractions = 10.0 ** (-1 + np.arange(9) / 8)
+    for _, r in df.iterrows():
+        pos = np.arange(1, 65)
+        curve = {"subset_tokens": 512, "step": list(range(1, 10)), "tokens": (fractions * r["tokens"]).tolist(),
+                 "flops": (fractions * r["flops"]).tolist(), "loss": (r["loss"] * fractions ** -0.08).tolist()}
+        (study / "runs" / r["run_id"]).mkdir(parents=True, exist_ok=True)
+        (study / "runs" / r["run_id"] / "result.json").write_text(json.dumps(
+            {"val_loss_by_position": (r["loss"] * (1 + 0.6 / np.sqrt(pos))).tolist(), "eval_curve": curve}))
+    return study
+
+
+def test_report_says_how_far_to_trust_it_and_rewrites_the_same_bytes(tmp_path, monkeypatch):
+    study = _with_run_files(make_study(tmp_path / "scaling", name="trust", laws=SMALL_LM_LAWS,
+                                       budgets=(1e13, 3e13, 1e14, 3e14), size_factors=(0.25, 0.5, 1, 2, 4),
+                                       noise=0.005, lrs=(1e-3,), n_bad=0, profile=False))
+    fit.fit_study(study, n_boot=8, n_jobs=2, progress=False, verbose=False, parametric_grid=TINY_GRID)
+    monkeypatch.setattr(report, "fit_runs", _no_refit)
+    md = report.write_report(study, tmp_path / "a").read_text()
+    for text in ("### Backtest: do the laws predict budgets they were not fitted on?", "| 1 largest | 3e+14 | frontier |",
+                 "### Seed noise beside the family gaps", "| mamba | 3e+14 |", "![position.png](position.png)",
+                 "context gain (nats)", "![wallclock.png](wallclock.png)", "**Verdict**: At equal pure training time on",
+                 "holds for that machine", "| mamba | 1 (envelope) |", "Approach 1 caveat", "| approach1 | a |"):
+        assert text in md, text
+    assert "Fit time" not in md
+    gains = [line for line in md.splitlines() if line.startswith("| transformer | 3e14 |")]
+    assert len(gains) == 1 and "| 3 |" in gains[0]               # the best run's three seeds, averaged
+    report.write_report(study, tmp_path / "b")
+    for name in ("report.md", "frontier.png", "allocation.png", "position.png", "wallclock.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -57,15 +57,16 @@ def test_fused_is_exact_across_chunk_boundaries(monkeypatch, chunk, length):
 
 
 @needs_fused
-@pytest.mark.parametrize("threads", [1, 2, 3, 4, 7, 15])
-def test_fused_gives_the_same_answer_for_any_split_of_rows_over_threads(monkeypatch, threads):
-    # 3 x 5 rows: with 2, 4 or 7 threads some batches are split between threads, whose dB/dC
-    # partial sums must be added exactly once; with 15 every thread has one row
+@pytest.mark.parametrize("threads", [1, 2, 4, 5, 9])
+def test_fused_gives_the_same_answer_for_any_split_of_tiles_over_threads(monkeypatch, threads):
+    # 3 batches x 3 tiles of 16 channels (the last one 8 wide): with 2, 4 or 5 threads some batches
+    # are split between threads, whose dB/dC partial sums must be added exactly once; with 9 every
+    # thread has one tile
     monkeypatch.setattr(scan_cpu, "_MIN_WORK_PER_THREAD", 1)
     torch.set_num_threads(threads)
     try:
-        assert scan_cpu.threads_for(15, 70, 4) == threads
-        assert _worst_error("fused", make_inputs(3, 5, 4, 70)) < 1e-4
+        assert scan_cpu.threads_for(3, 40, 70, 4) == threads
+        assert _worst_error("fused", make_inputs(3, 40, 4, 70)) < 1e-4
     finally:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -114,7 +115,7 @@ def test_fused_runs_on_torchs_openmp_threads_where_it_can_and_on_its_own_otherwi
         assert b"GOMP_parallel" not in Path(scan_cpu.load()._name).read_bytes()
         for threads in (1, 2, 7):
             torch.set_num_threads(threads)
-            assert _worst_error("fused", make_inputs(3, 5, 4, 70)) < 1e-4, threads
+            assert _worst_error("fused", make_inputs(3, 40, 4, 70)) < 1e-4, threads
     """, env={"SSMSCALE_CACHE": str(tmp_path)})
     assert done.returncode == 0, done.stderr
 
@@ -123,11 +124,11 @@ def test_fused_uses_torchs_thread_count_and_one_thread_for_small_work():
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        assert scan_cpu.threads_for(2048, 1024, 16) == 1
+        assert scan_cpu.threads_for(8, 256, 1024, 16) == 1
         torch.set_num_threads(3)
-        assert scan_cpu.threads_for(2048, 1024, 16) == 3
-        assert scan_cpu.threads_for(2, 8192, 16) == 2          # never more threads than rows
-        assert scan_cpu.threads_for(4, 8, 16) == 1             # 512 updates: not worth a thread
+        assert scan_cpu.threads_for(8, 256, 1024, 16) == 3
+        assert scan_cpu.threads_for(1, 32, 8192, 16) == 2      # never more threads than 16-channel tiles
+        assert scan_cpu.threads_for(1, 4, 8, 16) == 1          # 512 updates: not worth a thread
     finally:
         torch.set_num_threads(before)
 

@@ -15,7 +15,8 @@ import yaml
 from ssmscale import threads
 from ssmscale.config import RunConfig, TrainConfig, validate
 from ssmscale.models import LM, ModelConfig
-from ssmscale.train import lr_at, make_optimizer, param_groups, plan_steps, run_training
+from ssmscale.train import (context_gain, eval_point_steps, eval_points_tokens, eval_subset, lr_at, make_optimizer,
+                            param_groups, plan_steps, run_training)
 
 
 def tiny_config(tmp_path, family="transformer", **train):
@@ -75,13 +76,23 @@ def test_the_fused_optimizer_step_matches_the_per_tensor_adamw_loop_with_the_sam
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
+def test_weight_decay_spares_mamba2s_decay_skip_and_dt_bias():
+    model = LM(ModelConfig(family="hybrid", d_model=32, n_layer=2))
+    decay, no_decay = param_groups(model, 0.1)
+    mixer = model.blocks[0].mixer
+    exempt = {id(p) for p in no_decay["params"]}
+    assert {id(mixer.A_log), id(mixer.D), id(mixer.dt_bias), id(mixer.norm.weight)} <= exempt
+    assert any(p is mixer.in_proj.weight for p in decay["params"])
+    assert any(p is model.blocks[1].attn.qkv.weight for p in decay["params"])
+
+
 def test_token_budget_becomes_whole_steps():
     t = TrainConfig(seq_len=64, batch_size=8, tokens=10_000)
     steps, per_step = plan_steps(t)
     assert per_step == 512 and steps == 20            # 19.5 rounds to 20
 
 
-@pytest.mark.parametrize("family", ["transformer", "mamba"])
+@pytest.mark.parametrize("family", ["transformer", "mamba", "mamba2", "hybrid"])
 def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family, capsys, monkeypatch):
     monkeypatch.setattr(threads, "available_cores", lambda: 8)
     cfg = tiny_config(tmp_path, family)
@@ -100,6 +111,42 @@ def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family, capsys
     assert on_disk["thread_waiting"] == threads.waiting()
     rows = (tmp_path / "run" / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("step,tokens,train_loss") and len(rows) == 1 + 30 + 1
+    assert (on_disk["scan_impl"] or "").startswith({"transformer": "", "mamba": "", "mamba2": "ssd-",
+                                                    "hybrid": "ssd-"}[family])
+    assert (on_disk["scan_impl"] is None) == (family == "transformer")
+    assert on_disk["model_config"]["family"] == family
+    # loss by position: one mean per window position, averaging to the validation loss (every position is scored)
+    by_pos = on_disk["val_loss_by_position"]
+    assert len(by_pos) == 32 and sum(by_pos) / 32 == pytest.approx(r["loss"], abs=1e-6)
+    assert on_disk["context_gain"] == pytest.approx(sum(by_pos[:4]) / 4 - sum(by_pos[-4:]) / 4, abs=1e-5)
+    # eval points: the log-spaced steps, then the end, on one subset; FLOPs spent so far at each
+    curve = on_disk["eval_curve"]
+    assert curve["step"] == eval_point_steps(30, 8) + [30] == [3, 4, 5, 7, 9, 13, 17, 22, 30]
+    assert curve["flops"] == [s * 128 * r["flops_per_token"] for s in curve["step"]]
+    assert curve["subset_tokens"] == eval_points_tokens(30 * 128, 32, 8, 2048) == 64
+    logged = [row.split(",")[-1] for row in rows[1:]]
+    assert sum(bool(v) for v in logged) == len(curve["step"])
+    assert float(logged[-1]) == pytest.approx(curve["loss"][-1], abs=1e-6)
+    assert train_s_excludes_validation(r)
+
+
+def train_s_excludes_validation(r) -> bool:
+    return 0 < r["train_s"] < r["wall_s"]
+
+
+def test_eval_points_are_log_spaced_over_a_decade_and_their_subset_spans_the_set():
+    assert eval_point_steps(1000, 8) == [100, 133, 178, 237, 316, 422, 562, 750]
+    assert eval_point_steps(1000, 0) == [] and eval_point_steps(5, 8) == [1, 2, 3, 4]
+    # ~5% of the compute: 8 points x subset <= 0.15 x training tokens, in whole windows, within the set
+    assert eval_points_tokens(1_000_000, 128, 8, 262144) == 18688 == 146 * 128
+    assert eval_points_tokens(1e9, 128, 8, 262144) == 262144 and eval_points_tokens(100, 128, 8, 4096) == 128
+    assert eval_subset(100, 10 * 128, 128) == list(range(0, 100, 10))
+    assert eval_subset(3, 10 * 128, 128) == [0, 1, 2]
+
+
+def test_context_gain_is_the_first_tenth_minus_the_last_tenth():
+    assert context_gain([5.0] * 10 + [3.0] * 80 + [1.0] * 10) == pytest.approx(4.0)
+    assert context_gain([None, 4.0] + [2.0] * 16 + [1.0, None]) == pytest.approx(3.0)    # unscored positions skipped
 
 
 def test_same_config_and_seed_give_the_same_validation_loss(tmp_path):
@@ -116,7 +163,7 @@ def test_nan_loss_ends_the_run_as_diverged(tmp_path, monkeypatch):
 
     def poisoned(self, tokens, cache=None):
         out = real_forward(self, tokens, cache)
-        calls["n"] += 1
+        calls["n"] += self.training          # validation forwards (eval points) do not count
         return out * float("nan") if self.training and calls["n"] > 5 else out
 
     monkeypatch.setattr(LM, "forward", poisoned)
@@ -136,7 +183,7 @@ def _freeze_at_a_readable_checkpoint(proc, ckpt, timeout=120.0) -> int:
         if ckpt.exists():
             os.kill(proc.pid, signal.SIGSTOP)
             try:
-                step = int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+                step = int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
             except Exception:
                 step = 0                                  # caught while Lightning was writing it
             if step > 0:

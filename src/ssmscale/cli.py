@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import limits
 from .errors import UserError
+from .models.config import FAMILIES
 
 
 # Each subcommand: `_<name>_args(parser)` declares its arguments, `_<name>(args)` runs it, and one
@@ -54,24 +56,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
-    """--set key.path=value pairs; values are parsed as YAML scalars (3e-3, true, [0.9, 0.95])."""
-    import yaml
+    """--set key.path=value pairs; values are parsed as YAML, as in a config (3e-3, true, [0.9, 0.95])."""
+    from .config import parse_yaml
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--set {pair!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
-        try:
-            out[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise UserError(f"--set {key}: cannot parse value {value!r}") from None
+        out[key.strip()] = parse_yaml(value, f"--set {key}")
     return out
 
 
 # ------------------------------------------------------------------------------------- train
 def _train_args(p):
     p.add_argument("config", help="run config (YAML), e.g. configs/train_tiny.yaml")
-    p.add_argument("--family", help="model family: transformer or mamba (overrides model.family)")
+    p.add_argument("--family", help=f"model family: one of {', '.join(FAMILIES)} (overrides model.family)")
     p.add_argument("--out", help="run directory (default: runs/<name>-<family>)")
     p.add_argument("--seed", type=int, help="overrides seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-3")
@@ -92,13 +91,23 @@ def _train(args):
         overrides["train.progress"] = False
     cfg = load_run_config(args.config, overrides)
     out = Path(args.out or f"runs/{cfg.name}-{cfg.model.family}")
-    if (out / "result.json").exists() and not args.force:
-        raise UserError(f"{out}: already holds a finished run (result.json); use --force to retrain")
+    from .fsutil import check_writable_dir
+    check_writable_dir(out, "run directory")
+    if not args.force:
+        from .safeload import read_result
+        res, problem = read_result(out / "result.json")
+        if res is not None:
+            raise UserError(f"{out}: already holds a finished run (result.json); use --force to retrain")
+        if problem:
+            print(f"{problem}; the run counts as unfinished and is trained again", file=sys.stderr)
     from .train import run_training
     r = run_training(cfg, out)
+    if r.get("global_rank"):     # an extra rank of a multi-process strategy: rank 0 reports
+        return 0 if r["status"] == "ok" else 1
+    accuracy = f", accuracy={r['val_accuracy']:.4f}" if r.get("val_accuracy") is not None else ""
     print(f"{r['status']}: {r['family']} d_model={r['d_model']} n_layer={r['n_layer']} "
           f"params={r['params']:,} tokens={r['tokens']:,} flops={r['flops']:.3g} "
-          f"val loss={r['loss']:.4f} nats/token, bpb={r['bpb']:.4f}, {r['tokens_per_s']:,.0f} tokens/s, "
+          f"val loss={r['loss']:.4f} nats/token, bpb={r['bpb']:.4f}{accuracy}, {r['tokens_per_s']:,.0f} tokens/s, "
           f"{r['wall_s']:.1f} s -> {out / 'result.json'}")
     if r["status"] != "ok":
         print(f"run {r['status']}: {r['message']}", file=sys.stderr)
@@ -109,7 +118,7 @@ def _train(args):
 # ------------------------------------------------------------------------------------- sizes
 def _sizes_args(p):
     p.add_argument("params", nargs="+", help="target non-embedding parameter counts, e.g. 1e5 1e6 1e7")
-    p.add_argument("--families", default="transformer,mamba", help="comma-separated families")
+    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated families (default: all)")
     p.add_argument("--seq-len", type=int, default=256, help="sequence length for FLOPs per token (default 256)")
     p.add_argument("--head-dim", type=int, default=32, help="transformer head dimension (default 32)")
     p.add_argument("--vocab", type=int, default=256, help="tokenizer vocabulary (default 256, bytes)")
@@ -118,39 +127,43 @@ def _sizes_args(p):
 
 
 def _sizes(args):
-    targets = []
-    for text in args.params:
-        try:
-            targets.append(float(text))
-        except ValueError:
-            raise UserError(f"params: expected numbers such as 1e6, got {text!r}") from None
-    if min(targets) <= 0:
-        raise UserError("params: must be positive")
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
-    bad = [f for f in families if f not in ("transformer", "mamba")]
-    if bad or not families:
-        raise UserError(f"--families: unknown family {bad[0] if bad else args.families!r}; use transformer,mamba")
+    targets = [_number(text, "params", hi=limits.MAX_PARAMS) for text in args.params]
+    _in_range(args.seq_len, "--seq-len", limits.MAX_SEQ_LEN)
+    _in_range(args.head_dim, "--head-dim", limits.MAX_WIDTH)
+    _in_range(args.vocab, "--vocab", limits.MAX_VOCAB)
+    families = _families(args.families)
     from . import flops
     from .models import ModelConfig
-    from .models.sizing import ladder_shapes
+    from .models.sizing import ladder_shapes, shape_for
     base = ModelConfig(family="transformer", d_model=args.head_dim, n_layer=1, head_dim=args.head_dim,
                        vocab_size=args.vocab)
-    shapes = ladder_shapes(targets, families, base)
+    try:
+        shapes = ladder_shapes(targets, families, base)
+    except ValueError as exc:
+        raise UserError(f"params: {exc}") from None
+    if args.verify:
+        _check_fits_in_memory(max(s.params_total for s in shapes), "--verify")
     print(f"sizing.py: transformer n_layer from aspect ratio 64 (>= 2 layers), width a multiple of head_dim "
-          f"{args.head_dim}; Mamba 2x layers, width matched in parameters. FLOPs at L={args.seq_len}: {flops.CONVENTION}")
+          f"{args.head_dim}; the other families 2x layers, width matched in parameters. FLOPs at L={args.seq_len}: "
+          f"{flops.CONVENTION}")
     head = f"{'target':>9} {'family':<11} {'d_model':>7} {'n_layer':>7} {'params':>12} {'total':>12} " \
-           f"{'train FLOPs/tok':>15} {'/6N':>6}"
-    print(head + ("  FlopCounterMode matmul (attention)" if args.verify else ""))
+           f"{'/ tf':>6} {'train FLOPs/tok':>15} {'/6N':>6}"
+    print(head + ("  FlopCounterMode/analytic: matmul (attention) [SSD]" if args.verify else ""))
+    anchor = {t: shape_for("transformer", t, base).params for t in targets}   # "/ tf": matched to this
     for i, s in enumerate(shapes):
+        target = targets[i // len(families)]
         cfg = base.replace(family=s.family, d_model=s.d_model, n_layer=s.n_layer)
         summ = flops.flops_summary(cfg, args.seq_len)
-        line = (f"{targets[i // len(families)]:>9.3g} {s.family:<11} {s.d_model:>7} {s.n_layer:>7} {s.params:>12,} "
-                f"{s.params_total:>12,} {summ['train_flops_per_token']:>15,.0f} {summ['ratio_to_6n']:>6.3f}")
+        line = (f"{target:>9.3g} {s.family:<11} {s.d_model:>7} {s.n_layer:>7} {s.params:>12,} "
+                f"{s.params_total:>12,} {s.params / anchor[target]:>6.3f} {summ['train_flops_per_token']:>15,.0f} "
+                f"{summ['ratio_to_6n']:>6.3f}")
         if args.verify:
             chk = flops.counter_check(cfg, args.seq_len)
             line += f"  {chk['matmul_ratio']:.4f}"
             if "attention_ratio" in chk:
                 line += f" ({chk['attention_ratio']:.4f})"
+            if "ssd_ratio" in chk:
+                line += f" [{chk['ssd_ratio']:.4f}]"
         print(line)
     return 0
 
@@ -163,6 +176,9 @@ def _ladder_args(p):
     p.add_argument("--executor", help="local (in-process) or submitit (local pool / Slurm job array)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.seq_len=64")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--throughput-from", metavar="PROFILE_CSV",
+                   help="price the plan in device-hours from a `ssmscale profile` CSV (training rows per family) "
+                        "instead of the stated GPU assumption")
 
 
 def _ladder(args):
@@ -170,17 +186,19 @@ def _ladder(args):
         raise UserError(f"--executor: unknown executor {args.executor!r}; use local or submitit")
     from .ladder import run_ladder
     run_ladder(args.config, out=args.out, dry_run=args.dry_run, executor=args.executor,
-               progress=not args.no_progress, overrides=_parse_overrides(args.set))
+               progress=not args.no_progress, overrides=_parse_overrides(args.set),
+               throughput_from=args.throughput_from)
     return 0
 
 
 # ----------------------------------------------------------------------------------- profile
 def _profile_args(p):
     p.add_argument("config", nargs="?", help="--op loop: the run config whose model and batch are timed")
-    p.add_argument("--op", choices=["model", "scan", "loop"], default="model",
-                   help="model: both families against sequence length (default); scan: the selective-scan "
-                        "implementations; loop: the Lightning training loop against a bare PyTorch loop")
-    p.add_argument("--families", default="transformer,mamba", help="model: comma-separated families")
+    p.add_argument("--op", choices=["model", "scan", "ssd", "loop"], default="model",
+                   help="model: the families against sequence length (default); scan: the selective-scan "
+                        "implementations; ssd: Mamba-2's SSD against the selective scan at the same d_inner; "
+                        "loop: the Lightning training loop against a bare PyTorch loop")
+    p.add_argument("--families", default=",".join(FAMILIES), help="model: comma-separated families (default: all)")
     p.add_argument("--params", help="model: target non-embedding parameters of a matched pair (default 1e7)")
     p.add_argument("--d-model", help="model: explicit width (with --n-layer) instead of --params")
     p.add_argument("--n-layer", help="model: explicit depth (with --d-model)")
@@ -191,13 +209,16 @@ def _profile_args(p):
     p.add_argument("--family", help="loop: the family to time (default: the config's)")
     p.add_argument("--steps", default="60", help="loop: timed steps per round (after 10 warm-up steps)")
     p.add_argument("--impls", help="scan: comma-separated implementations (default: all available on the "
-                                   "device, plus the mambapy anchor)")
+                                   "device, plus the mambapy anchor); ssd: ssd-<impl> and scan-<impl> names "
+                                   "(default: every SSD and scan available, the references last)")
     p.add_argument("--seq-lens", help="comma-separated sequence lengths (model default 256,...,16384; "
                                       "scan default 1024,4096)")
     p.add_argument("--batch", help="batch size (model default 1, scan default 8)")
-    p.add_argument("--d-inner", default="256", help="scan: channels (Mamba's expand * d_model)")
-    p.add_argument("--d-state", default="16", help="scan: state size N")
-    p.add_argument("--modes", help="model: train,prefill,generate (default all); scan: fwd,fwdbwd (default both)")
+    p.add_argument("--d-inner", default="256", help="scan, ssd: channels (Mamba's expand * d_model)")
+    p.add_argument("--d-state", default="16", help="scan, ssd: state size N")
+    p.add_argument("--ssd-head-dim", default="8", help="ssd: the SSD's head dimension (d_inner / it heads)")
+    p.add_argument("--chunk-size", default="8", help="ssd: the SSD's chunk length (default 8)")
+    p.add_argument("--modes", help="model: train,prefill,generate (default all); scan, ssd: fwd,fwdbwd (default both)")
     p.add_argument("--repeats", default="3", help="timed repeats per point (median reported)")
     p.add_argument("--threads", help="torch threads in each measuring process (default: the thread policy, "
                                      "the cores this process may use)")
@@ -205,54 +226,74 @@ def _profile_args(p):
                    help="model: measure every point alone and again beside N CPU-bound competitor processes "
                         "(busy loops), reporting the share of the alone tokens/s kept (default 0: alone only)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--ref-max-len", default="1024", help="scan: skip the slow reference beyond this length")
+    p.add_argument("--ref-max-len", default="1024", help="scan, ssd: skip the slow references beyond this length")
     p.add_argument("--timeout", default=None, help="seconds allowed per point (default: no limit)")
     p.add_argument("--model-args", action="store_true",
                    help="scan: give it the Mamba block's arguments, delta_softplus with delta_bias, D and "
                         "the gate z (the anchors compute the same)")
-    p.add_argument("--out", help="folder for the CSV (model: profile.csv, .json, .png; scan: scan_bench.csv)")
+    p.add_argument("--out", help="folder for the CSV (model: profile.csv, .json, .png; scan: scan_bench.csv; "
+                                 "ssd: ssd_bench.csv)")
 
 
 def _profile(args):
     if args.config and args.op != "loop":
         raise UserError(f"{args.config}: a config file is only used with --op loop")
-    if args.impls and args.op != "scan":
-        raise UserError("--impls: only used with --op scan")
+    if args.impls and args.op not in ("scan", "ssd"):
+        raise UserError("--impls: only used with --op scan or ssd")
     args.compete = _count(args.compete, "--compete")
     if args.compete and args.op != "model":
         raise UserError("--compete: only used with --op model")
-    return {"scan": _profile_scan, "model": _profile_model, "loop": _profile_loop}[args.op](args)
+    return {"scan": _profile_scan, "ssd": _profile_ssd, "model": _profile_model, "loop": _profile_loop}[args.op](args)
 
 
 def _count(text, flag: str) -> int:
-    """A whole number >= 0 (e.g. --compete)."""
+    """A whole number >= 0 and at most limits.MAX_COUNT (e.g. --compete)."""
     try:
         value = int(text)
     except (TypeError, ValueError):
         raise UserError(f"{flag}: expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise UserError(f"{flag}: expected a whole number >= 0, got {text!r}")
+    if not 0 <= value <= limits.MAX_COUNT:
+        raise UserError(f"{flag}: expected a whole number from 0 to {limits.MAX_COUNT}, got {text!r}")
     return value
+
+
+def _number(text, flag: str, hi: float) -> float:
+    """A positive finite number no larger than `hi` (limits.py), or a UserError naming the flag."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{flag}: expected a number such as 1e6, got {text!r}") from None
+    if not 0 < value <= hi:
+        raise UserError(f"{flag}: expected a positive number up to {hi:g}, got {text!r}")
+    return value
+
+
+def _in_range(value: int, flag: str, hi: int, lo: int = 1) -> int:
+    """An integer argument within [lo, hi] (argparse has checked that it is an integer)."""
+    if not lo <= value <= hi:
+        raise UserError(f"{flag}: expected an integer from {lo} to {hi}, got {value}")
+    return value
+
+
+def _check_fits_in_memory(n_params: int, flag: str) -> None:
+    """Refuse to build a model whose fp32 weights alone would take more than half of this machine's memory."""
+    import os
+    need = 4 * n_params
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have / 2:
+        raise UserError(f"{flag}: builds each model; {n_params:.3g} parameters need {need / 2**30:,.0f} GiB of "
+                        f"weights, more than half of this machine's {have / 2**30:,.0f} GiB")
 
 
 def _seconds(text):
     if text is None:
         return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise UserError(f"--timeout: expected seconds, got {text!r}") from None
-    if value <= 0:
-        raise UserError(f"--timeout: expected a positive number of seconds, got {text!r}")
-    return value
+    return _number(text, "--timeout", hi=limits.MAX_SECONDS)
 
 
 def _profile_model(args):
     from .profile import MODES, run_profile
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
-    bad = [f for f in families if f not in ("transformer", "mamba")]
-    if bad or not families:
-        raise UserError(f"--families: unknown family {bad[0] if bad else args.families!r}; use transformer,mamba")
+    families = _families(args.families)
     modes = [m.strip() for m in (args.modes or ",".join(MODES)).split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         raise UserError(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
@@ -262,40 +303,36 @@ def _profile_model(args):
         raise UserError("--d-model: give both --d-model and --n-layer, or --params")
     if args.d_model is not None and args.params is not None:
         raise UserError("--params: give either --params or --d-model/--n-layer")
-    params = None
-    if args.d_model is None:
-        try:
-            params = float(args.params or 1e7)
-        except ValueError:
-            raise UserError(f"--params: expected a number such as 1e7, got {args.params!r}") from None
-        if params <= 0:
-            raise UserError("--params: must be positive")
+    params = _number(args.params or "1e7", "--params", hi=limits.MAX_PARAMS) if args.d_model is None else None
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device in this process")
     mem = None
     if args.mem_limit_gb is not None:
-        try:
-            mem = int(float(args.mem_limit_gb) * 2**30)
-        except ValueError:
-            raise UserError(f"--mem-limit-gb: expected a number, got {args.mem_limit_gb!r}") from None
-    d_model = _positive_int(args.d_model, "--d-model") if args.d_model else None
-    n_layer = _positive_int(args.n_layer, "--n-layer") if args.n_layer else None
-    head_dim = _positive_int(args.head_dim, "--head-dim")
+        mem = int(_number(args.mem_limit_gb, "--mem-limit-gb", hi=limits.MAX_GB) * 2**30)
+    sizes = dict(
+        seq_lens=_positive_ints(args.seq_lens or "256,512,1024,2048,4096,8192,16384", "--seq-lens",
+                                limits.MAX_SEQ_LEN),
+        d_model=_positive_int(args.d_model, "--d-model", limits.MAX_WIDTH) if args.d_model else None,
+        n_layer=_positive_int(args.n_layer, "--n-layer", limits.MAX_LAYERS) if args.n_layer else None,
+        batch=_positive_int(args.batch or "1", "--batch", limits.MAX_BATCH),
+        gen_tokens=_positive_int(args.gen_tokens, "--gen-tokens", limits.MAX_SEQ_LEN),
+        repeats=_positive_int(args.repeats, "--repeats"),
+        threads=_positive_int(args.threads, "--threads") if args.threads else None,
+        timeout_s=_seconds(args.timeout),
+        head_dim=_positive_int(args.head_dim, "--head-dim", limits.MAX_WIDTH))
     from .profile import shapes_for
     try:
-        shapes_for(families, params, d_model, n_layer, head_dim)
+        shapes_for(families, params, sizes["d_model"], sizes["n_layer"], sizes["head_dim"])
     except ValueError as exc:
         raise UserError(f"--head-dim: {exc}") from None
-    rows = run_profile(
-        families, _positive_ints(args.seq_lens or "256,512,1024,2048,4096,8192,16384", "--seq-lens"), modes,
-        params=params, d_model=d_model, n_layer=n_layer,
-        batch=_positive_int(args.batch or "1", "--batch"), gen_tokens=_positive_int(args.gen_tokens, "--gen-tokens"),
-        repeats=_positive_int(args.repeats, "--repeats"), device=args.device,
-        threads=_positive_int(args.threads, "--threads") if args.threads else None,
-        timeout_s=_seconds(args.timeout), out=args.out, mem_limit_bytes=mem, compete=args.compete,
-        head_dim=head_dim)
+    if args.out:
+        from .fsutil import check_writable_dir
+        check_writable_dir(args.out, "--out")      # before the measuring, not after it
+    seq_lens = sizes.pop("seq_lens")
+    rows = run_profile(families, seq_lens, modes, params=params, device=args.device, out=args.out,
+                       mem_limit_bytes=mem, compete=args.compete, **sizes)
     return 0 if all(r["status"] in ("ok", "oom") for r in rows) else 1
 
 
@@ -310,7 +347,7 @@ def _profile_loop(args):
                             explicit_name="--threads" if explicit else "train.num_threads")
     print(threads.apply(choice).describe(), flush=True)
     from .profile import loop_overhead
-    r = loop_overhead(args.config, args.family, steps=_positive_int(args.steps, "--steps"))
+    r = loop_overhead(args.config, args.family, steps=_positive_int(args.steps, "--steps", limits.MAX_COUNT))
     print(f"{r['family']} d_model {r['d_model']} x {r['n_layer']} layers, {r['tokens_per_step']} tokens/step, "
           f"median of {r['steps']} steps x {r['rounds']} alternating rounds:")
     print(f"  bare PyTorch loop: {r['bare_ms']:.1f} ms/step, {r['bare_tokens_per_s']:,.0f} tokens/s")
@@ -319,18 +356,27 @@ def _profile_loop(args):
     return 0
 
 
-def _positive_ints(text: str, flag: str) -> list[int]:
+def _families(text: str) -> list[str]:
+    """--families: a comma-separated subset of FAMILIES."""
+    families = [f.strip() for f in text.split(",") if f.strip()]
+    bad = [f for f in families if f not in FAMILIES]
+    if bad or not families:
+        raise UserError(f"--families: unknown family {bad[0] if bad else text!r}; choose from {','.join(FAMILIES)}")
+    return families
+
+
+def _positive_ints(text: str, flag: str, hi: int = limits.MAX_COUNT) -> list[int]:
     try:
         values = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}")
+    if not values or min(values) < 1 or max(values) > hi:
+        raise UserError(f"{flag}: expected comma-separated positive integers up to {hi}, got {text!r}")
     return values
 
 
-def _positive_int(text: str, flag: str) -> int:
-    values = _positive_ints(text, flag)
+def _positive_int(text: str, flag: str, hi: int = limits.MAX_COUNT) -> int:
+    values = _positive_ints(text, flag, hi)
     if len(values) != 1:
         raise UserError(f"{flag}: expected one positive integer, got {text!r}")
     return values[0]
@@ -349,15 +395,11 @@ def _profile_scan(args):
                         f"got {args.modes!r}")
     if args.device not in ("cpu", "cuda"):
         raise UserError(f"--device: expected cpu or cuda, got {args.device!r}")
-    sizes = {k: _positive_int(getattr(args, k), "--" + k.replace("_", "-"))
-             for k in ("batch", "d_inner", "d_state", "repeats", "ref_max_len")}
+    bounds = {"batch": limits.MAX_BATCH, "d_inner": limits.MAX_WIDTH, "d_state": limits.MAX_WIDTH,
+              "repeats": limits.MAX_COUNT, "ref_max_len": limits.MAX_SEQ_LEN}
+    sizes = {k: _positive_int(getattr(args, k), "--" + k.replace("_", "-"), hi) for k, hi in bounds.items()}
     threads = _positive_int(args.threads, "--threads") if args.threads is not None else None
-    timeout = None
-    if args.timeout is not None:
-        try:
-            timeout = float(args.timeout)
-        except ValueError:
-            raise UserError(f"--timeout: expected seconds, got {args.timeout!r}") from None
+    timeout = _seconds(args.timeout)
     from .ops import available_impls
     if args.device == "cuda":
         import torch
@@ -369,7 +411,10 @@ def _profile_scan(args):
         bench_scan.check_impls(impls, args.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    seq_lens = _positive_ints(args.seq_lens, "--seq-lens")
+    seq_lens = _positive_ints(args.seq_lens, "--seq-lens", limits.MAX_SEQ_LEN)
+    if args.out:
+        from .fsutil import check_writable_dir
+        check_writable_dir(args.out, "--out")      # before the measuring, not after it
     model_args = " with the model's args (softplus, delta_bias, D, z)" if args.model_args else ""
     print(f"selective scan on {args.device}: batch {sizes['batch']}, d_inner {sizes['d_inner']}, "
           f"N {sizes['d_state']}{model_args}; median of {sizes['repeats']} after 1 warm-up; peak = memory the first "
@@ -397,6 +442,57 @@ def _profile_scan(args):
     return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
 
 
+def _profile_ssd(args):
+    from pathlib import Path
+
+    from . import bench_ssd
+    modes = [m.strip() for m in (args.modes or "fwd,fwdbwd").split(",") if m.strip()]
+    if not modes or any(m not in bench_ssd.MODES for m in modes):
+        raise UserError(f"--modes: expected a comma-separated subset of {','.join(bench_ssd.MODES)}, got {args.modes!r}")
+    if args.device not in ("cpu", "cuda"):
+        raise UserError(f"--device: expected cpu or cuda, got {args.device!r}")
+    sizes = {k: _positive_int(getattr(args, k) or default, "--" + k.replace("_", "-"))
+             for k, default in (("batch", "8"), ("d_inner", None), ("d_state", None), ("ssd_head_dim", None),
+                                ("chunk_size", None), ("repeats", None), ("ref_max_len", None))}
+    if sizes["d_inner"] % sizes["ssd_head_dim"]:
+        raise UserError(f"--d-inner: {sizes['d_inner']} is not a multiple of --ssd-head-dim {sizes['ssd_head_dim']}")
+    threads = _positive_int(args.threads, "--threads") if args.threads is not None else None
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device in this process")
+    impls = [x.strip() for x in args.impls.split(",") if x.strip()] if args.impls else bench_ssd.default_impls(args.device)
+    try:
+        bench_ssd.check_impls(impls, args.device)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    seq_lens = _positive_ints(args.seq_lens or "1024,4096", "--seq-lens")
+    print(f"SSD vs selective scan on {args.device}: batch {sizes['batch']}, d_inner {sizes['d_inner']}, "
+          f"N {sizes['d_state']}, SSD head_dim {sizes['ssd_head_dim']} ({sizes['d_inner'] // sizes['ssd_head_dim']} "
+          f"heads, 1 group), chunk {sizes['chunk_size']}; the blocks' arguments; median of {sizes['repeats']} after "
+          f"1 warm-up; peak = memory the first step needed beyond its inputs; each point in a fresh process",
+          flush=True)
+
+    def progress(row):
+        took = f"{row['median_ms']:.1f} ms" if row.get("median_ms") is not None else row["status"]
+        print(f"  {row['impl']:>12} L={row['length']} {row['mode']}: {took}", file=sys.stderr, flush=True)
+
+    rows = bench_ssd.run_benchmark(
+        impls, seq_lens, batch=sizes["batch"], d_inner=sizes["d_inner"], d_state=sizes["d_state"],
+        head_dim=sizes["ssd_head_dim"], chunk_size=sizes["chunk_size"], modes=modes, repeats=sizes["repeats"],
+        device=args.device, ref_max_len=sizes["ref_max_len"], threads=threads, timeout_s=_seconds(args.timeout),
+        progress=progress)
+    print(bench_ssd.format_table(rows))
+    if args.out:
+        import pandas as pd
+
+        from .fsutil import atomic_write_dataframe_csv
+        path = Path(args.out) / "ssd_bench.csv"
+        atomic_write_dataframe_csv(path, pd.DataFrame(rows))
+        print(f"wrote {path}")
+    return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
+
+
 # ------------------------------------------------------------------------------------- fit
 def _fit_args(p):
     p.add_argument("path", help="a study directory (scaling/<study>, reads its results.csv) or any CSV with "
@@ -408,14 +504,28 @@ def _fit_args(p):
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--ci", type=float, default=0.95, help="interval coverage (default 0.95)")
     p.add_argument("--jobs", type=int, help="worker processes (default: every available core)")
+    p.add_argument("--backtest", action=argparse.BooleanOptionalAction, default=True,
+                   help="refit each law without the largest IsoFLOP budgets and predict them (default on when the "
+                        "runs have budgets; --no-backtest skips it)")
+    p.add_argument("--holdout-above", type=float, metavar="FLOPS",
+                   help="backtest for a CSV of single runs: fit Approach 3 on the runs at or below FLOPS, "
+                        "predict the rest (e.g. 1e21 for Chinchilla's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _fit(args):
+    _check_fit_args(args)
+    from pathlib import Path
+
+    from .report_recall import is_fixed_length_study
+    if is_fixed_length_study(Path(args.path)):
+        raise UserError(f"{args.path}: a fixed-length study (steps or tokens, no budgets) has no scaling law to "
+                        "fit; ssmscale report draws its recall report")
     from .fit import fit_path, format_fit, parse_column_mapping
     result, target = fit_path(args.path, out=args.out, columns=parse_column_mapping(args.columns),
                               n_boot=args.n_boot, seed=args.seed, ci=args.ci, n_jobs=args.jobs,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, backtest=args.backtest,
+                              holdout_above=args.holdout_above)
     print(format_fit(result))
     print(f"wrote {target}")
 
@@ -430,7 +540,19 @@ def _report_args(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _check_fit_args(args):
+    import os
+    _in_range(args.n_boot, "--n-boot", limits.MAX_COUNT, lo=0)
+    _in_range(args.seed, "--seed", limits.MAX_SEED, lo=0)
+    if getattr(args, "jobs", None) is not None:
+        _in_range(args.jobs, "--jobs", os.cpu_count() or 1)
+    ci = getattr(args, "ci", 0.95)
+    if not 0 < ci < 1:
+        raise UserError(f"--ci: expected a coverage between 0 and 1, got {ci}")
+
+
 def _report(args):
+    _check_fit_args(args)
     from .report import write_report
     path = write_report(args.study_dir, args.out, refit=args.refit, n_boot=args.n_boot, seed=args.seed,
                         progress=not args.no_progress)
@@ -440,9 +562,11 @@ def _report(args):
 COMMANDS: list = [
     ("sizes", "matched shapes, parameter counts and FLOPs per token for target sizes", _sizes_args, _sizes),
     ("train", "train one model on its token budget (writes DIR/result.json)", _train_args, _train),
-    ("ladder", "plan and run an IsoFLOP ladder (resumable), then fit and report", _ladder_args, _ladder),
+    ("ladder", "plan and run a ladder (resumable): IsoFLOP budgets, or fixed-length runs over widths and "
+               "swept config keys (recall); then fit and report", _ladder_args, _ladder),
     ("profile", "throughput, peak memory and MFU against sequence length (training, prefill, generation); "
-                "--op scan: the selective-scan kernels; --op loop: Lightning overhead",
+                "--op scan: the selective-scan kernels; --op ssd: Mamba-2's SSD against them; "
+                "--op loop: Lightning overhead",
      _profile_args, _profile),
     ("fit", "fit scaling laws with bootstrap intervals to a study or a CSV of runs (writes fit.json)",
      _fit_args, _fit),

@@ -2,30 +2,61 @@
 
 Why pydantic: it validates nested, typed schemas and reports the exact key path of every problem
 (`train.lr`, `ladder.budgets.2`), forbids unknown keys with one flag, and costs ~0.1 s to import.
-Numbers are parsed leniently ("3e-3" is a string to YAML 1.1 but means 0.003 here); everything
-else is strict: unknown keys, wrong types and impossible values are errors naming the key path.
+YAML is read with YAML 1.2's number rule (unquoted 3e-3 and 1e5 are numbers, as YAML 1.1 would not
+have them) and a duplicate key is an error; after that the schema is strict: unknown keys, wrong types
+(a number must be a number: `true` and "128" are not), impossible values and sizes beyond what can
+exist (limits.py) are errors naming the key path. Names are plain names (they become folder names).
 """
 
 from __future__ import annotations
 
+import functools
+import re
+from importlib.util import find_spec
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from . import limits
 from .errors import UserError
+from .models.config import FAMILIES, HYBRID_SSMS, SSD_IMPLS
 
-PositiveInt = Annotated[int, Field(gt=0)]
+Family = Literal[FAMILIES]
+
+PositiveInt = Annotated[int, Field(gt=0, le=limits.MAX_COUNT)]
+Count = Annotated[int, Field(ge=0, le=limits.MAX_COUNT)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Width = Annotated[int, Field(gt=0, le=limits.MAX_WIDTH)]
+Layers = Annotated[int, Field(gt=0, le=limits.MAX_LAYERS)]
+Vocab = Annotated[int, Field(gt=0, le=limits.MAX_VOCAB)]
+Params = Annotated[float, Field(gt=0, le=limits.MAX_PARAMS)]
+Flops = Annotated[float, Field(gt=0, le=limits.MAX_FLOPS)]
+Seed = Annotated[int, Field(ge=0, le=limits.MAX_SEED)]
+# Lightning strategies this loop runs under (its batch rows are split per rank in training_step)
+STRATEGIES = ("auto", "ddp")
+
+# a plain name: a folder name that stays where it is put (no '/', no leading '.' or '-')
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,99}")
+
+
+def _plain_name(value: str, segments: bool = False) -> str:
+    parts = value.split("/") if segments else [value]
+    if not all(_PLAIN_NAME.fullmatch(p) for p in parts):
+        what = "plain names joined by '/'" if segments else "a plain name"
+        raise ValueError(f"must be {what} (letters, digits, '_', '.', '-', '+', '='; not starting with '.' "
+                         f"or '-'; at most 100 characters), got {value!r}")
+    return value
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML's `true` or "128" is not taken for a number, nor 1 for `true`
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class MQARConfig(_Strict):
     """Multi-query associative recall (Zoology): keys from one half of the vocabulary, values from the other."""
-    vocab_size: PositiveInt = 256
+    vocab_size: Vocab = 256
     num_kv_pairs: PositiveInt = 8
     num_examples: PositiveInt = 20000
 
@@ -37,7 +68,7 @@ class DataConfig(_Strict):
     hf_name: str | None = None                         # hf: dataset name on the hub (or a local dataset folder)
     hf_config: str | None = None
     hf_split: str = "train"
-    max_bytes: PositiveInt | None = None               # cap on corpus size (the first bytes in order)
+    max_bytes: Annotated[int, Field(gt=0, le=limits.MAX_BYTES)] | None = None  # corpus cap (the first bytes in order)
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
     synthetic: MQARConfig | None = None
     cache_dir: str | None = None                       # default: $SSMSCALE_CACHE or ~/.cache/ssmscale
@@ -53,7 +84,7 @@ class DataConfig(_Strict):
 
 class TokenizerConfig(_Strict):
     kind: Literal["byte", "bpe"] = "byte"
-    vocab_size: PositiveInt = 256                      # bpe: the trained vocabulary size
+    vocab_size: Vocab = 256                            # bpe: the trained vocabulary size
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -65,23 +96,36 @@ class TokenizerConfig(_Strict):
 
 
 class ModelDefaults(_Strict):
-    """Per-family knobs shared by every size of a ladder (shapes come from `sizes`)."""
-    head_dim: PositiveInt = 32
-    d_ff: PositiveInt | None = None
-    d_state: PositiveInt = 16
-    d_conv: PositiveInt = 4
-    expand: PositiveInt = 2
-    dt_rank: PositiveInt | None = None
+    """Per-family knobs shared by every size of a ladder (shapes come from `sizes`); the names and
+    defaults are models.ModelConfig's (see its module docstring for the Mamba-2 and hybrid ones)."""
+    head_dim: Width = 32                               # attention (transformer, hybrid)
+    d_ff: Width | None = None
+    d_state: Width = 16                                # Mamba
+    d_conv: Width = 4                                  # Mamba, Mamba-2
+    expand: Width = 2                                  # Mamba, Mamba-2
+    dt_rank: Width | None = None
     scan_impl: Literal["auto", "fused", "chunked", "ref", "triton"] = "auto"   # ops.selective_scan impl
+    mamba2_head_dim: Width = 8
+    mamba2_d_state: Width = 16
+    mamba2_ngroups: Width = 1
+    mamba2_chunk_size: Width = 8                       # the SSD's chunk: speed (and counted FLOPs), not results
+    ssd_impl: Literal[SSD_IMPLS] = "auto"              # ops.ssd impl
+    hybrid_ssm: Literal[HYBRID_SSMS] = "mamba2"        # the hybrid's SSM layers
+    hybrid_attn_every: Layers = 8                      # about one attention layer in this many (at least one)
+    hybrid_attn_layers: list[Annotated[int, Field(ge=0, le=limits.MAX_LAYERS)]] | None = None   # or exactly these layer indices
+
+    def knobs(self) -> dict:
+        """The ModelConfig keyword arguments these knobs set."""
+        return self.model_dump(include=set(ModelDefaults.model_fields))
 
 
 class ModelSpec(ModelDefaults):
     """One model: the family knobs plus either an explicit shape (d_model, n_layer) or a target
     non-embedding parameter count."""
-    family: Literal["transformer", "mamba"] = "transformer"
-    d_model: PositiveInt | None = None
-    n_layer: PositiveInt | None = None
-    params: PositiveFloat | None = None
+    family: Family = "transformer"
+    d_model: Width | None = None
+    n_layer: Layers | None = None
+    params: Params | None = None
 
     @model_validator(mode="after")
     def _shape(self):
@@ -96,25 +140,36 @@ class ModelSpec(ModelDefaults):
 
 
 class TrainConfig(_Strict):
-    seq_len: PositiveInt = 256
-    batch_size: PositiveInt = 16                        # sequences per optimiser step
-    tokens: PositiveFloat | None = None                 # token budget of the run (or set by the ladder)
+    seq_len: Annotated[int, Field(gt=0, le=limits.MAX_SEQ_LEN)] = 256
+    batch_size: Annotated[int, Field(gt=0, le=limits.MAX_BATCH)] = 16   # sequences per optimiser step
+    tokens: Annotated[float, Field(gt=0, le=limits.MAX_TOKENS)] | None = None                # token budget of the run (or set by the ladder)
     lr: PositiveFloat = 3e-3                            # peak learning rate
     final_lr: Annotated[float, Field(ge=0)] = 1e-5      # cosine floor
     warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
     weight_decay: Annotated[float, Field(ge=0)] = 0.1
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    betas: Annotated[tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]],
+                     Field(strict=False)] = (0.9, 0.95)          # not strict: a YAML list is a tuple here
     eps: PositiveFloat = 1e-8
     grad_clip: Annotated[float, Field(ge=0)] = 1.0      # 0 disables clipping
-    eval_every: Annotated[int, Field(ge=0)] = 0         # steps between validations; 0: only at the end
+    eval_every: Count = 0                              # steps between validations; 0: only at the end
+    # validations at log-spaced steps (10% to 75% of the run, then the end) on one fixed subset of the
+    # validation set, for Chinchilla's Approach 1; 0: none
+    eval_points: Count = 8
+    # tokens of that subset; default: sized so the eval points cost about 5% of the run's compute
+    # (a ladder sizes it once for the whole study, from its smallest run, so every run uses the same)
+    eval_points_tokens: PositiveInt | None = None
     eval_tokens: PositiveInt = 65536                    # size of the fixed held-out validation set
-    checkpoint_every: Annotated[int, Field(ge=0)] = 0   # steps between resumable checkpoints; 0: none
+    checkpoint_every: Count = 0                        # steps between resumable checkpoints; 0: none
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed"] = "auto"  # auto: 32 on CPU, bf16-mixed on GPU
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: PositiveInt = 1
-    strategy: str = "auto"                              # Lightning strategy for multi-device runs (e.g. ddp)
+    # Lightning strategy: with devices > 1 both mean ddp, which re-executes the command line once per
+    # extra rank (gloo on CPU, NCCL on GPU); batch_size stays the global batch
+    strategy: Literal[STRATEGIES] = "auto"
     num_threads: PositiveInt | None = None              # CPU threads (default: threads.py, cores / parallel runs)
     progress: bool = True
+    # Lightning loggers under <run>/logs/, beside metrics.csv and with its fields: csv is always written
+    loggers: list[Literal["csv", "tensorboard", "wandb"]] = ["csv"]
 
     @model_validator(mode="after")
     def _lrs(self):
@@ -127,12 +182,17 @@ class TrainConfig(_Strict):
 
 class RunConfig(_Strict):
     """`ssmscale train CONFIG`: one model, one budget."""
-    name: str = "run"
-    seed: Annotated[int, Field(ge=0)] = 0
+    name: str = "run"                                  # plain names joined by '/' (a ladder's runs: study/run_id)
+    seed: Seed = 0
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelSpec
     train: TrainConfig = TrainConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value):
+        return _plain_name(value, segments=True)
 
     @model_validator(mode="after")
     def _budget(self):
@@ -141,10 +201,10 @@ class RunConfig(_Strict):
         return self
 
 
-class ShapeSpec(_Strict):
-    """An explicit size: one shape per family (e.g. {transformer: [64, 2], mamba: [56, 4]})."""
-    transformer: tuple[PositiveInt, PositiveInt] | None = None
-    mamba: tuple[PositiveInt, PositiveInt] | None = None
+ShapeSpec = create_model(
+    "ShapeSpec", __base__=_Strict,
+    __doc__="An explicit size: one (d_model, n_layer) per family (e.g. {transformer: [64, 2], mamba: [56, 4]}).",
+    **{family: (Annotated[tuple[Width, Layers], Field(strict=False)] | None, None) for family in FAMILIES})
 
 
 class SubmititConfig(_Strict):
@@ -153,27 +213,48 @@ class SubmititConfig(_Strict):
     parallelism: PositiveInt = 1           # runs at once (Slurm: array parallelism)
     timeout_min: PositiveInt = 240
     cpus_per_task: PositiveInt = 2
-    gpus_per_node: Annotated[int, Field(ge=0)] = 0
-    mem_gb: PositiveFloat | None = None
+    gpus_per_node: Count = 0
+    mem_gb: Annotated[float, Field(gt=0, le=limits.MAX_GB)] | None = None
     partition: str | None = None
     account: str | None = None
     slurm_extra: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 
+SweepGrid = dict[str, Annotated[list[Any], Field(min_length=1)]]
+
+
 class LadderConfig(_Strict):
-    """`ssmscale ladder CONFIG`: an IsoFLOP grid of families x budgets x sizes x learning rates x seeds."""
+    """`ssmscale ladder CONFIG`: a grid of families x run lengths x sizes x learning rates x seeds,
+    repeated at every point of an optional `sweep` over config keys (sweep.py).
+
+    Run length, one of: `budgets` (an IsoFLOP ladder: each run spends a FLOP budget, the length follows
+    from its size), `steps` or `tokens` (every run trains that long, e.g. a recall study).
+    Sizes, one of: `sizes` (target non-embedding parameters or explicit shapes, sizing.py matches the
+    families) or `widths` (d_model; the transformer gets `width_layers` layers, other families the
+    depth sizing.layers_at_width gives them)."""
     name: str
-    families: Annotated[list[Literal["transformer", "mamba"]], Field(min_length=1)] = ["transformer", "mamba"]
-    budgets: Annotated[list[PositiveFloat], Field(min_length=1)]          # training FLOPs per run
-    sizes: Annotated[list[PositiveFloat | ShapeSpec], Field(min_length=1)]  # target non-embedding params, or shapes
+    families: Annotated[list[Family], Field(min_length=1)] = list(FAMILIES)
+    budgets: Annotated[list[Flops], Field(min_length=1)] | None = None   # training FLOPs per run
+    steps: PositiveInt | None = None                    # optimiser steps per run (instead of budgets)
+    tokens: Annotated[float, Field(gt=0, le=limits.MAX_TOKENS)] | None = None   # training tokens per run (instead of budgets)
+    sizes: Annotated[list[Params | ShapeSpec], Field(min_length=1)] | None = None  # target params, or shapes
+    widths: Annotated[list[Width], Field(min_length=1)] | None = None  # d_model per size (instead of sizes)
+    width_layers: Layers | None = None                  # with widths: transformer layers (default 2)
+    sweep: SweepGrid | Annotated[list[SweepGrid], Field(min_length=1)] | None = None   # extra axes (sweep.py)
     lrs: Annotated[list[PositiveFloat], Field(min_length=1)] | dict[str, Annotated[list[PositiveFloat], Field(min_length=1)]] = [3e-3]
-    seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = [0]
+    seeds: Annotated[list[Seed], Field(min_length=1)] = [0]
+    # seed noise: once the main grid has finished, the best run of each family and budget is trained
+    # again with each of these seeds (same shape and learning rate); the fits average seeds per point
+    noise_seeds: list[Seed] = []
     # tune the learning rate at one budget only: runs at that budget try the whole `lrs` grid; every
     # other budget uses, per family and size, the learning rate that reached the lowest loss there
-    lr_tune_budget: PositiveFloat | None = None
+    lr_tune_budget: Flops | None = None
     min_steps: PositiveInt = 20            # runs with fewer optimiser steps are flagged (and skipped)
     run_flagged: bool = False              # also train runs flagged for too few steps / data repeats
     allow_repeats: bool = False            # allow runs that need more than one pass over the training tokens
+    # [low, high] training tokens per non-embedding parameter: runs outside are flagged "ratio" and skipped
+    # (Chinchilla's optimum is ~20), so each budget trains only the sizes near its optimum
+    tokens_per_param: tuple[PositiveFloat, PositiveFloat] | None = None
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelDefaults = ModelDefaults()
@@ -182,29 +263,94 @@ class LadderConfig(_Strict):
     submitit: SubmititConfig = SubmititConfig()
     fit: bool = True                       # fit scaling laws and write the report when the ladder ends
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value):
+        return _plain_name(value)
+
+    @field_validator("lrs", mode="before")
+    @classmethod
+    def _size_keys(cls, value):
+        # YAML reads an unquoted size key (1e5:, 25000:) as a number; the schema keys sizes by text
+        if isinstance(value, dict):
+            return {repr(k) if isinstance(k, (int, float)) and not isinstance(k, bool) else k: v
+                    for k, v in value.items()}
+        return value
+
     @model_validator(mode="after")
     def _grid(self):
         if self.train.tokens is not None:
-            raise ValueError("train.tokens: set by the ladder from each budget; remove it")
-        if len(set(self.budgets)) != len(self.budgets):
+            raise ValueError("train.tokens: set by the ladder (budgets, steps or tokens); remove it")
+        lengths = [k for k in ("budgets", "steps", "tokens") if getattr(self, k) is not None]
+        if len(lengths) != 1:
+            raise ValueError("budgets: give the run length as one of budgets (FLOPs per run), steps or tokens "
+                             f"(the same for every run){', not ' + ' and '.join(lengths) if lengths else ''}")
+        if (self.sizes is None) == (self.widths is None):
+            raise ValueError("sizes: give one of sizes (parameter counts or shapes) or widths (d_model), "
+                             f"{'not both' if self.sizes else 'none given'}")
+        if self.budgets is not None and len(set(self.budgets)) != len(self.budgets):
             raise ValueError("budgets: duplicate entries")
-        if self.lr_tune_budget is not None and self.lr_tune_budget not in self.budgets:
+        if len(set(self.noise_seeds)) != len(self.noise_seeds):
+            raise ValueError("noise_seeds: duplicate entries")
+        if set(self.noise_seeds) & set(self.seeds):
+            raise ValueError(f"noise_seeds: {sorted(set(self.noise_seeds) & set(self.seeds))[0]} is already one "
+                             "of the seeds")
+        if self.noise_seeds and self.budgets is None:
+            raise ValueError("noise_seeds: only used with budgets (an IsoFLOP study)")
+        if self.widths is not None and len(set(self.widths)) != len(self.widths):
+            raise ValueError("widths: duplicate entries")
+        if self.width_layers is not None and self.widths is None:
+            raise ValueError("width_layers: only used with widths")
+        if self.steps is not None and self.steps < self.min_steps:
+            raise ValueError(f"steps: {self.steps} is below min_steps {self.min_steps}")
+        if self.tokens_per_param is not None and self.tokens_per_param[0] >= self.tokens_per_param[1]:
+            raise ValueError("tokens_per_param: give [low, high] with low < high")
+        if self.lr_tune_budget is not None and self.lr_tune_budget not in (self.budgets or []):
             raise ValueError(f"lr_tune_budget: {self.lr_tune_budget:g} is not one of the budgets")
         if isinstance(self.lrs, dict):
             if not self.lrs:
                 raise ValueError("lrs: empty learning-rate grid")
             for key in self.lrs:
                 if key != "default" and not _is_size_key(key):
-                    raise ValueError(f"lrs.{key}: keys are sizes (e.g. '1e5') or 'default'")
-        for i, size in enumerate(self.sizes):
+                    raise ValueError(f"lrs.{key}: keys are sizes (e.g. '1e5', or 'd64' with widths) or 'default'")
+        for i, size in enumerate(self.sizes or []):
             if isinstance(size, ShapeSpec):
-                missing = [f for f in self.families if getattr(size, f) is None]
+                missing = [f for f in self.families if getattr(size, f, None) is None]
                 if missing:
                     raise ValueError(f"sizes.{i}: no shape for family {missing[0]}")
+        if self.sweep is not None:
+            self._check_sweep()
         return self
+
+    def _check_sweep(self):
+        """Every key sweepable, no value twice, no point twice, and every point a valid config."""
+        from . import sweep
+        seen = set()
+        for grid in sweep.grids(self.sweep):
+            if not grid:
+                raise ValueError("sweep: an empty grid")
+            for key, values in grid.items():
+                sweep.check_key(key)
+                if len({sweep.encode({key: v}) for v in values}) != len(values):
+                    raise ValueError(f"sweep.{key}: duplicate values")
+        base = self.model_dump(mode="json", exclude={"sweep"})
+        for point in sweep.points(self.sweep):
+            code = sweep.encode(point)
+            if code in seen:
+                raise ValueError(f"sweep: the point {sweep.label(point)} appears twice")
+            seen.add(code)
+            try:
+                LadderConfig.model_validate(sweep.apply_point(base, point))
+            except ValidationError as exc:
+                loc, msg = _error_parts(exc)
+                key = next((k for k in point if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")),
+                           None)
+                raise ValueError(f"sweep.{key or loc}: {msg} (at the point {sweep.label(point)})") from None
 
 
 def _is_size_key(key: str) -> bool:
+    if key[:1] == "d" and key[1:].isdigit():     # a width label
+        return int(key[1:]) > 0
     try:
         return float(key) > 0
     except ValueError:
@@ -220,6 +366,12 @@ def _is_union_tag(part) -> bool:
 
 def format_validation_error(source: str, exc: ValidationError) -> str:
     """One line: `file: key.path: what is wrong` for the most relevant error (and how many more)."""
+    loc, msg = _error_parts(exc)
+    return f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"
+
+
+def _error_parts(exc: ValidationError) -> tuple[str, str]:
+    """(dotted key path, message) of the most relevant error."""
     errs = exc.errors()
     # in a union, the branch that got deepest into the input is the one the user meant
     first = max(errs, key=lambda e: len(e["loc"]))
@@ -235,24 +387,109 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
             msg = rest.strip()
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif first["type"] == "less_than_equal":       # only limits.py's bounds use le
+        msg = (f"must be at most {first['ctx']['le']:g}, ssmscale's bound on what can exist (limits.py); "
+               f"got {first['input']!r}")
     elif first["type"] == "missing":
         msg = "required key is missing"
     elif "input" in first and not is_value_error and first["type"] != "model_type":
         msg = f"{msg} (got {first['input']!r})"
-    return f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"
+    return loc, msg
+
+
+# YAML 1.2's floats that YAML 1.1 (PyYAML's rule) reads as strings: an exponent without a dot or a sign
+_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+MAX_YAML_VALUES = 100_000       # values in a document once aliases are expanded (a YAML bomb stops here)
+
+
+@functools.cache
+def _yaml_loader():
+    """yaml.SafeLoader, plus YAML 1.2 floats, minus duplicate keys (which PyYAML lets the last one win)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:          # an unhashable key: the base class reports it
+                    break
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+    return Loader
+
+
+@functools.cache
+def _yaml_dumper():
+    """yaml.SafeDumper that quotes every string the loader would read back as a number (e.g. '1e5')."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+    return Dumper
+
+
+def dump_yaml(value) -> str:
+    """YAML text that parse_yaml reads back as the same values (config.yaml files of runs and studies)."""
+    import yaml
+    return yaml.dump(value, Dumper=_yaml_dumper(), sort_keys=False)
+
+
+def parse_yaml(text: str, source: str):
+    """A YAML document -> Python values, or a UserError of one line naming `source` and the line."""
+    import yaml
+    try:
+        value = yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None)
+        if problem and problem.startswith("duplicate key"):
+            raise UserError(f"{source}: {problem} (line {mark.line + 1})") from None
+        where = f" (line {mark.line + 1}{': ' + problem if problem else ''})" if mark else ""
+        raise UserError(f"{source}: not valid YAML{where}") from None
+    except RecursionError:
+        raise UserError(f"{source}: nested too deeply to be a config") from None
+    if _count_values(value, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise UserError(f"{source}: more than {MAX_YAML_VALUES:,} values once its aliases are expanded")
+    return value
+
+
+def _count_values(value, limit: int) -> int:
+    """Values in a loaded document with aliases expanded, counting stops just past `limit`."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        v = stack.pop()
+        count += 1
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return count
 
 
 def read_yaml(path: str | Path) -> dict:
-    import yaml
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise UserError(f"{path}: not valid YAML{where}") from None
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text, so not a YAML config") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    raw = parse_yaml(text, str(path))
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -279,12 +516,28 @@ def apply_overrides(raw: dict, overrides: dict | None) -> dict:
     return raw
 
 
+LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
+
+
+def check_logger_packages(cfg: RunConfig | LadderConfig, source: str) -> None:
+    """A logger the config asks for must be importable: say so now, not after the data is prepared."""
+    for name in cfg.train.loggers:
+        packages = LOGGER_PACKAGES.get(name, ())
+        if packages and not any(find_spec(p) for p in packages):
+            raise UserError(f"{source}: train.loggers: '{name}' needs the {packages[0]} package "
+                            f"(pip install {packages[0]})")
+
+
 def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    return validate(RunConfig, apply_overrides(read_yaml(path), overrides), str(path))
+    cfg = validate(RunConfig, apply_overrides(read_yaml(path), overrides), str(path))
+    check_logger_packages(cfg, str(path))
+    return cfg
 
 
 def load_ladder_config(path: str | Path, overrides: dict | None = None) -> LadderConfig:
-    return validate(LadderConfig, apply_overrides(read_yaml(path), overrides), str(path))
+    cfg = validate(LadderConfig, apply_overrides(read_yaml(path), overrides), str(path))
+    check_logger_packages(cfg, str(path))
+    return cfg
 
 
 # Train settings that say how a run executes, not what it computes; result.json records their values

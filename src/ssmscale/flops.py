@@ -1,7 +1,8 @@
-"""THE place parameter counts and FLOPs are computed: analytic, per token, term by term, per family.
+"""THE place parameter counts and FLOPs are computed: analytic, per token, term by term, per layer kind.
 
 Conventions (state them wherever a FLOP number is shown):
-- one multiply-add = 2 FLOPs; a token's forward cost is the sum of the terms below;
+- one multiply-add = 2 FLOPs; a token's forward cost is the sum of the terms below over the layers
+  (a model is a stack of layer kinds, ModelConfig.layer_kinds);
 - training = 3 x forward (backward = 2 x forward, Kaplan 2020 / Chinchilla App. F);
 - attention scores (QK^T) and the weighted sum (AV) are counted CAUSALLY: query t attends to t + 1
   keys, so a sequence of length L costs on average (L + 1) / 2 keys per query (Chinchilla counts
@@ -10,65 +11,118 @@ Conventions (state them wherever a FLOP number is shown):
   (a gather, unlike Chinchilla's one-hot matmul 2Vd);
 - Mamba: the depthwise conv costs 2 * E d * d_conv; the scan core 9 * E d * N per token (the Mamba
   authors' estimate: discretise, recurrence, read-out); the D skip and z gate are elementwise;
-- RMSNorm, RoPE, SiLU and residual adds are elementwise and not counted (each < 1% here).
+- Mamba-2: in_proj, conv (2 x channels x d_conv) and out_proj as above; the SSD counted as the chunked
+  form (ops/ssd_chunked.py) computes it, chunks of T = min(chunk_size, L) with the last one padded
+  (a factor L_padded / L): the scores C B^T (2 T G N per token), the masked product with X (2 T e:
+  the whole T x T block is computed, not its causal half), the chunk states and the state read-out
+  (2 N e each), and elementwise the decay matrix (3 per score per head: difference, exp, product)
+  and the chunk recurrence (2 N e / T). Decoding one token runs the SSD at L = 1;
+- RMSNorm (gated or not), RoPE, SiLU, softplus and residual adds are elementwise and not counted.
 "Parameters" N is the non-embedding count (the tied LM head shares the embedding).
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 from .models.config import ModelConfig
 
 
 # ----------------------------------------------------------------------------------- parameters
-def param_counts(cfg: ModelConfig) -> dict:
-    """Exact parameter counts of `models.LM(cfg)`: {'non_embedding', 'embedding', 'total', 'per_layer'}."""
+def _layer_params(cfg: ModelConfig, kind: str) -> int:
     d = cfg.d_model
-    if cfg.family == "transformer":
-        per_layer = 3 * d * d + d * d + 3 * d * cfg.ffn_dim + 2 * d
-    else:
+    if kind in ("transformer", "attention"):
+        a = cfg.attn_dim
+        attention = d * 3 * a + a * d + d                      # qkv, out, its RMSNorm
+        return attention + (3 * d * cfg.ffn_dim + d if kind == "transformer" else 0)   # SwiGLU, its norm
+    if kind == "mamba":
         e, n, r, k = cfg.d_inner, cfg.d_state, cfg.dt_rank_, cfg.d_conv
-        per_layer = (d * 2 * e            # in_proj
-                     + e * k + e          # depthwise conv weight + bias
-                     + e * (r + 2 * n)    # x_proj
-                     + r * e + e          # dt_proj weight + bias
-                     + e * n + e          # A_log, D
-                     + e * d              # out_proj
-                     + d)                 # RMSNorm
-    non_emb = cfg.n_layer * per_layer + d  # + final RMSNorm
-    emb = cfg.padded_vocab * d
-    return {"non_embedding": non_emb, "embedding": emb, "total": non_emb + emb, "per_layer": per_layer}
+        return (d * 2 * e            # in_proj
+                + e * k + e          # depthwise conv weight + bias
+                + e * (r + 2 * n)    # x_proj
+                + r * e + e          # dt_proj weight + bias
+                + e * n + e          # A_log, D
+                + e * d              # out_proj
+                + d)                 # RMSNorm
+    if kind == "mamba2":
+        e, h, k = cfg.mamba2_d_inner, cfg.mamba2_nheads, cfg.d_conv
+        conv = e + 2 * cfg.mamba2_ngroups * cfg.mamba2_d_state        # channels through the conv
+        return (d * (e + conv + h)   # in_proj to z, x B C, dt
+                + conv * k + conv    # depthwise conv weight + bias
+                + 3 * h              # dt_bias, A_log, D
+                + e                  # gated RMSNorm
+                + e * d              # out_proj
+                + d)                 # RMSNorm
+    raise ValueError(f"layer kind: unknown {kind!r}")
+
+
+def param_counts(cfg: ModelConfig) -> dict:
+    """Exact parameter counts of `models.LM(cfg)`: {'non_embedding', 'embedding', 'total', 'per_layer',
+    'per_kind'} (per_layer: the mean over layers, exact when all layers are of one kind)."""
+    kinds = Counter(cfg.layer_kinds)
+    per_kind = {k: _layer_params(cfg, k) for k in kinds}
+    layers = sum(per_kind[k] * n for k, n in kinds.items())
+    non_emb = layers + cfg.d_model      # + final RMSNorm
+    emb = cfg.padded_vocab * cfg.d_model
+    return {"non_embedding": non_emb, "embedding": emb, "total": non_emb + emb,
+            "per_layer": layers // cfg.n_layer, "per_kind": per_kind}
 
 
 # ---------------------------------------------------------------------------------------- FLOPs
-def forward_flops_terms(cfg: ModelConfig, seq_len: int, causal: bool = True) -> dict[str, float]:
-    """Forward FLOPs per token, by term, for a sequence of `seq_len` tokens (whole model)."""
-    d, n_layer = cfg.d_model, cfg.n_layer
-    terms: dict[str, float] = {}
-    if cfg.family == "transformer":
-        ctx = (seq_len + 1) / 2 if causal else seq_len     # keys attended per query, on average
-        terms["attn_qkv"] = n_layer * 2 * d * 3 * d
-        terms["attn_scores"] = n_layer * 2 * d * ctx
-        terms["attn_softmax"] = n_layer * 3 * cfg.n_head * ctx
-        terms["attn_values"] = n_layer * 2 * d * ctx
-        terms["attn_out"] = n_layer * 2 * d * d
-        terms["mlp"] = n_layer * 2 * 3 * d * cfg.ffn_dim
-    else:
+def ssd_terms(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """One Mamba-2 layer's SSD, FLOPs per token of a length-`seq_len` sequence, as the chunked form computes it."""
+    from .ops.ssd_chunked import chunk_geometry
+    e, n, g, h = cfg.mamba2_d_inner, cfg.mamba2_d_state, cfg.mamba2_ngroups, cfg.mamba2_nheads
+    T, chunks = chunk_geometry(seq_len, cfg.mamba2_chunk_size)
+    pad = chunks * T / seq_len
+    return {"ssd_scores": pad * 2 * T * g * n, "ssd_intra": pad * 2 * T * e,
+            "ssd_states": pad * 2 * n * e, "ssd_out": pad * 2 * n * e,
+            "ssd_elementwise": pad * (3 * T * h + 2 * n * e / T)}
+
+
+def _layer_terms(cfg: ModelConfig, kind: str, seq_len: int, causal: bool, decode: bool) -> dict[str, float]:
+    d = cfg.d_model
+    if kind in ("transformer", "attention"):
+        a = cfg.attn_dim
+        ctx = seq_len if decode or not causal else (seq_len + 1) / 2   # keys attended per query, on average
+        terms = {"attn_qkv": 2 * d * 3 * a, "attn_scores": 2 * a * ctx, "attn_softmax": 3 * cfg.n_head * ctx,
+                 "attn_values": 2 * a * ctx, "attn_out": 2 * a * d}
+        if kind == "transformer":
+            terms["mlp"] = 2 * 3 * d * cfg.ffn_dim
+        return terms
+    if kind == "mamba":
         e, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank_
-        terms["in_proj"] = n_layer * 2 * d * 2 * e
-        terms["conv"] = n_layer * 2 * e * cfg.d_conv
-        terms["x_proj"] = n_layer * 2 * e * (r + 2 * n)
-        terms["dt_proj"] = n_layer * 2 * r * e
-        terms["scan"] = n_layer * 9 * e * n
-        terms["out_proj"] = n_layer * 2 * e * d
-    terms["lm_head"] = 2 * d * cfg.padded_vocab
+        return {"in_proj": 2 * d * 2 * e, "conv": 2 * e * cfg.d_conv, "x_proj": 2 * e * (r + 2 * n),
+                "dt_proj": 2 * r * e, "scan": 9 * e * n, "out_proj": 2 * e * d}
+    if kind == "mamba2":
+        e, h = cfg.mamba2_d_inner, cfg.mamba2_nheads
+        conv = e + 2 * cfg.mamba2_ngroups * cfg.mamba2_d_state
+        return {"in_proj": 2 * d * (e + conv + h), "conv": 2 * conv * cfg.d_conv,
+                **ssd_terms(cfg, 1 if decode else seq_len), "out_proj": 2 * e * d}
+    raise ValueError(f"layer kind: unknown {kind!r}")
+
+
+def forward_flops_terms(cfg: ModelConfig, seq_len: int, causal: bool = True,
+                        decode: bool = False) -> dict[str, float]:
+    """Forward FLOPs per token, by term, for a sequence of `seq_len` tokens (whole model).
+
+    decode: the cost of one more token after a context of `seq_len` (attention over all seq_len
+    keys, the SSD on that one token)."""
+    terms: dict[str, float] = {}
+    for kind, count in Counter(cfg.layer_kinds).items():
+        for name, value in _layer_terms(cfg, kind, seq_len, causal, decode).items():
+            terms[name] = terms.get(name, 0.0) + count * value
+    terms["lm_head"] = 2 * cfg.d_model * cfg.padded_vocab
     return terms
 
 
 MATMUL_TERMS = {"attn_qkv", "attn_out", "mlp", "in_proj", "x_proj", "dt_proj", "out_proj", "lm_head"}
+ATTENTION_MATMUL_TERMS = {"attn_scores", "attn_values"}
+SSD_MATMUL_TERMS = {"ssd_scores", "ssd_intra", "ssd_states", "ssd_out"}
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
-    return float(sum(forward_flops_terms(cfg, seq_len, causal).values()))
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True, decode: bool = False) -> float:
+    return float(sum(forward_flops_terms(cfg, seq_len, causal, decode).values()))
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
@@ -93,47 +147,60 @@ def flops_summary(cfg: ModelConfig, seq_len: int) -> dict:
 # Reference description used in reports and result rows.
 CONVENTION = ("training FLOPs = 3 x forward; forward counted term by term per token (flops.py): matmuls "
               "incl. LM head over the padded vocab, causal attention (mean (L+1)/2 keys per query), "
-              "softmax 3/score, Mamba conv 2*Ed*k and scan 9*Ed*N; embedding lookup and norms not counted")
+              "softmax 3/score, Mamba conv 2*Ed*k and scan 9*Ed*N, Mamba-2's SSD as its chunked form "
+              "computes it; embedding lookup and norms not counted")
 
 
 def counter_check(cfg: ModelConfig, seq_len: int, batch: int = 2) -> dict:
     """Compare the matmul terms with torch's FlopCounterMode on a real forward of `cfg`.
 
     The counter sees linear layers and the LM head as mm; with the math SDPA backend it sees the
-    attention core as two bmm over the full L x L square (so it is compared with causal=False);
-    the selective scan's own internals are measured separately and removed."""
+    attention core as two bmm over the full L x L square (so it is compared with causal=False); the
+    selective scan's own internals are not model terms and are measured separately and removed; the
+    SSD's matmuls are terms: one SSD call is counted alone and compared with them (`ssd_ratio`)."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from .models import LM
-    from .ops import selective_scan
+    from .ops import selective_scan, ssd
 
     def count(fn):
         with FlopCounterMode(display=False) as counter:
             fn()
-        return {str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts()["Global"].items()}
+        counts = {str(op).removeprefix("aten."): n for op, n in counter.get_flop_counts()["Global"].items()}
+        return sum(counts.get(k, 0) for k in ("mm", "addmm")), counts.get("bmm", 0)
 
-    model = LM(cfg.replace(scan_impl="chunked"))
+    kinds = Counter(cfg.layer_kinds)
+    model = LM(cfg.replace(scan_impl="chunked", ssd_impl="chunked"))
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+    r = lambda *shape: torch.randn(*shape)
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        counts = count(lambda: model(tokens))
-        scan_mm = 0
-        if cfg.family == "mamba":
+        mm, bmm = count(lambda: model(tokens))
+        scan_mm = ssd_mm = 0
+        if kinds["mamba"]:
             e, n = cfg.d_inner, cfg.d_state
-            one = count(lambda: selective_scan(torch.randn(batch, e, seq_len), torch.rand(batch, e, seq_len),
-                                               -torch.rand(e, n), torch.randn(batch, n, seq_len),
-                                               torch.randn(batch, n, seq_len), impl="chunked"))
-            scan_mm = cfg.n_layer * sum(one.get(k, 0) for k in ("mm", "bmm"))
+            one = count(lambda: selective_scan(r(batch, e, seq_len), torch.rand(batch, e, seq_len), -torch.rand(e, n),
+                                               r(batch, n, seq_len), r(batch, n, seq_len), impl="chunked"))
+            scan_mm = kinds["mamba"] * sum(one)
+        if kinds["mamba2"]:
+            h, p, g, n = cfg.mamba2_nheads, cfg.mamba2_head_dim, cfg.mamba2_ngroups, cfg.mamba2_d_state
+            one = count(lambda: ssd(r(batch, seq_len, h, p), torch.rand(batch, seq_len, h), -torch.rand(h),
+                                    r(batch, seq_len, g, n), r(batch, seq_len, g, n),
+                                    chunk_size=cfg.mamba2_chunk_size, impl="chunked"))
+            ssd_mm = kinds["mamba2"] * sum(one)
     n_tok = batch * seq_len
     terms = forward_flops_terms(cfg, seq_len, causal=False)
-    analytic = sum(v for k, v in terms.items() if k in MATMUL_TERMS) * n_tok
-    counted = counts.get("mm", 0) + counts.get("addmm", 0)
-    if cfg.family == "mamba":
-        counted += counts.get("bmm", 0) - scan_mm
-    out = {"matmul_analytic": analytic, "matmul_counted": counted, "matmul_ratio": counted / analytic}
-    if cfg.family == "transformer":
-        attn = (terms["attn_scores"] + terms["attn_values"]) * n_tok
-        out.update(attention_analytic=attn, attention_counted=counts.get("bmm", 0),
-                   attention_ratio=counts.get("bmm", 0) / attn)
+    total = lambda names: sum(v for k, v in terms.items() if k in names) * n_tok
+    leftover_bmm = bmm - scan_mm - ssd_mm
+    has_attention = kinds["transformer"] + kinds["attention"] > 0
+    counted = mm + (0 if has_attention else leftover_bmm)
+    out = {"matmul_analytic": total(MATMUL_TERMS), "matmul_counted": counted,
+           "matmul_ratio": counted / total(MATMUL_TERMS)}
+    if has_attention:
+        attn = total(ATTENTION_MATMUL_TERMS)
+        out.update(attention_analytic=attn, attention_counted=leftover_bmm, attention_ratio=leftover_bmm / attn)
+    if kinds["mamba2"]:
+        analytic = total(SSD_MATMUL_TERMS)
+        out.update(ssd_analytic=analytic, ssd_counted=ssd_mm, ssd_ratio=ssd_mm / analytic)
     return out

@@ -6,6 +6,7 @@ A reader (or a restarted ladder) therefore sees either the old file or the new o
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -41,7 +42,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON: a NaN or infinite number is written as null (bare NaN is not JSON)."""
+    atomic_write_text(path, json.dumps(_finite(obj), indent=2, sort_keys=False, allow_nan=False,
+                                       default=_json_default) + "\n")
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "item") and not hasattr(obj, "__len__"):     # a numpy scalar
+        return _finite(obj.item())
+    return obj
 
 
 def _json_default(obj):
@@ -55,3 +70,24 @@ def _json_default(obj):
 
 def atomic_write_dataframe_csv(path: str | os.PathLike, df) -> None:
     atomic_write_text(path, df.to_csv(index=False))
+
+
+def check_writable_dir(path: str | os.PathLike, what: str) -> None:
+    """Refuse (UserError, one line) a folder that cannot be made or written, before any long work starts.
+
+    Creates nothing: the nearest existing ancestor must be a folder in which a file can be created (a
+    nameless temporary file, gone when closed, tells; permission bits alone do not, e.g. for root)."""
+    from .errors import UserError
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path}: exists and is not a folder")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what} {path}: {probe} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what} {path}: cannot write in {probe} ({exc.strerror or exc})") from None

@@ -1,10 +1,18 @@
-"""The IsoFLOP ladder: plan (families x budgets x sizes x learning rates x seeds) -> run -> results table.
+"""The ladder: plan (families x budgets x sizes x learning rates x seeds [x sweep points]) -> run -> results.
 
-Each run spends its budget: tokens = budget / training FLOPs per token (flops.py), rounded to whole
-optimiser steps; the FLOPs actually spent are recorded. The ladder is restartable at any moment:
-a run's result.json is written atomically when it ends, a restart skips runs that have one (and
-retries runs that failed), results.csv is rebuilt from the result files (never appended), and a
-lock file keeps a second ladder process out of the same directory.
+An IsoFLOP ladder (`budgets`): each run spends its budget, tokens = budget / training FLOPs per token
+(flops.py), rounded to whole optimiser steps; the FLOPs actually spent are recorded. With `noise_seeds`,
+once the main grid has finished, the best run of each (family, budget) is trained again with each extra
+seed (same shape and learning rate; run id `<best run>_s<seed>`), so the fits can put the seed-to-seed
+noise into their intervals; adding noise seeds to a finished study trains only them. A fixed-length
+ladder (`steps` or `tokens`, e.g. the recall study) trains every run equally long and has no scaling
+law to fit: its report is the recall report (report_recall.py). `widths` instead of `sizes` gives
+each family the same d_model at the depth sizing.layers_at_width sets; `sweep` repeats the grid at
+every point of extra config axes (sweep.py), whose labels go into the run ids.
+
+The ladder is restartable at any moment: a run's result.json is written atomically when it ends, a
+restart skips runs that have one (and retries runs that failed), results.csv is rebuilt from the
+result files (never appended), and a lock file keeps a second ladder process out of the same directory.
 
     scaling/<study>/config.yaml           the ladder config
     scaling/<study>/plan.csv              every planned run, with flags
@@ -19,19 +27,23 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import EXECUTION_KEYS, LadderConfig, ModelSpec, RunConfig, ShapeSpec, load_ladder_config
 from .errors import UserError
+from .models.config import FAMILIES
 
 RESULT_COLUMNS = [
-    "run_id", "study", "family", "size", "d_model", "n_layer", "params", "params_total", "budget", "flops",
-    "flops_per_token", "ratio_to_6n", "tokens", "steps", "lr", "lr_source", "seed", "seq_len", "batch_size",
-    "loss", "bpb", "status", "message", "flags", "wall_s", "tokens_per_s", "config_hash", "data_fingerprint",
-    "commit", "device", "versions", "flops_convention", "threads",
+    "run_id", "study", "family", "size", "d_model", "n_layer", "params", "params_total", "state_bytes", "budget",
+    "sweep", "flops", "flops_per_token", "ratio_to_6n", "tokens", "steps", "lr", "lr_source", "seed", "seq_len",
+    "batch_size", "loss", "bpb", "val_accuracy", "status", "message", "flags", "wall_s", "tokens_per_s",
+    "config_hash", "data_fingerprint", "commit", "device", "versions", "flops_convention", "threads", "train_s",
+    "context_gain",
 ]
 
 
@@ -39,12 +51,13 @@ RESULT_COLUMNS = [
 class PlannedRun:
     run_id: str
     family: str
-    size: str                 # label of the size entry ("1e5" or "d64xL2")
+    size: str                 # label of the size entry ("1e5", "transformer-d64xL2+mamba-d56xL4" or "d64")
     d_model: int
     n_layer: int
     params: int               # non-embedding
     params_total: int
-    budget: float             # target training FLOPs
+    budget: float | None      # target training FLOPs (None: a fixed-length ladder)
+    sweep: str                # the sweep point as JSON (sweep.encode), "" without a sweep
     lr: float | None          # None: to be taken from the tuning budget's results (not known yet)
     lr_source: str            # "grid", or "tuned at <budget>"
     seed: int
@@ -52,20 +65,34 @@ class PlannedRun:
     tokens: int               # tokens actually trained (whole steps)
     steps: int
     flops: float              # FLOPs actually spent = tokens * flops_per_token
-    flags: str                # "" or e.g. "few-steps;repeats"
+    flags: str                # "" or e.g. "few-steps;repeats;ratio"
     skip: bool                # not trained (flagged and the config does not ask for flagged runs)
 
 
 # ------------------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class Width:
+    """A `widths` entry: every family at this d_model, at its depth rule's number of layers."""
+    d_model: int
+
+
+def size_entries(cfg: LadderConfig) -> list:
+    """The size axis: `sizes` entries (floats or ShapeSpecs) or Width entries."""
+    return list(cfg.sizes) if cfg.sizes is not None else [Width(w) for w in cfg.widths]
+
+
 def size_label(size) -> str:
+    if isinstance(size, Width):
+        return f"d{size.d_model}"
     if isinstance(size, ShapeSpec):
-        return "+".join(f"{f}-d{s[0]}xL{s[1]}" for f, s in (("transformer", size.transformer),
-                                                             ("mamba", size.mamba)) if s)
+        return "+".join(f"{f}-d{s[0]}xL{s[1]}" for f in FAMILIES if (s := getattr(size, f)))
     return f"{size:.3g}".replace("+", "")
 
 
 def _lr_key_matches(key: str, size) -> bool:
-    return not isinstance(size, ShapeSpec) and math.isclose(float(key), float(size), rel_tol=1e-9)
+    if isinstance(size, (ShapeSpec, Width)) or key.startswith("d"):
+        return False
+    return math.isclose(float(key), float(size), rel_tol=1e-9)
 
 
 def lrs_for(cfg: LadderConfig, size) -> list[float]:
@@ -86,18 +113,22 @@ def vocab_size_of(cfg) -> int:
 
 
 def model_configs(cfg: LadderConfig):
-    """[(size, {family: ModelConfig})] in config order; Mamba is matched to the transformer per size."""
+    """[(size, {family: ModelConfig})] in config order: with `sizes`, every family is matched to the transformer
+    in parameters per size; with `widths`, every family has that d_model and its depth rule's layers."""
     from .models import ModelConfig
-    from .models.sizing import shape_for
+    from .models.sizing import MIN_LAYERS, layers_at_width, shape_for
     m = cfg.model
     base = ModelConfig(family="transformer", d_model=m.head_dim, n_layer=1, vocab_size=vocab_size_of(cfg),
-                       head_dim=m.head_dim, d_ff=m.d_ff, d_state=m.d_state, d_conv=m.d_conv,
-                       expand=m.expand, dt_rank=m.dt_rank, scan_impl=m.scan_impl)
+                       **m.knobs())
     out = []
-    for i, size in enumerate(cfg.sizes):
+    for i, size in enumerate(size_entries(cfg)):
         per_family = {}
         try:
-            if isinstance(size, ShapeSpec):
+            if isinstance(size, Width):
+                for fam in cfg.families:
+                    per_family[fam] = base.replace(family=fam, d_model=size.d_model,
+                                                   n_layer=layers_at_width(fam, cfg.width_layers or MIN_LAYERS))
+            elif isinstance(size, ShapeSpec):
                 for fam in cfg.families:
                     d, n = getattr(size, fam)
                     per_family[fam] = base.replace(family=fam, d_model=d, n_layer=n)
@@ -107,31 +138,65 @@ def model_configs(cfg: LadderConfig):
                     s = tf if fam == "transformer" else shape_for(fam, size, base, match=tf.params)
                     per_family[fam] = base.replace(family=fam, d_model=s.d_model, n_layer=s.n_layer)
         except ValueError as exc:
-            raise UserError(f"sizes.{i}: {exc}") from None
+            raise UserError(f"{'sizes' if cfg.sizes is not None else 'widths'}.{i}: {exc}") from None
         out.append((size, per_family))
     return out
 
 
-def plan(cfg: LadderConfig, n_train_tokens: int | None = None, tuned: dict | None = None) -> list[PlannedRun]:
+def sweep_points(cfg: LadderConfig) -> list[tuple[dict, LadderConfig]]:
+    """[(point, the ladder config at that point)]; [({}, cfg)] without a sweep."""
+    from . import sweep
+    return [(p, config_at(cfg, p)) for p in sweep.points(cfg.sweep)]
+
+
+def config_at(cfg: LadderConfig, point: dict) -> LadderConfig:
+    """The ladder config with a sweep point's values written in and no sweep of its own."""
+    from . import sweep
+    if not point:
+        return cfg
+    return LadderConfig.model_validate(sweep.apply_point(cfg.model_dump(mode="json", exclude={"sweep"}), point))
+
+
+def plan(cfg: LadderConfig, n_train_tokens: int | dict | None = None, tuned: dict | None = None) -> list[PlannedRun]:
     """Every run of the grid, with its shape, tokens, steps, FLOPs and flags. Pure (no training).
 
+    `n_train_tokens`: the training split's size, or {sweep.encode(point): size} per sweep point.
     With `lr_tune_budget`, runs at other budgets take their learning rate from `tuned`
-    ({(family, size label): lr}, see tuned_lrs); until it is known their lr is None."""
+    ({(family, size label, sweep point): lr}, see tuned_lrs); until it is known their lr is None."""
+    from . import sweep
+    runs = []
+    for point, pcfg in sweep_points(cfg):
+        code = sweep.encode(point)
+        n_train = n_train_tokens.get(code) if isinstance(n_train_tokens, dict) else n_train_tokens
+        runs += _plan_point(pcfg, point, n_train, tuned)
+    seen = set()
+    for r in runs:
+        if r.run_id in seen:
+            raise UserError(f"sweep: two runs would share the id {r.run_id} (keys with the same last name and "
+                            "value, or values that differ only in characters a run id cannot hold)")
+        seen.add(r.run_id)
+    return runs
+
+
+def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tuned: dict | None) -> list[PlannedRun]:
+    """The runs of one sweep point (`cfg` is the ladder config at that point)."""
+    from . import sweep
     from .flops import flops_summary
     t = cfg.train
     per_step = t.batch_size * t.seq_len
+    code = sweep.encode(point)
+    where = f" at the sweep point {sweep.label(point)}" if point else ""
     sized = model_configs(cfg)
     runs = []
     tune = cfg.lr_tune_budget
-    budgets = sorted(cfg.budgets, key=lambda b: b != tune)     # the tuning budget runs first
+    budgets = sorted(cfg.budgets, key=lambda b: b != tune) if cfg.budgets else [None]   # the tuning budget first
     for budget in budgets:
-        bi = cfg.budgets.index(budget)
         smallest = None
         for size, per_family in sized:
             for fam in cfg.families:
                 mc = per_family[fam]
                 cost = flops_summary(mc, t.seq_len)
-                steps = max(0, round(budget / cost["train_flops_per_token"] / per_step))
+                steps = _steps(cfg, budget, cost["train_flops_per_token"], per_step)
                 if smallest is None or cost["params"] < smallest[0]:
                     smallest = (cost["params"], steps, size)
                 tokens = steps * per_step
@@ -140,29 +205,48 @@ def plan(cfg: LadderConfig, n_train_tokens: int | None = None, tuned: dict | Non
                     flags.append("few-steps")
                 if n_train_tokens is not None and tokens > n_train_tokens:
                     flags.append("repeats")
-                skip = steps == 0 or ("few-steps" in flags and not cfg.run_flagged) or \
+                window = cfg.tokens_per_param
+                if window and not window[0] <= tokens / cost["params"] <= window[1]:
+                    flags.append("ratio")
+                skip = steps == 0 or (("few-steps" in flags or "ratio" in flags) and not cfg.run_flagged) or \
                     ("repeats" in flags and not (cfg.allow_repeats or cfg.run_flagged))
                 if tune is None or budget == tune:
                     choices = [(float(lr), "grid") for lr in lrs_for(cfg, size)]
                 else:
-                    choices = [((tuned or {}).get((fam, size_label(size))), f"tuned at {tune:.3g}")]
+                    choices = [((tuned or {}).get((fam, size_label(size), code)), f"tuned at {tune:.3g}")]
                 for lr, source in choices:
                     for seed in cfg.seeds:
-                        run_id = _run_id(fam, size, budget, lr if source == "grid" else None, seed, cfg)
+                        run_id = _run_id(fam, size, mc, budget, point, lr if source == "grid" else None, seed, cfg)
                         runs.append(PlannedRun(run_id, fam, size_label(size), mc.d_model, mc.n_layer,
-                                               cost["params"], cost["params_total"], float(budget), lr, source,
+                                               cost["params"], cost["params_total"], budget, code, lr, source,
                                                seed, cost["train_flops_per_token"], tokens, steps,
                                                tokens * cost["train_flops_per_token"], ";".join(flags), skip))
         if smallest[1] < cfg.min_steps:
-            raise UserError(f"budgets.{bi}: {budget:.3g} FLOPs gives the smallest size ({size_label(smallest[2])}, "
-                            f"{smallest[0]:,} params) only {smallest[1]} step{'' if smallest[1] == 1 else 's'} of {per_step} tokens "
-                            f"(min_steps {cfg.min_steps}): raise the budget or shrink the batch")
+            what = (f"budgets.{cfg.budgets.index(budget)}: {budget:.3g} FLOPs" if budget is not None
+                    else f"tokens: {cfg.tokens:.3g} tokens")
+            raise UserError(f"{what} gives the smallest size ({size_label(smallest[2])}, "
+                            f"{smallest[0]:,} params) only {smallest[1]} step{'' if smallest[1] == 1 else 's'} of "
+                            f"{per_step} tokens{where} (min_steps {cfg.min_steps}): raise it or shrink the batch")
     return runs
 
 
-def _run_id(family, size, budget, lr, seed, cfg) -> str:
-    parts = [family, f"N{size_label(size)}" if not isinstance(size, ShapeSpec)
-             else f"d{getattr(size, family)[0]}xL{getattr(size, family)[1]}", f"C{budget:.3g}"]
+def _steps(cfg: LadderConfig, budget: float | None, flops_per_token: float, per_step: int) -> int:
+    """Optimiser steps of one run: its budget's, or the ladder's fixed length."""
+    if budget is not None:
+        return max(0, round(budget / flops_per_token / per_step))
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(0, round(cfg.tokens / per_step))
+
+
+def _run_id(family, size, mc, budget, point, lr, seed, cfg) -> str:
+    from . import sweep
+    parts = [family, f"N{size_label(size)}" if not isinstance(size, (ShapeSpec, Width))
+             else f"d{mc.d_model}xL{mc.n_layer}"]
+    if budget is not None:
+        parts.append(f"C{budget:.3g}")
+    if point:
+        parts.append(sweep.label(point))
     if lr is not None and (isinstance(cfg.lrs, dict) or len(cfg.lrs) > 1):
         parts.append(f"lr{lr:.3g}")
     if len(cfg.seeds) > 1:
@@ -170,11 +254,25 @@ def _run_id(family, size, budget, lr, seed, cfg) -> str:
     return re.sub(r"[^A-Za-z0-9.\-_]", "", "_".join(parts).replace("+", ""))
 
 
+def study_eval_points_tokens(cfg: LadderConfig) -> int | None:
+    """The eval points' validation subset, one size for every run of the study: the default size for its
+    run with the fewest tokens (so the points cost at most ~5% of any run), unless the config sets one."""
+    from .train import eval_points_tokens
+    t = cfg.train
+    if not t.eval_points or t.eval_points_tokens:
+        return t.eval_points_tokens
+    fewest = min((r.tokens for r in plan(cfg) if not r.skip), default=t.eval_tokens)
+    return eval_points_tokens(fewest, t.seq_len, t.eval_points, t.eval_tokens)
+
+
 def run_config(cfg: LadderConfig, run: PlannedRun, progress: bool = True) -> RunConfig:
-    """The single-run config the training loop gets for one planned run."""
+    """The single-run config the training loop gets for one planned run (at its sweep point)."""
+    from . import sweep
+    cfg = config_at(cfg, sweep.decode(run.sweep))
     spec = ModelSpec(family=run.family, d_model=run.d_model, n_layer=run.n_layer, **cfg.model.model_dump())
     train = cfg.train.model_copy(update={"tokens": float(run.tokens), "lr": run.lr,
-                                         "progress": cfg.train.progress and progress})
+                                         "progress": cfg.train.progress and progress,
+                                         "eval_points_tokens": study_eval_points_tokens(cfg)})
     return RunConfig(name=f"{cfg.name}/{run.run_id}", seed=run.seed, data=cfg.data,
                      tokenizer=cfg.tokenizer, model=spec, train=train)
 
@@ -185,12 +283,13 @@ def plan_frame(runs: list[PlannedRun]):
 
 
 def format_plan(runs: list[PlannedRun]) -> str:
-    lines = [f"{'run_id':<44} {'family':<11} {'d_model':>7} {'n_layer':>7} {'params':>10} {'tokens':>11} "
+    w = max([44] + [len(r.run_id) for r in runs])
+    lines = [f"{'run_id':<{w}} {'family':<11} {'d_model':>7} {'n_layer':>7} {'params':>10} {'tokens':>11} "
              f"{'FLOPs':>9} {'steps':>6} {'lr':>8}  flags"]
     for r in runs:
         flags = r.flags + (" (skipped)" if r.skip else "")
         lr = f"{r.lr:.2g}" if r.lr is not None else "tuned"
-        lines.append(f"{r.run_id:<44} {r.family:<11} {r.d_model:>7} {r.n_layer:>7} {r.params:>10,} "
+        lines.append(f"{r.run_id:<{w}} {r.family:<11} {r.d_model:>7} {r.n_layer:>7} {r.params:>10,} "
                      f"{r.tokens:>11,} {r.flops:>9.3g} {r.steps:>6} {lr:>8}  {flags}")
     todo = [r for r in runs if not r.skip]
     lines.append(f"{len(todo)} runs to train ({len(runs) - len(todo)} skipped), "
@@ -228,9 +327,8 @@ class StudyLock:
 def _fixed_part(cfg: LadderConfig) -> dict:
     """What must not change between restarts of one study (the grid itself may grow)."""
     d = cfg.model_dump(mode="json")
-    for key in ("families", "budgets", "sizes", "lrs", "seeds", "lr_tune_budget", "min_steps", "run_flagged",
-                "allow_repeats",
-                "executor", "submitit", "fit"):
+    for key in ("families", "budgets", "sizes", "widths", "sweep", "lrs", "seeds", "noise_seeds", "lr_tune_budget",
+                "min_steps", "run_flagged", "allow_repeats", "tokens_per_param", "executor", "submitit", "fit"):
         d.pop(key)
     for key in EXECUTION_KEYS:          # how runs execute, not what they compute
         d["train"].pop(key)
@@ -238,14 +336,14 @@ def _fixed_part(cfg: LadderConfig) -> dict:
 
 
 def _check_same_study(cfg: LadderConfig, out_dir: Path):
-    import yaml
     saved_path = out_dir / "config.yaml"
     if not saved_path.exists():
         return
     try:
-        saved = LadderConfig.model_validate(yaml.safe_load(saved_path.read_text()))
-    except Exception:
-        raise UserError(f"{saved_path}: unreadable; this directory does not look like a study") from None
+        saved = load_ladder_config(saved_path)
+    except UserError as exc:
+        raise UserError(f"{saved_path}: unreadable ({str(exc).removeprefix(f'{saved_path}: ')}); "
+                        "this directory does not look like a study") from None
     a, b = _fixed_part(saved), _fixed_part(cfg)
     if a != b:
         diff = _first_difference(a, b)
@@ -267,15 +365,11 @@ def collect_results(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]):
     from .fsutil import atomic_write_dataframe_csv
     rows = []
     for r in runs:
-        path = out_dir / "runs" / r.run_id / "result.json"
-        if not path.exists():
-            continue
-        try:
-            res = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            continue      # cannot happen with atomic writes; a hand-edited file is ignored, not fatal
+        res = _read_result(out_dir, r.run_id)
+        if res is None:
+            continue      # not run yet, or malformed (run_ladder said so and trains it again)
         row = {**res, "run_id": r.run_id, "study": cfg.name, "size": r.size, "budget": r.budget,
-               "lr_source": r.lr_source, "flags": r.flags,
+               "sweep": r.sweep, "lr_source": r.lr_source, "flags": r.flags,
                "versions": json.dumps(res.get("versions", {}), sort_keys=True)}
         rows.append({k: row.get(k) for k in RESULT_COLUMNS})
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS)
@@ -284,23 +378,31 @@ def collect_results(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]):
 
 
 def _read_result(out_dir: Path, run_id: str) -> dict | None:
-    path = out_dir / "runs" / run_id / "result.json"
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    """A run's well-formed result.json, else None (absent or malformed: the run counts as unfinished)."""
+    from .safeload import read_result
+    return read_result(out_dir / "runs" / run_id / "result.json")[0]
+
+
+def _say_malformed(out_dir: Path, runs: list[PlannedRun]) -> None:
+    """One line per result.json that cannot be used (wrong shape, not JSON): that run is trained again."""
+    from .safeload import read_result
+    for r in runs:
+        problem = read_result(out_dir / "runs" / r.run_id / "result.json")[1]
+        if problem and not r.skip:
+            print(f"{problem}; the run counts as unfinished and is trained again", file=sys.stderr)
 
 
 def tuned_lrs(cfg: LadderConfig, out_dir: Path) -> dict:
-    """{(family, size label): lr} with the lowest validation loss at the tuning budget, for the
-    (family, size) pairs whose tuning runs have all ended (a pair with no successful run gets none)."""
+    """{(family, size label, sweep point): lr} with the lowest validation loss at the tuning budget, for
+    the (family, size, point) cells whose tuning runs have all ended (a cell with no successful run gets
+    none)."""
     if cfg.lr_tune_budget is None:
         return {}
     best, open_pairs = {}, set()
     for r in plan(cfg):
         if r.budget != cfg.lr_tune_budget:
             continue
-        key = (r.family, r.size)
+        key = (r.family, r.size, r.sweep)
         res = _read_result(out_dir, r.run_id)
         if res is None:
             open_pairs.add(key)       # not tried yet: the best rate is not known
@@ -308,6 +410,37 @@ def tuned_lrs(cfg: LadderConfig, out_dir: Path) -> dict:
             if key not in best or res["loss"] < best[key][0]:
                 best[key] = (res["loss"], r.lr)
     return {k: lr for k, (_, lr) in best.items() if k not in open_pairs}
+
+
+def noise_runs(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]) -> list[PlannedRun]:
+    """The seed-noise runs: none until every run of the main grid has ended; then, per (family, budget),
+    the run with the lowest loss (mean over `seeds`) trained again with each of `noise_seeds`."""
+    main = [r for r in runs if not r.skip]
+    if not cfg.noise_seeds or not main or any(r.lr is None or not _finished(out_dir, r) for r in main):
+        return []
+    losses: dict = {}
+    for r in main:
+        res = _read_result(out_dir, r.run_id)
+        if res.get("status") == "ok" and res.get("loss") is not None and math.isfinite(res["loss"]):
+            losses.setdefault((r.family, r.budget, r.size, r.lr), []).append((res["loss"], r))
+    best: dict = {}
+    for (family, budget, _, _), seeds in losses.items():
+        mean = sum(loss for loss, _ in seeds) / len(seeds)
+        if (family, budget) not in best or mean < best[(family, budget)][0]:
+            best[(family, budget)] = (mean, seeds[0][1])
+    out = []
+    for _, r in sorted(best.values(), key=lambda v: (cfg.families.index(v[1].family), v[1].budget)):
+        base = re.sub(r"_s\d+$", "", r.run_id) if len(cfg.seeds) > 1 else r.run_id
+        for seed in cfg.noise_seeds:
+            out.append(PlannedRun(**{**asdict(r), "run_id": f"{base}_s{seed}", "seed": seed,
+                                     "lr_source": f"copied from {r.run_id}"}))
+    return out
+
+
+def plan_study(cfg: LadderConfig, out_dir: Path, n_train_tokens: int | None = None) -> list[PlannedRun]:
+    """The plan as far as the study's results make it known: tuned learning rates, then the noise-seed runs."""
+    runs = plan(cfg, n_train_tokens, tuned_lrs(cfg, out_dir))
+    return runs + noise_runs(cfg, out_dir, runs)
 
 
 def _finished(out_dir: Path, run: PlannedRun) -> bool:
@@ -321,15 +454,63 @@ def _finished(out_dir: Path, run: PlannedRun) -> bool:
 # ------------------------------------------------------------------------------------- running
 def run_one(study_dir: str, run_id: str, progress: bool = False, parallel_jobs: int = 1,
             max_cores: int | None = None) -> dict:
-    """Train one planned run of a study (the unit of work of every executor). `parallel_jobs` and
-    `max_cores` size its threads (threads.py; see thread_share)."""
+    """Train one planned run of a study: the unit of work of the out-of-process executors. `parallel_jobs`
+    and `max_cores` size its threads (threads.py; see thread_share).
+
+    One process at a time trains a run: a job whose run is still being trained elsewhere (a cancelled
+    job not yet dead, jobs left running by a ladder that was stopped and restarted) waits for it, and
+    then skips the run if that process finished it. Extra ranks of a multi-process run take no lock."""
     out_dir = Path(study_dir)
     cfg = load_ladder_config(out_dir / "config.yaml")
-    run = next((r for r in plan(cfg, tuned=tuned_lrs(cfg, out_dir)) if r.run_id == run_id), None)
+    run = _planned(cfg, out_dir, run_id)
+    with _run_lock(out_dir / "runs" / run_id) if _process_rank() == 0 else nullcontext():
+        if _finished(out_dir, run):
+            return _read_result(out_dir, run_id)
+        if not _needs_own_process(cfg):
+            return _train_run(cfg, out_dir, run, progress=progress, position=1, share=(parallel_jobs, max_cores),
+                              announce=True)
+        # Lightning's ddp re-executes the command line for each extra rank: give the run a command of its own
+        code = subprocess.run([sys.executable, "-m", "ssmscale.worker", str(out_dir), run_id]).returncode
+        return _read_result(out_dir, run_id) or {"status": "failed",
+                                                 "message": f"ssmscale.worker exited with code {code}"}
+
+
+def train_planned_run(study_dir: str, run_id: str) -> dict:
+    """Train one planned run of a study in this process, which the run owns (`python -m ssmscale.worker`):
+    its ranks share the cores the process may use."""
+    out_dir = Path(study_dir)
+    cfg = load_ladder_config(out_dir / "config.yaml")
+    return _train_run(cfg, out_dir, _planned(cfg, out_dir, run_id), progress=False, position=1,
+                      share=(cfg.train.devices, None), announce=True)
+
+
+def _planned(cfg: LadderConfig, out_dir: Path, run_id: str) -> PlannedRun:
+    run = next((r for r in plan_study(cfg, out_dir) if r.run_id == run_id), None)
     if run is None or run.lr is None:
         raise UserError(f"{run_id}: not a runnable run of the study in {out_dir}")
-    return _train_run(cfg, out_dir, run, progress=progress, position=1, share=(parallel_jobs, max_cores),
-                      announce=True)
+    return run
+
+
+def _process_rank() -> int:
+    """This process's rank in a multi-process run, 0 outside one: a Slurm task, or a rank Lightning launched."""
+    return max(int(os.environ.get(name) or 0) for name in ("SLURM_PROCID", "LOCAL_RANK"))
+
+
+def _needs_own_process(cfg: LadderConfig) -> bool:
+    """A multi-device run must own its command line, unless Slurm already started one task per device."""
+    return cfg.train.devices > 1 and os.environ.get("SLURM_NTASKS") != str(cfg.train.devices)
+
+
+@contextmanager
+def _run_lock(run_dir: Path):
+    """An exclusive flock on runs/<id>/.run.lock, waited for; the kernel releases it when its holder dies."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def thread_share(cfg: LadderConfig, cluster: str) -> tuple[int, int | None]:
@@ -344,9 +525,10 @@ def thread_share(cfg: LadderConfig, cluster: str) -> tuple[int, int | None]:
 
 
 def _train_run(cfg, out_dir, run, progress, position, share=(1, None), announce=False):
+    from . import sweep
     from .train import run_training
     extra = {"run_id": run.run_id, "budget": run.budget, "size": run.size, "study": cfg.name,
-             "lr_source": run.lr_source}
+             "sweep": sweep.decode(run.sweep), "lr_source": run.lr_source}
     return run_training(run_config(cfg, run, progress), out_dir / "runs" / run.run_id, progress_position=position,
                         extra=extra, parallel_jobs=share[0], max_cores=share[1], announce=announce)
 
@@ -371,29 +553,46 @@ def _thread_line(cfg: LadderConfig, cluster: str) -> str:
 
 
 def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
-               executor: str | None = None, progress: bool = True, overrides: dict | None = None) -> Path:
-    import yaml
-    from .fsutil import atomic_write_dataframe_csv, atomic_write_text
+               executor: str | None = None, progress: bool = True, overrides: dict | None = None,
+               throughput_from: str | None = None) -> Path:
+    """Plan, train (resumably) and fit a ladder. The plan is printed first, with a cost estimate in
+    device-hours when the study runs on GPUs or `throughput_from` names a `ssmscale profile` CSV."""
+    from . import cost
+    from .config import dump_yaml
+    from .fsutil import atomic_write_dataframe_csv, atomic_write_text, check_writable_dir
 
     cfg = load_ladder_config(config_path, overrides)
     out_dir = Path(out or Path("scaling") / cfg.name)
+    check_writable_dir(out_dir, "study directory")
     executor = executor or cfg.executor
-    from .data import prepare_data
-    data = prepare_data(cfg.data, cfg.tokenizer, seq_len=cfg.train.seq_len, eval_tokens=cfg.train.eval_tokens,
-                        progress=progress)
-    if data.vocab_size != vocab_size_of(cfg):
-        raise UserError(f"tokenizer.vocab_size: the data has {data.vocab_size} tokens, the config says "
-                        f"{vocab_size_of(cfg)}")
-    n_train = data.n_train_tokens
+    throughput = None
+    if throughput_from:
+        throughput = cost.throughput_from_profile(throughput_from, cfg.families, cfg.train.seq_len)
+    elif cfg.train.accelerator == "gpu":
+        throughput = cost.assumed_throughput(cfg.families)
+    n_train = None
+    if dry_run and cfg.data.source == "hf":
+        print(f"dry run: the {cfg.data.hf_name} corpus is not downloaded, so runs are not checked against "
+              "its size (the 'repeats' flag)")
+    else:
+        n_train = training_tokens(cfg, progress)
+    plan(cfg, n_train)              # a grid that cannot be planned is refused before the study folder exists
     with StudyLock(out_dir):
         _check_same_study(cfg, out_dir)
-        runs = plan(cfg, n_train, tuned_lrs(cfg, out_dir))
+        runs = plan_study(cfg, out_dir, n_train)
         print(format_plan(runs))
-        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        if cfg.noise_seeds and not any(r.lr_source.startswith("copied") for r in runs):
+            print(f"noise seeds {cfg.noise_seeds}: once this grid has finished, the best run of each family and "
+                  f"budget is trained again with each ({len(cfg.noise_seeds)} x {len(cfg.families)} x "
+                  f"{len(cfg.budgets)} runs at most)")
+        if throughput:
+            print(cost.format_estimate(runs, throughput))
+        atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg.model_dump(mode="json")))
         atomic_write_dataframe_csv(out_dir / "plan.csv", plan_frame(runs))
         if dry_run:
             print(f"dry run: plan written to {out_dir / 'plan.csv'}")
             return out_dir
+        _say_malformed(out_dir, runs)
         pending = [r for r in runs if not r.skip and not _finished(out_dir, r)]
         done = sum(1 for r in runs if not r.skip) - len(pending)
         cluster = _cluster(cfg, executor)
@@ -405,12 +604,17 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
         tally = {"done": 0, "total": len(pending)}
         attempted = set()
         # rounds: runs whose learning rate is known; after the tuning budget, the rest become known
+        counted = {r.run_id for r in pending}
         while True:
-            runs = plan(cfg, n_train, tuned_lrs(cfg, out_dir))
+            runs = plan_study(cfg, out_dir, n_train)
             todo = [r for r in runs if not r.skip and r.lr is not None and (r.run_id, r.lr) not in attempted
                     and not _finished(out_dir, r)]
             if not todo:
                 break
+            new = [r for r in todo if r.run_id not in counted]     # noise-seed runs, known only now
+            counted.update(r.run_id for r in new)
+            tally["total"] += len(new)
+            bar.total += sum(r.flops for r in new)
             attempted.update((r.run_id, r.lr) for r in todo)
             execute(cfg, out_dir, runs, todo, bar, tally, cluster)
         bar.close()
@@ -423,21 +627,43 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
         df = collect_results(cfg, out_dir, runs)
         print(f"ladder finished in {time.perf_counter() - start:.1f} s: {len(df)} results in {out_dir / 'results.csv'}")
         if cfg.fit:
-            _fit_and_report(out_dir)
+            _fit_and_report(out_dir, scaling_law=cfg.budgets is not None)
     return out_dir
 
 
+def training_tokens(cfg: LadderConfig, progress: bool = True) -> dict:
+    """{sweep point (encoded): tokens in the training split}, preparing (and checking) each point's data:
+    its vocabulary must be the config's, a synthetic task must fit the point's sequence length."""
+    from . import sweep
+    from .data import prepare_data
+    out = {}
+    for point, pcfg in sweep_points(cfg):
+        where = f"sweep point {sweep.label(point)}: " if point else ""
+        try:
+            data = prepare_data(pcfg.data, pcfg.tokenizer, seq_len=pcfg.train.seq_len,
+                                eval_tokens=pcfg.train.eval_tokens, progress=progress)
+        except UserError as exc:
+            raise UserError(f"{where}{exc}") from None
+        if data.vocab_size != vocab_size_of(pcfg):
+            raise UserError(f"{where}tokenizer.vocab_size: the data has {data.vocab_size} tokens, the config says "
+                            f"{vocab_size_of(pcfg)}")
+        out[sweep.encode(point)] = data.n_train_tokens
+    return out
+
+
 def _print_tuned(cfg: LadderConfig, out_dir: Path):
+    from . import sweep
     tuned = tuned_lrs(cfg, out_dir)
     lines = []
-    for size in cfg.sizes:
-        grid = sorted(lrs_for(cfg, size))
-        for fam in cfg.families:
-            lr = tuned.get((fam, size_label(size)))
-            if lr is None:
-                continue
-            edge = "  <- edge of the grid: the optimum may lie outside it" if lr in (grid[0], grid[-1]) else ""
-            lines.append(f"  {fam:<11} {size_label(size):>8}  lr {lr:.3g}{edge}")
+    for point, _ in sweep_points(cfg):
+        for size in size_entries(cfg):
+            grid = sorted(lrs_for(cfg, size))
+            for fam in cfg.families:
+                lr = tuned.get((fam, size_label(size), sweep.encode(point)))
+                if lr is None:
+                    continue
+                edge = "  <- edge of the grid: the optimum may lie outside it" if lr in (grid[0], grid[-1]) else ""
+                lines.append(f"  {fam:<11} {size_label(size):>8} {sweep.label(point)}  lr {lr:.3g}{edge}")
     print(f"learning rates tuned at {cfg.lr_tune_budget:.3g} FLOPs:\n" + "\n".join(lines))
 
 
@@ -457,7 +683,9 @@ def _report_run(bar, tally, run, res):
     k, n = tally["done"], tally["total"]
     status = res.get("status", "failed")
     if status == "ok":
-        line = (f"[{k}/{n}] ok       {run.run_id}: loss {res['loss']:.4f} nats/token, bpb {res['bpb']:.4f} "
+        score = (f"accuracy {res['val_accuracy']:.3f}" if res.get("val_accuracy") is not None
+                 else f"bpb {res['bpb']:.4f}")
+        line = (f"[{k}/{n}] ok       {run.run_id}: loss {res['loss']:.4f} nats/token, {score} "
                 f"({res.get('wall_s', 0):.1f} s)")
     else:
         line = f"[{k}/{n}] {status:<8} {run.run_id}: {res.get('message', '')}"
@@ -469,7 +697,10 @@ def _report_run(bar, tally, run, res):
 def _run_local(cfg, out_dir, runs, todo, bar, tally, cluster):
     for run in todo:
         try:
-            res = _train_run(cfg, out_dir, run, bar.disable is False, position=1)
+            if cfg.train.devices > 1:     # the run needs a process of its own (see run_one)
+                res = run_one(str(out_dir), run.run_id)
+            else:
+                res = _train_run(cfg, out_dir, run, bar.disable is False, position=1)
         except UserError:
             raise
         except Exception as exc:  # a bug or crash in one run must not take the finished ones with it
@@ -479,15 +710,19 @@ def _run_local(cfg, out_dir, runs, todo, bar, tally, cluster):
         collect_results(cfg, out_dir, runs)
 
 
-def _write_failed(out_dir, run, res):
+def _write_failed(out_dir, run, res) -> dict:
+    """Record a run that ended without a result, unless its process did write a final one (a job
+    cancelled after its run had finished); return the run's result. The next invocation retries failed runs."""
     from .fsutil import atomic_write_json
-    atomic_write_json(out_dir / "runs" / run.run_id / "result.json",
-                      {**res, "family": run.family, "params": run.params, "params_total": run.params_total,
-                       "d_model": run.d_model, "n_layer": run.n_layer, "lr": run.lr, "seed": run.seed})
+    if _finished(out_dir, run):
+        return _read_result(out_dir, run.run_id)
+    failed = {**res, "family": run.family, "params": run.params, "params_total": run.params_total,
+              "d_model": run.d_model, "n_layer": run.n_layer, "lr": run.lr, "seed": run.seed}
+    atomic_write_json(out_dir / "runs" / run.run_id / "result.json", failed)
+    return failed
 
 
-def _run_submitit(cfg, out_dir, runs, todo, bar, tally, cluster):
-    """Each run is a submitit job: a local process pool here, a Slurm job array on a cluster."""
+def _executor(cfg: LadderConfig, out_dir: Path, cluster: str):
     import submitit
 
     from .threads import configure_waiting
@@ -499,38 +734,110 @@ def _run_submitit(cfg, out_dir, runs, todo, bar, tally, cluster):
     if s.mem_gb:
         params["mem_gb"] = s.mem_gb
     if ex.cluster == "slurm":
-        params.update(slurm_array_parallelism=s.parallelism, slurm_additional_parameters=dict(s.slurm_extra))
+        # one task per device: Lightning reads each rank from its Slurm task (SLURM_PROCID, SLURM_NTASKS)
+        params.update(slurm_array_parallelism=s.parallelism, slurm_additional_parameters=dict(s.slurm_extra),
+                      nodes=1, tasks_per_node=cfg.train.devices)
         if s.partition:
             params["slurm_partition"] = s.partition
         if s.account:
             params["slurm_account"] = s.account
     ex.update_parameters(**params)
+    return ex
+
+
+def _run_submitit(cfg, out_dir, runs, todo, bar, tally, cluster):
+    """Each run is a submitit job: a local process pool here, a Slurm job array on a cluster. Jobs are
+    collected in the order they end; a job that ends without a result is a failed run naming its log."""
+    ex = _executor(cfg, out_dir, cluster)
     share = thread_share(cfg, ex.cluster)
     ids = [r.run_id for r in todo]
     by_id = {r.run_id: r for r in todo}
     # a local "cluster" starts every submitted job at once: submit in waves of `parallelism`
-    wave = s.parallelism if ex.cluster == "local" else len(ids)
+    wave = cfg.submitit.parallelism if ex.cluster == "local" else len(ids)
     for i in range(0, len(ids), wave):
         chunk = ids[i:i + wave]
         n = len(chunk)
         jobs = ex.map_array(run_one, [str(out_dir)] * n, chunk, [False] * n, *([x] * n for x in share))
-        for job, run_id in zip(jobs, chunk):
-            try:
-                res = job.result()
-            except Exception as exc:
-                res = {"status": "failed", "message": f"{type(exc).__name__}: {str(exc).splitlines()[-1][:300]}"}
-                _write_failed(out_dir, by_id[run_id], res)
+        if ex.cluster == "slurm":
+            from tqdm.auto import tqdm
+            tqdm.write(f"Slurm job array {jobs[0].job_id.split('_')[0]}: {len(jobs)} runs, at most "
+                       f"{cfg.submitit.parallelism} at once; logs in {out_dir / 'submitit'}", file=sys.stderr)
+        for run_id, res, returned in _as_they_end(dict(zip(chunk, jobs)), slurm=ex.cluster == "slurm"):
+            if not returned:
+                res = _write_failed(out_dir, by_id[run_id], res)
             _report_run(bar, tally, by_id[run_id], res)
             collect_results(cfg, out_dir, runs)
 
 
-def _fit_and_report(out_dir: Path):
-    """fit.json in the study directory; the report in reports/<directory name>, as `ssmscale report` does."""
+# Slurm job states after which a job runs no more. squeue --states=all lists them for MinJobAge (300 s by
+# default); after that, and at once for an array task cancelled before it started, squeue no longer knows
+# the job ("GONE")
+SLURM_ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+               "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT", "GONE"}
+RESULT_GRACE_S = 10.0     # how long a shared filesystem may take to show the result of a job that ended
+
+
+def _as_they_end(pending: dict, slurm: bool, poll_s: float = 2.0):
+    """Yield (run_id, result, returned) for each submitit job of {run_id: job} as it ends, in the order
+    they end; `returned`: the job returned the result (else it raised, or ended without one).
+
+    A job's result file decides first. On Slurm the states come from squeue, not from submitit's
+    watcher: it asks sacct, which clusters without an accounting database do not have, and without
+    it a cancelled job would be waited for forever."""
+    ended_at: dict[str, float] = {}
+    while pending:
+        states = _slurm_states([job.job_id for job in pending.values()]) if slurm else None
+        for run_id, job in list(pending.items()):
+            if slurm:
+                state = (states or {}).get(job.job_id, "GONE")
+                if not job.paths.result_pickle.exists():
+                    if states is None or state not in SLURM_ENDED:
+                        ended_at.pop(run_id, None)
+                        continue
+                    now = time.monotonic()       # ended for RESULT_GRACE_S and still no result: it has none
+                    if now - ended_at.setdefault(run_id, now) < RESULT_GRACE_S:
+                        continue
+                    del pending[run_id]
+                    how = "left the queue" if state == "GONE" else f"ended {state}"
+                    yield run_id, {"status": "failed", "message": f"Slurm job {job.job_id} {how} without a result; "
+                                                                  f"log: {job.paths.stderr}"}, False
+                    continue
+            elif not job.done():
+                continue
+            del pending[run_id]
+            yield (run_id, *_job_result(job))
+        if pending:
+            time.sleep(poll_s)
+
+
+def _job_result(job) -> tuple[dict, bool]:
+    try:
+        return job.result(), True
+    except Exception as exc:      # the job's own error, raised again here by submitit
+        last = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ""
+        return {"status": "failed", "message": f"{type(exc).__name__}: {last}; log: {job.paths.stderr}"}, False
+
+
+def _slurm_states(job_ids: list[str]) -> dict[str, str] | None:
+    """{job id ("123_4" for array tasks): state} from one squeue call; None when squeue cannot answer."""
+    masters = sorted({j.split("_")[0] for j in job_ids})
+    proc = subprocess.run(["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T",
+                           "--jobs=" + ",".join(masters)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        # the jobs are older than the controller's memory: they have all ended
+        return {} if "Invalid job id" in proc.stderr else None
+    return dict(line.split("|", 1) for line in proc.stdout.split() if "|" in line)
+
+
+def _fit_and_report(out_dir: Path, scaling_law: bool = True):
+    """fit.json in the study directory (IsoFLOP ladders only: a fixed-length ladder has no scaling law);
+    the report in reports/<directory name>, as `ssmscale report` does."""
     try:
         from .fit import fit_study
         from .report import write_report
     except ImportError:
         return
-    fit_study(out_dir)
+    if scaling_law:
+        fit_study(out_dir)
     report = write_report(out_dir, Path("reports") / out_dir.resolve().name)
     print(f"report: {report}")

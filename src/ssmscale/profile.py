@@ -9,13 +9,14 @@ optimiser state and the inputs are allocated before the baseline and reported se
 - train:    forward + backward + AdamW step on (batch, L) tokens; tokens/s = batch * L / step time;
 - prefill:  forward without gradients on (batch, L) tokens;
 - generate: decode `gen_tokens` tokens one at a time after a context of L tokens already in the cache
-            (KV cache for the transformer, conv + SSM state for Mamba); tokens/s counts decoded tokens
-            and the memory reported adds the cache itself to the step's peak.
+            (KV caches for attention layers, conv + SSM states for Mamba and Mamba-2 layers); tokens/s
+            counts decoded tokens and the memory reported adds the cache itself to the step's peak.
 MFU = achieved model FLOP/s (flops.py: training = 3 x forward; decoding a token at context L
-attends L keys) over the peak: on CPU the median rate of a 2048^3 fp32 matmul timed in the measuring
-process right after each of its timed steps (same threads, same moments: on a shared machine whose load
-drifts, a peak timed at another moment would make the ratio meaningless; the run's header also times
-it once alone), on GPU the vendor's dense bf16 figure. A point that runs out of memory is "oom".
+attends L keys, flops.forward_flops_terms(decode=True)) over the peak: on CPU the median rate of a 2048^3
+fp32 matmul timed in the measuring process right after each of its timed steps (same threads, same moments:
+on a shared machine whose load drifts, a peak timed at another moment would make the ratio meaningless; the
+run's header also times it once alone), on GPU the vendor's dense bf16 figure. A point that runs out of
+memory is "oom".
 
 Contention (`compete`=N): each timed step is followed by one timed while N CPU-bound competitors run
 (plain busy loops in their own processes, paused in between; memprobe.Competitors), so the alone and
@@ -29,6 +30,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+from .errors import UserError
 
 MODES = ("train", "prefill", "generate")
 CSV_COLUMNS = ["family", "mode", "seq_len", "batch", "d_model", "n_layer", "params", "tokens_per_s",
@@ -113,8 +116,9 @@ def prepare_generate(family, d_model, n_layer, seq_len, batch, gen_tokens=32, vo
     nxt = torch.randint(0, vocab_size, (batch, 1), generator=gen).to(device)
     with torch.no_grad():
         cache = model.allocate_cache(batch, seq_len + gen_tokens)
-        # Mamba prefills in one scan; the transformer in pieces, which bounds the attention memory
-        piece = seq_len if family == "mamba" else 4096
+        # prefill in pieces where every layer can continue one (bounds the attention memory); Mamba-1
+        # layers take the prompt in one scan
+        piece = 4096 if model.chunked_prefill else seq_len
         for i in range(0, seq_len, piece):
             model(context[:, i:i + piece], cache)
     saved = [_snapshot(c) for c in cache]
@@ -156,20 +160,11 @@ class _Null:
 
 
 def state_bytes(family, d_model, n_layer, batch, max_len, vocab_size=256, head_dim=32) -> int:
-    """Bytes of the generation cache: KV cache (transformer) or conv + SSM state (Mamba)."""
-    import torch
-
-    from .models import LM, ModelConfig
-    with torch.device("meta"):
-        model = LM(ModelConfig(family=family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
-                               head_dim=head_dim))
-        cache = model.allocate_cache(batch, max_len, dtype=torch.float32, device="meta")
-    total = 0
-    for c in cache:
-        for t in vars(c).values():
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    """Bytes of the generation cache: KV caches (attention layers), conv + SSM states (SSM layers)."""
+    from .models import ModelConfig
+    from .models.lm import state_bytes as model_state_bytes
+    return model_state_bytes(ModelConfig(family=family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
+                                         head_dim=head_dim), batch, max_len)
 
 
 # -------------------------------------------------------------------------------- the parent side
@@ -217,7 +212,7 @@ def _flops_per_token(family, d_model, n_layer, mode, seq_len, head_dim):
         return flops.train_flops_per_token(cfg, seq_len)
     if mode == "prefill":
         return flops.forward_flops_per_token(cfg, seq_len)
-    return flops.forward_flops_per_token(cfg, seq_len, causal=False)   # a new token attends all L keys
+    return flops.forward_flops_per_token(cfg, seq_len, decode=True)   # a new token attends all L keys
 
 
 def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, repeats=3, device="cpu",
@@ -273,10 +268,10 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
 
 
 def _scan_name(family, scan_impl, device):
-    if family != "mamba":
-        return None
-    from .ops.scan import resolve_impl
-    return resolve_impl(scan_impl, "cuda" if device.startswith("cuda") else "cpu").name
+    from .models import ModelConfig
+    from .models.lm import kernel_impl
+    cfg = ModelConfig(family=family, d_model=64, n_layer=2, scan_impl=scan_impl)
+    return kernel_impl(cfg, "cuda" if device.startswith("cuda") else "cpu")
 
 
 def growth_exponents(rows, min_len=1024) -> dict:
@@ -323,7 +318,7 @@ def format_table(rows) -> str:
 
 
 def plot(rows, path: Path, title: str):
-    """Two rows (tokens/s, peak memory) x one column per mode, log-log, both families on every axis."""
+    """Two rows (tokens/s, peak memory) x one column per mode, log-log, every family on every axis."""
     import io
 
     import matplotlib
@@ -332,8 +327,9 @@ def plot(rows, path: Path, title: str):
 
     from .fsutil import atomic_write_bytes
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    from .colors import family_colors
     families = list(dict.fromkeys(r["family"] for r in rows))
-    colors = {"transformer": "#1f77b4", "mamba": "#d62728"}
+    colors = family_colors(families)
     fig, axes = plt.subplots(2, len(modes), figsize=(4.6 * len(modes), 7.2), squeeze=False)
     labels = {"train": "training (fwd+bwd+AdamW)", "prefill": "prefill (forward)",
               "generate": "generation (decode at context L)"}
@@ -375,7 +371,10 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
     from . import threads as thread_policy
     from .fsutil import atomic_write_dataframe_csv, atomic_write_json
     from .provenance import provenance
-    shapes = shapes_for(families, params, d_model, n_layer, head_dim)
+    try:
+        shapes = shapes_for(families, params, d_model, n_layer, head_dim)
+    except ValueError as exc:      # e.g. a width that is not a multiple of the head dimension
+        raise UserError(f"model shape: {exc}") from None
     for fam, (d, n, p) in shapes.items():
         print(f"{fam}: d_model {d}, n_layer {n}, {p:,} non-embedding parameters", flush=True)
     choice = thread_policy.choose(threads, explicit_name="--threads")

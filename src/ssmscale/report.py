@@ -2,11 +2,14 @@
 
 Figures (PNG, matplotlib's object API on the Agg canvas, so no global backend is touched):
 - isoflop.png     loss against N per budget, one panel per family, fitted parabolas and their minima;
-- frontier.png    loss against training FLOPs, both families on one axis, frontier fits, the bootstrap
+- frontier.png    loss against training FLOPs, every family on one axis, frontier fits, the bootstrap
                   band continued FIGURE_EXTRAPOLATION beyond the data (dashed = extrapolated), crossovers;
 - allocation.png  compute-optimal N_opt(C) and D_opt(C): Approach 2 minima and fit, Approach 3 implied line;
-- profile.png     tokens/s and peak memory against sequence length, one column per mode (if profile/ exists).
-A family has the same colour in every figure.
+- profile.png     tokens/s and peak memory against sequence length, one column per mode (if profile/ exists);
+- position.png, wallclock.png: loss by token position and loss against training time (report_trust.py, with
+                  the backtest, seed-noise and Approach 1 sections).
+A family has the same colour in every figure. The report holds no timings and no clock or version stamp in
+its PNGs, so regenerating it from the same study directory rewrites the same bytes.
 """
 
 from __future__ import annotations
@@ -15,29 +18,22 @@ import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .colors import family_colors
 from .errors import UserError
-from .fit import (DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, LoadedRuns, fit_notes, fit_runs,
-                  fmt_value, format_fit, frontier_loss, json_safe, load_runs, quantity_rows)
-from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .fit import (DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, LoadedRuns, fit_json, fit_notes, fit_runs,
+                  fmt_value, format_fit, frontier_loss, load_runs, quantity_rows)
+from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir
+from .report_trust import trust_sections
 
-_KNOWN_COLORS = {"transformer": "#1f77b4", "mamba": "#d62728", "all": "#333333"}
-_OTHER_COLORS = ["#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22"]
 _LOSS_LABEL = "validation loss (nats/token)"
 _FLOPS_LABEL = "training FLOPs C"
 _PARAMS_LABEL = "non-embedding parameters N"
-
-
-def family_colors(names) -> dict[str, str]:
-    """Fixed colours for the known families; others take the palette in sorted order."""
-    out, spare = {}, iter(_OTHER_COLORS)
-    for name in sorted(names):
-        out[name] = _KNOWN_COLORS.get(name) or next(spare, "#000000")
-    return out
 
 
 def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 4.6, **kw):
@@ -51,7 +47,7 @@ def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 
 
 def _png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})   # no version stamp: same bytes
     return buf.getvalue()
 
 
@@ -80,11 +76,16 @@ def _mathtext_sci(v: float) -> str:
 def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
     import matplotlib as mpl
     families = sorted(fit["families"])
-    fig, axes = _figure(ncols=len(families), sharey=True)
+    ncols = len(families) if len(families) <= 3 else 2          # four or more families: two per row
+    nrows = math.ceil(len(families) / ncols)
+    fig, grid = _figure(ncols=ncols, nrows=nrows, sharey=True)
+    panels = list(grid.flat)
+    for ax in panels[len(families):]:
+        ax.set_visible(False)
     budgets = np.unique(table["group_flops"])
     norm = mpl.colors.LogNorm(budgets.min(), budgets.max() * (1.0001 if len(budgets) == 1 else 1.0))
     cmap = mpl.colormaps["viridis"]
-    for ax, name in zip(axes[0], families):
+    for ax, name in zip(panels, families):
         t = table[table["family"] == name]
         block = fit["families"][name]["approach2"]
         entries = {e["budget"]: e for e in block.get("budgets", [])}
@@ -112,7 +113,8 @@ def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
         note = "\n(too few budgets with a minimum for Approach 2: see report)" if "skipped" in block else ""
         ax.set_title(f"{name}: IsoFLOP curves{note}", color=colors[name], fontweight="bold")
         ax.grid(True, which="both", alpha=0.25)
-    axes[0][0].set_ylabel(_LOSS_LABEL)
+    for row in grid:
+        row[0].set_ylabel(_LOSS_LABEL)
     from matplotlib.lines import Line2D
     handles, labels = [], []
     for c in budgets:
@@ -188,6 +190,14 @@ def allocation_figure(fit: dict, colors: dict):
         fam = fit["families"][name]
         a2, a3 = fam["approach2"], fam["parametric"]
         c_lo, c_hi = fam["flops_range"]
+        a1 = fam.get("approach1", {"skipped": "not fitted"})
+        if "skipped" not in a1:
+            env = np.asarray(a1["envelope"]["flops"])
+            cc = np.geomspace(env.min(), env.max(), 50)
+            ax_n.plot(cc, a1["N0"]["value"] * cc ** a1["a"]["value"], ":", color=col, lw=1.8,
+                      label=f"{name}, Approach 1: N_opt ∝ C^{a1['a']['value']:.2f}")
+            ax_d.plot(cc, a1["D0"]["value"] * cc ** a1["b"]["value"], ":", color=col, lw=1.8,
+                      label=f"{name}, Approach 1: D_opt ∝ C^{a1['b']['value']:.2f}")
         if "skipped" not in a2:
             used = [e for e in a2["budgets"] if e["used"]]
             c = np.array([e["budget"] for e in used])
@@ -286,15 +296,15 @@ def _fit_table(fam: dict, ci: float) -> list[str]:
     lines += [f"| {approach} | {k} | {value} | {interval or 'no bootstrap'} |"
               for approach, k, value, interval in quantity_rows(fam)]
     notes = fit_notes(fam)
-    if "skipped" not in fam["frontier"]:
+    if "skipped" not in fam["frontier"] and all(p.get("n_seeds", 1) == 1 for p in fam["frontier"]["points"]):
         notes.append("frontier: a resample's point at a budget is the best run it drew, so the interval reflects "
-                     "which runs were made, not the seed-to-seed noise of the best run itself")
+                     "which runs were made, not the seed-to-seed noise of the best run itself (one seed per point)")
     return lines + [""] + [f"- {n}." for n in notes]
 
 
 def _provenance(csv: Path, fit: dict) -> list[str]:
     from . import __version__
-    from .provenance import git_commit, versions
+    from .provenance import source_commit, versions
     raw = pd.read_csv(csv, dtype=str)
     lines = ["| field | value |", "|---|---|"]
 
@@ -323,7 +333,7 @@ def _provenance(csv: Path, fit: dict) -> list[str]:
     here = versions()
     import matplotlib
     import scipy
-    lines.append(f"| report generated by | ssmscale {__version__}, commit `{git_commit()}`, "
+    lines.append(f"| report generated by | ssmscale {__version__}, source commit `{source_commit()}`, "
                  f"numpy {here.get('numpy')}, scipy {scipy.__version__}, pandas {pd.__version__}, "
                  f"matplotlib {matplotlib.__version__} |")
     return lines
@@ -366,13 +376,41 @@ def _lr_section(study: Path) -> list[str]:
     return out
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _profile_meta(study: Path) -> dict:
+    """profile.json's descriptive fields, each kept only if it has the shape the report prints (a file of
+    another shape is ignored with a line saying so: the numbers themselves come from profile.csv)."""
+    from .safeload import FileRefused, read_json
+    path = study / "profile" / "profile.json"
+    try:
+        meta = read_json(path)
+    except FileNotFoundError:
+        return {}
+    except FileRefused as exc:
+        print(f"{exc}; ignored")
+        return {}
+    if not isinstance(meta, dict):
+        print(f"{path}: not a JSON object; ignored")
+        return {}
+    out = {k: meta[k] for k in ("batch", "gen_tokens", "device", "peak_note")
+           if _is_number(meta.get(k)) or isinstance(meta.get(k), str)}
+    shapes, growth = meta.get("shapes"), meta.get("growth")
+    if isinstance(shapes, dict) and all(isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)
+                                        for v in shapes.values()):
+        out["shapes"] = shapes
+    if isinstance(growth, dict) and all(
+            isinstance(g, dict) and all(g.get(k) is None or _is_number(g.get(k)) for k in ("time", "memory"))
+            and isinstance(g.get("lengths", []), list) for g in growth.values()):
+        out["growth"] = growth
+    return out
+
+
 def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
     """The profile as numbers: tokens/s and peak memory per mode and length, and the growth exponents."""
-    meta_path = study / "profile" / "profile.json"
-    try:
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    except json.JSONDecodeError:
-        meta = {}
+    meta = _profile_meta(study)
     families = list(dict.fromkeys(profile["family"].astype(str)))
     out = ["## Profile", "", f"From `{study / 'profile' / 'profile.csv'}` (`ssmscale profile`)."]
     shapes = meta.get("shapes", {})
@@ -388,8 +426,7 @@ def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
     out += ["Peak MiB: the memory a step adds over its fresh process's baseline (weights, optimiser state and "
             "inputs excluded; generation includes the KV cache or the recurrent state).", ""]
     head = "| mode | L | " + " | ".join(f"{f} tokens/s | {f} peak MiB" for f in families) + " |"
-    if len(families) == 2:
-        head += f" {families[1]} / {families[0]} tokens/s |"
+    head += "".join(f" {f} / {families[0]} tokens/s |" for f in families[1:])
     out += [head, "|" + "---|" * (head.count("|") - 1)]
     for (mode, seq_len), grp in profile.groupby(["mode", "seq_len"], sort=False):
         cells, speed = [], {}
@@ -405,9 +442,9 @@ def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
             else:
                 cells += [r["status"], ""]
         line = f"| {mode} | {int(seq_len)} | " + " | ".join(cells) + " |"
-        if len(families) == 2:
-            a, b = families
-            line += f" {speed[b] / speed[a]:.2f}x |" if a in speed and b in speed else " |"
+        first = families[0]
+        line += "".join(f" {speed[f] / speed[first]:.2f}x |" if first in speed and f in speed else " |"
+                        for f in families[1:])
         out.append(line)
     growth = meta.get("growth", {})
     if growth:
@@ -416,12 +453,13 @@ def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
         for key, g in growth.items():
             lengths = g.get("lengths", [])
             span = f"{lengths[0]}-{lengths[-1]}" if lengths else ""
-            out.append(f"| {key} | {g['time']:.2f} | {g['memory']:.2f} | {span} |")
+            time_, memory = ("n/a" if g.get(k) is None else f"{g[k]:.2f}" for k in ("time", "memory"))
+            out.append(f"| {key} | {time_} | {memory} | {span} |")
     return out + [""]
 
 
 def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figures: list[str],
-                    profile: pd.DataFrame | None = None) -> str:
+                    profile: pd.DataFrame | None = None, sections: list[str] = ()) -> str:
     s = fit["settings"]
     ci = s["ci"]
     lines = [f"# Scaling study `{name}`", "",
@@ -454,7 +492,10 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
                      "after Porian et al. 2024.)")
     plan = study / "plan.csv"
     if plan.is_file():
-        lines.append(f"- plan.csv lists {len(pd.read_csv(plan))} planned runs.")
+        try:
+            lines.append(f"- plan.csv lists {len(pd.read_csv(plan))} planned runs.")
+        except ValueError:       # pandas' parser errors and a non-UTF-8 file are ValueErrors
+            lines.append("- plan.csv is unreadable (not a CSV).")
     lines.append(f"- {s['grouping']}.")
 
     lines += _lr_section(study)
@@ -467,22 +508,19 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
               f"FLOPs: {s['flops_convention']}.", ""]
     for fam_name, fam in fit["families"].items():
         lines += [f"### {fam_name}", ""] + _fit_table(fam, ci) + [""]
-    t = fit.get("timing", {})
-    if t:
-        lines.append(f"Fit time: {t.get('total_s', 0):.1f} s wall ({t.get('cpu_s', 0):.1f} s CPU, "
-                     f"{s['n_jobs']} processes).")
-        lines.append("")
+    lines += list(sections)
 
     captions = {
         "isoflop.png": "IsoFLOP curves: final validation loss against model size at each compute budget, with "
                        "the least-squares parabola in ln N and its minimum (star; hollow = outside the sampled "
                        "sizes or otherwise not used for Approach 2).",
-        "frontier.png": "Loss against training compute for both families. Bold points: the best run at each "
+        "frontier.png": "Loss against training compute for every family. Bold points: the best run at each "
                         "budget, which the frontier L(C) = E + A C^-alpha is fitted to. Dashed lines and the grey "
                         "area are extrapolation; shaded bands are bootstrap intervals of the frontier.",
         "allocation.png": "Compute-optimal allocation. Points: Approach 2 parabola minima (error bars: bootstrap "
                           "interval of each); solid: power-law fit through them; dashed: the allocation implied "
-                          "by the Approach 3 fit (assumes C = 6ND).",
+                          "by the Approach 3 fit (assumes C = 6ND); dotted: Approach 1, the lower envelope of every "
+                          "run's eval points.",
         "profile.png": "Throughput and peak memory against sequence length (log-log), one column per mode; "
                        "x marks a run that did not finish (e.g. out of memory).",
     }
@@ -495,7 +533,10 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
     lines += ["## Configuration", ""]
     cfg = study / "config.yaml"
     if cfg.is_file():
-        lines += ["`config.yaml`, verbatim:", "", "```yaml", cfg.read_text().rstrip("\n"), "```", ""]
+        text = cfg.read_bytes().decode("utf-8", errors="replace").rstrip("\n")
+        # a fence longer than any run of backticks inside, so the file cannot end the code block early
+        fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+        lines += ["`config.yaml`, verbatim:", "", fence + "yaml", text, fence, ""]
     else:
         lines += ["(no config.yaml in the study directory)", ""]
     lines += ["## Provenance", ""] + _provenance(Path(loaded.source["csv"]), fit) + [""]
@@ -504,21 +545,32 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
 
 # ---------------------------------------------------------------------------------------------------
 
-def _load_or_fit(study: Path, loaded: LoadedRuns, refit: bool, **fit_kwargs) -> dict:
+def _cached_fit(study: Path, loaded: LoadedRuns) -> dict | None:
+    """STUDY/fit.json when it is a fit of the current results.csv, else None (and a line saying why)."""
+    from .safeload import FileRefused, read_json
     target = study / "fit.json"
-    if target.is_file() and not refit:
-        try:
-            fit = json.loads(target.read_text())
-        except json.JSONDecodeError:
-            fit = None
-            print(f"{target}: unreadable, refitting")
-        if fit is not None and fit.get("source", {}).get("sha256") == loaded.source["sha256"]:
-            return fit
-        if fit is not None:
-            print(f"{target}: fitted on a different results.csv, refitting")
+    try:
+        fit = read_json(target)
+    except FileNotFoundError:
+        return None
+    except FileRefused as exc:
+        print(f"{exc}; refitting")
+        return None
+    source = fit.get("source") if isinstance(fit, dict) else None
+    if not isinstance(source, dict) or not isinstance(fit.get("families"), dict) or fit.get("schema") != 1:
+        print(f"{target}: not a fit.json of this tool (wrong shape), refitting")
+        return None
+    if source.get("sha256") != loaded.source["sha256"]:
+        print(f"{target}: fitted on a different results.csv, refitting")
+        return None
+    return fit
+
+
+def _fit_and_save(study: Path, loaded: LoadedRuns, **fit_kwargs) -> dict:
+    target = study / "fit.json"
     fit = fit_runs(loaded, **fit_kwargs)
     print(format_fit(fit))
-    fit = json_safe(fit)
+    fit = fit_json(fit)
     try:
         atomic_write_json(target, fit)
     except OSError as exc:
@@ -541,22 +593,46 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         raise UserError(f"{study}: not a study directory (no results.csv in it)")
     name = study.resolve().name
     out = Path(out_dir) if out_dir is not None else Path("reports") / name
+    check_writable_dir(out, "report folder (--out)")     # before a fit that may take minutes
+    from .report_recall import is_fixed_length_study, write_recall_report
+    if is_fixed_length_study(study):      # no budgets, no scaling law: the recall report
+        return write_recall_report(study, out)
     loaded = load_runs(study)
-    fit = _load_or_fit(study, loaded, refit, n_boot=n_boot, seed=seed, progress=progress,
-                       parametric_grid=parametric_grid)
-    colors = family_colors(set(fit["families"]) | set(_profile_families(study)))
+    profile = _read_profile(study)
+    fit_kwargs = dict(n_boot=n_boot, seed=seed, progress=progress, parametric_grid=parametric_grid)
+    fit = None if refit else _cached_fit(study, loaded)
+    rendered = None
+    if fit is not None:
+        try:
+            rendered = _render(name, study, loaded, fit, profile)
+        except _MALFORMED_FIT as exc:      # right source, but not what the fitter writes: fit again
+            print(f"{study / 'fit.json'}: malformed ({type(exc).__name__}: {str(exc)[:200]}), refitting")
+    if rendered is None:
+        fit = _fit_and_save(study, loaded, **fit_kwargs)
+        rendered = _render(name, study, loaded, fit, profile)
+    figures, markdown = rendered
+    for fig_name, png in figures.items():
+        atomic_write_bytes(out / fig_name, png)
+    atomic_write_text(out / "report.md", markdown)
+    return out / "report.md"
 
+
+# what rendering a fit.json of the wrong shape raises (a missing key, a list where a number belongs, ...)
+_MALFORMED_FIT = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+
+
+def _render(name: str, study: Path, loaded: LoadedRuns, fit: dict, profile) -> tuple[dict[str, bytes], str]:
+    """The figures (PNG bytes by file name) and report.md text; writes nothing."""
+    colors = family_colors(set(fit["families"]) | set(_profile_families(study)))
     figures = {"isoflop.png": isoflop_figure(loaded.table, fit, colors),
                "frontier.png": frontier_figure(loaded.table, fit, colors)}
     if any("skipped" not in fam[a] for fam in fit["families"].values() for a in ("approach2", "parametric")):
         figures["allocation.png"] = allocation_figure(fit, colors)
-    profile = _read_profile(study)
     if profile is not None:
         figures["profile.png"] = profile_figure(profile, colors)
-    for fig_name, fig in figures.items():
-        atomic_write_bytes(out / fig_name, _png(fig))
-    atomic_write_text(out / "report.md", render_markdown(name, study, loaded, fit, list(figures), profile))
-    return out / "report.md"
+    sections, trust_figures = trust_sections(study, loaded, fit, colors, _figure, _sci)
+    markdown = render_markdown(name, study, loaded, fit, list(figures), profile, sections)
+    return {fig_name: _png(fig) for fig_name, fig in {**figures, **trust_figures}.items()}, markdown
 
 
 _PROFILE_COLUMNS = ("family", "mode", "seq_len", "batch", "tokens_per_s", "peak_mem_bytes", "status")
@@ -574,9 +650,14 @@ def _read_profile(study: Path) -> pd.DataFrame | None:
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
     df["status"] = df["status"].astype(str).str.strip()
+    for col in ("family", "mode"):
+        df[col] = df[col].astype(str)
     for col in ("seq_len", "batch", "tokens_per_s", "peak_mem_bytes"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
-    return df
+    usable = np.isfinite(df[["seq_len", "batch"]]).all(axis=1) & (df[["seq_len", "batch"]] >= 1).all(axis=1)
+    if not usable.all():
+        print(f"{path}: ignored {int((~usable).sum())} rows without a positive seq_len and batch")
+    return df[usable]
 
 
 def _profile_families(study: Path) -> list[str]:

@@ -25,8 +25,15 @@ def prepare_data(data_cfg: DataConfig, tok_cfg: TokenizerConfig, *, seq_len: int
             raise UserError("data.synthetic: source 'synthetic' needs an MQAR section")
         return MQARData(data_cfg.synthetic, seq_len=seq_len, eval_tokens=eval_tokens)
     root = cache_root(data_cfg.cache_dir)
-    corpus = load_corpus(data_cfg, progress=progress)
-    tokenizer = load_tokenizer(tok_cfg, corpus, root, progress=progress)
-    data = TokenData(corpus, tokenizer, root, eval_tokens=eval_tokens, progress=progress)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"data.cache_dir: {root} is a file, not a folder")
+    try:
+        corpus = load_corpus(data_cfg, progress=progress)
+        tokenizer = load_tokenizer(tok_cfg, corpus, root, progress=progress)
+        data = TokenData(corpus, tokenizer, root, eval_tokens=eval_tokens, progress=progress)
+    except OSError as exc:         # e.g. a cache folder that cannot be written, a part of its path that is a file
+        where = exc.filename or root
+        raise UserError(f"data: {where}: {exc.strerror or exc} (the token cache is under data.cache_dir, "
+                        f"$SSMSCALE_CACHE or ~/.cache/ssmscale)") from None
     data.check_seq_len(seq_len)
     return data

@@ -1,5 +1,7 @@
 """One language-model shell for every family: embed -> n x block -> RMSNorm -> tied LM head.
 
+Layer i is a block of kind cfg.layer_kinds[i] (the family's block; the hybrid mixes SSM and attention).
+
 Blocks keep their own residual: the residual stream stays fp32 (params are fp32; under bf16
 autocast the branch outputs are added back into the fp32 stream). The embedding is padded to a
 multiple of 8 rows; logits cover the padded vocabulary (the extra rows are never targets).
@@ -13,11 +15,13 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
+from .hybrid import AttentionBlock
 from .mamba import MambaBlock
+from .mamba2 import Mamba2Block
 from .norm import RMSNorm
 from .transformer import TransformerBlock
 
-BLOCKS = {"transformer": TransformerBlock, "mamba": MambaBlock}
+BLOCKS = {"transformer": TransformerBlock, "mamba": MambaBlock, "mamba2": Mamba2Block, "attention": AttentionBlock}
 
 
 class LM(nn.Module):
@@ -25,7 +29,7 @@ class LM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.padded_vocab, cfg.d_model)
-        self.blocks = nn.ModuleList(BLOCKS[cfg.family](cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(BLOCKS[kind](cfg) for kind in cfg.layer_kinds)
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.reset_parameters()
 
@@ -50,7 +54,7 @@ class LM(nn.Module):
         return self.norm_f(x) @ self.embedding.weight.t()
 
     def allocate_cache(self, batch: int, max_len: int, dtype=None, device=None):
-        """Per-layer generation state: a KV cache (transformer) or conv + SSM state (mamba)."""
+        """Per-layer generation state: a KV cache (attention) or conv + SSM state (Mamba, Mamba-2)."""
         p = self.embedding.weight
         return [b.allocate_cache(batch, max_len, dtype or p.dtype, device or p.device) for b in self.blocks]
 
@@ -74,3 +78,44 @@ class LM(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embedding.weight.numel() if non_embedding else n
+
+    @property
+    def chunked_prefill(self) -> bool:
+        """Whether a piece of several tokens may follow the prompt in the cache (Mamba-1 takes one at a time)."""
+        return all(getattr(b, "chunked_prefill", False) for b in self.blocks)
+
+
+def kernel_impl(cfg: ModelConfig, device: str) -> str | None:
+    """The sequence-mixing kernels `cfg` runs on `device`, as recorded in results: the selective scan's
+    implementation for Mamba layers, "ssd-<impl>" for Mamba-2 layers (None for attention only)."""
+    kinds = set(cfg.layer_kinds)
+    names = []
+    if "mamba" in kinds:
+        from ..ops.scan import resolve_impl
+        names.append(resolve_impl(cfg.scan_impl, device).name)
+    if "mamba2" in kinds:
+        from ..ops.ssd import resolve_ssd_impl
+        names.append(f"ssd-{resolve_ssd_impl(cfg.ssd_impl, device)}")
+    return "+".join(names) or None
+
+def state_bytes(cfg: ModelConfig, batch: int = 1, max_len: int = 1) -> int:
+    """Bytes of the generation state `LM.allocate_cache` holds for `max_len` tokens (fp32 weights):
+    the KV cache of attention layers, the conv and SSM state of recurrent ones, whatever mix the
+    family's blocks allocate. Built on the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        model = LM(cfg)
+        cache = model.allocate_cache(batch, max_len, dtype=torch.float32, device="meta")
+    return _tensor_bytes(cache)
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of every tensor reachable from obj (tensors, lists, tuples, dicts, objects' attributes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return sum(_tensor_bytes(v) for v in vars(obj).values())
+    return 0

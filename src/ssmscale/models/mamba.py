@@ -8,6 +8,9 @@
     out = out_proj(y)                        E d -> d, no bias
 One residual branch per layer (no separate MLP). For generation, `step` advances a conv state
 (batch, E d, d_conv) and an SSM state (batch, E d, N): O(1) time and memory per token.
+Where the scan runs the fused CPU kernel (fp32 on the CPU), everything between in_proj and out_proj
+runs as one op, `ops.mamba_inner_fused` (same numbers within fp32 rounding; it keeps ~3x less for
+the backward); elsewhere (GPU, no C compiler, another `scan_impl`) as the composition below.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import selective_scan
+from ..ops.mamba_inner import fused_supported, mamba_inner_fused
+from ..ops.scan import resolve_impl
 from .config import ModelConfig
 from .norm import RMSNorm
 
@@ -84,7 +89,16 @@ class MambaMixer(nn.Module):
                 raise ValueError("Mamba cache: after the prompt, tokens are fed one at a time")
             return self.step(u, cache)
         L = u.shape[1]
-        x, z = self.in_proj(u).transpose(1, 2).chunk(2, dim=1)           # (b, E d, L) each
+        xz = self.in_proj(u)                                            # (b, L, 2 E d)
+        if self._runs_fused(xz):
+            A = -torch.exp(self.A_log)
+            out, last = mamba_inner_fused(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
+                                          self.dt_proj.weight, self.out_proj.weight, A, self.D,
+                                          self.dt_proj.bias, return_last_state=True)
+            if cache is not None:
+                self._fill_cache(cache, last, xz[..., :self.d_inner].transpose(1, 2))
+            return out
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)                       # (b, E d, L) each
         x_pre = x
         x = F.silu(causal_depthwise_conv(x, self.conv1d.weight, self.conv1d.bias))
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -95,14 +109,27 @@ class MambaMixer(nn.Module):
                              return_last_state=cache is not None, impl=self.scan_impl)
         if cache is not None:
             y, last = out
-            cache.ssm.copy_(last)
-            keep = min(L, self.d_conv)
-            cache.conv.zero_()
-            cache.conv[..., self.d_conv - keep:] = x_pre[..., L - keep:]
-            cache.pos += L
+            self._fill_cache(cache, last, x_pre)
         else:
             y = out
         return self.out_proj(y.transpose(1, 2))
+
+    def _runs_fused(self, xz) -> bool:
+        """Whether the scan resolves to the fused CPU kernel here and the tensors are fp32 CPU ones."""
+        if xz.device.type != "cpu" or resolve_impl(self.scan_impl, "cpu").name != "fused":
+            return False
+        return fused_supported(xz, self.A_log, self.D, self.conv1d.weight, self.x_proj.weight,
+                               self.dt_proj.weight, self.out_proj.weight)
+
+    @staticmethod
+    def _fill_cache(cache: MambaCache, last, x_pre):
+        """After a prompt: the SSM state and the conv's last d_conv inputs x_pre (b, E d, L)."""
+        L, d_conv = x_pre.shape[-1], cache.conv.shape[-1]
+        cache.ssm.copy_(last)
+        keep = min(L, d_conv)
+        cache.conv.zero_()
+        cache.conv[..., d_conv - keep:] = x_pre[..., L - keep:]
+        cache.pos += L
 
     def step(self, u, cache: MambaCache):
         """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place."""

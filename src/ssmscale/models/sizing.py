@@ -5,11 +5,19 @@ Transformer++ (the anchor family):
   (GPT-3 125M is 12 x 768: r = 64), then d_model = the multiple of head_dim whose exact
   non-embedding count is closest to N (in log space). Shapes keep r within ASPECT_BAND;
   a 2-layer floor keeps the smallest models from being single-layer (r drops below 64 there).
-Mamba (as in Gu & Dao 2023): twice the transformer's layers (two Mamba blocks ~ one attention +
-  MLP layer, both ~12 d^2), width = the multiple of 8 (of 2 below width 64, so that toy ladders
-  still match) closest in non-embedding parameters to the transformer's exact count. At large width this is the transformer's width; at small width it is
-  a little narrower, because x_proj, dt_proj, A_log and D cost relatively more there.
+Every other family (Mamba, Mamba-2, the hybrid) is a stack of single-branch layers with no MLP, so
+  it takes twice the transformer's layers (Gu & Dao 2023: two Mamba blocks ~ one attention + MLP
+  layer, both ~12 d^2; Mamba-2 likewise, ~6 d^2 per block at expand 2; the hybrid's attention-only
+  layers ~4 d^2 each; LAYERS_PER_TRANSFORMER_LAYER holds this depth rule per family) and the width =
+  the multiple of 8 closest in non-embedding parameters to the transformer's exact count, or the even
+  width closest below width 256 (64 for Mamba, the rule its committed study was planned with), so that
+  small models match within a few percent: a step of 8 in width moves the count by 16/d, 25% at width
+  64. At large width Mamba's is the transformer's width; at small width it is a little narrower,
+  because x_proj, dt_proj, A_log and D cost relatively more there (Mamba-2: B and C, whose size does
+  not scale with width). Mamba-2 and the hybrid's attention round their head counts
+  (models/config.py), so any even width is a valid model.
 All counts come from flops.param_counts, which a test checks against the built models.
+Targets are bounded by limits.MAX_PARAMS and widths by limits.MAX_WIDTH, so no request can hang the search.
 """
 
 from __future__ import annotations
@@ -17,12 +25,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import ModelConfig
+from .. import limits
+from .config import FAMILIES, ModelConfig
 
 ASPECT = 64
 ASPECT_BAND = (16, 128)
 MIN_LAYERS = 2
-MAMBA_WIDTH_MULTIPLE = 8
+WIDTH_MULTIPLE = 8      # of the families matched to the transformer, from width FINE_BELOW on
+FINE_BELOW = {"mamba": 64}     # other families: FINE_BELOW_DEFAULT
+FINE_BELOW_DEFAULT = 256
+# Blocks that stand for one transformer layer at the same width: a Transformer++ layer is attention +
+# MLP (~12 d^2); the other families' blocks have no MLP (Mamba ~6 d^2 at expand 2), so they stack two
+# (Gu & Dao 2023). Every family in models.config.FAMILIES needs an entry (a test checks).
+LAYERS_PER_TRANSFORMER_LAYER = {"transformer": 1, "mamba": 2, "mamba2": 2, "hybrid": 2}
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,9 @@ def _closest_width(base: ModelConfig, family: str, n_layer: int, target: float, 
     hi = guess
     while err(hi + multiple) < err(hi):
         hi += multiple
+        if hi > limits.MAX_WIDTH:    # cannot happen for targets within MAX_PARAMS; a backstop, not a result
+            raise ValueError(f"d_model: no width up to {limits.MAX_WIDTH} (limits.MAX_WIDTH) reaches {target:g} "
+                             f"parameters with {n_layer} layers")
     return min((lo, hi), key=err)
 
 
@@ -63,33 +81,48 @@ def transformer_layers(target: float) -> int:
     return max(MIN_LAYERS, round((target / (12 * ASPECT ** 2)) ** (1 / 3)))
 
 
+def layer_multiple(family: str) -> int:
+    """Blocks of `family` that match one transformer layer in depth (see LAYERS_PER_TRANSFORMER_LAYER)."""
+    try:
+        return LAYERS_PER_TRANSFORMER_LAYER[family]
+    except KeyError:
+        raise ValueError(f"family: no depth rule for model family {family!r} in sizing.py") from None
+
+
+def layers_at_width(family: str, transformer_layers: int) -> int:
+    """Depth of `family` beside a transformer of `transformer_layers` layers at the same width (a
+    width sweep such as the recall study's: width varies, depth follows the family's rule)."""
+    return layer_multiple(family) * transformer_layers
+
+
 def shape_for(family: str, target_params: float, base: ModelConfig | None = None,
               match: int | None = None) -> Shape:
     """(d_model, n_layer) of `family` for a target non-embedding count (see module docstring).
 
-    `match`: for Mamba, the exact count to match (default: the transformer's at this target)."""
-    if target_params <= 0:
-        raise ValueError(f"target_params: must be positive, got {target_params}")
+    `match`: for the other families, the exact count to match (default: the transformer's at this target)."""
+    if not 0 < target_params <= limits.MAX_PARAMS:
+        raise ValueError(f"target_params: must be positive and at most {limits.MAX_PARAMS:g} "
+                         f"(limits.MAX_PARAMS: beyond any model that can exist), got {target_params:g}")
+    if family not in FAMILIES:
+        raise ValueError(f"family: unknown model family {family!r}; known: {', '.join(FAMILIES)}")
     base = base or ModelConfig(family="transformer", d_model=64, n_layer=1)
     n_tf = transformer_layers(target_params)
     if family == "transformer":
         d = _closest_width(base, "transformer", n_tf, target_params, base.head_dim)
         n = n_tf
-    elif family == "mamba":
+    else:
         if match is None:
             match = shape_for("transformer", target_params, base).params
-        n = 2 * n_tf
-        d = _closest_width(base, "mamba", n, match, MAMBA_WIDTH_MULTIPLE)
-        if d < 64:
-            d = _closest_width(base, "mamba", n, match, 2)
-    else:
-        raise ValueError(f"family: unknown model family {family!r}")
+        n = layers_at_width(family, n_tf)
+        d = _closest_width(base, family, n, match, WIDTH_MULTIPLE)
+        if d < FINE_BELOW.get(family, FINE_BELOW_DEFAULT):
+            d = _closest_width(base, family, n, match, 2)
     params, total = _count(base, family, d, n)
     return Shape(family, d, n, params, total)
 
 
-def ladder_shapes(targets, families=("transformer", "mamba"), base: ModelConfig | None = None):
-    """Shapes for every (target, family), each Mamba matched to the transformer at the same target."""
+def ladder_shapes(targets, families=FAMILIES, base: ModelConfig | None = None):
+    """Shapes for every (target, family), each family matched to the transformer at the same target."""
     out = []
     for target in targets:
         tf = shape_for("transformer", target, base)

@@ -2,6 +2,7 @@
 
 No biases anywhere, RMSNorm, attention through scaled_dot_product_attention. For generation the
 attention keeps a preallocated KV cache (batch, heads, max_len, head_dim) filled in place.
+The attention width is heads x head_dim (cfg.attn_dim): d_model in the transformer itself.
 """
 
 from __future__ import annotations
@@ -80,11 +81,11 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.head_dim, self.rope_base = cfg.n_head, cfg.head_dim, cfg.rope_base
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.attn_dim, bias=False)
+        self.out_proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
 
     def forward(self, x, cache: KVCache | None = None):
-        b, L, d = x.shape
+        b, L, _ = x.shape
         qkv = self.qkv(x).view(b, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         offset = cache.pos if cache is not None else 0
         q, k = rotate_qk(qkv[:2], offset, self.rope_base)
@@ -98,7 +99,7 @@ class CausalSelfAttention(nn.Module):
             else:  # query i (absolute offset + i) sees keys 0 .. offset + i
                 mask = torch.ones(L, k.shape[2], dtype=torch.bool, device=x.device).tril(offset)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(y.transpose(1, 2).reshape(b, L, d))
+        return self.out_proj(y.transpose(1, 2).reshape(b, L, self.n_head * self.head_dim))
 
     def allocate_cache(self, batch, max_len, dtype, device):
         return KVCache(batch, self.n_head, max_len, self.head_dim, dtype, device)
@@ -119,6 +120,7 @@ class TransformerBlock(nn.Module):
     """x + attn(norm(x)), then + mlp(norm(x)): two residual branches per layer."""
 
     residual_branches = 2
+    chunked_prefill = True       # a piece of several tokens may follow the prompt in the cache
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -1,374 +1,443 @@
-/* Fused selective scan for CPUs: forward and backward, one (batch, channel) row at a time.
+/* Fused selective scan for CPUs: forward and backward on tiles of W channels (see cpu_common.h).
  *
  * Loaded by scan_cpu.py through ctypes; compiled there at first use. No Python or torch headers.
- * Every pointer is a contiguous fp32 array:
- *   u, delta, z, out, y_pre, du, ddelta, dz, gout : (rows, L)      rows = batch * d_inner
- *   Bt, Ct, dBt, dCt                              : (batch, L, N)  (time-major, so a step's
- *                                                   N values are adjacent and vectorise)
- *   A : (d_inner, N);  D, delta_bias : (d_inner,)
- *   chunk_states : (rows, n_chunks, N), the state before each chunk's first step
- *   last_state, glast, dA_rows : (rows, N);  dD_rows, dbias_rows : (rows,)
- * The state of a row never leaves cache: nothing of size (batch, L, d_inner, N) is ever stored.
- * Only the state update is sequential in t. Whatever does not depend on the state (the step
- * sizes, the gate, their derivatives) is computed per block of steps in loops over t that
- * vectorise, before the recurrence or after it; the recurrence's one exp per state element is
- * inline (exp_state), so no call breaks its loop.
- * The backward walks the chunks in reverse; it recomputes one chunk of states and decay factors
- * from the saved chunk-start state into a small per-thread buffer, then runs the adjoint
- * recurrence backwards through it. Rows are split into contiguous ranges, one per thread.
- * dB and dC sum over channels: a thread adds straight into the output for the batches it owns
- * alone, and into a private buffer for the (at most two) batches it shares, summed after the join.
+ * u, delta, z, the output y and their gradients are (batch, time, channel) Views with any strides;
+ * B, C, dB, dC are (batch, time, state) Views. A is (d_inner, N) row-major; D, delta_bias (d_inner,).
+ * chunk_states: (batch, n_chunks, N, d_inner), the state before each chunk's first step;
+ * last_state, glast: (batch, d_inner, N); dA: (batch, d_inner, N), dD, dbias: (batch, d_inner), each
+ * batch's share (the caller sums them).
+ *
+ * The state of a tile, N x W floats, is vectorised over its W channels: a step updates it with one
+ * vector operation per state index n, and y_t = <h_t, C_t> accumulates over n lane by lane, with no
+ * reduction across lanes in the forward. Nothing of size (batch, L, d_inner, N) is ever stored.
+ * Only the state update is sequential in t: the step sizes (softplus), the gate and their
+ * derivatives are computed for a whole chunk of steps in loops that vectorise, before or after it.
+ * Work is split into tasks by (batch, tile); a task walks time in chunks of `chunk` steps and, in
+ * each chunk, all its tiles of one batch, so B_t and C_t are gathered once per chunk.
+ * The backward walks the chunks in reverse; per tile it recomputes the chunk's states and decay
+ * factors from the saved chunk-start state, the gated output y (returned for out_proj's weight
+ * gradient, so the forward need not keep it) and the gate's gradient, then runs the adjoint
+ * recurrence backwards through the chunk. dB_t and dC_t sum over channels: lane-wise across the
+ * task's tiles in a chunk-sized buffer, then across lanes once per chunk, then across tasks after
+ * the join, in task order, so the result does not depend on scheduling.
  */
-#include <math.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "cpu_common.h"
 
 typedef struct {
-    int64_t batch, d_inner, length, n_state, chunk, n_threads;
-    int64_t softplus;
-    const float *u, *delta, *A, *Bt, *Ct, *D, *z, *delta_bias;
-    float *out, *y_pre, *chunk_states, *last_state;
-    const float *gout, *glast;
-    float *du, *ddelta, *dz, *dA_rows, *dD_rows, *dbias_rows, *dBt, *dCt;
+    int64_t batch, d_inner, length, n_state, chunk, n_threads, softplus;
+    View u, delta, z, B, C;                 /* z.data may be NULL */
+    const float *A, *D, *delta_bias;        /* D, delta_bias may be NULL */
+    View out;                               /* y; in the backward, the recomputed y (data may be NULL) */
+    float *chunk_states, *last_state;       /* may be NULL */
+    View gout;
+    const float *glast;                     /* may be NULL */
+    View du, ddelta, dz, dB, dC;
+    float *dA, *dD, *dbias;
 } ScanArgs;
 
-#define INLINE static inline __attribute__((always_inline))
+INLINE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* Time steps of the forward whose step sizes and gate values are computed together, outside the
- * recurrence. Inside it, the per-step transcendentals (softplus of the step, sigmoid of the gate)
- * were scalar calls, ~3/4 of the time at N = 16 with the model's arguments (softplus, bias, z);
- * in their own loops over t they vectorise through libmvec. (The backward does the same per
- * chunk.) */
-#define BLOCK 64
+/* task k's share of the batch * n_tiles (batch, tile) items: [lo, hi), batch-major */
+typedef struct {
+    int64_t lo, hi, n_tiles;
+} Share;
 
-/* Step sizes for `len` steps: dt = softplus(delta + bias) (or delta + bias), dtu = dt * u, and,
- * when `dsp` is given, softplus'(delta + bias) = sigmoid(delta + bias).
- * softplus(x) = max(x, 0) + log1p(exp(-|x|)): never overflows, keeps full relative precision for
- * very negative x (where log(1 + exp(x)) rounds to 0; the model's initial dt of 1e-3 sits at
- * x ~ -7), and both calls vectorise (log1pf is in libmvec from glibc 2.35; older glibc calls the
- * scalar one, with the same result). The sigmoid reuses e = exp(-|x|). */
-INLINE void step_sizes(const float *restrict delta, const float *restrict u, float bias, int softplus,
-                       int64_t len, float *restrict dt, float *restrict dtu, float *restrict dsp) {
-    if (!softplus) {
-#pragma omp simd
-        for (int64_t i = 0; i < len; i++) {
-            dt[i] = delta[i] + bias;
-            dtu[i] = dt[i] * u[i];
-            if (dsp) dsp[i] = 1.f;
-        }
-    } else if (!dsp) {
-#pragma omp simd
-        for (int64_t i = 0; i < len; i++) {
-            const float x = delta[i] + bias;
-            dt[i] = fmaxf(x, 0.f) + log1pf(expf(-fabsf(x)));
-            dtu[i] = dt[i] * u[i];
-        }
-    } else {
-#pragma omp simd
-        for (int64_t i = 0; i < len; i++) {
-            const float x = delta[i] + bias, e = expf(-fabsf(x)), r = 1.f / (1.f + e);
-            dt[i] = fmaxf(x, 0.f) + log1pf(e);
-            dtu[i] = dt[i] * u[i];
-            dsp[i] = x >= 0.f ? r : e * r;
-        }
+INLINE Share share_of(const ScanArgs *a, int64_t k, int64_t n) {
+    const int64_t n_tiles = (a->d_inner + W - 1) / W, items = a->batch * n_tiles;
+    return (Share){items * k / n, items * (k + 1) / n, n_tiles};
+}
+
+#define PARAMS (N * W + 2 * W)   /* floats of a tile's parameters: A (N, W), D (W), delta_bias (W) */
+
+/* A, D and delta_bias of one tile, lane-major (lanes past the last channel are 0) */
+INLINE void tile_params(const ScanArgs *a, int64_t tile, const int64_t N, float *restrict p) {
+    const int64_t c0 = tile * W, w = min64(W, a->d_inner - c0);
+    float *At = p, *Dt = p + N * W, *bias = Dt + W;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t j = 0; j < W; j++) At[n * W + j] = j < w ? a->A[(c0 + j) * N + n] : 0.f;
+    for (int64_t j = 0; j < W; j++) {
+        Dt[j] = (j < w && a->D) ? a->D[c0 + j] : 0.f;
+        bias[j] = (j < w && a->delta_bias) ? a->delta_bias[c0 + j] : 0.f;
     }
 }
 
-/* sigmoid(z) from e = exp(-|z|), so no exp overflows (-ffast-math assumes no infinities) */
-INLINE float sigmoid_of(float z, float e) {
-    const float r = 1.f / (1.f + e);
-    return z >= 0.f ? r : e * r;
-}
-
-/* exp(x) for the state's decay factors, inline: libmvec's expf would be a call at every step of
- * the recurrence, around which every live vector register is spilled (inlining made the scan
- * 10-25% faster here). x = k ln2 + r with |r| <= ln2/2 (ln2 split in two, so k * hi is exact),
- * exp(r) by its Taylor polynomial of degree 7 (truncation error < 6e-9), times 2^k put into the
- * exponent bits. Max relative error 8e-8 (about 1 ulp) on [-87, 88]. x is clamped to that range,
- * so the result is never 0, inf or subnormal: a decay below exp(-87) ~ 1.6e-38 comes out as
- * that, which makes no difference to the state. */
-INLINE float exp_state(float x) {
-    x = fminf(fmaxf(x, -87.f), 88.f);
-    const float k = rintf(x * 1.44269504f);                  /* round(x / ln2) */
-    float r = fmaf(-k, 0.693145751953125f, x);               /* ln2's leading 16 bits */
-    r = fmaf(-k, 1.42860677e-06f, r);                        /* and the rest */
-    float p = 1.f / 5040.f;
-    p = fmaf(p, r, 1.f / 720.f);
-    p = fmaf(p, r, 1.f / 120.f);
-    p = fmaf(p, r, 1.f / 24.f);
-    p = fmaf(p, r, 1.f / 6.f);
-    p = fmaf(p, r, 0.5f);
-    p = fmaf(p, r, 1.f);
-    p = fmaf(p, r, 1.f);
-    const union { int32_t i; float f; } two_k = {.i = ((int32_t)k + 127) << 23};
-    return p * two_k.f;
+/* In place: dt <- softplus(delta + bias) (or delta + bias); dtu = dt * u; dsp = softplus' (if given) */
+INLINE void step_sizes(float *restrict dt, const float *restrict u, const float *restrict bias,
+                       int softplus, int64_t len, float *restrict dtu, float *restrict dsp) {
+    for (int64_t i = 0; i < len; i++) {
+        float *d = dt + i * W, *du = dtu + i * W;
+        const float *ui = u + i * W;
+        if (!softplus) {
+#pragma omp simd
+            for (int64_t j = 0; j < W; j++) {
+                d[j] += bias[j];
+                du[j] = d[j] * ui[j];
+                if (dsp) dsp[i * W + j] = 1.f;
+            }
+        } else {
+#pragma omp simd
+            for (int64_t j = 0; j < W; j++) {
+                const float x = d[j] + bias[j], e = exp_inline(-fabsf(x));
+                d[j] = softplus_from(x, e);
+                du[j] = d[j] * ui[j];
+                if (dsp) dsp[i * W + j] = sigmoid_from(x, e);
+            }
+        }
+    }
 }
 
 /* ---------------------------------------------------------------- forward */
 
-INLINE void forward_row(const ScanArgs *a, int64_t row, const int64_t N) {
-    const int64_t L = a->length, K = a->chunk, d = row % a->d_inner, b = row / a->d_inner;
-    const float *u = a->u + row * L, *delta = a->delta + row * L;
-    const float *z = a->z ? a->z + row * L : NULL;
-    const float *A = a->A + d * N, *Bt = a->Bt + b * L * N, *Ct = a->Ct + b * L * N;
-    const float bias = a->delta_bias ? a->delta_bias[d] : 0.f, Dd = a->D ? a->D[d] : 0.f;
-    float *out = a->out + row * L;
-    float *y_pre = a->y_pre ? a->y_pre + row * L : NULL;
-    float *states = a->chunk_states ? a->chunk_states + row * ((L + K - 1) / K) * N : NULL;
-    float h[N], dt[BLOCK], dtu[BLOCK], y[BLOCK];
-    for (int64_t n = 0; n < N; n++) h[n] = 0.f;
-    for (int64_t t0 = 0; t0 < L; t0 += BLOCK) {
-        const int64_t len = t0 + BLOCK < L ? BLOCK : L - t0;
-        step_sizes(delta + t0, u + t0, bias, (int)a->softplus, len, dt, dtu, NULL);
-        /* the recurrence: the only part that is sequential in t */
-        for (int64_t i = 0; i < len; i++) {
-            const int64_t t = t0 + i;
-            if (states && t % K == 0) memcpy(states + (t / K) * N, h, N * sizeof(float));
-            const float *Bn = Bt + t * N, *Cn = Ct + t * N;
-            const float dti = dt[i], dtui = dtu[i];
-            float yi = 0.f;
-#pragma omp simd reduction(+ : yi)
-            for (int64_t n = 0; n < N; n++) {
-                h[n] = exp_state(dti * A[n]) * h[n] + dtui * Bn[n];
-                yi += h[n] * Cn[n];
-            }
-            y[i] = yi;
-        }
-#pragma omp simd
-        for (int64_t i = 0; i < len; i++) y[i] += Dd * u[t0 + i];
-        if (y_pre) memcpy(y_pre + t0, y, len * sizeof(float));
-        if (z) {
-#pragma omp simd
-            for (int64_t i = 0; i < len; i++) {   /* y * silu(z) */
-                const float zi = z[t0 + i];
-                out[t0 + i] = y[i] * zi * sigmoid_of(zi, expf(-fabsf(zi)));
-            }
-        } else {
-            memcpy(out + t0, y, len * sizeof(float));
-        }
+typedef struct {
+    float *h;                     /* (n_tiles, N, W): the state of each tile of the current batch */
+    float *params;                /* (n_tiles, PARAMS): each tile's A, D and delta_bias */
+    float *u, *dt, *dtu, *z, *y;  /* (K, W) each */
+    float *Bt, *Ct;               /* (K, N) each */
+} FwdScratch;
+
+INLINE void forward_tile(const ScanArgs *a, FwdScratch *s, float *restrict h, const float *restrict At,
+                         int64_t b, int64_t tile, int64_t t0, int64_t len, const int64_t N) {
+    const int64_t E = a->d_inner, K = a->chunk, c0 = tile * W, w = min64(W, E - c0);
+    const float *Dt = At + N * W, *bias = Dt + W;
+    if (a->chunk_states) {
+        float *st = a->chunk_states + (b * ((a->length + K - 1) / K) + t0 / K) * N * E + c0;
+        for (int64_t n = 0; n < N; n++) store_lanes(st + n * E, h + n * W, w);
     }
-    if (a->last_state) memcpy(a->last_state + row * N, h, N * sizeof(float));
+    float *restrict u = s->u, *restrict dt = s->dt, *restrict dtu = s->dtu, *restrict y = s->y;
+    gather(&a->u, b, t0, len, c0, w, u, W);
+    gather(&a->delta, b, t0, len, c0, w, dt, W);
+    step_sizes(dt, u, bias, (int)a->softplus, len, dtu, NULL);
+    /* the recurrence: the only part that is sequential in t */
+    for (int64_t i = 0; i < len; i++) {
+        const float *Bi = s->Bt + i * N, *Ci = s->Ct + i * N, *dti = dt + i * W, *dtui = dtu + i * W;
+        float yi[W];
+        for (int64_t j = 0; j < W; j++) yi[j] = Dt[j] * u[i * W + j];
+        for (int64_t n = 0; n < N; n++) {
+            float *hn = h + n * W;
+            const float *An = At + n * W, Bn = Bi[n], Cn = Ci[n];
+#pragma omp simd
+            for (int64_t j = 0; j < W; j++) {
+                hn[j] = exp_inline(dti[j] * An[j]) * hn[j] + dtui[j] * Bn;
+                yi[j] += hn[j] * Cn;
+            }
+        }
+        memcpy(y + i * W, yi, sizeof yi);
+    }
+    if (a->z.data) {
+        float *restrict z = s->z;
+        gather(&a->z, b, t0, len, c0, w, z, W);
+#pragma omp simd
+        for (int64_t i = 0; i < len * W; i++) y[i] *= z[i] * sigmoid(z[i]);   /* y * silu(z) */
+    }
+    scatter(&a->out, b, t0, len, c0, w, y, W);
+}
+
+INLINE void forward_share(const ScanArgs *a, FwdScratch *s, int64_t k, int64_t n_tasks, const int64_t N) {
+    const int64_t L = a->length, K = a->chunk;
+    const Share sh = share_of(a, k, n_tasks);
+    for (int64_t item = sh.lo; item < sh.hi;) {
+        const int64_t b = item / sh.n_tiles, first = item % sh.n_tiles;
+        const int64_t end = min64(sh.n_tiles, first + (sh.hi - item));
+        memset(s->h, 0, (end - first) * N * W * sizeof(float));
+        for (int64_t tile = first; tile < end; tile++) tile_params(a, tile, N, s->params + (tile - first) * PARAMS);
+        for (int64_t t0 = 0; t0 < L; t0 += K) {
+            const int64_t len = min64(K, L - t0);
+            gather(&a->B, b, t0, len, 0, N, s->Bt, N);
+            gather(&a->C, b, t0, len, 0, N, s->Ct, N);
+            for (int64_t tile = first; tile < end; tile++) {
+                if (tile + 1 < end) {
+                    const View *next[] = {&a->u, &a->delta, &a->z};
+                    for (int v = 0; v < 3; v++) prefetch_tile(next[v], b, t0, len, (tile + 1) * W);
+                }
+                forward_tile(a, s, s->h + (tile - first) * N * W, s->params + (tile - first) * PARAMS, b, tile,
+                             t0, len, N);
+            }
+        }
+        if (a->last_state) {
+            for (int64_t tile = first; tile < end; tile++) {
+                const int64_t c0 = tile * W, w = min64(W, a->d_inner - c0);
+                const float *h = s->h + (tile - first) * N * W;
+                for (int64_t j = 0; j < w; j++)
+                    for (int64_t m = 0; m < N; m++) a->last_state[(b * a->d_inner + c0 + j) * N + m] = h[m * W + j];
+            }
+        }
+        item += end - first;
+    }
 }
 
 /* --------------------------------------------------------------- backward */
 
 typedef struct {
-    float *h, *decay;             /* (K+1, N) states (slot 0 = chunk start), (K, N) */
-    float *dt, *dtu, *dsp, *gy;   /* (K,) each: step, step * u, softplus', dLoss/dy before the gate */
-    float *gB, *ddt;              /* (K,) each: <G, B> and dLoss/ddt from the adjoint recurrence */
-    float *dB_shared, *dC_shared; /* (2, L, N): first and last batch of the range if shared */
-    int64_t b_first, b_last;
-    int first_shared, last_shared;
-} Scratch;
+    float *h, *decay;             /* (K+1, N, W) states (slot 0 = chunk start), (K, N, W) */
+    float *dB_lanes, *dC_lanes;   /* (K, N, W): this chunk's dB, dC, summed over the task's tiles */
+    float *u, *dt, *dtu, *dsp, *z, *gate, *g, *gy, *y, *du, *dd;   /* (K, W) each */
+    float *Bt, *Ct;               /* (K, N) each */
+    float *params;                /* (n_tiles, PARAMS): each tile's A, D and delta_bias */
+    float *carry, *dA;            /* (n_tiles, N, W): dLoss/dh arriving from the next chunk; dA */
+    float *dD, *dbias;            /* (n_tiles, W) */
+    float *dB_part, *dC_part;     /* (batches in the share, L, N): this task's dB, dC */
+    int64_t b_first;
+} BwdScratch;
 
-#define SCRATCH_K_ARRAYS 6        /* dt, dtu, dsp, gy, gB, ddt */
-
-INLINE void backward_row(const ScanArgs *a, int64_t row, const int64_t N, Scratch *s) {
-    const int64_t L = a->length, K = a->chunk, d = row % a->d_inner, b = row / a->d_inner;
-    const int64_t n_chunks = (L + K - 1) / K;
-    const float *u = a->u + row * L, *delta = a->delta + row * L, *gout = a->gout + row * L;
-    const float *z = a->z ? a->z + row * L : NULL, *y_pre = a->y_pre ? a->y_pre + row * L : NULL;
-    const float *A = a->A + d * N, *Bt = a->Bt + b * L * N, *Ct = a->Ct + b * L * N;
-    const float *states = a->chunk_states + row * n_chunks * N;
-    const float bias = a->delta_bias ? a->delta_bias[d] : 0.f, Dd = a->D ? a->D[d] : 0.f;
-    float *du = a->du + row * L, *ddelta = a->ddelta + row * L, *dz = a->dz ? a->dz + row * L : NULL;
-    float *dBt, *dCt;
-    if (b == s->b_first && s->first_shared) {
-        dBt = s->dB_shared; dCt = s->dC_shared;
-    } else if (b == s->b_last && s->last_shared) {
-        dBt = s->dB_shared + L * N; dCt = s->dC_shared + L * N;
+INLINE void backward_tile(const ScanArgs *a, BwdScratch *s, int64_t slot, int64_t b, int64_t tile,
+                          int64_t t0, int64_t len, const int64_t N) {
+    const int64_t E = a->d_inner, K = a->chunk, c0 = tile * W, w = min64(W, E - c0);
+    const float *At = s->params + slot * PARAMS, *Dt = At + N * W, *bias = Dt + W;
+    float *restrict carry = s->carry + slot * N * W, *restrict dA = s->dA + slot * N * W;
+    float *restrict dD = s->dD + slot * W, *restrict dbias = s->dbias + slot * W;
+    float *restrict u = s->u, *restrict dt = s->dt, *restrict dtu = s->dtu, *restrict dsp = s->dsp;
+    float *restrict z = s->z, *restrict gate = s->gate, *restrict g = s->g, *restrict gy = s->gy;
+    float *restrict y = s->y;
+    float *restrict hs = s->h, *restrict dec = s->decay;
+    gather(&a->u, b, t0, len, c0, w, u, W);
+    gather(&a->delta, b, t0, len, c0, w, dt, W);
+    gather(&a->gout, b, t0, len, c0, w, g, W);
+    step_sizes(dt, u, bias, (int)a->softplus, len, dtu, dsp);
+    if (a->z.data) {
+        gather(&a->z, b, t0, len, c0, w, z, W);
+#pragma omp simd
+        for (int64_t i = 0; i < len * W; i++) {
+            const float sg = sigmoid(z[i]);
+            gate[i] = z[i] * sg;                       /* silu(z) */
+            gy[i] = g[i] * gate[i];                    /* dLoss/dy before the gate */
+            z[i] = sg * (1.f + z[i] * (1.f - sg));     /* z <- silu'(z), for dz below */
+        }
     } else {
-        dBt = a->dBt + b * L * N; dCt = a->dCt + b * L * N;
+        memcpy(gy, g, len * W * sizeof(float));
     }
-    float *restrict dt = s->dt, *restrict dtu = s->dtu, *restrict dsp = s->dsp, *restrict gy = s->gy;
-    float *restrict gBs = s->gB, *restrict ddts = s->ddt;
-    /* carry = dLoss/dh_t arriving from step t+1, i.e. exp(dt_{t+1} A) * G_{t+1} */
-    float carry[N], dA[N];
-    for (int64_t n = 0; n < N; n++) {
-        carry[n] = a->glast ? a->glast[row * N + n] : 0.f;
-        dA[n] = 0.f;
-    }
-    float dD = 0.f, dbias = 0.f;
-    for (int64_t c = n_chunks - 1; c >= 0; c--) {
-        const int64_t t0 = c * K, len = (t0 + K < L ? K : L - t0);
-        /* everything per step that does not depend on the state, vectorised over t */
-        step_sizes(delta + t0, u + t0, bias, (int)a->softplus, len, dt, dtu, dsp);
-        if (z) {
+    /* recompute the chunk's states and outputs from its saved start; dC needs only those */
+    const float *st = a->chunk_states + (b * ((a->length + K - 1) / K) + t0 / K) * N * E + c0;
+    for (int64_t n = 0; n < N; n++) load_lanes(hs + n * W, st + n * E, w);
+    for (int64_t i = 0; i < len; i++) {
+        const float *Bi = s->Bt + i * N, *Ci = s->Ct + i * N, *dti = dt + i * W, *dtui = dtu + i * W;
+        const float *gyi = gy + i * W;
+        float yi[W];
+        for (int64_t j = 0; j < W; j++) yi[j] = Dt[j] * u[i * W + j];
+        for (int64_t n = 0; n < N; n++) {
+            const float *hp = hs + (i * N + n) * W, *An = At + n * W, Bn = Bi[n], Cn = Ci[n];
+            float *hc = hs + ((i + 1) * N + n) * W, *de = dec + (i * N + n) * W;
+            float *dCl = s->dC_lanes + (i * N + n) * W;
 #pragma omp simd
-            for (int64_t i = 0; i < len; i++) {   /* y = y_pre * silu(z) */
-                const int64_t t = t0 + i;
-                const float zi = z[t], sg = sigmoid_of(zi, expf(-fabsf(zi))), g = gout[t];
-                gy[i] = g * zi * sg;
-                dz[t] = g * y_pre[t] * sg * (1.f + zi * (1.f - sg));
+            for (int64_t j = 0; j < W; j++) {
+                de[j] = exp_inline(dti[j] * An[j]);
+                hc[j] = de[j] * hp[j] + dtui[j] * Bn;
+                yi[j] += hc[j] * Cn;
+                dCl[j] += gyi[j] * hc[j];
             }
-        } else {
-            memcpy(gy, gout + t0, len * sizeof(float));
         }
-        /* recompute the chunk's states from its saved start */
-        memcpy(s->h, states + c * N, N * sizeof(float));
-        for (int64_t i = 0; i < len; i++) {
-            const float dti = dt[i], dtui = dtu[i];
-            const float *Bn = Bt + (t0 + i) * N, *hp = s->h + i * N;
-            float *hn = s->h + (i + 1) * N, *dec = s->decay + i * N;
+        memcpy(y + i * W, yi, sizeof yi);
+    }
+    if (a->z.data) {
+        float *restrict dz = s->du;   /* du is free until the adjoint pass */
 #pragma omp simd
-            for (int64_t n = 0; n < N; n++) {
-                dec[n] = exp_state(dti * A[n]);
-                hn[n] = dec[n] * hp[n] + dtui * Bn[n];
+        for (int64_t i = 0; i < len * W; i++) {
+            dz[i] = g[i] * y[i] * z[i];
+            y[i] *= gate[i];
+        }
+        scatter(&a->dz, b, t0, len, c0, w, dz, W);
+    }
+    if (a->out.data) scatter(&a->out, b, t0, len, c0, w, y, W);
+    /* the adjoint recurrence, backwards through the chunk */
+    float *restrict du = s->du, *restrict dd = s->dd;
+    for (int64_t i = len - 1; i >= 0; i--) {
+        const float *Bi = s->Bt + i * N, *Ci = s->Ct + i * N, *dti = dt + i * W, *dtui = dtu + i * W;
+        const float *gyi = gy + i * W;
+        float gB[W], gA[W];
+        for (int64_t j = 0; j < W; j++) gB[j] = gA[j] = 0.f;
+        for (int64_t n = 0; n < N; n++) {
+            const float *hp = hs + (i * N + n) * W, *de = dec + (i * N + n) * W, *An = At + n * W;
+            const float Bn = Bi[n], Cn = Ci[n];
+            float *cn = carry + n * W, *dAn = dA + n * W, *dBl = s->dB_lanes + (i * N + n) * W;
+#pragma omp simd
+            for (int64_t j = 0; j < W; j++) {
+                const float G = cn[j] + gyi[j] * Cn;       /* dLoss/dh_t */
+                const float q = G * de[j] * hp[j];         /* dLoss/d(dt_t A_n) */
+                dBl[j] += G * dtui[j];
+                gB[j] += G * Bn;
+                gA[j] += q * An[j];
+                dAn[j] += q * dti[j];
+                cn[j] = de[j] * G;
             }
         }
-        /* the adjoint recurrence, backwards through the chunk */
-        for (int64_t i = len - 1; i >= 0; i--) {
-            const int64_t t = t0 + i;
-            const float dti = dt[i], dtui = dtu[i], gyi = gy[i];
-            const float *Bn = Bt + t * N, *Cn = Ct + t * N;
-            const float *hp = s->h + i * N, *hc = s->h + (i + 1) * N, *dec = s->decay + i * N;
-            float *dBn = dBt + t * N, *dCn = dCt + t * N;
-            float gB = 0.f, gA = 0.f;
-#pragma omp simd reduction(+ : gB, gA)
-            for (int64_t n = 0; n < N; n++) {
-                const float G = carry[n] + gyi * Cn[n];      /* dLoss/dh_t */
-                const float q = G * dec[n] * hp[n];          /* dLoss/d(dt_t A_n) */
-                dBn[n] += G * dtui;
-                dCn[n] += gyi * hc[n];
-                gB += G * Bn[n];
-                gA += q * A[n];
-                dA[n] += q * dti;
-                carry[n] = dec[n] * G;
-            }
-            gBs[i] = gB;
-            ddts[i] = gB * u[t] + gA;
-        }
-        /* per-step gradients from the adjoint's sums, vectorised over t */
-#pragma omp simd reduction(+ : dD, dbias)
-        for (int64_t i = 0; i < len; i++) {
-            const int64_t t = t0 + i;
-            const float draw = ddts[i] * dsp[i];      /* through the softplus */
-            du[t] = gBs[i] * dt[i] + Dd * gy[i];
-            dD += gy[i] * u[t];
-            ddelta[t] = draw;
-            dbias += draw;
+#pragma omp simd
+        for (int64_t j = 0; j < W; j++) {
+            const float ui = u[i * W + j], ddt = gB[j] * ui + gA[j];
+            du[i * W + j] = gB[j] * dti[j] + Dt[j] * gyi[j];
+            dd[i * W + j] = ddt * dsp[i * W + j];     /* through the softplus */
+            dD[j] += gyi[j] * ui;
+            dbias[j] += dd[i * W + j];
         }
     }
-    memcpy(a->dA_rows + row * N, dA, N * sizeof(float));
-    a->dD_rows[row] = dD;
-    a->dbias_rows[row] = dbias;
+    scatter(&a->du, b, t0, len, c0, w, du, W);
+    scatter(&a->ddelta, b, t0, len, c0, w, dd, W);
 }
 
-/* ---------------------------------------------------------------- threads */
+INLINE void backward_share(const ScanArgs *a, BwdScratch *s, int64_t k, int64_t n_tasks, const int64_t N) {
+    const int64_t L = a->length, K = a->chunk, E = a->d_inner;
+    const Share sh = share_of(a, k, n_tasks);
+    for (int64_t item = sh.lo; item < sh.hi;) {
+        const int64_t b = item / sh.n_tiles, first = item % sh.n_tiles;
+        const int64_t end = min64(sh.n_tiles, first + (sh.hi - item)), n = end - first;
+        float *dB_part = s->dB_part + (b - s->b_first) * L * N, *dC_part = s->dC_part + (b - s->b_first) * L * N;
+        memset(s->dA, 0, n * N * W * sizeof(float));
+        memset(s->dD, 0, n * W * sizeof(float));
+        memset(s->dbias, 0, n * W * sizeof(float));
+        for (int64_t tile = first; tile < end; tile++) {
+            const int64_t c0 = tile * W, w = min64(W, E - c0);
+            float *carry = s->carry + (tile - first) * N * W;
+            tile_params(a, tile, N, s->params + (tile - first) * PARAMS);
+            for (int64_t m = 0; m < N; m++)
+                for (int64_t j = 0; j < W; j++)
+                    carry[m * W + j] = (a->glast && j < w) ? a->glast[(b * E + c0 + j) * N + m] : 0.f;
+        }
+        for (int64_t t0 = ((L - 1) / K) * K; t0 >= 0 && L > 0; t0 -= K) {
+            const int64_t len = min64(K, L - t0);
+            gather(&a->B, b, t0, len, 0, N, s->Bt, N);
+            gather(&a->C, b, t0, len, 0, N, s->Ct, N);
+            memset(s->dB_lanes, 0, len * N * W * sizeof(float));
+            memset(s->dC_lanes, 0, len * N * W * sizeof(float));
+            for (int64_t tile = first; tile < end; tile++) {
+                if (tile + 1 < end) {
+                    const View *next[] = {&a->u, &a->delta, &a->gout, &a->z};
+                    for (int v = 0; v < 4; v++) prefetch_tile(next[v], b, t0, len, (tile + 1) * W);
+                }
+                backward_tile(a, s, tile - first, b, tile, t0, len, N);
+            }
+            for (int64_t i = 0; i < len; i++) {
+                for (int64_t m = 0; m < N; m++) {
+                    const float *bl = s->dB_lanes + (i * N + m) * W, *cl = s->dC_lanes + (i * N + m) * W;
+                    float sb = 0.f, sc = 0.f;
+                    for (int64_t j = 0; j < W; j++) {
+                        sb += bl[j];
+                        sc += cl[j];
+                    }
+                    dB_part[(t0 + i) * N + m] += sb;
+                    dC_part[(t0 + i) * N + m] += sc;
+                }
+            }
+        }
+        for (int64_t tile = first; tile < end; tile++) {
+            const int64_t c0 = tile * W, w = min64(W, E - c0), slot = tile - first;
+            for (int64_t j = 0; j < w; j++) {
+                for (int64_t m = 0; m < N; m++) a->dA[(b * E + c0 + j) * N + m] = s->dA[(slot * N + m) * W + j];
+                a->dD[b * E + c0 + j] = s->dD[slot * W + j];
+                a->dbias[b * E + c0 + j] = s->dbias[slot * W + j];
+            }
+        }
+        item += n;
+    }
+}
+
+/* ----------------------------------------------------------------- driver */
 
 typedef struct {
     const ScanArgs *a;
-    int64_t lo, hi;
-    int backward, status;
-    Scratch s;
-} Work;
+    void *scratch;                /* FwdScratch[n] or BwdScratch[n] */
+} Call;
 
-/* N = 16 (Mamba's default) gets its own copy with the state width known at compile time. */
-static void forward_range(Work *w) {
-    const int64_t N = w->a->n_state;
-    for (int64_t r = w->lo; r < w->hi; r++) {
-        if (N == 16) forward_row(w->a, r, 16);
-        else forward_row(w->a, r, N);
-    }
+static void forward_task(void *ctx, int64_t k, int64_t n) {
+    const Call *c = ctx;
+    FwdScratch *s = (FwdScratch *)c->scratch + k;
+    if (c->a->n_state == 16) forward_share(c->a, s, k, n, 16);   /* Mamba's N, known at compile time */
+    else forward_share(c->a, s, k, n, c->a->n_state);
 }
 
-static void backward_range(Work *w) {
-    const ScanArgs *a = w->a;
-    const int64_t N = a->n_state, K = a->chunk, L = a->length, D = a->d_inner;
-    Scratch *s = &w->s;
-    s->b_first = w->lo / D;
-    s->b_last = (w->hi - 1) / D;
-    s->first_shared = (w->lo % D != 0) || (w->hi < (s->b_first + 1) * D);
-    s->last_shared = s->b_last != s->b_first && (w->hi % D != 0);
-    s->h = malloc(((K + 1) * N + K * N + SCRATCH_K_ARRAYS * K) * sizeof(float));
-    if (s->first_shared || s->last_shared) s->dB_shared = calloc(4 * L * N + 1, sizeof(float));
-    if (!s->h || ((s->first_shared || s->last_shared) && !s->dB_shared)) {
-        free(s->h);
-        w->status = 1;
-        return;
-    }
-    s->decay = s->h + (K + 1) * N;
-    s->dt = s->decay + K * N;
-    s->dtu = s->dt + K;
-    s->dsp = s->dtu + K;
-    s->gy = s->dsp + K;
-    s->gB = s->gy + K;
-    s->ddt = s->gB + K;
-    s->dC_shared = s->dB_shared + 2 * L * N;
-    for (int64_t r = w->lo; r < w->hi; r++) {
-        if (N == 16) backward_row(a, r, 16, s);
-        else backward_row(a, r, N, s);
-    }
-    free(s->h);
+static void backward_task(void *ctx, int64_t k, int64_t n) {
+    const Call *c = ctx;
+    BwdScratch *s = (BwdScratch *)c->scratch + k;
+    if (c->a->n_state == 16) backward_share(c->a, s, k, n, 16);
+    else backward_share(c->a, s, k, n, c->a->n_state);
 }
 
-static void *work_main(void *p) {
-    Work *w = p;
-    if (w->backward) backward_range(w);
-    else forward_range(w);
-    return NULL;
+static int64_t n_tasks(const ScanArgs *a) {
+    const int64_t items = a->batch * ((a->d_inner + W - 1) / W);
+    return a->n_threads < items ? (a->n_threads < 1 ? 1 : a->n_threads) : items;
 }
 
-static void add_into(float *dst, const float *src, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) dst[i] += src[i];
-}
-
-static int run(const ScanArgs *a, int backward) {
-    const int64_t rows = a->batch * a->d_inner, LN = a->length * a->n_state;
-    int64_t nt = a->n_threads < rows ? a->n_threads : rows;
-    if (nt < 1) nt = 1;
-    Work *work = calloc(nt, sizeof(Work));
-    if (!work) return 1;
-    for (int64_t k = 0; k < nt; k++) {
-        work[k] = (Work){.a = a, .lo = rows * k / nt, .hi = rows * (k + 1) / nt, .backward = backward};
+/* carve `count` arrays of the given float sizes out of one block */
+static float *carve(float *p, float **slots[], const int64_t sizes[], int count) {
+    for (int i = 0; i < count; i++) {
+        *slots[i] = p;
+        p += sizes[i];
     }
-#ifdef _OPENMP
-    /* Built with -fopenmp only when torch's libgomp is already in the process: this library then
-     * binds to that same libgomp, so the shares run on torch's own worker threads. Threads of our
-     * own would compete for the cores with those workers, which spin for a few ms after every
-     * torch op before they sleep (2x slower at the Mamba model's shapes). A team smaller than nt
-     * just runs several shares per thread: the split, and so the result, stays the same. */
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-    for (int64_t k = 0; k < nt; k++) work_main(&work[k]);
-#else
-    pthread_t *threads = calloc(nt, sizeof(pthread_t));
-    int *started = calloc(nt, sizeof(int));
-    if (!threads || !started) {
-        free(work); free(threads); free(started);
+    return p;
+}
+
+int ssm_scan_forward(const ScanArgs *a) {
+    const int64_t nt = n_tasks(a), K = a->chunk, N = a->n_state, tiles = (a->d_inner + W - 1) / W;
+    if (a->batch * a->d_inner == 0) return 0;
+    const int64_t per = tiles * N * W + tiles * PARAMS + 5 * K * W + 2 * K * N;
+    FwdScratch *s = calloc(nt, sizeof(FwdScratch));
+    float *block = malloc(nt * per * sizeof(float));
+    if (!s || !block) {
+        free(s); free(block);
         return 1;
     }
-    for (int64_t k = 1; k < nt; k++) started[k] = pthread_create(&threads[k], NULL, work_main, &work[k]) == 0;
-    work_main(&work[0]);
-    for (int64_t k = 1; k < nt; k++) {
-        if (started[k]) pthread_join(threads[k], NULL);
-        else work_main(&work[k]);  /* no thread to be had: do its share here */
-    }
-    free(threads); free(started);
-#endif
-    int status = 0;
     for (int64_t k = 0; k < nt; k++) {
-        Scratch *s = &work[k].s;
-        status |= work[k].status;
-        if (backward && !work[k].status) {
-            /* in thread order, so the sum does not depend on scheduling */
-            if (s->first_shared) {
-                add_into(a->dBt + s->b_first * LN, s->dB_shared, LN);
-                add_into(a->dCt + s->b_first * LN, s->dC_shared, LN);
-            }
-            if (s->last_shared) {
-                add_into(a->dBt + s->b_last * LN, s->dB_shared + LN, LN);
-                add_into(a->dCt + s->b_last * LN, s->dC_shared + LN, LN);
-            }
-        }
-        free(s->dB_shared);
+        float **slots[] = {&s[k].h, &s[k].params, &s[k].u, &s[k].dt, &s[k].dtu, &s[k].z, &s[k].y, &s[k].Bt,
+                           &s[k].Ct};
+        const int64_t sizes[] = {tiles * N * W, tiles * PARAMS, K * W, K * W, K * W, K * W, K * W, K * N, K * N};
+        carve(block + k * per, slots, sizes, 9);
     }
-    free(work);
+    Call c = {a, s};
+    const int status = run_tasks(forward_task, &c, nt);
+    free(block); free(s);
     return status;
 }
 
-int ssm_scan_forward(const ScanArgs *a) { return run(a, 0); }
-
-int ssm_scan_backward(const ScanArgs *a) { return run(a, 1); }
+int ssm_scan_backward(const ScanArgs *a) {
+    const int64_t nt = n_tasks(a), K = a->chunk, N = a->n_state, L = a->length, E = a->d_inner;
+    const int64_t tiles = (E + W - 1) / W;
+    if (a->batch * E == 0) return 0;
+    BwdScratch *s = calloc(nt, sizeof(BwdScratch));
+    float **blocks = calloc(nt, sizeof(float *));
+    int status = !s || !blocks;
+    for (int64_t k = 0; k < nt && !status; k++) {
+        const Share sh = share_of(a, k, nt);
+        const int64_t b_first = sh.lo / tiles, b_count = sh.hi > sh.lo ? (sh.hi - 1) / tiles - b_first + 1 : 0;
+        float **slots[] = {&s[k].h, &s[k].decay, &s[k].dB_lanes, &s[k].dC_lanes, &s[k].Bt, &s[k].Ct,
+                           &s[k].params, &s[k].carry, &s[k].dA, &s[k].dD, &s[k].dbias, &s[k].dB_part, &s[k].dC_part,
+                           &s[k].u, &s[k].dt, &s[k].dtu, &s[k].dsp, &s[k].z, &s[k].gate, &s[k].g,
+                           &s[k].gy, &s[k].y, &s[k].du, &s[k].dd};
+        const int64_t sizes[] = {(K + 1) * N * W, K * N * W, K * N * W, K * N * W, K * N, K * N,
+                                 tiles * PARAMS, tiles * N * W, tiles * N * W, tiles * W, tiles * W, b_count * L * N,
+                                 b_count * L * N, K * W, K * W, K * W, K * W, K * W, K * W, K * W, K * W,
+                                 K * W, K * W, K * W};
+        const int count = sizeof sizes / sizeof sizes[0];
+        int64_t total = 0;
+        for (int i = 0; i < count; i++) total += sizes[i];
+        blocks[k] = calloc(total, sizeof(float));
+        status = blocks[k] == NULL;
+        if (!status) carve(blocks[k], slots, sizes, count);
+        s[k].b_first = b_first;
+    }
+    if (!status) {
+        Call c = {a, s};
+        status = run_tasks(backward_task, &c, nt);
+    }
+    if (!status) {
+        /* dB, dC: the tasks' partial sums, added in task order */
+        for (int64_t b = 0; b < a->batch; b++)
+            for (int64_t t = 0; t < L; t++)
+                for (int64_t m = 0; m < N; m++) {
+                    a->dB.data[b * a->dB.sb + t * a->dB.st + m * a->dB.sc] = 0.f;
+                    a->dC.data[b * a->dC.sb + t * a->dC.st + m * a->dC.sc] = 0.f;
+                }
+        for (int64_t k = 0; k < nt; k++) {
+            const Share sh = share_of(a, k, nt);
+            if (sh.hi <= sh.lo) continue;
+            for (int64_t b = s[k].b_first; b <= (sh.hi - 1) / tiles; b++) {
+                const float *pb = s[k].dB_part + (b - s[k].b_first) * L * N;
+                const float *pc = s[k].dC_part + (b - s[k].b_first) * L * N;
+                for (int64_t t = 0; t < L; t++)
+                    for (int64_t m = 0; m < N; m++) {
+                        a->dB.data[b * a->dB.sb + t * a->dB.st + m * a->dB.sc] += pb[t * N + m];
+                        a->dC.data[b * a->dC.sb + t * a->dC.st + m * a->dC.sc] += pc[t * N + m];
+                    }
+            }
+        }
+    }
+    for (int64_t k = 0; s && blocks && k < nt; k++) free(blocks[k]);
+    free(blocks); free(s);
+    return status;
+}

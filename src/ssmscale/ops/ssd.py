@@ -1,0 +1,80 @@
+"""Public entry point of Mamba-2's SSD layer: argument checks and the choice of implementation.
+
+    y = ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, initial_state=None,
+            return_final_state=False, chunk_size=64, impl="auto")
+
+Semantics and layout: `ssd_ref.ssd_ref` (the definition). Implementations:
+- "ref": the sequential loop (slow; the tests' yardstick);
+- "chunked": the chunked matrix form (ssd_chunked.py), pure PyTorch, any device;
+- "fused": the C kernel for the CPU (ssd_cpu.c), when a C compiler is there;
+- "auto": "fused" for CPU tensors where it is available, else "chunked".
+Returns y, or (y, final_state) with return_final_state; final_state is (batch, heads, head_dim, d_state), fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ssd_cpu
+from .ssd_chunked import DEFAULT_CHUNK, ssd_chunked
+from .ssd_ref import ssd_ref
+
+IMPLS = {"ref": ssd_ref, "chunked": ssd_chunked, "fused": ssd_cpu.ssd_fused}
+
+
+def available_ssd_impls(device: str = "cpu") -> list[str]:
+    """The implementations that can run on `device` in this process, fastest first."""
+    fused = ["fused"] if device == "cpu" and ssd_cpu.available() else []
+    return fused + ["chunked", "ref"]
+
+
+def resolve_ssd_impl(impl: str, device: str = "cpu") -> str:
+    """The implementation `impl` names on `device` ("auto": the fastest available there)."""
+    if impl == "auto":
+        return available_ssd_impls(device)[0]
+    if impl not in IMPLS:
+        raise ValueError(f"impl: unknown SSD implementation {impl!r}; known: auto, {', '.join(IMPLS)}")
+    if impl not in available_ssd_impls(device):
+        why = ssd_cpu.unavailable_reason() if device == "cpu" else f"it runs on the CPU only"
+        raise ValueError(f"impl: {impl!r} is not available on {device} in this process ({why})")
+    return impl
+
+
+def _check_args(x, dt, A, B, C, D, dt_bias, initial_state, chunk_size):
+    tensors = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, initial_state=initial_state)
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected shape (batch, L, heads, head_dim), got {tuple(x.shape)}")
+    batch, length, heads, p = x.shape
+    if B.dim() != 4 or B.shape[:2] != (batch, length) or heads % B.shape[2]:
+        raise ValueError(f"B: expected shape (batch={batch}, L={length}, groups dividing {heads} heads, "
+                         f"d_state), got {tuple(B.shape)}")
+    groups, n = B.shape[2], B.shape[3]
+    expected = {"dt": (batch, length, heads), "A": (heads,), "C": (batch, length, groups, n),
+                "dt_bias": (heads,), "initial_state": (batch, heads, p, n)}
+    for name, shape in expected.items():
+        t = tensors[name]
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if D is not None and tuple(D.shape) not in ((heads,), (heads, p)):
+        raise ValueError(f"D: expected shape ({heads},) or ({heads}, {p}), got {tuple(D.shape)}")
+    devices = {t.device for t in tensors.values() if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"x: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
+
+
+def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, initial_state=None,
+        return_final_state=False, chunk_size=DEFAULT_CHUNK, impl="auto"):
+    """SSD with the semantics of ssd_ref; returns y, or (y, final_state) when asked."""
+    _check_args(x, dt, A, B, C, D, dt_bias, initial_state, chunk_size)
+    return IMPLS[resolve_ssd_impl(impl, x.device.type)](x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                         initial_state=initial_state, return_final_state=return_final_state,
+                                         chunk_size=chunk_size)
