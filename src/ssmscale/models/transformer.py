@@ -88,8 +88,9 @@ class CausalSelfAttention(nn.Module):
         b, L, _ = x.shape
         qkv = self.qkv(x).view(b, L, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         offset = cache.pos if cache is not None else 0
-        q, k = rotate_qk(qkv[:2], offset, self.rope_base)
-        v = qkv[2]
+        qk, v = qkv.split([2, 1])       # (split's backward is one cat; slicing would zero-fill twice)
+        q, k = rotate_qk(qk, offset, self.rope_base)
+        v = v[0]
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
