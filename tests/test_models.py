@@ -11,6 +11,7 @@ from ssmscale.flops import param_counts
 from ssmscale.models import FAMILIES, LM, ModelConfig
 from ssmscale.models.config import default_attn_layers
 from ssmscale.models.sizing import ASPECT_BAND, ladder_shapes, shape_for
+from ssmscale.models.transformer import apply_rotary, rotary_tables, rotate_qk
 
 FAMS = list(FAMILIES)
 # every layer kind and option that changes the code path: the hybrid over Mamba-1, Mamba-2 with groups
@@ -260,3 +261,21 @@ def test_sizing_reproduces_gpt3_small_shape():
 def test_unknown_family_is_rejected():
     with pytest.raises(ValueError, match="family: unknown model family 'rnn'"):
         ModelConfig(family="rnn", d_model=64, n_layer=2)
+
+
+@pytest.mark.parametrize("batch, heads, length, head_dim, offset", [(1, 2, 7, 8, 0), (2, 3, 33, 16, 5),
+                                                                    (3, 1, 64, 32, 100), (1, 4, 1, 16, 250)])
+def test_rotary_on_q_and_k_at_once_equals_the_reference_in_outputs_and_gradients(batch, heads, length, head_dim,
+                                                                                  offset):
+    base = 500.0 + length          # a base no other test used: the table cache is built here
+    qk = torch.randn(2, batch, heads, length, head_dim, requires_grad=True)
+    grad = torch.randn(2, batch, heads, length, head_dim)
+    with torch.inference_mode():   # tables first built in inference mode must still serve training
+        rotate_qk(torch.randn(2, 1, 1, 3, head_dim), 0, base)
+    cos, sin = rotary_tables(length, head_dim, base, "cpu", offset)
+    ref = torch.stack([apply_rotary(qk[0], cos, sin), apply_rotary(qk[1], cos, sin)])
+    (g_ref,) = torch.autograd.grad(ref, qk, grad)
+    out = rotate_qk(qk, offset, base)
+    (g_out,) = torch.autograd.grad(out, qk, grad)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-6, atol=1e-6)
