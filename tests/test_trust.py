@@ -83,7 +83,7 @@ def test_threshold_backtest_predicts_the_runs_above_it(tmp_path):
     assert result["backtest"]["mode"] == "threshold"
     assert bt["n_held_out"] == 7 and bt["n_fit"] == 28
     assert bt["parametric"]["mean_are"] < 0.01 and len(bt["parametric"]["runs"]) == 7
-    assert all(r["flops"] > 2e16 for r in bt["parametric"]["runs"])
+    assert all(r["flops"] > 2e16 for r in bt["parametric"]["runs"]) and bt["flags"] == []
     assert "predicts the 7 runs above it" in fit.format_fit(result)
 
 
