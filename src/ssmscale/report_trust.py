@@ -51,6 +51,7 @@ def _backtest_section(fit: dict) -> list[str]:
     if bt["mode"] == "threshold":
         for name, fam in fit["families"].items():
             out += [f"- **{name}**: {line}." for line in threshold_lines(fam, ci)]
+            out += [f"- **FLAG**: {flag}." for flag in fam.get("backtest", {}).get("flags", [])]
         return out + [""]
     out += [f"Each law is refitted on the budgets below the largest (then below the k largest, while 3 remain) and "
             f"predicts the budgets left out. ARE = |predicted - observed| / observed; reference points: about 4% is "

@@ -53,7 +53,7 @@ fit.json (written by `fit_path` / `fit_study`):
   "dropped":   {"exact_duplicates": n, "status_not_ok": {status: count}, "invalid_values": n,
                 "other_learning_rates": n, "seed_duplicates_averaged": n},
   "notes":     [str, ...],                      # data handling and warnings, as printed
-  "settings":  {"n_boot", "seed", "ci", "huber_delta", "n_jobs", "flops_convention", "grouping",
+  "settings":  {"n_boot", "seed", "ci", "huber_delta", "flops_convention", "grouping",
                 "bootstrap", "warm_starts", "crossover_search_factor", "min_runs_per_budget"},
   "families":  {name: {
       "n_runs", "n_budgets", "flops_range": [lo, hi],

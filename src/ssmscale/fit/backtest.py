@@ -21,6 +21,7 @@ Approach 3 are refitted on the rest from the same starts as the main fit. Each h
 
 Threshold backtest (`holdout_above`): Approach 3 refitted on the runs at or below the threshold predicts
 every run above it (ARE per run, mean / median / max, and how many lie inside their prediction interval).
+FLAGGED when so few are inside that a law with honest intervals would do that rarely (binomial, p < 0.01).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+from scipy.stats import binom
 
 from .approach2 import budget_vertex
 from .approach3 import parametric_loss
@@ -38,6 +40,7 @@ from .text import fmt_value
 
 BACKTESTED = ("frontier", "approach2", "parametric")
 MIN_KEPT_BUDGETS = 3
+UNDERCOVERAGE_P = 0.01          # threshold backtest: flag coverage this unlikely under the nominal rate
 
 
 def holdout_counts(runs: FamilyRuns) -> list[int]:
@@ -254,7 +257,13 @@ def threshold_backtest(families: dict, threshold: float, *, delta, grid, pool, n
                              "flops": float(held.flops[i]), **v})
         ares = np.array([r["are"] for r in runs_out])
         checked = [r["covered"] for r in runs_out if r["covered"] is not None]
-        out[name] = {"threshold": threshold, "n_fit": len(kept), "n_held_out": len(held),
+        flags = []
+        if checked and binom.cdf(sum(checked), len(checked), ci) < UNDERCOVERAGE_P:
+            flags.append(f"parametric fitted on the runs at or below {fmt_value(threshold)} FLOPs: only "
+                         f"{sum(checked)}/{len(checked)} runs above it lie inside their {ci:.0%} prediction intervals "
+                         f"(p = {binom.cdf(sum(checked), len(checked), ci):.2g} for intervals that hold): this law "
+                         f"did not extrapolate with the confidence it claims")
+        out[name] = {"threshold": threshold, "n_fit": len(kept), "n_held_out": len(held), "flags": flags,
                      "parametric": {"mean_are": float(ares.mean()), "median_are": float(np.median(ares)),
                                     "max_are": float(ares.max()), "covered": sum(checked), "checked": len(checked),
                                     "fit": {k: float(fit[k]) for k in ("E", "A", "B", "alpha", "beta")},

@@ -103,7 +103,7 @@ def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
         "source": loaded.source,
         "dropped": loaded.dropped,
         "notes": list(loaded.notes),
-        "settings": {"n_boot": n_boot, "seed": seed, "ci": ci, "huber_delta": delta, "n_jobs": n_jobs,
+        "settings": {"n_boot": n_boot, "seed": seed, "ci": ci, "huber_delta": delta,
                      "flops_convention": FLOPS_CONVENTION, "grouping": loaded.grouping,
                      "parametric_grid": ("Chinchilla 4,500-point grid" if len(grid) == 4500 and
                                          np.array_equal(grid, laws._CHINCHILLA_GRID_REF) else f"grid of {len(grid)} starts"),
@@ -119,7 +119,9 @@ def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
                       "crossover": _crossovers(point, samples, ci, key="wallclock")},
         "seed_noise": seed_gaps(point),
         "backtest": _backtest_block(mode, tested, holdout_above, loaded, backtest),
-        "timing": {"point_estimates_s": round(t_point, 3), "bootstrap_s": round(t_boot, 3),
+        # worker processes sit here, not in settings: the results do not depend on them, so fit.json is the
+        # same on machines with other core counts
+        "timing": {"n_jobs": n_jobs, "point_estimates_s": round(t_point, 3), "bootstrap_s": round(t_boot, 3),
                    "backtest_s": round(t_test, 3), "total_s": round(time.perf_counter() - t0, 3),
                    "cpu_s": round(_cpu_seconds() - cpu0, 3)},
     }

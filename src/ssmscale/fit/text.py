@@ -201,9 +201,9 @@ def format_fit(result: dict) -> str:
         lines += ["", "wall clock:", f"  {wallclock_statement(result)}"]
     s = result["settings"]
     lines.append("")
-    lines.append(f"bootstrap: {s['n_boot']} resamples, seed {s['seed']}, {s['n_jobs']} processes")
+    lines.append(f"bootstrap: {s['n_boot']} resamples, seed {s['seed']}")
     t = result.get("timing")
     if t:
-        lines.append(f"fit time {t['point_estimates_s']:.1f} s point estimates + {t['bootstrap_s']:.1f} s bootstrap "
+        lines.append(f"fit time on {t['n_jobs']} processes: {t['point_estimates_s']:.1f} s point estimates + {t['bootstrap_s']:.1f} s bootstrap "
                      f"+ {t.get('backtest_s', 0.0):.1f} s backtest (wall; {t['cpu_s']:.1f} s CPU over all processes)")
     return "\n".join(lines)
