@@ -168,7 +168,7 @@ def test_report_says_how_far_to_trust_it_and_rewrites_the_same_bytes(tmp_path, m
     monkeypatch.setattr(report, "fit_runs", _no_refit)
     md = report.write_report(study, tmp_path / "a").read_text()
     for text in ("### Backtest: do the laws predict budgets they were not fitted on?", "| 1 largest | 3e+14 | frontier |",
-                 "### Seed noise beside the family gaps", "| mamba | 3e+14 |", "![position.png](position.png)",
+                 "### Seed noise beside the family gaps", "| mamba | 3e14 |", "![position.png](position.png)",
                  "context gain (nats)", "![wallclock.png](wallclock.png)", "**Verdict**: At equal pure training time on",
                  "holds for that machine", "| mamba | 1 (envelope) |", "Approach 1 caveat", "| approach1 | a |"):
         assert text in md, text

@@ -76,7 +76,8 @@ def device_description(device: str = "cpu") -> str:
     import torch
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(torch.device(device))} (GPU; host {cpu_model()})"
-    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({cpu_model()}, {threads} thread{'' if threads == 1 else 's'})"
 
 
 def provenance(device: str = "cpu") -> dict:

@@ -27,7 +27,7 @@ def trust_sections(study: Path, loaded: LoadedRuns, fit: dict, colors: dict, fig
     lines = ["## How far to trust it", ""]
     figures = {}
     lines += _backtest_section(fit)
-    lines += _seed_section(fit)
+    lines += _seed_section(fit, sci)
     by_position = _best_run_positions(study, loaded)
     if by_position:
         figures["position.png"] = position_figure(by_position, colors, figure, sci)
@@ -86,7 +86,7 @@ def _backtest_section(fit: dict) -> list[str]:
     return out
 
 
-def _seed_section(fit: dict) -> list[str]:
+def _seed_section(fit: dict, sci) -> list[str]:
     out = ["### Seed noise beside the family gaps", ""]
     lines = seed_gap_lines(fit)
     configs = [(name, c) for name, fam in fit["families"].items()
@@ -103,7 +103,7 @@ def _seed_section(fit: dict) -> list[str]:
     out += ["| family | budget | params | seeds | losses | spread | sd |", "|---|---|---|---|---|---|---|"]
     for name, c in configs:
         losses = ", ".join(f"{v:.4f}" for v in c["losses"])
-        out.append(f"| {name} | {fmt_value(c['budget'])} | {int(c['params']):,} | {c['n_seeds']} | {losses} | "
+        out.append(f"| {name} | {sci(c['budget'])} | {int(c['params']):,} | {c['n_seeds']} | {losses} | "
                    f"{c['spread']:.4f} | {c['sd']:.4f} |")
     return out + [""]
 
@@ -165,7 +165,9 @@ def _position_section(by_position: dict, sci) -> list[str]:
     out += ["![position.png](position.png)", "",
             "Validation loss at each position of the window (log x), for each family's best run at each budget. "
             "Context gain: mean loss over the first 10% of positions minus over the last 10% (higher: the model "
-            "gains more from the context it has seen).", "",
+            "gains more from the context it has seen). Every run is scored on the same windows, so what the text "
+            "happens to hold at a position moves all curves alike: compare the families at a position, and read "
+            "one curve's shape with that in mind (the fewer validation windows, the more it shows).", "",
             "| family | budget | best run params | seeds | context gain (nats) | loss, first 10% | loss, last 10% |",
             "|---|---|---|---|---|---|---|"]
     for name, rows in sorted(by_position.items()):
