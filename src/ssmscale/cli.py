@@ -370,8 +370,10 @@ def _positive_ints(text: str, flag: str, hi: int = limits.MAX_COUNT) -> list[int
         values = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}") from None
-    if not values or min(values) < 1 or max(values) > hi:
-        raise UserError(f"{flag}: expected comma-separated positive integers up to {hi}, got {text!r}")
+    if not values or min(values) < 1:
+        raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}")
+    if max(values) > hi:
+        raise UserError(f"{flag}: {max(values)} is more than {hi}, ssmscale's bound on what can exist (limits.py)")
     return values
 
 
