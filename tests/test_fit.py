@@ -325,3 +325,16 @@ def test_an_irreducible_loss_driven_to_zero_is_flagged():
     assert len(flagged) == 1 and flagged[0].startswith("parametric: E = 5e-08")
     fam["parametric"] = block(0.8)  # a real E, well inside the loss scale: no note
     assert not any("driven to zero" in n for n in fit.fit_notes(fam))
+
+
+def test_single_threaded_runs_are_timed_by_their_cpu_seconds(tmp_path):
+    """Wall seconds of a 1-thread run grow with other load on the machine; its CPU seconds do not."""
+    rows = pd.DataFrame({"params": [1e5, 2e5], "tokens": [1e6, 1e6], "loss": [2.0, 1.9], "threads": [1, 1],
+                         "train_s": [50.0, 90.0], "train_cpu_s": [20.0, 41.0]})
+    rows.to_csv(tmp_path / "one.csv", index=False)
+    loaded = fit.load_runs(tmp_path / "one.csv")
+    assert list(loaded.table["train_s"]) == [20.0, 41.0] and loaded.source["time_basis"] == "train_cpu_s"
+    assert any("CPU seconds" in n for n in loaded.notes)
+    rows.assign(threads=[1, 2]).to_csv(tmp_path / "mixed.csv", index=False)     # then wall seconds stay
+    loaded = fit.load_runs(tmp_path / "mixed.csv")
+    assert list(loaded.table["train_s"]) == [50.0, 90.0] and loaded.source["time_basis"] == "train_s"

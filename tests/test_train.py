@@ -127,7 +127,7 @@ def test_a_run_spends_its_budget_and_records_provenance(tmp_path, family, capsys
     logged = [row.split(",")[-1] for row in rows[1:]]
     assert sum(bool(v) for v in logged) == len(curve["step"])
     assert float(logged[-1]) == pytest.approx(curve["loss"][-1], abs=1e-6)
-    assert train_s_excludes_validation(r)
+    assert train_s_excludes_validation(r) and on_disk["train_cpu_s"] > 0
 
 
 def train_s_excludes_validation(r) -> bool:

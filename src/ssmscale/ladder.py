@@ -43,6 +43,7 @@ RESULT_COLUMNS = [
     "sweep", "flops", "flops_per_token", "ratio_to_6n", "tokens", "steps", "lr", "lr_source", "seed", "seq_len",
     "batch_size", "loss", "bpb", "val_accuracy", "status", "message", "flags", "wall_s", "tokens_per_s",
     "config_hash", "data_fingerprint", "commit", "device", "versions", "flops_convention", "threads", "train_s",
+    "train_cpu_s",
     "context_gain",
 ]
 

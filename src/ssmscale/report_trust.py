@@ -211,7 +211,8 @@ def wallclock_figure(loaded: LoadedRuns, fit: dict, colors: dict, figure):
                 ax.axvline(c["flops"]["value"], color="black", ls="-.", lw=1,
                            label=f"crossover: {c['lower_above']} lower beyond {fmt_value(c['flops']['value'])} s")
     ax.set_xscale("log")
-    ax.set_xlabel("pure training time (s): optimiser steps only")
+    ax.set_xlabel("CPU time of the training steps (s), 1 thread per run" if fit["wallclock"].get("time_basis") ==
+                  "train_cpu_s" else "pure training time (s): optimiser steps only")
     ax.set_ylabel("validation loss (nats/token)")
     devices = fit["wallclock"].get("devices") or ["device not recorded"]
     ax.set_title("Loss against training time on " + "; ".join(devices) + "\nbold: runs no faster run beats "

@@ -9,7 +9,9 @@ the same batches and both families see the same tokens in the same order. Valida
 held-out token set and reports nats/token, bits/byte and the mean loss at each position of the window
 (does the model use its context?). `eval_points` more validations at log-spaced steps, on one fixed
 subset of that set, give the loss curve Chinchilla's Approach 1 needs. `train_s` is pure training time:
-the optimiser steps only, no start-up, validation or checkpointing. A NaN/inf loss ends the run as `diverged`.
+the optimiser steps only, no start-up, validation or checkpointing; `train_cpu_s` is the CPU time the
+process spent in those steps (for a 1-thread run: its training time on a core of its own, whatever else
+the machine was doing). A NaN/inf loss ends the run as `diverged`.
 
 Several devices (`train.devices`, `train.strategy: ddp`): `batch_size` is the global batch; each rank
 trains on its rows of it, the logged loss is the mean over all ranks, and only rank 0 evaluates and
@@ -329,6 +331,7 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
         def __init__(self):
             self.path = out_dir / "metrics.csv"
             self.train_time = 0.0
+            self.train_cpu = 0.0       # CPU seconds of this process in the same steps (every thread's)
             self.points = set(point_steps)
             self.curve: list[tuple[int, float]] = []    # (step, subset loss) of the eval points so far
             self._t0 = None
@@ -356,10 +359,12 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
             self._start = time.perf_counter()
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self._c0 = time.process_time()
             self._t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             self.train_time += time.perf_counter() - self._t0      # before any validation: not training time
+            self.train_cpu += time.process_time() - self._c0
             module.log("loss", module.last_loss, prog_bar=True, logger=False)
             if not trainer.is_global_zero:
                 return
@@ -574,6 +579,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
         "final_train_loss": module.last_loss,
         "lr": t.lr, "seq_len": t.seq_len, "batch_size": t.batch_size, "seed": cfg.seed,
         "wall_s": round(wall, 3), "train_s": round(monitor.train_time, 3),
+        "train_cpu_s": round(monitor.train_cpu, 3),
         "tokens_per_s": ((steps_done - resume_step) * tokens_per_step / monitor.train_time
                          if monitor.train_time > 0 else float("nan")),
         "resumed_from_step": resume_step,

@@ -158,7 +158,9 @@ def wallclock_statement(result: dict) -> str:
     if len(threads) > 1:
         where += f" (runs trained with different thread counts: {', '.join(map(str, threads))})"
     parts = [p["statement"] for p in wc.get("crossover", {}).get("pairs", [])]
-    return (f"At equal pure training time {where}: " + "; ".join(parts) + ". This verdict holds for that machine, "
+    what = ("CPU time of single-threaded training steps" if wc.get("time_basis") == "train_cpu_s"
+            else "pure training time")
+    return (f"At equal {what} {where}: " + "; ".join(parts) + ". This verdict holds for that machine, "
             "its thread count and its load only: another CPU or a GPU changes FLOPs per second, per family and size.")
 
 
