@@ -291,3 +291,19 @@ def test_noise_seeds_added_to_a_finished_study_retrain_only_each_best_run_with_t
         assert best.loss not in set(extra.loss)          # another seed, another loss
     with pytest.raises(UserError, match="noise_seeds: 0 is already one of the seeds"):
         validate(LadderConfig, micro(tmp_path, noise_seeds=[0]), "x")
+
+
+def test_parallel_local_runs_share_the_cores_and_give_the_serial_numbers(tmp_path):
+    """`parallel: 2`: two worker processes at once, each sized to half the cores; with 1 thread per run
+    (pinned, so that the check holds on any machine) the same losses as one run at a time."""
+    one_thread = {**micro(tmp_path)["train"], "num_threads": 1}
+    serial = run_ladder(str(write_cfg(tmp_path, micro(tmp_path, train=one_thread))), out=str(tmp_path / "serial"),
+                        progress=False)
+    pooled = run_ladder(str(write_cfg(tmp_path, micro(tmp_path, train=one_thread, parallel=2), "pooled.yaml")),
+                        out=str(tmp_path / "pooled"), progress=False)
+    a, b = (_results(s).set_index("run_id").sort_index() for s in (serial, pooled))
+    assert len(b) == 8 and set(b.status) == {"ok"} and list(a.index) == list(b.index)
+    assert (a.loss == b.loss).all()                       # 1 thread either way: bit-identical
+    assert set(b.threads) == {1} and (b.train_cpu_s > 0).all()
+    from ssmscale.ladder import thread_share
+    assert thread_share(validate(LadderConfig, micro(tmp_path, parallel=2), "x"), "inprocess") == (2, None)

@@ -260,6 +260,9 @@ class LadderConfig(_Strict):
     model: ModelDefaults = ModelDefaults()
     train: TrainConfig = TrainConfig()
     executor: Literal["local", "submitit"] = "local"
+    # local executor: runs trained at once, each in a worker process that lives for the whole ladder
+    # (threads per run: the cores / parallel, threads.py)
+    parallel: Annotated[int, Field(gt=0, le=1024)] = 1
     submitit: SubmititConfig = SubmititConfig()
     fit: bool = True                       # fit scaling laws and write the report when the ladder ends
 

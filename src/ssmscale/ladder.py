@@ -329,7 +329,8 @@ def _fixed_part(cfg: LadderConfig) -> dict:
     """What must not change between restarts of one study (the grid itself may grow)."""
     d = cfg.model_dump(mode="json")
     for key in ("families", "budgets", "sizes", "widths", "sweep", "lrs", "seeds", "noise_seeds", "lr_tune_budget",
-                "min_steps", "run_flagged", "allow_repeats", "tokens_per_param", "executor", "submitit", "fit"):
+                "min_steps", "run_flagged", "allow_repeats", "tokens_per_param", "executor", "parallel", "submitit",
+                "fit"):
         d.pop(key)
     for key in EXECUTION_KEYS:          # how runs execute, not what they compute
         d["train"].pop(key)
@@ -517,12 +518,12 @@ def _run_lock(run_dir: Path):
 def thread_share(cfg: LadderConfig, cluster: str) -> tuple[int, int | None]:
     """(runs sharing one machine's cores at a time, cap on the cores a run may count) for an executor:
     the local submitit pool runs `parallelism` runs at once on this machine; a Slurm job runs alone
-    on its allocation, counted at most `cpus_per_task`; the in-process executor ("inprocess") runs alone."""
+    on its allocation, counted at most `cpus_per_task`; the local executor ("inprocess") runs `parallel`."""
     if cluster == "local":
         return cfg.submitit.parallelism, None
     if cluster == "slurm":
         return 1, cfg.submitit.cpus_per_task
-    return 1, None
+    return cfg.parallel, None
 
 
 def _train_run(cfg, out_dir, run, progress, position, share=(1, None), announce=False):
@@ -696,6 +697,8 @@ def _report_run(bar, tally, run, res):
 
 
 def _run_local(cfg, out_dir, runs, todo, bar, tally, cluster):
+    if cfg.parallel > 1:
+        return _run_pool(cfg, out_dir, runs, todo, bar, tally)
     for run in todo:
         try:
             if cfg.train.devices > 1:     # the run needs a process of its own (see run_one)
@@ -709,6 +712,42 @@ def _run_local(cfg, out_dir, runs, todo, bar, tally, cluster):
             _write_failed(out_dir, run, res)
         _report_run(bar, tally, run, res)
         collect_results(cfg, out_dir, runs)
+
+
+def _run_pool(cfg, out_dir, runs, todo, bar, tally):
+    """`parallel` runs at once in as many worker processes, which import torch and Lightning once for the
+    whole ladder (a process per run would pay seconds of start-up each time); the costliest runs first,
+    so that a round does not end waiting on one long run. A worker that dies fails its run, not the ladder."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    from .threads import configure_waiting
+    configure_waiting()          # the workers inherit os.environ: their OpenMP threads sleep when idle
+    queue = sorted(todo, key=lambda r: -r.flops)
+    context = multiprocessing.get_context("spawn")    # never fork a process whose torch threads exist
+    with ProcessPoolExecutor(max_workers=cfg.parallel, mp_context=context) as pool:
+        pending = {}
+        while queue or pending:
+            while queue and len(pending) < cfg.parallel:
+                run = queue.pop(0)
+                pending[pool.submit(run_one, str(out_dir), run.run_id, False, cfg.parallel, None)] = run
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                run = pending.pop(fut)
+                try:
+                    res = fut.result()
+                except UserError:
+                    raise
+                except (BrokenProcessPool, Exception) as exc:
+                    res = _write_failed(out_dir, run, {"status": "failed", "message": f"{type(exc).__name__}: {exc}"})
+                    if isinstance(exc, BrokenProcessPool):    # a killed worker takes the pool with it
+                        _report_run(bar, tally, run, res)
+                        collect_results(cfg, out_dir, runs)
+                        raise UserError(f"{out_dir}: a worker process died ({exc}); run the ladder again to "
+                                        "resume") from None
+                _report_run(bar, tally, run, res)
+                collect_results(cfg, out_dir, runs)
 
 
 def _write_failed(out_dir, run, res) -> dict:
@@ -751,23 +790,39 @@ def _run_submitit(cfg, out_dir, runs, todo, bar, tally, cluster):
     collected in the order they end; a job that ends without a result is a failed run naming its log."""
     ex = _executor(cfg, out_dir, cluster)
     share = thread_share(cfg, ex.cluster)
-    ids = [r.run_id for r in todo]
     by_id = {r.run_id: r for r in todo}
-    # a local "cluster" starts every submitted job at once: submit in waves of `parallelism`
-    wave = cfg.submitit.parallelism if ex.cluster == "local" else len(ids)
-    for i in range(0, len(ids), wave):
-        chunk = ids[i:i + wave]
-        n = len(chunk)
-        jobs = ex.map_array(run_one, [str(out_dir)] * n, chunk, [False] * n, *([x] * n for x in share))
-        if ex.cluster == "slurm":
-            from tqdm.auto import tqdm
-            tqdm.write(f"Slurm job array {jobs[0].job_id.split('_')[0]}: {len(jobs)} runs, at most "
-                       f"{cfg.submitit.parallelism} at once; logs in {out_dir / 'submitit'}", file=sys.stderr)
-        for run_id, res, returned in _as_they_end(dict(zip(chunk, jobs)), slurm=ex.cluster == "slurm"):
-            if not returned:
-                res = _write_failed(out_dir, by_id[run_id], res)
-            _report_run(bar, tally, by_id[run_id], res)
-            collect_results(cfg, out_dir, runs)
+    if ex.cluster == "local":
+        # a local pool: `parallelism` runs at a time, the next starting as soon as one ends; the costliest
+        # first, so that the round does not end waiting on one long run
+        queue = sorted(by_id, key=lambda run_id: -by_id[run_id].flops)
+        pending: dict = {}
+
+        def start_next():
+            run_id = queue.pop(0)
+            pending[run_id] = ex.submit(run_one, str(out_dir), run_id, False, *share)
+
+        while queue and len(pending) < cfg.submitit.parallelism:
+            start_next()
+        for run_id, res, returned in _as_they_end(pending, slurm=False):
+            if queue:
+                start_next()
+            _end_job(cfg, out_dir, runs, bar, tally, by_id[run_id], res, returned)
+        return
+    ids = list(by_id)
+    jobs = ex.map_array(run_one, [str(out_dir)] * len(ids), ids, [False] * len(ids), *([x] * len(ids) for x in share))
+    if ex.cluster == "slurm":
+        from tqdm.auto import tqdm
+        tqdm.write(f"Slurm job array {jobs[0].job_id.split('_')[0]}: {len(jobs)} runs, at most "
+                   f"{cfg.submitit.parallelism} at once; logs in {out_dir / 'submitit'}", file=sys.stderr)
+    for run_id, res, returned in _as_they_end(dict(zip(ids, jobs)), slurm=ex.cluster == "slurm"):
+        _end_job(cfg, out_dir, runs, bar, tally, by_id[run_id], res, returned)
+
+
+def _end_job(cfg, out_dir, runs, bar, tally, run, res, returned):
+    if not returned:
+        res = _write_failed(out_dir, run, res)
+    _report_run(bar, tally, run, res)
+    collect_results(cfg, out_dir, runs)
 
 
 # Slurm job states after which a job runs no more. squeue --states=all lists them for MinJobAge (300 s by
@@ -778,13 +833,14 @@ SLURM_ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "
 RESULT_GRACE_S = 10.0     # how long a shared filesystem may take to show the result of a job that ended
 
 
-def _as_they_end(pending: dict, slurm: bool, poll_s: float = 2.0):
+def _as_they_end(pending: dict, slurm: bool, poll_s: float | None = None):
     """Yield (run_id, result, returned) for each submitit job of {run_id: job} as it ends, in the order
     they end; `returned`: the job returned the result (else it raised, or ended without one).
 
     A job's result file decides first. On Slurm the states come from squeue, not from submitit's
     watcher: it asks sacct, which clusters without an accounting database do not have, and without
     it a cancelled job would be waited for forever."""
+    poll_s = poll_s or (2.0 if slurm else 0.2)      # squeue is a request to the controller; a local poll is cheap
     ended_at: dict[str, float] = {}
     while pending:
         states = _slurm_states([job.job_id for job in pending.values()]) if slurm else None
