@@ -268,6 +268,53 @@ def test_a_tuned_rate_is_only_used_once_every_rate_of_the_grid_has_been_tried(tm
     assert [r.lr for r in plan(cfg, tuned=tuned_lrs(cfg, study)) if r.budget == 4.0e9] == [None]
 
 
+def _fake_result(study, run, status="ok", loss=None):
+    d = study / "runs" / run.run_id
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "result.json").write_text(json.dumps({"status": status, "loss": loss, "lr": run.lr, "params": run.params,
+                                               "tokens": run.tokens, "flops": run.flops}))
+
+
+def test_a_best_rate_at_the_edge_of_its_grid_widens_the_grid_until_it_is_inside(tmp_path):
+    from ssmscale.ladder import plan_study, tuned_lrs, widened_lrs
+    raw = micro(tmp_path, budgets=[2.0e9, 4.0e9], sizes=[6.0e3], families=["transformer"],
+                lrs=[1e-3, 3e-3, 1e-2], lr_tune_budget=2.0e9, lr_widen=2)
+    cfg = validate(LadderConfig, raw, "x")
+    study = tmp_path / "study"
+    key = ("transformer", "6e03", "")
+    tuning = {r.lr: r for r in plan(cfg) if r.budget == 2.0e9}
+    _fake_result(study, tuning[1e-3], loss=2.0)
+    _fake_result(study, tuning[3e-3], loss=1.9)
+    assert widened_lrs(cfg, study) == {}                  # 1e-2 has not run: nothing is known yet
+    _fake_result(study, tuning[1e-2], loss=1.8)           # best at the top edge: one grid step (3.3x) beyond
+    assert widened_lrs(cfg, study) == {key: [0.033]}
+    assert tuned_lrs(cfg, study) == {}                    # the cell stays open while 0.033 is pending
+    assert [r.lr for r in plan_study(cfg, study) if r.budget == 4.0e9] == [None]
+    new = next(r for r in plan_study(cfg, study) if r.lr == 0.033)
+    assert new.lr_source == "widened" and new.run_id.endswith("_lr0.033")
+    _fake_result(study, new, loss=1.7)                    # still the edge: once more, then the cap
+    assert widened_lrs(cfg, study) == {key: [0.033, 0.11]}
+    assert widened_lrs(cfg.model_copy(update={"lr_widen": 1}), study) == {key: [0.033]}
+    _fake_result(study, next(r for r in plan_study(cfg, study) if r.lr == 0.11), status="diverged")
+    assert widened_lrs(cfg, study) == {key: [0.033, 0.11]}     # inside now: a diverged rate is the worst
+    assert tuned_lrs(cfg, study) == {key: 0.033}
+    assert [r.lr for r in plan_study(cfg, study) if r.budget == 4.0e9] == [0.033]
+    with pytest.raises(UserError, match="lr_widen: only used with lr_tune_budget"):
+        validate(LadderConfig, micro(tmp_path, lr_widen=1), "x")
+
+
+def test_a_ladder_trains_the_widened_rates_before_the_other_budgets(tmp_path):
+    raw = micro(tmp_path, budgets=[2.0e9, 4.0e9], sizes=[6.0e3], families=["transformer"], lrs=[1e-4],
+                lr_tune_budget=2.0e9, lr_widen=1)
+    study = tmp_path / "study"
+    run_ladder(str(write_cfg(tmp_path, raw)), out=str(study), progress=False)
+    df = _results(study)
+    tuning = df[df.budget == 2.0e9].sort_values("lr")
+    assert list(tuning.lr) == [1e-4, 3e-4] and list(tuning.lr_source) == ["grid", "widened"]
+    assert tuning.loss.iloc[1] < tuning.loss.iloc[0]      # 1e-4 is too small for 30 steps
+    assert list(df[df.budget == 4.0e9].lr) == [3e-4]
+
+
 def test_noise_seeds_added_to_a_finished_study_retrain_only_each_best_run_with_the_extra_seeds(tmp_path):
     raw = micro(tmp_path, budgets=[2.0e9], sizes=[6.0e3, 1.2e4])
     study = tmp_path / "study"

@@ -371,7 +371,7 @@ def _positive_ints(text: str, flag: str, hi: int = limits.MAX_COUNT) -> list[int
     except ValueError:
         raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}") from None
     if not values or min(values) < 1:
-        raise UserError(f"{flag}: expected comma-separated positive integers, got {text!r}")
+        raise UserError(f"{flag}: expected comma-separated positive integers up to {hi}, got {text!r}")
     if max(values) > hi:
         raise UserError(f"{flag}: {max(values)} is more than {hi}, ssmscale's bound on what can exist (limits.py)")
     return values

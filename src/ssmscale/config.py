@@ -249,6 +249,9 @@ class LadderConfig(_Strict):
     # tune the learning rate at one budget only: runs at that budget try the whole `lrs` grid; every
     # other budget uses, per family and size, the learning rate that reached the lowest loss there
     lr_tune_budget: Flops | None = None
+    # with lr_tune_budget: where a (family, size) cell's best learning rate is the lowest or highest it tried,
+    # try the next value beyond that edge (the grid's end ratio), up to this many extra values per cell
+    lr_widen: Annotated[int, Field(ge=0, le=16)] = 0
     min_steps: PositiveInt = 20            # runs with fewer optimiser steps are flagged (and skipped)
     run_flagged: bool = False              # also train runs flagged for too few steps / data repeats
     allow_repeats: bool = False            # allow runs that need more than one pass over the training tokens
@@ -310,6 +313,8 @@ class LadderConfig(_Strict):
             raise ValueError("tokens_per_param: give [low, high] with low < high")
         if self.lr_tune_budget is not None and self.lr_tune_budget not in (self.budgets or []):
             raise ValueError(f"lr_tune_budget: {self.lr_tune_budget:g} is not one of the budgets")
+        if self.lr_widen and self.lr_tune_budget is None:
+            raise ValueError("lr_widen: only used with lr_tune_budget (the budget whose grid is widened)")
         if isinstance(self.lrs, dict):
             if not self.lrs:
                 raise ValueError("lrs: empty learning-rate grid")

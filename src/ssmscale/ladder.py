@@ -60,7 +60,7 @@ class PlannedRun:
     budget: float | None      # target training FLOPs (None: a fixed-length ladder)
     sweep: str                # the sweep point as JSON (sweep.encode), "" without a sweep
     lr: float | None          # None: to be taken from the tuning budget's results (not known yet)
-    lr_source: str            # "grid", or "tuned at <budget>"
+    lr_source: str            # "grid", "widened" (lr_widen), "tuned at <budget>" or "copied from <run>"
     seed: int
     flops_per_token: float
     tokens: int               # tokens actually trained (whole steps)
@@ -158,18 +158,20 @@ def config_at(cfg: LadderConfig, point: dict) -> LadderConfig:
     return LadderConfig.model_validate(sweep.apply_point(cfg.model_dump(mode="json", exclude={"sweep"}), point))
 
 
-def plan(cfg: LadderConfig, n_train_tokens: int | dict | None = None, tuned: dict | None = None) -> list[PlannedRun]:
+def plan(cfg: LadderConfig, n_train_tokens: int | dict | None = None, tuned: dict | None = None,
+         widened: dict | None = None) -> list[PlannedRun]:
     """Every run of the grid, with its shape, tokens, steps, FLOPs and flags. Pure (no training).
 
     `n_train_tokens`: the training split's size, or {sweep.encode(point): size} per sweep point.
     With `lr_tune_budget`, runs at other budgets take their learning rate from `tuned`
-    ({(family, size label, sweep point): lr}, see tuned_lrs); until it is known their lr is None."""
+    ({(family, size label, sweep point): lr}, see tuned_lrs); until it is known their lr is None.
+    `widened` ({same key: [lr, ...]}, see widened_lrs) adds learning rates beyond a cell's grid."""
     from . import sweep
     runs = []
     for point, pcfg in sweep_points(cfg):
         code = sweep.encode(point)
         n_train = n_train_tokens.get(code) if isinstance(n_train_tokens, dict) else n_train_tokens
-        runs += _plan_point(pcfg, point, n_train, tuned)
+        runs += _plan_point(pcfg, point, n_train, tuned, widened)
     seen = set()
     for r in runs:
         if r.run_id in seen:
@@ -179,7 +181,8 @@ def plan(cfg: LadderConfig, n_train_tokens: int | dict | None = None, tuned: dic
     return runs
 
 
-def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tuned: dict | None) -> list[PlannedRun]:
+def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tuned: dict | None,
+                widened: dict | None = None) -> list[PlannedRun]:
     """The runs of one sweep point (`cfg` is the ladder config at that point)."""
     from . import sweep
     from .flops import flops_summary
@@ -213,11 +216,13 @@ def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tune
                     ("repeats" in flags and not (cfg.allow_repeats or cfg.run_flagged))
                 if tune is None or budget == tune:
                     choices = [(float(lr), "grid") for lr in lrs_for(cfg, size)]
+                    choices += [(lr, "widened") for lr in (widened or {}).get((fam, size_label(size), code), [])]
                 else:
                     choices = [((tuned or {}).get((fam, size_label(size), code)), f"tuned at {tune:.3g}")]
                 for lr, source in choices:
                     for seed in cfg.seeds:
-                        run_id = _run_id(fam, size, mc, budget, point, lr if source == "grid" else None, seed, cfg)
+                        run_id = _run_id(fam, size, mc, budget, point, lr if source in ("grid", "widened") else None,
+                                         seed, cfg, always_lr=source == "widened")
                         runs.append(PlannedRun(run_id, fam, size_label(size), mc.d_model, mc.n_layer,
                                                cost["params"], cost["params_total"], budget, code, lr, source,
                                                seed, cost["train_flops_per_token"], tokens, steps,
@@ -240,7 +245,7 @@ def _steps(cfg: LadderConfig, budget: float | None, flops_per_token: float, per_
     return max(0, round(cfg.tokens / per_step))
 
 
-def _run_id(family, size, mc, budget, point, lr, seed, cfg) -> str:
+def _run_id(family, size, mc, budget, point, lr, seed, cfg, always_lr=False) -> str:
     from . import sweep
     parts = [family, f"N{size_label(size)}" if not isinstance(size, (ShapeSpec, Width))
              else f"d{mc.d_model}xL{mc.n_layer}"]
@@ -248,7 +253,7 @@ def _run_id(family, size, mc, budget, point, lr, seed, cfg) -> str:
         parts.append(f"C{budget:.3g}")
     if point:
         parts.append(sweep.label(point))
-    if lr is not None and (isinstance(cfg.lrs, dict) or len(cfg.lrs) > 1):
+    if lr is not None and (always_lr or isinstance(cfg.lrs, dict) or len(cfg.lrs) > 1):
         parts.append(f"lr{lr:.3g}")
     if len(cfg.seeds) > 1:
         parts.append(f"s{seed}")
@@ -328,7 +333,7 @@ class StudyLock:
 def _fixed_part(cfg: LadderConfig) -> dict:
     """What must not change between restarts of one study (the grid itself may grow)."""
     d = cfg.model_dump(mode="json")
-    for key in ("families", "budgets", "sizes", "widths", "sweep", "lrs", "seeds", "noise_seeds", "lr_tune_budget",
+    for key in ("families", "budgets", "sizes", "widths", "sweep", "lrs", "seeds", "noise_seeds", "lr_tune_budget", "lr_widen",
                 "min_steps", "run_flagged", "allow_repeats", "tokens_per_param", "executor", "parallel", "submitit",
                 "fit"):
         d.pop(key)
@@ -401,7 +406,7 @@ def tuned_lrs(cfg: LadderConfig, out_dir: Path) -> dict:
     if cfg.lr_tune_budget is None:
         return {}
     best, open_pairs = {}, set()
-    for r in plan(cfg):
+    for r in plan(cfg, widened=widened_lrs(cfg, out_dir)):
         if r.budget != cfg.lr_tune_budget:
             continue
         key = (r.family, r.size, r.sweep)
@@ -412,6 +417,54 @@ def tuned_lrs(cfg: LadderConfig, out_dir: Path) -> dict:
             if key not in best or res["loss"] < best[key][0]:
                 best[key] = (res["loss"], r.lr)
     return {k: lr for k, (_, lr) in best.items() if k not in open_pairs}
+
+
+def widened_lrs(cfg: LadderConfig, out_dir: Path) -> dict:
+    """{(family, size label, sweep point): [lr, ...]}: the learning rates `lr_widen` adds beyond each cell's
+    grid at the tuning budget. While every rate a cell has tried has ended and the lowest loss sits at the
+    lowest (highest) of them, the next rate below (above) is added, one grid step away (the ratio of the
+    grid's two end values on that side; 3x for a one-value grid), at most `lr_widen` of them per cell.
+    A diverged run counts as the worst loss (it ends the widening on its side); a failed one is retried
+    first."""
+    if not cfg.lr_widen or cfg.lr_tune_budget is None:
+        return {}
+    out: dict = {}
+    while True:                                   # one more rate per open-edged cell and pass
+        cells: dict = {}
+        for r in plan(cfg, widened=out):
+            if r.budget == cfg.lr_tune_budget and not r.skip:
+                cells.setdefault((r.family, r.size, r.sweep), []).append(r)
+        grew = False
+        for key, runs in cells.items():
+            extra = out.get(key, [])
+            losses = {r.lr: _tuning_loss(_read_result(out_dir, r.run_id)) for r in runs}
+            if len(extra) >= cfg.lr_widen or any(v is None for v in losses.values()):
+                continue
+            grid = sorted(r.lr for r in runs if r.lr_source == "grid")
+            tried = sorted(losses)
+            best = min(tried, key=lambda lr: (losses[lr], lr))
+            if not math.isfinite(losses[best]) or best not in (tried[0], tried[-1]):
+                continue
+            if best == tried[-1]:
+                lr = best * (grid[-1] / grid[-2] if len(grid) > 1 else 3.0)
+            else:
+                lr = best / (grid[1] / grid[0] if len(grid) > 1 else 3.0)
+            lr = float(f"{lr:.2g}")
+            if lr in losses:
+                continue
+            out[key] = [*extra, lr]
+            grew = True
+        if not grew:
+            return out
+
+
+def _tuning_loss(res: dict | None) -> float | None:
+    """A tuning run's loss for widening: None while it has not ended (or failed: it is retried), inf where it
+    diverged."""
+    if not res or res.get("status") not in ("ok", "diverged"):
+        return None
+    loss = res.get("loss")
+    return float(loss) if res.get("status") == "ok" and loss is not None and math.isfinite(loss) else math.inf
 
 
 def noise_runs(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]) -> list[PlannedRun]:
@@ -441,7 +494,7 @@ def noise_runs(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]) -> list
 
 def plan_study(cfg: LadderConfig, out_dir: Path, n_train_tokens: int | None = None) -> list[PlannedRun]:
     """The plan as far as the study's results make it known: tuned learning rates, then the noise-seed runs."""
-    runs = plan(cfg, n_train_tokens, tuned_lrs(cfg, out_dir))
+    runs = plan(cfg, n_train_tokens, tuned_lrs(cfg, out_dir), widened_lrs(cfg, out_dir))
     return runs + noise_runs(cfg, out_dir, runs)
 
 

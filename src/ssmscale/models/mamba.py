@@ -88,7 +88,6 @@ class MambaMixer(nn.Module):
             if u.shape[1] != 1:
                 raise ValueError("Mamba cache: after the prompt, tokens are fed one at a time")
             return self.step(u, cache)
-        L = u.shape[1]
         xz = self.in_proj(u)                                            # (b, L, 2 E d)
         if self._runs_fused(xz):
             A = -torch.exp(self.A_log)

@@ -35,7 +35,7 @@ def resolve_ssd_impl(impl: str, device: str = "cpu") -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl: unknown SSD implementation {impl!r}; known: auto, {', '.join(IMPLS)}")
     if impl not in available_ssd_impls(device):
-        why = ssd_cpu.unavailable_reason() if device == "cpu" else f"it runs on the CPU only"
+        why = ssd_cpu.unavailable_reason() if device == "cpu" else "it runs on the CPU only"
         raise ValueError(f"impl: {impl!r} is not available on {device} in this process ({why})")
     return impl
 
