@@ -1,12 +1,13 @@
 # Two commands on a fresh machine (see README):
-#   make study   set up .venv, then run the main job: the CPU IsoFLOP study configs/small.yaml
+#   make study   set up .venv, then run the main job: the CPU studies (configs/small.yaml, small512.yaml, mqar.yaml)
 #   make test    set up .venv, then run the test suite
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 VENV   := .venv
 BIN    := $(VENV)/bin
 OUT    ?=
-# OUT=DIR trains the study into DIR instead of scaling/<study> (which, as committed, is already complete)
+# OUT=DIR trains the studies into DIR, DIR-L512 and DIR-mqar instead of scaling/<study> (which, as committed,
+# are complete: then `make study` only refits and redraws them)
 OUT_FLAG := $(if $(OUT),--out $(OUT))
 
 .PHONY: setup study tiny test test-slurm
@@ -20,8 +21,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# the main study, its context-length contrast (which reads the main study), then the recall study
 study: setup
 	$(BIN)/ssmscale ladder configs/small.yaml $(OUT_FLAG)
+	$(BIN)/ssmscale ladder configs/small512.yaml $(if $(OUT),--out $(OUT)-L512 --set contrast_with=$(notdir $(OUT)))
+	$(BIN)/ssmscale ladder configs/mqar.yaml $(if $(OUT),--out $(OUT)-mqar)
 
 tiny: setup
 	$(BIN)/ssmscale ladder configs/tiny.yaml $(OUT_FLAG)

@@ -179,3 +179,45 @@ def test_report_says_how_far_to_trust_it_and_rewrites_the_same_bytes(tmp_path, m
     report.write_report(study, tmp_path / "b")
     for name in ("report.md", "frontier.png", "allocation.png", "position.png", "wallclock.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def _ladder_yaml(study, seq_len, contrast_with=None):
+    import yaml
+    cfg = {"name": study.name, "families": ["mamba", "transformer"], "budgets": [1e13, 3e13, 1e14],
+           "sizes": [1e5], "train": {"seq_len": seq_len}}
+    if contrast_with:
+        cfg["contrast_with"] = contrast_with
+    (study / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_a_study_that_names_its_contrast_says_whether_the_gap_grows_with_context(tmp_path):
+    from ssmscale.report_contrast import contrast_section
+    root = tmp_path / "scaling"
+    short = make_study(root, name="short", laws=SMALL_LM_LAWS, budgets=(1e13, 3e13, 1e14), size_factors=(0.5, 1, 2),
+                       noise=0.0, lrs=(1e-3,), n_bad=0, profile=False)
+    wider = {**SMALL_LM_LAWS, "mamba": {**SMALL_LM_LAWS["mamba"], "E": 0.95}}    # Mamba 0.10 nats further ahead
+    long = make_study(root, name="long", laws=wider, budgets=(1e13, 3e13, 1e14), size_factors=(0.5, 1, 2),
+                      noise=0.0, lrs=(1e-3,), n_bad=0, profile=False)
+    _ladder_yaml(short, 128)
+    _ladder_yaml(long, 512, contrast_with="short")
+    lines, figures = contrast_section(long, {"mamba": "#f00", "transformer": "#00f"}, report._figure, report._sci)
+    md = "\n".join(lines)
+    assert "at sequence length 512; `short`" in md and list(figures) == ["context.png"]
+    rows = [line.split(" | ") for line in lines if line.startswith("| 1e14 | mamba |")]
+    assert len(rows) == 1
+    g_short, g_long, change = (float(rows[0][i]) for i in (4, 5, 6))
+    assert g_short < 0 and g_long < g_short and change == pytest.approx(-0.10, abs=2e-3)
+    assert "its lead grows by 0.1000" in md
+    # the short study names no contrast: no section; a missing sibling: one line saying so
+    assert contrast_section(short, {}, report._figure, report._sci) == ([], {})
+    _ladder_yaml(long, 512, contrast_with="absent")
+    lines, figures = contrast_section(long, {}, report._figure, report._sci)
+    assert figures == {} and any("which has no results.csv yet" in line for line in lines)
+
+
+def test_contrast_with_must_be_a_plain_name(tmp_path):
+    from ssmscale.config import LadderConfig, validate
+    from ssmscale.errors import UserError
+    with pytest.raises(UserError, match="contrast_with"):
+        validate(LadderConfig, {"name": "x", "families": ["mamba"], "budgets": [1e13], "sizes": [1e5],
+                                "contrast_with": "../elsewhere"}, "x")

@@ -268,11 +268,14 @@ class LadderConfig(_Strict):
     parallel: Annotated[int, Field(gt=0, le=1024)] = 1
     submitit: SubmititConfig = SubmititConfig()
     fit: bool = True                       # fit scaling laws and write the report when the ladder ends
+    # the study directory beside this one (same parent) trained with the same protocol at another sequence
+    # length: the report contrasts the two (report_contrast.py)
+    contrast_with: str | None = None
 
-    @field_validator("name")
+    @field_validator("name", "contrast_with")
     @classmethod
     def _name(cls, value):
-        return _plain_name(value)
+        return value if value is None else _plain_name(value)
 
     @field_validator("lrs", mode="before")
     @classmethod

@@ -335,7 +335,7 @@ def _fixed_part(cfg: LadderConfig) -> dict:
     d = cfg.model_dump(mode="json")
     for key in ("families", "budgets", "sizes", "widths", "sweep", "lrs", "seeds", "noise_seeds", "lr_tune_budget", "lr_widen",
                 "min_steps", "run_flagged", "allow_repeats", "tokens_per_param", "executor", "parallel", "submitit",
-                "fit"):
+                "fit", "contrast_with"):
         d.pop(key)
     for key in EXECUTION_KEYS:          # how runs execute, not what they compute
         d["train"].pop(key)

@@ -29,6 +29,7 @@ from .errors import UserError
 from .fit import (DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, LoadedRuns, fit_json, fit_notes, fit_runs,
                   fmt_value, format_fit, frontier_loss, load_runs, quantity_rows)
 from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir
+from .report_contrast import contrast_section
 from .report_trust import trust_sections
 
 _LOSS_LABEL = "validation loss (nats/token)"
@@ -631,6 +632,8 @@ def _render(name: str, study: Path, loaded: LoadedRuns, fit: dict, profile) -> t
     if profile is not None:
         figures["profile.png"] = profile_figure(profile, colors)
     sections, trust_figures = trust_sections(study, loaded, fit, colors, _figure, _sci)
+    contrast, contrast_figures = contrast_section(study, colors, _figure, _sci)
+    sections, trust_figures = [*sections, *contrast], {**trust_figures, **contrast_figures}
     markdown = render_markdown(name, study, loaded, fit, list(figures), profile, sections)
     return {fig_name: _png(fig) for fig_name, fig in {**figures, **trust_figures}.items()}, markdown
 
