@@ -153,6 +153,42 @@ def test_ladder_killed_mid_way_resumes_without_losing_or_duplicating_rows(tmp_pa
     assert _results(study).equals(after)
 
 
+def _children(pid: int) -> set[int]:
+    from pathlib import Path
+    kids = set()
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        kids |= {int(x) for x in task.read_text().split()}
+    return kids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_killed_parallel_ladder_takes_its_workers_with_it(tmp_path):
+    """kill -9 of a `parallel: 2` ladder: its worker processes end too (no orphan keeps training and holding
+    its run's lock), and the next invocation finishes the study."""
+    path = write_cfg(tmp_path, micro(tmp_path, parallel=2))
+    study = tmp_path / "study"
+    proc = subprocess.Popen([sys.executable, "-m", "ssmscale.cli", "ladder", str(path), "--out", str(study),
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    workers = set()
+    while proc.poll() is None and time.time() < deadline and not list(study.glob("runs/*/metrics.csv")):
+        workers = _children(proc.pid) or workers
+        time.sleep(0.05)
+    workers = _children(proc.pid) or workers
+    assert proc.poll() is None and len(workers) >= 2, "no workers seen training"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read().split()[2]
+                                         for w in workers if os.path.exists(f"/proc/{w}")):
+        time.sleep(0.1)
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}") and open(f"/proc/{w}/stat").read().split()[2] != "Z"]
+    assert alive == [], f"workers {alive} outlived the ladder"
+    run_ladder(str(path), out=str(study), progress=False)
+    df = _results(study)
+    assert len(df) == 8 and df.run_id.is_unique and set(df.status) == {"ok"}
+
+
 def test_a_second_ladder_on_the_same_directory_is_refused(tmp_path, capsys):
     path = write_cfg(tmp_path, micro(tmp_path))
     study = tmp_path / "study"

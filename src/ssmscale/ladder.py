@@ -779,7 +779,8 @@ def _run_pool(cfg, out_dir, runs, todo, bar, tally):
     configure_waiting()          # the workers inherit os.environ: their OpenMP threads sleep when idle
     queue = sorted(todo, key=lambda r: -r.flops)
     context = multiprocessing.get_context("spawn")    # never fork a process whose torch threads exist
-    with ProcessPoolExecutor(max_workers=cfg.parallel, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=cfg.parallel, mp_context=context, initializer=_die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         pending = {}
         while queue or pending:
             while queue and len(pending) < cfg.parallel:
@@ -801,6 +802,23 @@ def _run_pool(cfg, out_dir, runs, todo, bar, tally):
                                         "resume") from None
                 _report_run(bar, tally, run, res)
                 collect_results(cfg, out_dir, runs)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool worker initializer: a ladder stopped by a signal it cannot catch (kill, a scheduler's SIGTERM)
+    must not leave its workers training on (they would hold their runs' locks and the cores). On Linux
+    the kernel kills the worker when the ladder process ends (SIGKILL: Lightning catches SIGTERM, stops
+    the run and leaves the worker waiting for tasks that never come); its run resumes from its checkpoint
+    when the ladder is started again."""
+    import signal
+    if sys.platform.startswith("linux"):
+        import ctypes
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))     # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:            # the ladder ended before the line above
+            os._exit(1)
 
 
 def _write_failed(out_dir, run, res) -> dict:
