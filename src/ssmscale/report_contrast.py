@@ -39,16 +39,17 @@ def _seq_len(study: Path) -> int | None:
 
 
 def best_by_budget(study: Path) -> pd.DataFrame:
-    """family, budget, loss (the best configuration's, averaged over its seeds), spread (max - min over those
-    seeds; NaN with one), params, n_seeds: one row per (family, budget)."""
+    """family, budget, loss (the best configuration's, averaged over its seeds), spread (max - min over the
+    seeds of the budget's configuration trained with several, which need not be the best one once seeds are
+    averaged; NaN where none was), params, n_seeds: one row per (family, budget)."""
     t = load_runs(study).table
     rows = []
     for (family, budget), g in t.groupby(["family", "group_flops"], sort=True):
         best = g.loc[g["loss"].idxmin()]
-        seeds = [float(v) for v in best["seed_losses"]]
+        spreads = [max(v) - min(v) for v in g["seed_losses"] if len(v) > 1]
         rows.append({"family": str(family), "budget": float(budget), "loss": float(best["loss"]),
-                     "spread": max(seeds) - min(seeds) if len(seeds) > 1 else float("nan"),
-                     "params": float(best["params"]), "n_seeds": len(seeds)})
+                     "spread": max(spreads) if spreads else float("nan"),
+                     "params": float(best["params"]), "n_seeds": len(best["seed_losses"])})
     return pd.DataFrame(rows, columns=["family", "budget", "loss", "spread", "params", "n_seeds"])
 
 
@@ -99,16 +100,17 @@ def contrast_section(study: Path, colors: dict, figure, sci) -> tuple[list[str],
             out.append(f"| {sci(budget)} | {fam} | {l_there:.4f} | {l_here:.4f} | {g_there:+.4f} | {g_here:+.4f} | "
                        f"{g_here - g_there:+.4f} | {spread} |")
             if budget == budgets[-1]:
-                verdicts.append((fam, g_there, g_here))
+                spreads = [v for v in (s_there, s_here, loss(there, REFERENCE, budget)[1],
+                                       loss(here, REFERENCE, budget)[1]) if v == v]
+                verdicts.append((fam, g_there, g_here, max(spreads) if spreads else float("nan")))
     out.append("")
-    spreads = pd.concat([here["spread"], there["spread"]]).dropna()
-    noise = float(spreads.max()) if len(spreads) else float("nan")
-    for fam, g_there, g_here in verdicts:
+    for fam, g_there, g_here, noise in verdicts:
         lead_there, lead_here = -g_there, -g_here
         moved = abs(lead_here - lead_there)
-        within = "" if noise != noise else (
-            f" (within the largest seed spread seen, {noise:.4f} nats: not resolved)" if moved <= noise
-            else f" (more than the largest seed spread seen, {noise:.4f} nats)")
+        within = " (no seed spread measured at this budget)" if noise != noise else (
+            f" (within the largest seed spread of the two families at this budget, {noise:.4f} nats: not "
+            "resolved)" if moved <= noise else
+            f" (more than the largest seed spread of the two families at this budget, {noise:.4f} nats)")
         direction = "grows" if lead_here > lead_there else "shrinks"
         who = "ahead" if lead_here > 0 else "behind"
         out.append(f"- **{fam}** at {sci(budgets[-1])} FLOPs: {lead_there:+.4f} nats ahead of the {REFERENCE} at "
