@@ -141,6 +141,12 @@ def _panel_figure(best: pd.DataFrame, facts: dict, colors: dict, x: str, xlabel:
                 ticks = sorted(best["d_model"].unique())
                 ax.set_xticks(ticks, [str(int(t)) for t in ticks])
                 ax.minorticks_off()
+            else:       # bytes: "10k" at powers of ten, "20k" / "50k" between (the default labels collide)
+                from matplotlib.ticker import FuncFormatter
+
+                from .report import _minor_2_5
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos=None: _bytes_label(v)))
+                ax.xaxis.set_minor_formatter(_minor_2_5(_bytes_label))
             if facts["higher_is_better"]:
                 ax.set_ylim(-0.03, 1.03)
             ax.set_title(tasks[c], fontsize=10)
@@ -274,3 +280,11 @@ def write_recall_report(study: Path, out: Path) -> Path:
         atomic_write_bytes(out / name, _png(fig))
     atomic_write_text(out / "report.md", render_markdown(study, ok, best, facts, list(figures)))
     return out / "report.md"
+
+
+def _bytes_label(v: float) -> str:
+    """5000 -> '5k', 20000 -> '20k', 2e6 -> '2M' (decimal, as the axis is in bytes)."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if v >= scale:
+            return f"{v / scale:g}{unit}"
+    return f"{v:g}"
