@@ -79,9 +79,11 @@ def contrast_section(study: Path, colors: dict, figure, sci) -> tuple[list[str],
             f"`reports/{name}`) trains the same families, data and budgets at {there_L}. Best validation loss per "
             f"budget (nats/token; the best size and learning rate of each, averaged over its seeds), and each "
             f"family's gap to the {REFERENCE} (its loss minus the {REFERENCE}'s: negative = ahead). The two lengths "
-            f"score different windows (a longer window gives most tokens more context, so losses at {max(here_L, there_L)}"
-            f" are lower for every family): compare the gaps, not the losses, across lengths. Seed spread: the "
-            f"best run's seeds, where trained with several.", ""]
+            f"score different windows and spend a budget differently (attention's FLOPs per token grow with the "
+            f"length, so at {max(here_L, there_L)} the {REFERENCE} trains on fewer tokens; a batch holds fewer, "
+            f"longer sequences): compare the gaps, not the losses, across lengths. Seed spread: max - min over the "
+            f"seeds of the budget's configuration retrained with other seeds (noise_seeds), at L={there_L} / "
+            f"L={here_L}.", ""]
     header = ["budget (FLOPs)", "family", f"loss at L={there_L}", f"loss at L={here_L}",
               f"gap at L={there_L}", f"gap at L={here_L}", "gap change", "seed spread (both L)"]
     out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
