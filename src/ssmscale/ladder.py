@@ -673,6 +673,8 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
             attempted.update((r.run_id, r.lr) for r in todo)
             execute(cfg, out_dir, runs, todo, bar, tally, cluster)
         bar.close()
+        # the plan as it ended: tuned rates, widened grids and noise-seed runs are known only now
+        atomic_write_dataframe_csv(out_dir / "plan.csv", plan_frame(plan_study(cfg, out_dir, n_train)))
         if cfg.lr_tune_budget is not None:
             _print_tuned(cfg, out_dir)
         orphans = [r.run_id for r in runs if not r.skip and r.lr is None]
