@@ -151,14 +151,15 @@ class MambaMixer(nn.Module):
 
 
 class MambaBlock(nn.Module):
-    """x + mixer(norm(x)): one residual branch per layer."""
+    """x + mixer(norm(x)): one residual branch per layer (Mamba-2's block is this with its own mixer)."""
 
     residual_branches = 1
+    mixer_class = MambaMixer
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = MambaMixer(cfg)
+        self.mixer = self.mixer_class(cfg)
 
     def forward(self, x, cache=None):
         return x + self.mixer(self.norm(x), cache)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from ..ops import ssd
 from ..ops.ssd_ref import heads_of_groups
 from .config import ModelConfig
-from .mamba import causal_depthwise_conv
-from .norm import GatedRMSNorm, RMSNorm
+from .mamba import MambaBlock, causal_depthwise_conv
+from .norm import GatedRMSNorm
 
 A_INIT_RANGE = (1.0, 16.0)
 
@@ -130,25 +130,8 @@ class Mamba2Mixer(nn.Module):
                            dtype, device)
 
 
-class Mamba2Block(nn.Module):
-    """x + mixer(norm(x)): one residual branch per layer."""
+class Mamba2Block(MambaBlock):
+    """x + mixer(norm(x)) with the Mamba-2 mixer: one residual branch per layer."""
 
-    residual_branches = 1
+    mixer_class = Mamba2Mixer
     chunked_prefill = True       # a piece of several tokens may follow the prompt in the cache
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = Mamba2Mixer(cfg)
-
-    def forward(self, x, cache=None):
-        return x + self.mixer(self.norm(x), cache)
-
-    def allocate_cache(self, batch, max_len, dtype, device):
-        return self.mixer.allocate_cache(batch, max_len, dtype, device)
-
-    def residual_out_projections(self):
-        return [self.mixer.out_proj.weight]
-
-    def reset_parameters(self, cfg: ModelConfig):
-        self.mixer.reset_parameters(cfg)

@@ -76,8 +76,8 @@ def auto_notice(device: str, chosen: ScanImpl) -> str:
             + (f" ({'; '.join(skipped)})" if skipped else ""))
 
 
-def _check_args(u, delta, A, B, C, D, z, delta_bias):
-    tensors = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+def check_float_tensors(**tensors) -> None:
+    """Each argument given (not None) must be a floating-point torch.Tensor: a ValueError naming it if not."""
     for name, t in tensors.items():
         if t is None:
             continue
@@ -85,6 +85,11 @@ def _check_args(u, delta, A, B, C, D, z, delta_bias):
             raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise ValueError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_args(u, delta, A, B, C, D, z, delta_bias):
+    tensors = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias)
+    check_float_tensors(**tensors)
     if u.dim() != 3:
         raise ValueError(f"u: expected shape (batch, d_inner, L), got {tuple(u.shape)}")
     batch, d_inner, length = u.shape

@@ -28,7 +28,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -36,17 +35,14 @@ from pathlib import Path
 
 import torch
 
+from .cbuild import COMPILE_FLAGS, OPENMP_FLAGS, _cpu_identity, cache_dir, torch_uses_libgomp
 from .scan import register_impl
 
 DISABLE_ENV = "SSMSCALE_NO_FUSED_SCAN"
 HERE = Path(__file__).parent
 SOURCES = (HERE / "scan_cpu.c", HERE / "conv_cpu.c")
 HEADERS = (HERE / "cpu_common.h",)
-COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c11") + (
-    # a 16-channel tile of fp32 is one 512-bit register; gcc otherwise prefers 256-bit ones
-    ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ())
-LINK_FLAGS = ("-shared", "-lm", "-lpthread")
-OPENMP_FLAGS = ("-fopenmp",)     # compile and link, when torch's libgomp is in the process
+LINK_FLAGS = ("-shared", "-lm", "-lpthread")   # COMPILE_FLAGS, OPENMP_FLAGS: cbuild's, as for the SSD kernel
 
 CHUNK = 64               # time steps recomputed at once in the backward; ~4 K N 16 floats per thread
 TILE = 16                # channels per tile (W in cpu_common.h)
@@ -91,31 +87,6 @@ class ConvArgs(ctypes.Structure):
 _lib = None
 _reason: str | None = None
 _tried = False
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SSMSCALE_CACHE") or Path.home() / ".cache" / "ssmscale") / "kernels"
-
-
-def _cpu_identity() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "\n".join(sorted(set(keep)))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def torch_uses_libgomp() -> bool:
-    """Whether torch's intra-op threads are GNU libgomp's, already loaded in this process: then a
-    library linked with -fopenmp binds to that same libgomp (by its soname) and shares its pool."""
-    if "OpenMP" not in torch.__config__.parallel_info():
-        return False
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return False
-    return any(Path(line.split()[-1]).name.startswith("libgomp.so") for line in maps.splitlines())
 
 
 def _build(cc: str, openmp: bool = False) -> Path:

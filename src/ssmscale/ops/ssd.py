@@ -13,9 +13,8 @@ Returns y, or (y, final_state) with return_final_state; final_state is (batch, h
 
 from __future__ import annotations
 
-import torch
-
 from . import ssd_cpu
+from .scan import check_float_tensors
 from .ssd_chunked import DEFAULT_CHUNK, ssd_chunked
 from .ssd_ref import ssd_ref
 
@@ -42,13 +41,7 @@ def resolve_ssd_impl(impl: str, device: str = "cpu") -> str:
 
 def _check_args(x, dt, A, B, C, D, dt_bias, initial_state, chunk_size):
     tensors = dict(x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, initial_state=initial_state)
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    check_float_tensors(**tensors)
     if x.dim() != 4:
         raise ValueError(f"x: expected shape (batch, L, heads, head_dim), got {tuple(x.shape)}")
     batch, length, heads, p = x.shape
