@@ -110,3 +110,23 @@ def test_throughput_from_a_profile_replaces_the_assumption(tmp_path, capsys):
     assert main(["ladder", "configs/gpu.yaml", "--dry-run", "--out", str(tmp_path / "gpu"), "--no-progress",
                  "--throughput-from", str(tmp_path / "missing.csv")]) == 2
     assert "missing.csv: profile CSV not found" in capsys.readouterr().err
+
+
+def test_budget_sizes_train_only_each_budgets_window_and_keep_the_tuning_budget_whole(tmp_path):
+    cfg = validate(LadderConfig, micro(tmp_path, budgets=[2.0e9, 8.0e9], sizes=[3.0e3, 6.0e3, 1.2e4],
+                                       budget_sizes={8.0e9: [6.0e3, 1.2e4]}), "x")
+    runs = plan(cfg)
+    for r in runs:
+        outside = r.budget == 8.0e9 and r.size == "3e03"
+        assert ("window" in r.flags) == outside and (r.skip if outside else True)
+    assert {r.size for r in runs if r.budget == 8.0e9 and not r.skip} == {"6e03", "1.2e04"}
+    assert {r.size for r in runs if r.budget == 2.0e9 and not r.skip} == {"3e03", "6e03", "1.2e04"}
+    for bad, expected in [({9.0e9: [6.0e3]}, r"budget_sizes\.9000000000: not one of the budgets"),
+                          ({8.0e9: [5.0e3]}, r"budget_sizes\.8000000000\.0: 5000 is not one of the sizes"),
+                          ({"big": [6.0e3]}, r"budget_sizes\.big: keys are budgets")]:
+        with pytest.raises(UserError, match=expected):
+            validate(LadderConfig, micro(tmp_path, budgets=[2.0e9, 8.0e9], sizes=[3.0e3, 6.0e3, 1.2e4],
+                                         budget_sizes=bad), "x")
+    with pytest.raises(UserError, match=r"budget_sizes\.2000000000: the lr_tune_budget trains every size"):
+        validate(LadderConfig, micro(tmp_path, budgets=[2.0e9, 8.0e9], sizes=[3.0e3, 6.0e3, 1.2e4],
+                                     lrs=[1e-3, 3e-3], lr_tune_budget=2.0e9, budget_sizes={2.0e9: [6.0e3]}), "x")

@@ -10,6 +10,8 @@ exist (limits.py) are errors naming the key path. Names are plain names (they be
 
 from __future__ import annotations
 
+import math
+
 import functools
 import re
 from importlib.util import find_spec
@@ -258,6 +260,10 @@ class LadderConfig(_Strict):
     # [low, high] training tokens per non-embedding parameter: runs outside are flagged "ratio" and skipped
     # (Chinchilla's optimum is ~20), so each budget trains only the sizes near its optimum
     tokens_per_param: Annotated[tuple[PositiveFloat, PositiveFloat], Field(strict=False)] | None = None
+    # {budget: [size, ...]}: the sizes a budget trains (Chinchilla's IsoFLOP profiles: a window of sizes
+    # around each budget's optimum); the other sizes are planned as skipped ("window"). Budgets not named
+    # train every size; the lr_tune_budget must train every size (it tunes their learning rates)
+    budget_sizes: dict[str, Annotated[list[Params], Field(min_length=1)]] | None = None
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelDefaults = ModelDefaults()
@@ -276,6 +282,15 @@ class LadderConfig(_Strict):
     @classmethod
     def _name(cls, value):
         return value if value is None else _plain_name(value)
+
+    @field_validator("budget_sizes", mode="before")
+    @classmethod
+    def _budget_keys(cls, value):
+        # YAML reads an unquoted budget key (1.0e+13:) as a number; keyed by text, as lrs is by size
+        if isinstance(value, dict):
+            return {f"{k:.15g}" if isinstance(k, (int, float)) and not isinstance(k, bool) else k: v
+                    for k, v in value.items()}
+        return value
 
     @field_validator("lrs", mode="before")
     @classmethod
@@ -324,6 +339,8 @@ class LadderConfig(_Strict):
             for key in self.lrs:
                 if key != "default" and not _is_size_key(key):
                     raise ValueError(f"lrs.{key}: keys are sizes (e.g. '1e5', or 'd64' with widths) or 'default'")
+        if self.budget_sizes is not None:
+            self._check_budget_sizes()
         for i, size in enumerate(self.sizes or []):
             if isinstance(size, ShapeSpec):
                 missing = [f for f in self.families if getattr(size, f, None) is None]
@@ -332,6 +349,32 @@ class LadderConfig(_Strict):
         if self.sweep is not None:
             self._check_sweep()
         return self
+
+    def _check_budget_sizes(self):
+        if self.budgets is None or self.sizes is None or any(isinstance(s, ShapeSpec) for s in self.sizes):
+            raise ValueError("budget_sizes: only used with budgets and sizes given as parameter counts")
+        for key, chosen in self.budget_sizes.items():
+            try:
+                budget = float(key)
+            except ValueError:
+                raise ValueError(f"budget_sizes.{key}: keys are budgets (e.g. 1.0e+13)") from None
+            if not any(math.isclose(budget, b, rel_tol=1e-9) for b in self.budgets):
+                raise ValueError(f"budget_sizes.{key}: not one of the budgets")
+            for i, size in enumerate(chosen):
+                if not any(math.isclose(size, s, rel_tol=1e-9) for s in self.sizes):
+                    raise ValueError(f"budget_sizes.{key}.{i}: {size:g} is not one of the sizes")
+            if self.lr_tune_budget is not None and math.isclose(budget, self.lr_tune_budget, rel_tol=1e-9) and \
+                    len({s for s in self.sizes} - {s for s in self.sizes
+                                                   if any(math.isclose(s, c, rel_tol=1e-9) for c in chosen)}):
+                raise ValueError(f"budget_sizes.{key}: the lr_tune_budget trains every size (it tunes their "
+                                 "learning rates)")
+
+    def sizes_at(self, budget) -> list | None:
+        """The sizes `budget` trains (budget_sizes), or None for every size."""
+        for key, chosen in (self.budget_sizes or {}).items():
+            if budget is not None and math.isclose(float(key), budget, rel_tol=1e-9):
+                return chosen
+        return None
 
     def _check_sweep(self):
         """Every key sweepable, no value twice, no point twice, and every point a valid config."""

@@ -196,7 +196,10 @@ def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tune
     budgets = sorted(cfg.budgets, key=lambda b: b != tune) if cfg.budgets else [None]   # the tuning budget first
     for budget in budgets:
         smallest = None
+        window_sizes = cfg.sizes_at(budget)
         for size, per_family in sized:
+            outside = window_sizes is not None and not any(
+                math.isclose(float(size), s, rel_tol=1e-9) for s in window_sizes)
             for fam in cfg.families:
                 mc = per_family[fam]
                 cost = flops_summary(mc, t.seq_len)
@@ -212,7 +215,9 @@ def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tune
                 window = cfg.tokens_per_param
                 if window and not window[0] <= tokens / cost["params"] <= window[1]:
                     flags.append("ratio")
-                skip = steps == 0 or (("few-steps" in flags or "ratio" in flags) and not cfg.run_flagged) or \
+                if outside:
+                    flags.append("window")
+                skip = steps == 0 or outside or (("few-steps" in flags or "ratio" in flags) and not cfg.run_flagged) or \
                     ("repeats" in flags and not (cfg.allow_repeats or cfg.run_flagged))
                 if tune is None or budget == tune:
                     choices = [(float(lr), "grid") for lr in lrs_for(cfg, size)]
@@ -334,7 +339,7 @@ def _fixed_part(cfg: LadderConfig) -> dict:
     """What must not change between restarts of one study (the grid itself may grow)."""
     d = cfg.model_dump(mode="json")
     for key in ("families", "budgets", "sizes", "widths", "sweep", "lrs", "seeds", "noise_seeds", "lr_tune_budget", "lr_widen",
-                "min_steps", "run_flagged", "allow_repeats", "tokens_per_param", "executor", "parallel", "submitit",
+                "min_steps", "run_flagged", "allow_repeats", "tokens_per_param", "budget_sizes", "executor", "parallel", "submitit",
                 "fit", "contrast_with"):
         d.pop(key)
     for key in EXECUTION_KEYS:          # how runs execute, not what they compute
