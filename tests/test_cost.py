@@ -127,6 +127,14 @@ def test_budget_sizes_train_only_each_budgets_window_and_keep_the_tuning_budget_
         with pytest.raises(UserError, match=expected):
             validate(LadderConfig, micro(tmp_path, budgets=[2.0e9, 8.0e9], sizes=[3.0e3, 6.0e3, 1.2e4],
                                          budget_sizes=bad), "x")
+    # per family: the transformer keeps its small sizes, the others (not named) train every size
+    cfg = validate(LadderConfig, micro(tmp_path, budgets=[2.0e9, 8.0e9], sizes=[3.0e3, 6.0e3, 1.2e4],
+                                       budget_sizes={8.0e9: {"mamba": [6.0e3, 1.2e4]}}), "x")
+    trained = {(r.family, r.size) for r in plan(cfg) if r.budget == 8.0e9 and not r.skip}
+    assert ("mamba", "3e03") not in trained and ("transformer", "3e03") in trained and ("mamba", "6e03") in trained
+    with pytest.raises(UserError, match=r"budget_sizes\.8000000000\.hybrid: hybrid is not one of the families"):
+        validate(LadderConfig, micro(tmp_path, budgets=[2.0e9, 8.0e9], sizes=[3.0e3, 6.0e3, 1.2e4],
+                                     budget_sizes={8.0e9: {"hybrid": [6.0e3]}}), "x")
     with pytest.raises(UserError, match=r"budget_sizes\.2000000000: the lr_tune_budget trains every size"):
         validate(LadderConfig, micro(tmp_path, budgets=[2.0e9, 8.0e9], sizes=[3.0e3, 6.0e3, 1.2e4],
                                      lrs=[1e-3, 3e-3], lr_tune_budget=2.0e9, budget_sizes={2.0e9: [6.0e3]}), "x")

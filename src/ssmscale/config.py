@@ -260,10 +260,12 @@ class LadderConfig(_Strict):
     # [low, high] training tokens per non-embedding parameter: runs outside are flagged "ratio" and skipped
     # (Chinchilla's optimum is ~20), so each budget trains only the sizes near its optimum
     tokens_per_param: Annotated[tuple[PositiveFloat, PositiveFloat], Field(strict=False)] | None = None
-    # {budget: [size, ...]}: the sizes a budget trains (Chinchilla's IsoFLOP profiles: a window of sizes
-    # around each budget's optimum); the other sizes are planned as skipped ("window"). Budgets not named
-    # train every size; the lr_tune_budget must train every size (it tunes their learning rates)
-    budget_sizes: dict[str, Annotated[list[Params], Field(min_length=1)]] | None = None
+    # {budget: [size, ...]} or {budget: {family: [size, ...]}}: the sizes a budget trains (Chinchilla's
+    # IsoFLOP profiles: a window of sizes around each budget's, or each family's, optimum); the other sizes
+    # are planned as skipped ("window"). Budgets and families not named train every size; the
+    # lr_tune_budget must train every size (it tunes their learning rates)
+    budget_sizes: dict[str, Annotated[list[Params], Field(min_length=1)] |
+                       dict[Family, Annotated[list[Params], Field(min_length=1)]]] | None = None
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelDefaults = ModelDefaults()
@@ -360,21 +362,27 @@ class LadderConfig(_Strict):
                 raise ValueError(f"budget_sizes.{key}: keys are budgets (e.g. 1.0e+13)") from None
             if not any(math.isclose(budget, b, rel_tol=1e-9) for b in self.budgets):
                 raise ValueError(f"budget_sizes.{key}: not one of the budgets")
-            for i, size in enumerate(chosen):
-                if not any(math.isclose(size, s, rel_tol=1e-9) for s in self.sizes):
-                    raise ValueError(f"budget_sizes.{key}.{i}: {size:g} is not one of the sizes")
-            if self.lr_tune_budget is not None and math.isclose(budget, self.lr_tune_budget, rel_tol=1e-9) and \
-                    len({s for s in self.sizes} - {s for s in self.sizes
-                                                   if any(math.isclose(s, c, rel_tol=1e-9) for c in chosen)}):
-                raise ValueError(f"budget_sizes.{key}: the lr_tune_budget trains every size (it tunes their "
-                                 "learning rates)")
+            per_family = chosen if isinstance(chosen, dict) else {"": chosen}
+            for fam, sizes in per_family.items():
+                where = f"budget_sizes.{key}{'.' + fam if fam else ''}"
+                if fam and fam not in self.families:
+                    raise ValueError(f"{where}: {fam} is not one of the families")
+                for i, size in enumerate(sizes):
+                    if not any(math.isclose(size, s, rel_tol=1e-9) for s in self.sizes):
+                        raise ValueError(f"{where}.{i}: {size:g} is not one of the sizes")
+                if self.lr_tune_budget is not None and math.isclose(budget, self.lr_tune_budget, rel_tol=1e-9) \
+                        and not all(any(math.isclose(s, c, rel_tol=1e-9) for c in sizes) for s in self.sizes):
+                    raise ValueError(f"{where}: the lr_tune_budget trains every size (it tunes their learning "
+                                     "rates)")
 
-    def sizes_at(self, budget) -> list | None:
-        """The sizes `budget` trains (budget_sizes), or None for every size."""
+    def trains_size(self, budget, family: str, size) -> bool:
+        """Whether `budget` trains `size` for `family` (budget_sizes; every size where it names none)."""
         for key, chosen in (self.budget_sizes or {}).items():
             if budget is not None and math.isclose(float(key), budget, rel_tol=1e-9):
-                return chosen
-        return None
+                if isinstance(chosen, dict):
+                    chosen = chosen.get(family)
+                return chosen is None or any(math.isclose(float(size), c, rel_tol=1e-9) for c in chosen)
+        return True
 
     def _check_sweep(self):
         """Every key sweepable, no value twice, no point twice, and every point a valid config."""

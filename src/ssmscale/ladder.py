@@ -196,10 +196,7 @@ def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tune
     budgets = sorted(cfg.budgets, key=lambda b: b != tune) if cfg.budgets else [None]   # the tuning budget first
     for budget in budgets:
         smallest = None
-        window_sizes = cfg.sizes_at(budget)
         for size, per_family in sized:
-            outside = window_sizes is not None and not any(
-                math.isclose(float(size), s, rel_tol=1e-9) for s in window_sizes)
             for fam in cfg.families:
                 mc = per_family[fam]
                 cost = flops_summary(mc, t.seq_len)
@@ -215,6 +212,7 @@ def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tune
                 window = cfg.tokens_per_param
                 if window and not window[0] <= tokens / cost["params"] <= window[1]:
                     flags.append("ratio")
+                outside = cfg.budget_sizes is not None and not cfg.trains_size(budget, fam, size)
                 if outside:
                     flags.append("window")
                 skip = steps == 0 or outside or (("few-steps" in flags or "ratio" in flags) and not cfg.run_flagged) or \
