@@ -221,3 +221,27 @@ def test_contrast_with_must_be_a_plain_name(tmp_path):
     with pytest.raises(UserError, match="contrast_with"):
         validate(LadderConfig, {"name": "x", "families": ["mamba"], "budgets": [1e13], "sizes": [1e5],
                                 "contrast_with": "../elsewhere"}, "x")
+
+
+def test_a_finished_ladder_rerun_reuses_a_current_default_fit_and_refits_otherwise(tmp_path, monkeypatch, capsys):
+    """`make study` in a clone: every run finished, fit.json is the fit of this results.csv with the default
+    settings, so the ladder reuses it (same bytes, seconds); other settings or other results refit."""
+    from ssmscale import ladder
+    study = _tiny_study(tmp_path / "scaling")
+    fit.fit_study(study, n_boot=0, n_jobs=1, progress=False, verbose=False, parametric_grid=TINY_GRID)
+    refits = []
+    monkeypatch.setattr(fit, "fit_study", lambda path, **kw: refits.append(path))
+    monkeypatch.setattr(report, "write_report", lambda study, out: out / "report.md")
+    ladder._fit_and_report(study)                              # a test-sized fit: not the ladder's own
+    assert refits == [study]
+    data = json.loads((study / "fit.json").read_text())
+    data["settings"].update(n_boot=fit.DEFAULT_N_BOOT, parametric_grid="Chinchilla 4,500-point grid")
+    (study / "fit.json").write_text(json.dumps(data))
+    before = (study / "fit.json").read_bytes()
+    ladder._fit_and_report(study)
+    assert refits == [study] and (study / "fit.json").read_bytes() == before
+    assert "already the fit of this results.csv" in capsys.readouterr().out
+    with open(study / "results.csv", "a") as f:                 # a run finished since: refit
+        f.write((study / "results.csv").read_text().splitlines()[-1] + "\n")
+    ladder._fit_and_report(study)
+    assert refits == [study, study]

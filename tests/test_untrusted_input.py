@@ -472,9 +472,9 @@ def test_a_fit_json_of_the_wrong_shape_is_not_used_and_the_report_says_so(study_
     from ssmscale.fit import load_runs
     study = shutil.copytree(study_with_fit, tmp_path / "tiny")
     loaded = load_runs(study)
-    assert report._cached_fit(study, loaded) is not None
+    assert report.cached_fit(study, loaded) is not None
     (study / "fit.json").write_bytes(content)
-    assert report._cached_fit(study, loaded) is None
+    assert report.cached_fit(study, loaded) is None
     assert said in capsys.readouterr().out
 
 

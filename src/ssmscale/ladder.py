@@ -971,6 +971,17 @@ def _fit_and_report(out_dir: Path, scaling_law: bool = True):
     except ImportError:
         return
     if scaling_law:
-        fit_study(out_dir)
+        from .fit import DEFAULT_CI, DEFAULT_N_BOOT, load_runs
+        from .report import cached_fit
+        fit = cached_fit(out_dir, load_runs(out_dir))
+        settings = (fit or {}).get("settings") or {}
+        if fit is not None and (settings.get("n_boot"), settings.get("seed"), settings.get("ci"),
+                                settings.get("parametric_grid"), "backtest" in fit) == \
+                (DEFAULT_N_BOOT, 0, DEFAULT_CI, "Chinchilla 4,500-point grid", True):
+            # the fit is deterministic: the same results.csv and settings give the same fit.json, so a rerun
+            # of a finished ladder reuses it (`ssmscale fit STUDY` refits)
+            print(f"{out_dir / 'fit.json'}: already the fit of this results.csv (default settings), reused")
+        else:
+            fit_study(out_dir)
     report = write_report(out_dir, Path("reports") / out_dir.resolve().name)
     print(f"report: {report}")

@@ -546,7 +546,7 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
 
 # ---------------------------------------------------------------------------------------------------
 
-def _cached_fit(study: Path, loaded: LoadedRuns) -> dict | None:
+def cached_fit(study: Path, loaded: LoadedRuns) -> dict | None:
     """STUDY/fit.json when it is a fit of the current results.csv, else None (and a line saying why)."""
     from .safeload import FileRefused, read_json
     target = study / "fit.json"
@@ -601,7 +601,7 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     loaded = load_runs(study)
     profile = _read_profile(study)
     fit_kwargs = dict(n_boot=n_boot, seed=seed, progress=progress, parametric_grid=parametric_grid)
-    fit = None if refit else _cached_fit(study, loaded)
+    fit = None if refit else cached_fit(study, loaded)
     rendered = None
     if fit is not None:
         try:
