@@ -10,9 +10,8 @@ exist (limits.py) are errors naming the key path. Names are plain names (they be
 
 from __future__ import annotations
 
-import math
-
 import functools
+import math
 import re
 from importlib.util import find_spec
 from pathlib import Path
@@ -360,7 +359,7 @@ class LadderConfig(_Strict):
                 budget = float(key)
             except ValueError:
                 raise ValueError(f"budget_sizes.{key}: keys are budgets (e.g. 1.0e+13)") from None
-            if not any(math.isclose(budget, b, rel_tol=1e-9) for b in self.budgets):
+            if not _among(budget, self.budgets):
                 raise ValueError(f"budget_sizes.{key}: not one of the budgets")
             per_family = chosen if isinstance(chosen, dict) else {"": chosen}
             for fam, sizes in per_family.items():
@@ -368,20 +367,20 @@ class LadderConfig(_Strict):
                 if fam and fam not in self.families:
                     raise ValueError(f"{where}: {fam} is not one of the families")
                 for i, size in enumerate(sizes):
-                    if not any(math.isclose(size, s, rel_tol=1e-9) for s in self.sizes):
+                    if not _among(size, self.sizes):
                         raise ValueError(f"{where}.{i}: {size:g} is not one of the sizes")
-                if self.lr_tune_budget is not None and math.isclose(budget, self.lr_tune_budget, rel_tol=1e-9) \
-                        and not all(any(math.isclose(s, c, rel_tol=1e-9) for c in sizes) for s in self.sizes):
+                if self.lr_tune_budget is not None and _among(budget, [self.lr_tune_budget]) \
+                        and not all(_among(s, sizes) for s in self.sizes):
                     raise ValueError(f"{where}: the lr_tune_budget trains every size (it tunes their learning "
                                      "rates)")
 
     def trains_size(self, budget, family: str, size) -> bool:
         """Whether `budget` trains `size` for `family` (budget_sizes; every size where it names none)."""
         for key, chosen in (self.budget_sizes or {}).items():
-            if budget is not None and math.isclose(float(key), budget, rel_tol=1e-9):
+            if budget is not None and _among(float(key), [budget]):
                 if isinstance(chosen, dict):
                     chosen = chosen.get(family)
-                return chosen is None or any(math.isclose(float(size), c, rel_tol=1e-9) for c in chosen)
+                return chosen is None or _among(float(size), chosen)
         return True
 
     def _check_sweep(self):
@@ -408,6 +407,11 @@ class LadderConfig(_Strict):
                 key = next((k for k in point if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")),
                            None)
                 raise ValueError(f"sweep.{key or loc}: {msg} (at the point {sweep.label(point)})") from None
+
+
+def _among(x: float, values) -> bool:
+    """x is one of values (budgets and sizes are floats read from YAML: equal to 1e-9)."""
+    return any(math.isclose(x, v, rel_tol=1e-9) for v in values)
 
 
 def _is_size_key(key: str) -> bool:

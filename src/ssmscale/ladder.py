@@ -212,7 +212,7 @@ def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tune
                 window = cfg.tokens_per_param
                 if window and not window[0] <= tokens / cost["params"] <= window[1]:
                     flags.append("ratio")
-                outside = cfg.budget_sizes is not None and not cfg.trains_size(budget, fam, size)
+                outside = not cfg.trains_size(budget, fam, size)
                 if outside:
                     flags.append("window")
                 skip = steps == 0 or outside or (("few-steps" in flags or "ratio" in flags) and not cfg.run_flagged) or \
@@ -971,15 +971,11 @@ def _fit_and_report(out_dir: Path, scaling_law: bool = True):
     except ImportError:
         return
     if scaling_law:
-        from .fit import DEFAULT_CI, DEFAULT_N_BOOT, load_runs
+        from .fit import is_default_fit, load_runs
         from .report import cached_fit
         fit = cached_fit(out_dir, load_runs(out_dir))
-        settings = (fit or {}).get("settings") or {}
-        if fit is not None and (settings.get("n_boot"), settings.get("seed"), settings.get("ci"),
-                                settings.get("parametric_grid"), "backtest" in fit) == \
-                (DEFAULT_N_BOOT, 0, DEFAULT_CI, "Chinchilla 4,500-point grid", True):
-            # the fit is deterministic: the same results.csv and settings give the same fit.json, so a rerun
-            # of a finished ladder reuses it (`ssmscale fit STUDY` refits)
+        if fit is not None and is_default_fit(fit):
+            # a rerun of a finished ladder: refitting would write the same bytes (`ssmscale fit STUDY` refits)
             print(f"{out_dir / 'fit.json'}: already the fit of this results.csv (default settings), reused")
         else:
             fit_study(out_dir)

@@ -106,7 +106,7 @@ from .crossover import CROSSOVER_SEARCH_FACTOR, find_crossings
 from .frontier import fit_frontier, frontier_loss, frontier_points
 from .laws import CHINCHILLA_GRID, HUBER_DELTA, Skip, lse_huber, multistart_fit
 from .pipeline import (DEFAULT_CI, DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, FLOPS_CONVENTION, fit_json, fit_path,
-                       fit_runs, fit_study, json_safe)
+                       fit_runs, fit_study, is_default_fit, json_safe)
 from .runs import MIN_RUNS_PER_BUDGET, FamilyRuns, LoadedRuns, load_runs, parse_column_mapping
 from .text import E_UNIDENTIFIED, fit_notes, fmt_value, format_fit, quantity_rows
 from .wallclock import fit_wallclock
@@ -116,6 +116,7 @@ __all__ = [
     "FIGURE_EXTRAPOLATION", "FLOPS_CONVENTION", "HUBER_DELTA", "MIN_RUNS_PER_BUDGET", "QUANTITIES", "FamilyRuns",
     "LoadedRuns", "Skip", "default_jobs", "find_crossings", "fit_approach1", "fit_approach2", "fit_frontier", "fit_json", "fit_notes",
     "fit_parametric", "fit_path", "fit_runs", "fit_study", "fit_wallclock", "fmt_value", "format_fit", "frontier_loss",
+    "is_default_fit",
     "frontier_points", "json_safe", "load_runs", "lse_huber", "multistart_fit", "parametric_allocation",
     "parametric_quantities", "parse_column_mapping", "quantity_rows",
 ]

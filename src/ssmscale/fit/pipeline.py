@@ -39,13 +39,15 @@ from .text import format_fit
 
 DEFAULT_N_BOOT = 200
 DEFAULT_CI = 0.95
+DEFAULT_SEED = 0
+CHINCHILLA_GRID_NAME = "Chinchilla 4,500-point grid"    # fit.json's name for the default parametric grid
 FIGURE_EXTRAPOLATION = 10.0      # the frontier band reaches this factor beyond the largest budget
 FLOPS_CONVENTION = ("C = the flops column when given (a study's exact count), else 6 * params * tokens; "
                     "Approach 3's allocation N_opt(C), D_opt(C) assumes C = 6ND")
 BY_BUDGET_COLUMN = "IsoFLOP groups from the budget column"
 
 
-def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0, ci: float = DEFAULT_CI,
+def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED, ci: float = DEFAULT_CI,
              n_jobs: int | None = None, progress: bool = True, delta: float = HUBER_DELTA,
              parametric_grid: np.ndarray | None = None, backtest: bool = True,
              holdout_above: float | None = None) -> dict:
@@ -105,7 +107,7 @@ def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
         "notes": list(loaded.notes),
         "settings": {"n_boot": n_boot, "seed": seed, "ci": ci, "huber_delta": delta,
                      "flops_convention": FLOPS_CONVENTION, "grouping": loaded.grouping,
-                     "parametric_grid": ("Chinchilla 4,500-point grid" if len(grid) == 4500 and
+                     "parametric_grid": (CHINCHILLA_GRID_NAME if len(grid) == 4500 and
                                          np.array_equal(grid, laws._CHINCHILLA_GRID_REF) else f"grid of {len(grid)} starts"),
                      "bootstrap": "runs resampled with replacement within each family and IsoFLOP group, and the "
                                   "seeds of a run trained with several; percentile intervals",
@@ -221,6 +223,17 @@ def fit_json(result: dict) -> dict:
     return json_safe({k: v for k, v in result.items() if k != "timing"})
 
 
+def is_default_fit(fit: dict) -> bool:
+    """Whether a fit.json was made as fit_study makes it by default (bootstrap size, seed, interval, the
+    Chinchilla grid, the backtest by budget): the fit is deterministic, so refitting the same results.csv
+    would write the same bytes."""
+    settings = fit.get("settings") or {}
+    backtest = fit.get("backtest") or {}
+    return ((settings.get("n_boot"), settings.get("seed"), settings.get("ci"), settings.get("parametric_grid"))
+            == (DEFAULT_N_BOOT, DEFAULT_SEED, DEFAULT_CI, CHINCHILLA_GRID_NAME)
+            and backtest.get("mode") != "threshold" and backtest.get("reason") != "turned off")
+
+
 def json_safe(obj):
     """NaN and inf become null, numpy scalars and arrays plain Python: fit.json stays strict JSON."""
     if isinstance(obj, dict):
@@ -236,7 +249,7 @@ def json_safe(obj):
     return obj
 
 
-def fit_study(study_dir: str | os.PathLike, *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
+def fit_study(study_dir: str | os.PathLike, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED,
               ci: float = DEFAULT_CI, n_jobs: int | None = None, progress: bool = True,
               verbose: bool = True, parametric_grid: np.ndarray | None = None, backtest: bool = True) -> dict:
     """Fit scaling/<study>/results.csv and write scaling/<study>/fit.json; the ladder calls this at its end.
