@@ -244,6 +244,7 @@ def test_a_finished_ladder_rerun_reuses_a_current_default_fit_and_refits_otherwi
     assert fit.is_default_fit(data)
     assert not fit.is_default_fit({**data, "backtest": {"mode": "off", "reason": "turned off", "pairs": []}})
     assert not fit.is_default_fit({**data, "settings": {**data["settings"], "seed": 1}})
+    assert not fit.is_default_fit({**data, "settings": 5}) and not fit.is_default_fit({**data, "backtest": [1]})
     with open(study / "results.csv", "a") as f:                 # a run finished since: refit
         f.write((study / "results.csv").read_text().splitlines()[-1] + "\n")
     ladder._fit_and_report(study)

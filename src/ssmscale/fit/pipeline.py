@@ -227,8 +227,9 @@ def is_default_fit(fit: dict) -> bool:
     """Whether a fit.json was made as fit_study makes it by default (bootstrap size, seed, interval, the
     Chinchilla grid, the backtest by budget): the fit is deterministic, so refitting the same results.csv
     would write the same bytes."""
-    settings = fit.get("settings") or {}
-    backtest = fit.get("backtest") or {}
+    settings, backtest = fit.get("settings"), fit.get("backtest")
+    if not isinstance(settings, dict) or not isinstance(backtest, dict):    # a fit.json of another shape
+        return False
     return ((settings.get("n_boot"), settings.get("seed"), settings.get("ci"), settings.get("parametric_grid"))
             == (DEFAULT_N_BOOT, DEFAULT_SEED, DEFAULT_CI, CHINCHILLA_GRID_NAME)
             and backtest.get("mode") != "threshold" and backtest.get("reason") != "turned off")
