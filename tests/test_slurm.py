@@ -95,6 +95,14 @@ def _training(study) -> list:
             if not (p.parent / "result.json").exists() and len(p.read_text().splitlines()) > 5]
 
 
+def _planned_runs(config: Path, tmp_path: Path) -> int:
+    """How many runs the ladder plans to train, as its dry run says: the size of the job array."""
+    out = subprocess.run([sys.executable, "-m", "ssmscale.cli", "ladder", str(config), "--dry-run", "--no-progress",
+                          "--out", str(tmp_path / "plan"), "--set", f"data.cache_dir={tmp_path / 'cache'}"],
+                         capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"^(\d+) runs to train", out, re.M).group(1))
+
+
 def _squeue(name):
     out = subprocess.run(["squeue", "-h", "-r", "--states=all", f"--name={name}", "--format=%i|%T"],
                          capture_output=True, text=True).stdout
@@ -105,6 +113,8 @@ def _squeue(name):
 @pytest.mark.skipif(not _cluster_up(), reason="no Slurm cluster (make test-slurm starts one)")
 def test_tiny_ladder_as_a_slurm_job_array_survives_cancelling_half_of_it(tmp_path):
     study = tmp_path / "study"
+    n = _planned_runs(ROOT / "configs" / "tiny.yaml", tmp_path)
+    half = n // 2
     command = [sys.executable, "-m", "ssmscale.cli", "ladder", str(ROOT / "configs" / "tiny.yaml"),
                "--executor", "submitit", "--out", str(study), "--no-progress",
                "--set", "submitit.cluster=slurm", "--set", "submitit.parallelism=2",
@@ -122,23 +132,23 @@ def test_tiny_ladder_as_a_slurm_job_array_survives_cancelling_half_of_it(tmp_pat
     array_id = next(iter(states)).split("_")[0]
     by_index = sorted(states, key=lambda j: int(j.split("_")[1]))
     running = [j for j in by_index if states[j] == "RUNNING"]
-    live = (running + [j for j in by_index if states[j] == "PENDING"][1::2])[:9]
-    assert len(states) == 18 and running and len(live) == 9, states
+    live = (running + [j for j in by_index if states[j] == "PENDING"][1::2])[:half]
+    assert len(states) == n and running and len(live) == half, states
     subprocess.run(["scancel", *live], check=True)
     print(f"array {array_id}: {len(states)} tasks; cancelled {len(live)}: {', '.join(live)}")
     first.wait(timeout=1800)
     log.close()
     text = (tmp_path / "first.log").read_text()
     print(text)
-    reports = re.findall(r"\[\d+/18\] (\w+) +(\S+): (.*)", text)
-    assert len(reports) == 18 and len({run for _, run, _ in reports}) == 18     # each run reported once
+    reports = re.findall(rf"\[\d+/{n}\] (\w+) +(\S+): (.*)", text)
+    assert len(reports) == n and len({run for _, run, _ in reports}) == n       # each run reported once
     failed = {run: re.fullmatch(r"Slurm job (\S+) (?:ended CANCELLED|left the queue) without a result; "
                                 r"log: (\S+)", message) for status, run, message in reports if status == "failed"}
     assert failed and all(failed.values()), failed           # only cancelled jobs failed, each naming its log
     assert {m.group(1) for m in failed.values()} <= set(live)
     assert all(Path(m.group(2)).parent == study / "submitit" for m in failed.values())
     after_first = pd.read_csv(study / "results.csv")
-    assert after_first.run_id.is_unique and len(after_first) == 18
+    assert after_first.run_id.is_unique and len(after_first) == n
     assert sorted(after_first[after_first.status == "failed"].run_id) == sorted(failed)
     kept = {r: (study / "runs" / r / "result.json").stat().st_mtime_ns
             for r in after_first[after_first.status == "ok"].run_id}
@@ -147,8 +157,8 @@ def test_tiny_ladder_as_a_slurm_job_array_survives_cancelling_half_of_it(tmp_pat
     second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     print(second.stdout + second.stderr)
     assert second.returncode == 0
-    assert f"{len(kept)} runs already finished, {18 - len(kept)} to train" in second.stdout
+    assert f"{len(kept)} runs already finished, {n - len(kept)} to train" in second.stdout
     final = pd.read_csv(study / "results.csv")
-    assert len(final) == 18 and final.run_id.is_unique and set(final.status) == {"ok"}
+    assert len(final) == n and final.run_id.is_unique and set(final.status) == {"ok"}
     for run_id, mtime in kept.items():          # what had finished was not trained again
         assert (study / "runs" / run_id / "result.json").stat().st_mtime_ns == mtime

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -428,7 +429,30 @@ def test_a_fit_that_runs_off_to_infinity_is_skipped_with_its_reason(tmp_path):
     path = _csv(tmp_path, "params,tokens,loss\n" + "\n".join(rows.split()) + "\n")
     fit = fit_runs(load_runs(path), n_boot=4, n_jobs=1, progress=False,
                    parametric_grid=np.asarray(CHINCHILLA_GRID)[::500])
-    assert fit["families"]["all"]["parametric"]["skipped"] == "numerical failure (OverflowError: math range error)"
+    # where L-BFGS ends depends on the CPU's floating point (AVX2 or AVX-512, BLAS kernels): on one machine it
+    # runs off to B = e^500, on another it stops at a finite point. Either outcome is fine; a traceback is not.
+    parametric = fit["families"]["all"]["parametric"]
+    if "skipped" in parametric:
+        assert re.fullmatch(r"numerical failure \((OverflowError|FloatingPointError|ValueError|ZeroDivisionError)"
+                            r": .+\)", parametric["skipped"]), parametric["skipped"]
+    else:
+        assert all(math.isfinite(parametric[k]["value"]) for k in ("E", "A", "B", "alpha", "beta")), parametric
+
+
+def test_a_fit_whose_optimiser_overflows_is_skipped_naming_the_failure(tmp_path, monkeypatch, capsys):
+    # the overflow forced, so the path is exercised on every CPU: the fit goes on without Approach 3
+    from ssmscale.fit import bootstrap
+
+    def overflow(*args, **kwargs):
+        return math.exp(1e4)
+    monkeypatch.setattr(bootstrap, "fit_parametric", overflow)
+    (tmp_path / "s").mkdir()
+    _csv(tmp_path / "s", "params,tokens,loss,budget\n" + ROWS, "results.csv")
+    assert main(["fit", str(tmp_path / "s"), "--n-boot", "0", "--jobs", "1", "--no-progress"]) == 0
+    fit = json.loads((tmp_path / "s" / "fit.json").read_text())
+    family = next(iter(fit["families"].values()))
+    assert family["parametric"]["skipped"] == "numerical failure (OverflowError: math range error)"
+    assert "skipped" not in family["frontier"]
 
 
 def test_a_truncated_results_csv_of_a_study_is_refused(tmp_path, capsys):
