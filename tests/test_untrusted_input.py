@@ -161,6 +161,16 @@ def test_run_names_are_plain_names_joined_by_slashes_as_the_ladder_writes_them(n
             validate(RunConfig, raw, "x")
 
 
+def test_a_nested_run_name_trains_into_its_folder_below_runs(tmp_path, monkeypatch):
+    # the README: a run's name is plain names joined by '/', landing in runs/<name>-<family> below the cwd
+    monkeypatch.chdir(tmp_path)
+    raw = run_raw()
+    raw["name"] = "exp/a"
+    assert main(["train", str(write(tmp_path / "r.yaml", raw)), "--no-progress"]) == 0
+    assert (tmp_path / "runs" / "exp" / "a-transformer" / "result.json").is_file()
+    assert {p.name for p in tmp_path.iterdir()} == {"r.yaml", "runs"}
+
+
 # -------------------------------------------------------------- 3. sizes beyond what exists: no hang
 @pytest.mark.parametrize("argv, expected", [
     (["sizes", "1e300"], "params: expected a positive number up to 1e+13"),

@@ -10,9 +10,11 @@ exist (limits.py) are errors naming the key path. Names are plain names (they be
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import re
+import typing
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -71,6 +73,9 @@ class DataConfig(_Strict):
     hf_split: str = "train"
     max_bytes: Annotated[int, Field(gt=0, le=limits.MAX_BYTES)] | None = None  # corpus cap (the first bytes in order)
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
+    # cut documents into pieces of at most this many bytes at paragraph ends (data/corpus.py); unset: a
+    # corpus of one document (a single text file) is cut into 4096-byte pieces, others are read whole
+    chunk_bytes: Annotated[int, Field(ge=64, le=limits.MAX_BYTES)] | None = None
     synthetic: MQARConfig | None = None
     cache_dir: str | None = None                       # default: $SSMSCALE_CACHE or ~/.cache/ssmscale
 
@@ -403,7 +408,7 @@ class LadderConfig(_Strict):
             try:
                 LadderConfig.model_validate(sweep.apply_point(base, point))
             except ValidationError as exc:
-                loc, msg = _error_parts(exc)
+                loc, msg = _error_parts(exc, LadderConfig)
                 key = next((k for k in point if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")),
                            None)
                 raise ValueError(f"sweep.{key or loc}: {msg} (at the point {sweep.label(point)})") from None
@@ -430,17 +435,37 @@ def _is_union_tag(part) -> bool:
                                       or part in ("float", "int", "str", "bool"))
 
 
-def format_validation_error(source: str, exc: ValidationError) -> str:
+def format_validation_error(source: str, exc: ValidationError, schema: type[BaseModel] | None = None) -> str:
     """One line: `file: key.path: what is wrong` for the most relevant error (and how many more)."""
-    loc, msg = _error_parts(exc)
+    loc, msg = _error_parts(exc, schema)
     return f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"
 
 
-def _error_parts(exc: ValidationError) -> tuple[str, str]:
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The schema classes a field's type may hold (through Optional, unions, Annotated, lists, dicts)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _nearest_key(schema: type[BaseModel] | None, loc: tuple) -> str | None:
+    """The valid key closest to the unknown last key of `loc` (a typo's likely meaning), or None."""
+    models = [schema] if schema is not None else []
+    for part in loc[:-1]:
+        if isinstance(part, int) or _is_union_tag(part):
+            continue
+        models = [m for model in models if part in model.model_fields
+                  for m in _models_in(model.model_fields[part].annotation)]
+    names = sorted({name for model in models for name in model.model_fields})
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6) if loc else []
+    return close[0] if close else None
+
+
+def _error_parts(exc: ValidationError, schema: type[BaseModel] | None = None) -> tuple[str, str]:
     """(dotted key path, message) of the most relevant error."""
     errs = exc.errors()
     # in a union, the branch that got deepest into the input is the one the user meant
-    first = max(errs, key=lambda e: len(e["loc"]))
+    first = max(errs, key=lambda e: (len(e["loc"]), e["type"] == "extra_forbidden"))   # a typo explains a missing key
     loc = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
     msg = first["msg"]
     is_value_error = first["type"] == "value_error"
@@ -452,7 +477,8 @@ def _error_parts(exc: ValidationError) -> tuple[str, str]:
             loc = f"{loc}.{field}" if loc else field
             msg = rest.strip()
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        nearest = _nearest_key(schema, tuple(first["loc"]))
+        msg = "unknown key" + (f"; did you mean {'.'.join(loc.split('.')[:-1] + [nearest])}?" if nearest else "")
     elif first["type"] == "less_than_equal":       # only limits.py's bounds use le
         msg = (f"must be at most {first['ctx']['le']:g}, ssmscale's bound on what can exist (limits.py); "
                f"got {first['input']!r}")
@@ -567,7 +593,7 @@ def validate(schema: type[BaseModel], raw: dict, source: str):
     try:
         return schema.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(format_validation_error(source, exc)) from None
+        raise UserError(format_validation_error(source, exc, schema)) from None
 
 
 def apply_overrides(raw: dict, overrides: dict | None) -> dict:

@@ -707,6 +707,8 @@ def training_tokens(cfg: LadderConfig, progress: bool = True) -> dict:
         if data.vocab_size != vocab_size_of(pcfg):
             raise UserError(f"{where}tokenizer.vocab_size: the data has {data.vocab_size} tokens, the config says "
                             f"{vocab_size_of(pcfg)}")
+        if getattr(data, "chunking", None):
+            print(f"{where}data: {data.chunking}", flush=True)
         out[sweep.encode(point)] = data.n_train_tokens
     return out
 

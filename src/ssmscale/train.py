@@ -484,6 +484,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
         print(f"{cfg.name}: {model_cfg.family} d_model {model_cfg.d_model} x {model_cfg.n_layer} layers, "
               f"{n_steps * tokens_per_step:,} tokens in {n_steps} steps on {accelerator}; "
               f"{thread_choice.describe()}", flush=True)
+        if getattr(data, "chunking", None):
+            print(f"data: {data.chunking}", flush=True)
 
     ckpt = out_dir / "checkpoints" / "last.ckpt"
     resume_step, saved = 0, None
