@@ -8,7 +8,7 @@ import yaml
 
 from ssmscale import config as config_mod
 from ssmscale.cli import main
-from ssmscale.ladder import run_ladder
+from ssmscale.study.ladder import run_ladder
 from ssmscale.train import METRIC_FIELDS, run_training
 from test_ladder import micro, write_cfg
 from test_train import tiny_config

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ssmscale import ladder
+from ssmscale.study import ladder
 
 ROOT = Path(__file__).parents[1]
 

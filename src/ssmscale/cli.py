@@ -184,7 +184,7 @@ def _ladder_args(p):
 def _ladder(args):
     if args.executor not in (None, "local", "submitit"):
         raise UserError(f"--executor: unknown executor {args.executor!r}; use local or submitit")
-    from .ladder import run_ladder
+    from .study.ladder import run_ladder
     run_ladder(args.config, out=args.out, dry_run=args.dry_run, executor=args.executor,
                progress=not args.no_progress, overrides=_parse_overrides(args.set),
                throughput_from=args.throughput_from)
@@ -292,7 +292,7 @@ def _seconds(text):
 
 
 def _profile_model(args):
-    from .profile import MODES, run_profile
+    from .bench.profile import MODES, run_profile
     families = _families(args.families)
     modes = [m.strip() for m in (args.modes or ",".join(MODES)).split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
@@ -322,7 +322,7 @@ def _profile_model(args):
         threads=_positive_int(args.threads, "--threads") if args.threads else None,
         timeout_s=_seconds(args.timeout),
         head_dim=_positive_int(args.head_dim, "--head-dim", limits.MAX_WIDTH))
-    from .profile import shapes_for
+    from .bench.profile import shapes_for
     try:
         shapes_for(families, params, sizes["d_model"], sizes["n_layer"], sizes["head_dim"])
     except ValueError as exc:
@@ -346,7 +346,7 @@ def _profile_loop(args):
     choice = threads.choose(explicit or cfg.train.num_threads,
                             explicit_name="--threads" if explicit else "train.num_threads")
     print(threads.apply(choice).describe(), flush=True)
-    from .profile import loop_overhead
+    from .bench.profile import loop_overhead
     r = loop_overhead(args.config, args.family, steps=_positive_int(args.steps, "--steps", limits.MAX_COUNT))
     print(f"{r['family']} d_model {r['d_model']} x {r['n_layer']} layers, {r['tokens_per_step']} tokens/step, "
           f"median of {r['steps']} steps x {r['rounds']} alternating rounds:")
@@ -387,7 +387,7 @@ def _positive_int(text: str, flag: str, hi: int = limits.MAX_COUNT) -> int:
 def _profile_scan(args):
     from pathlib import Path
 
-    from . import bench_scan
+    from .bench import scan as bench_scan
     args.batch = args.batch or "8"
     args.seq_lens = args.seq_lens or "1024,4096"
     args.modes = args.modes or "fwd,fwdbwd"
@@ -447,7 +447,7 @@ def _profile_scan(args):
 def _profile_ssd(args):
     from pathlib import Path
 
-    from . import bench_ssd
+    from .bench import ssd as bench_ssd
     modes = [m.strip() for m in (args.modes or "fwd,fwdbwd").split(",") if m.strip()]
     if not modes or any(m not in bench_ssd.MODES for m in modes):
         raise UserError(f"--modes: expected a comma-separated subset of {','.join(bench_ssd.MODES)}, got {args.modes!r}")
@@ -519,7 +519,7 @@ def _fit(args):
     _check_fit_args(args)
     from pathlib import Path
 
-    from .report_recall import is_fixed_length_study
+    from .report.recall import is_fixed_length_study
     if is_fixed_length_study(Path(args.path)):
         raise UserError(f"{args.path}: a fixed-length study (steps or tokens, no budgets) has no scaling law to "
                         "fit; ssmscale report draws its recall report")
@@ -555,7 +555,7 @@ def _check_fit_args(args):
 
 def _report(args):
     _check_fit_args(args)
-    from .report import write_report
+    from .report.scaling import write_report
     path = write_report(args.study_dir, args.out, refit=args.refit, n_boot=args.n_boot, seed=args.seed,
                         progress=not args.no_progress)
     print(f"wrote {path}")

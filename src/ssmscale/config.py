@@ -226,7 +226,7 @@ SweepGrid = dict[str, Annotated[list[Any], Field(min_length=1)]]
 
 class LadderConfig(_Strict):
     """`ssmscale ladder CONFIG`: a grid of families x run lengths x sizes x learning rates x seeds,
-    repeated at every point of an optional `sweep` over config keys (sweep.py).
+    repeated at every point of an optional `sweep` over config keys (study/sweep.py).
 
     Run length, one of: `budgets` (an IsoFLOP ladder: each run spends a FLOP budget, the length follows
     from its size), `steps` or `tokens` (every run trains that long, e.g. a recall study).
@@ -241,7 +241,7 @@ class LadderConfig(_Strict):
     sizes: Annotated[list[Params | ShapeSpec], Field(min_length=1)] | None = None  # target params, or shapes
     widths: Annotated[list[Width], Field(min_length=1)] | None = None  # d_model per size (instead of sizes)
     width_layers: Layers | None = None                  # with widths: transformer layers (default 2)
-    sweep: SweepGrid | Annotated[list[SweepGrid], Field(min_length=1)] | None = None   # extra axes (sweep.py)
+    sweep: SweepGrid | Annotated[list[SweepGrid], Field(min_length=1)] | None = None   # extra axes (study/sweep.py)
     lrs: Annotated[list[PositiveFloat], Field(min_length=1)] | dict[str, Annotated[list[PositiveFloat], Field(min_length=1)]] = [3e-3]
     seeds: Annotated[list[Seed], Field(min_length=1)] = [0]
     # seed noise: once the main grid has finished, the best run of each family and budget is trained
@@ -276,7 +276,7 @@ class LadderConfig(_Strict):
     submitit: SubmititConfig = SubmititConfig()
     fit: bool = True                       # fit scaling laws and write the report when the ladder ends
     # the study directory beside this one (same parent) trained with the same protocol at another sequence
-    # length: the report contrasts the two (report_contrast.py)
+    # length: the report contrasts the two (report/contrast.py)
     contrast_with: str | None = None
 
     @field_validator("name", "contrast_with")
@@ -385,7 +385,7 @@ class LadderConfig(_Strict):
 
     def _check_sweep(self):
         """Every key sweepable, no value twice, no point twice, and every point a valid config."""
-        from . import sweep
+        from .study import sweep
         seen = set()
         for grid in sweep.grids(self.sweep):
             if not grid:

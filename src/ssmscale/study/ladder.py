@@ -6,7 +6,7 @@ once the main grid has finished, the best run of each (family, budget) is traine
 seed (same shape and learning rate; run id `<best run>_s<seed>`), so the fits can put the seed-to-seed
 noise into their intervals; adding noise seeds to a finished study trains only them. A fixed-length
 ladder (`steps` or `tokens`, e.g. the recall study) trains every run equally long and has no scaling
-law to fit: its report is the recall report (report_recall.py). `widths` instead of `sizes` gives
+law to fit: its report is the recall report (report/recall.py). `widths` instead of `sizes` gives
 each family the same d_model at the depth sizing.layers_at_width sets; `sweep` repeats the grid at
 every point of extra config axes (sweep.py), whose labels go into the run ids.
 
@@ -34,9 +34,9 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import EXECUTION_KEYS, LadderConfig, ModelSpec, RunConfig, ShapeSpec, load_ladder_config
-from .errors import UserError
-from .models.config import FAMILIES
+from ..config import EXECUTION_KEYS, LadderConfig, ModelSpec, RunConfig, ShapeSpec, load_ladder_config
+from ..errors import UserError
+from ..models.config import FAMILIES
 
 RESULT_COLUMNS = [
     "run_id", "study", "family", "size", "d_model", "n_layer", "params", "params_total", "state_bytes", "budget",
@@ -116,8 +116,8 @@ def vocab_size_of(cfg) -> int:
 def model_configs(cfg: LadderConfig):
     """[(size, {family: ModelConfig})] in config order: with `sizes`, every family is matched to the transformer
     in parameters per size; with `widths`, every family has that d_model and its depth rule's layers."""
-    from .models import ModelConfig
-    from .models.sizing import MIN_LAYERS, layers_at_width, shape_for
+    from ..models import ModelConfig
+    from ..models.sizing import MIN_LAYERS, layers_at_width, shape_for
     m = cfg.model
     base = ModelConfig(family="transformer", d_model=m.head_dim, n_layer=1, vocab_size=vocab_size_of(cfg),
                        **m.knobs())
@@ -185,7 +185,7 @@ def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tune
                 widened: dict | None = None) -> list[PlannedRun]:
     """The runs of one sweep point (`cfg` is the ladder config at that point)."""
     from . import sweep
-    from .flops import flops_summary
+    from ..flops import flops_summary
     t = cfg.train
     per_step = t.batch_size * t.seq_len
     code = sweep.encode(point)
@@ -266,7 +266,7 @@ def _run_id(family, size, mc, budget, point, lr, seed, cfg, always_lr=False) -> 
 def study_eval_points_tokens(cfg: LadderConfig) -> int | None:
     """The eval points' validation subset, one size for every run of the study: the default size for its
     run with the fewest tokens (so the points cost at most ~5% of any run), unless the config sets one."""
-    from .train import eval_points_tokens
+    from ..train import eval_points_tokens
     t = cfg.train
     if not t.eval_points or t.eval_points_tokens:
         return t.eval_points_tokens
@@ -372,7 +372,7 @@ def _first_difference(a, b, prefix="") -> str:
 def collect_results(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]):
     """results.csv rebuilt from every run's result.json, in plan order: no duplicates, never partial."""
     import pandas as pd
-    from .fsutil import atomic_write_dataframe_csv
+    from ..fsutil import atomic_write_dataframe_csv
     rows = []
     for r in runs:
         res = _read_result(out_dir, r.run_id)
@@ -389,13 +389,13 @@ def collect_results(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]):
 
 def _read_result(out_dir: Path, run_id: str) -> dict | None:
     """A run's well-formed result.json, else None (absent or malformed: the run counts as unfinished)."""
-    from .safeload import read_result
+    from ..safeload import read_result
     return read_result(out_dir / "runs" / run_id / "result.json")[0]
 
 
 def _say_malformed(out_dir: Path, runs: list[PlannedRun]) -> None:
     """One line per result.json that cannot be used (wrong shape, not JSON): that run is trained again."""
-    from .safeload import read_result
+    from ..safeload import read_result
     for r in runs:
         problem = read_result(out_dir / "runs" / r.run_id / "result.json")[1]
         if problem and not r.skip:
@@ -528,13 +528,13 @@ def run_one(study_dir: str, run_id: str, progress: bool = False, parallel_jobs: 
             return _train_run(cfg, out_dir, run, progress=progress, position=1, share=(parallel_jobs, max_cores),
                               announce=True)
         # Lightning's ddp re-executes the command line for each extra rank: give the run a command of its own
-        code = subprocess.run([sys.executable, "-m", "ssmscale.worker", str(out_dir), run_id]).returncode
+        code = subprocess.run([sys.executable, "-m", "ssmscale.study.worker", str(out_dir), run_id]).returncode
         return _read_result(out_dir, run_id) or {"status": "failed",
-                                                 "message": f"ssmscale.worker exited with code {code}"}
+                                                 "message": f"ssmscale.study.worker exited with code {code}"}
 
 
 def train_planned_run(study_dir: str, run_id: str) -> dict:
-    """Train one planned run of a study in this process, which the run owns (`python -m ssmscale.worker`):
+    """Train one planned run of a study in this process, which the run owns (`python -m ssmscale.study.worker`):
     its ranks share the cores the process may use."""
     out_dir = Path(study_dir)
     cfg = load_ladder_config(out_dir / "config.yaml")
@@ -584,7 +584,7 @@ def thread_share(cfg: LadderConfig, cluster: str) -> tuple[int, int | None]:
 
 def _train_run(cfg, out_dir, run, progress, position, share=(1, None), announce=False):
     from . import sweep
-    from .train import run_training
+    from ..train import run_training
     extra = {"run_id": run.run_id, "budget": run.budget, "size": run.size, "study": cfg.name,
              "sweep": sweep.decode(run.sweep), "lr_source": run.lr_source}
     return run_training(run_config(cfg, run, progress), out_dir / "runs" / run.run_id, progress_position=position,
@@ -602,7 +602,7 @@ def _cluster(cfg: LadderConfig, executor: str) -> str:
 
 
 def _thread_line(cfg: LadderConfig, cluster: str) -> str:
-    from . import threads
+    from .. import threads
     jobs, cap = thread_share(cfg, cluster)
     if cluster == "slurm" and not cfg.train.num_threads:
         return (f"threads per run: its Slurm allocation's cores, at most cpus_per_task {cap} "
@@ -616,8 +616,8 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
     """Plan, train (resumably) and fit a ladder. The plan is printed first, with a cost estimate in
     device-hours when the study runs on GPUs or `throughput_from` names a `ssmscale profile` CSV."""
     from . import cost
-    from .config import dump_yaml
-    from .fsutil import atomic_write_dataframe_csv, atomic_write_text, check_writable_dir
+    from ..config import dump_yaml
+    from ..fsutil import atomic_write_dataframe_csv, atomic_write_text, check_writable_dir
 
     cfg = load_ladder_config(config_path, overrides)
     out_dir = Path(out or Path("scaling") / cfg.name)
@@ -695,7 +695,7 @@ def training_tokens(cfg: LadderConfig, progress: bool = True) -> dict:
     """{sweep point (encoded): tokens in the training split}, preparing (and checking) each point's data:
     its vocabulary must be the config's, a synthetic task must fit the point's sequence length."""
     from . import sweep
-    from .data import prepare_data
+    from ..data import prepare_data
     out = {}
     for point, pcfg in sweep_points(cfg):
         where = f"sweep point {sweep.label(point)}: " if point else ""
@@ -780,7 +780,7 @@ def _run_pool(cfg, out_dir, runs, todo, bar, tally):
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    from .threads import configure_waiting
+    from ..threads import configure_waiting
     configure_waiting()          # the workers inherit os.environ: their OpenMP threads sleep when idle
     queue = sorted(todo, key=lambda r: -r.flops)
     context = multiprocessing.get_context("spawn")    # never fork a process whose torch threads exist
@@ -829,7 +829,7 @@ def _die_with_parent(parent: int) -> None:
 def _write_failed(out_dir, run, res) -> dict:
     """Record a run that ended without a result, unless its process did write a final one (a job
     cancelled after its run had finished); return the run's result. The next invocation retries failed runs."""
-    from .fsutil import atomic_write_json
+    from ..fsutil import atomic_write_json
     if _finished(out_dir, run):
         return _read_result(out_dir, run.run_id)
     failed = {**res, "family": run.family, "params": run.params, "params_total": run.params_total,
@@ -841,7 +841,7 @@ def _write_failed(out_dir, run, res) -> dict:
 def _executor(cfg: LadderConfig, out_dir: Path, cluster: str):
     import submitit
 
-    from .threads import configure_waiting
+    from ..threads import configure_waiting
     configure_waiting()      # the jobs inherit os.environ: their OpenMP threads sleep when idle
     s = cfg.submitit
     ex = submitit.AutoExecutor(folder=out_dir / "submitit", cluster=cluster)
@@ -966,13 +966,13 @@ def _fit_and_report(out_dir: Path, scaling_law: bool = True):
     """fit.json in the study directory (IsoFLOP ladders only: a fixed-length ladder has no scaling law);
     the report in reports/<directory name>, as `ssmscale report` does."""
     try:
-        from .fit import fit_study
-        from .report import write_report
+        from ..fit import fit_study
+        from ..report.scaling import write_report
     except ImportError:
         return
     if scaling_law:
-        from .fit import is_default_fit, load_runs
-        from .report import cached_fit
+        from ..fit import is_default_fit, load_runs
+        from ..report.scaling import cached_fit
         fit = cached_fit(out_dir, load_runs(out_dir))
         if fit is not None and is_default_fit(fit):
             # a rerun of a finished ladder: refitting would write the same bytes (`ssmscale fit STUDY` refits)

@@ -6,7 +6,7 @@ Figures (PNG, matplotlib's object API on the Agg canvas, so no global backend is
                   band continued FIGURE_EXTRAPOLATION beyond the data (dashed = extrapolated), crossovers;
 - allocation.png  compute-optimal N_opt(C) and D_opt(C): Approach 2 minima and fit, Approach 3 implied line;
 - profile.png     tokens/s and peak memory against sequence length, one column per mode (if profile/ exists);
-- position.png, wallclock.png: loss by token position and loss against training time (report_trust.py, with
+- position.png, wallclock.png: loss by token position and loss against training time (trust.py, with
                   the backtest, seed-noise and Approach 1 sections).
 A family has the same colour in every figure. The report holds no timings and no clock or version stamp in
 its PNGs, so regenerating it from the same study directory rewrites the same bytes.
@@ -25,12 +25,12 @@ import numpy as np
 import pandas as pd
 
 from .colors import family_colors
-from .errors import UserError
-from .fit import (DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, LoadedRuns, fit_json, fit_notes, fit_runs,
+from ..errors import UserError
+from ..fit import (DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, LoadedRuns, fit_json, fit_notes, fit_runs,
                   fmt_value, format_fit, frontier_loss, load_runs, quantity_rows)
-from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir
-from .report_contrast import contrast_section
-from .report_trust import trust_sections
+from ..fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir
+from .contrast import contrast_section
+from .trust import trust_sections
 
 _LOSS_LABEL = "validation loss (nats/token)"
 _FLOPS_LABEL = "training FLOPs C"
@@ -304,8 +304,8 @@ def _fit_table(fam: dict, ci: float) -> list[str]:
 
 
 def _provenance(csv: Path, fit: dict) -> list[str]:
-    from . import __version__
-    from .provenance import source_commit, versions
+    from .. import __version__
+    from ..provenance import source_commit, versions
     raw = pd.read_csv(csv, dtype=str)
     lines = ["| field | value |", "|---|---|"]
 
@@ -384,7 +384,7 @@ def _is_number(x) -> bool:
 def _profile_meta(study: Path) -> dict:
     """profile.json's descriptive fields, each kept only if it has the shape the report prints (a file of
     another shape is ignored with a line saying so: the numbers themselves come from profile.csv)."""
-    from .safeload import FileRefused, read_json
+    from ..safeload import FileRefused, read_json
     path = study / "profile" / "profile.json"
     try:
         meta = read_json(path)
@@ -548,7 +548,7 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
 
 def cached_fit(study: Path, loaded: LoadedRuns) -> dict | None:
     """STUDY/fit.json when it is a fit of the current results.csv, else None (and a line saying why)."""
-    from .safeload import FileRefused, read_json
+    from ..safeload import FileRefused, read_json
     target = study / "fit.json"
     try:
         fit = read_json(target)
@@ -595,7 +595,7 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     name = study.resolve().name
     out = Path(out_dir) if out_dir is not None else Path("reports") / name
     check_writable_dir(out, "report folder (--out)")     # before a fit that may take minutes
-    from .report_recall import is_fixed_length_study, write_recall_report
+    from .recall import is_fixed_length_study, write_recall_report
     if is_fixed_length_study(study):      # no budgets, no scaling law: the recall report
         return write_recall_report(study, out)
     loaded = load_runs(study)

@@ -98,7 +98,7 @@ def prepare(impl: str, batch: int, d_inner: int, d_state: int, length: int, mode
                                                  leaves["B"], leaves["C"], leaves["D"],
                                                  leaves.get("z"), leaves.get("delta_bias"))
     else:
-        from .ops import selective_scan
+        from ..ops import selective_scan
         forward = lambda: selective_scan(**leaves, delta_softplus=model_args, impl=impl)
 
     def step():
@@ -139,14 +139,14 @@ def prepare_copy(mib: int, device: str = "cpu"):
 def measure_bandwidth(device: str = "cpu", threads=None, mib: int = 512) -> float | None:
     """Bytes per second of a large tensor copy (its fastest repeat: a floor wants the best case)."""
     from .memprobe import run_isolated
-    res = run_isolated("ssmscale.bench_scan:prepare_copy", dict(mib=mib, device=device),
+    res = run_isolated("ssmscale.bench.scan:prepare_copy", dict(mib=mib, device=device),
                        repeats=7, warmup=1, threads=threads)
     return 2 * mib * 2**20 / (res["min_ms"] / 1e3) if res["status"] == "ok" else None
 
 
 def check_impls(impls: list[str], device: str) -> None:
     """ValueError naming the first implementation that cannot run on `device`."""
-    from .ops.scan import _REGISTRY, available_impls
+    from ..ops.scan import _REGISTRY, available_impls
     runnable = available_impls(device)
     for name in impls:
         if name == "mambapy" or name in runnable:
@@ -178,7 +178,7 @@ def run_benchmark(impls, seq_lens, *, batch=8, d_inner=256, d_state=16, modes=MO
                 if reason:
                     row.update(status="skipped", error=reason)
                 else:
-                    res = run_isolated("ssmscale.bench_scan:prepare", dict(vars(point), device=device),
+                    res = run_isolated("ssmscale.bench.scan:prepare", dict(vars(point), device=device),
                                        repeats=repeats, warmup=warmup, threads=threads,
                                        timeout_s=timeout_s)
                     row.update(status=res["status"], error=res["error"], median_ms=res["median_ms"],

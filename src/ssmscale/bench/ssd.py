@@ -36,16 +36,16 @@ class Point:
 
 def default_impls(device: str) -> list[str]:
     """Every SSD and every selective scan available on `device`, the references ("ref") last."""
-    from .ops.scan import available_impls
-    from .ops.ssd import available_ssd_impls
+    from ..ops.scan import available_impls
+    from ..ops.ssd import available_ssd_impls
     return ([f"ssd-{i}" for i in available_ssd_impls(device) if i != "ref"]
             + [f"scan-{i}" for i in available_impls(device) if i != "ref"] + ["ssd-ref"])
 
 
 def check_impls(impls: list[str], device: str) -> None:
     """ValueError naming the first implementation that is unknown or cannot run on `device`."""
-    from .ops.scan import available_impls
-    from .ops.ssd import available_ssd_impls
+    from ..ops.scan import available_impls
+    from ..ops.ssd import available_ssd_impls
     known = [f"ssd-{i}" for i in available_ssd_impls(device)] + [f"scan-{i}" for i in available_impls(device)]
     for name in impls:
         if name not in known:
@@ -60,10 +60,10 @@ def prepare(impl: str, batch: int, d_inner: int, d_state: int, head_dim: int, ch
 
     import torch
     if impl.startswith("scan-"):
-        from . import bench_scan
+        from . import scan as bench_scan
         return bench_scan.prepare(impl.removeprefix("scan-"), batch, d_inner, d_state, length, mode, device=device,
                                   seed=seed, prime=prime, model_args=True)
-    from .ops import ssd
+    from ..ops import ssd
     if prime:
         prepare(impl, d_state=d_state, head_dim=head_dim, chunk_size=chunk_size, mode=mode, device=device,
                 prime=False, **PRIME_SHAPE)()
@@ -103,7 +103,7 @@ def run_benchmark(impls, seq_lens, *, batch=8, d_inner=256, d_state=16, head_dim
                 if impl.endswith("-ref") and length > ref_max_len:
                     row.update(status="skipped", error=f"ref skipped beyond L={ref_max_len}")
                 else:
-                    res = run_isolated("ssmscale.bench_ssd:prepare", dict(vars(point), device=device),
+                    res = run_isolated("ssmscale.bench.ssd:prepare", dict(vars(point), device=device),
                                        repeats=repeats, warmup=1, threads=threads, timeout_s=timeout_s)
                     peak = res["peak_extra_bytes"]
                     row.update(status=res["status"], error=res["error"], median_ms=res["median_ms"],
