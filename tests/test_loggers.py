@@ -6,7 +6,7 @@ import csv
 import pytest
 import yaml
 
-from ssmscale import config as config_mod
+from ssmscale.config import load as config_mod
 from ssmscale.cli import main
 from ssmscale.study.ladder import run_ladder
 from ssmscale.train import METRIC_FIELDS, run_training

@@ -11,11 +11,12 @@ import pytest
 import torch
 import yaml
 
-from ssmscale.study import sweep
+from ssmscale.config import sweep
 from ssmscale.cli import main
 from ssmscale.config import LadderConfig, validate
 from ssmscale.errors import UserError
-from ssmscale.study.ladder import plan, run_config, run_ladder
+from ssmscale.study.ladder import run_ladder
+from ssmscale.study.plan import plan, run_config
 from ssmscale.models import FAMILIES, ModelConfig
 from ssmscale.models.lm import state_bytes
 from ssmscale.models.sizing import LAYERS_PER_TRANSFORMER_LAYER, layers_at_width

@@ -288,17 +288,19 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
 ])
 def test_a_malformed_result_json_counts_as_unfinished_and_is_trained_again(tmp_path, capsys, monkeypatch,
                                                                            content, problem):
-    from ssmscale.study import ladder
-    cfg = ladder.load_ladder_config(write(tmp_path / "l.yaml", ladder_raw()))
-    run = ladder.plan(cfg)[0]
+    from ssmscale.config import load_ladder_config
+    from ssmscale.study import executors, ladder, state
+    from ssmscale.study.plan import plan
+    cfg = load_ladder_config(write(tmp_path / "l.yaml", ladder_raw()))
+    run = plan(cfg)[0]
     path = tmp_path / "s" / "runs" / run.run_id / "result.json"
     path.parent.mkdir(parents=True)
     path.write_bytes(content.encode("latin-1"))
-    assert ladder._read_result(tmp_path / "s", run.run_id) is None
-    assert not ladder._finished(tmp_path / "s", run)
-    assert len(ladder.collect_results(cfg, tmp_path / "s", [run])) == 0     # no empty-loss row
+    assert state._read_result(tmp_path / "s", run.run_id) is None
+    assert not state._finished(tmp_path / "s", run)
+    assert len(state.collect_results(cfg, tmp_path / "s", [run])) == 0     # no empty-loss row
     trained = []
-    monkeypatch.setattr(ladder, "_train_run", lambda cfg, out_dir, run, *a, **k: trained.append(run.run_id) or
+    monkeypatch.setattr(executors, "_train_run", lambda cfg, out_dir, run, *a, **k: trained.append(run.run_id) or
                         {"status": "failed", "message": "stub"})
     ladder.run_ladder(str(tmp_path / "l.yaml"), out=str(tmp_path / "s"), progress=False)
     err = [line for line in capsys.readouterr().err.splitlines() if "result.json" in line]
@@ -308,8 +310,9 @@ def test_a_malformed_result_json_counts_as_unfinished_and_is_trained_again(tmp_p
 
 def test_a_ladder_retrains_a_run_whose_result_json_is_malformed(tmp_path, capsys):
     cfg_path = write(tmp_path / "l.yaml", ladder_raw())
-    from ssmscale.study import ladder
-    run = ladder.plan(ladder.load_ladder_config(cfg_path))[0]
+    from ssmscale.config import load_ladder_config
+    from ssmscale.study.plan import plan
+    run = plan(load_ladder_config(cfg_path))[0]
     path = tmp_path / "s" / "runs" / run.run_id / "result.json"
     path.parent.mkdir(parents=True)
     path.write_text('{"status": "ok"}')
@@ -377,7 +380,7 @@ def test_unquoted_exponents_are_numbers_in_configs_and_in_set_overrides(tmp_path
 
 def test_size_keys_of_a_learning_rate_grid_may_be_unquoted_numbers(tmp_path):
     from ssmscale.config import load_ladder_config
-    from ssmscale.study.ladder import lrs_for
+    from ssmscale.study.plan import lrs_for
     cfg = load_ladder_config(write(tmp_path / "l.yaml", "name: h\nbudgets: [1e9]\nsizes: [1e5, 2e5]\n"
                                                        "lrs: {1e5: [1e-3], default: [2e-3]}\n"))
     assert lrs_for(cfg, 1e5) == [1e-3] and lrs_for(cfg, 2e5) == [2e-3]

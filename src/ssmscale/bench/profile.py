@@ -494,3 +494,13 @@ def loop_overhead(config_path: str, family: str | None = None, steps: int = 60, 
             "bare_tokens_per_s": tokens / b, "lightning_tokens_per_s": tokens / lgt,
             "overhead": lgt / b - 1,
             "bare_wall_s": statistics.median(bare_wall), "lightning_wall_s": statistics.median(light_wall)}
+
+
+def format_loop_overhead(r: dict) -> str:
+    """loop_overhead's result as the lines `ssmscale profile --op loop` prints."""
+    return "\n".join([
+        f"{r['family']} d_model {r['d_model']} x {r['n_layer']} layers, {r['tokens_per_step']} tokens/step, "
+        f"median of {r['steps']} steps x {r['rounds']} alternating rounds:",
+        f"  bare PyTorch loop: {r['bare_ms']:.1f} ms/step, {r['bare_tokens_per_s']:,.0f} tokens/s",
+        f"  Lightning loop:    {r['lightning_ms']:.1f} ms/step, {r['lightning_tokens_per_s']:,.0f} tokens/s",
+        f"  Lightning overhead: {100 * r['overhead']:+.1f}% per step"])

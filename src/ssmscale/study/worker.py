@@ -2,7 +2,7 @@
 
 Lightning's ddp strategy starts each extra rank by running this process's command line again, so a run
 on several devices cannot start inside a ladder (its rank 1 would run the whole ladder): the ladder's
-executors start such a run through this command instead (ladder.run_one).
+executors start such a run through this command instead (runner.run_one).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m ssmscale.study.worker STUDY_DIR RUN_ID", file=sys.stderr)
         return 2
-    from .ladder import train_planned_run
+    from .runner import train_planned_run
     try:
         result = train_planned_run(*args)
     except UserError as exc:
