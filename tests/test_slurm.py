@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ssmscale import ladder
+from ssmscale.study import executors, plan, state
 
 ROOT = Path(__file__).parents[1]
 
@@ -43,7 +43,7 @@ class FakeJob:
 def test_jobs_are_collected_as_they_end_and_a_failed_job_names_its_log_in_one_line(tmp_path):
     ok = FakeJob(tmp_path, "7_0", result={"status": "ok"})
     bad = FakeJob(tmp_path, "7_1", error=RuntimeError("Traceback ...\n  line\nValueError: boom"))
-    out = list(ladder._as_they_end({"a": ok, "b": bad}, slurm=False, poll_s=0))
+    out = list(executors._as_they_end({"a": ok, "b": bad}, slurm=False, poll_s=0))
     assert out[0] == ("a", {"status": "ok"}, True)
     run_id, res, returned = out[1]
     assert run_id == "b" and not returned and res["status"] == "failed"
@@ -51,13 +51,13 @@ def test_jobs_are_collected_as_they_end_and_a_failed_job_names_its_log_in_one_li
 
 
 def test_a_slurm_job_that_ends_without_a_result_is_failed_with_its_state_and_log(tmp_path, monkeypatch):
-    monkeypatch.setattr(ladder, "RESULT_GRACE_S", 0.0)
+    monkeypatch.setattr(executors, "RESULT_GRACE_S", 0.0)
     states = iter([{"9_0": "RUNNING", "9_1": "PENDING"}, {"9_0": "RUNNING", "9_1": "CANCELLED"},
                    {"9_0": "COMPLETED"}])
-    monkeypatch.setattr(ladder, "_slurm_states", lambda ids: next(states))
+    monkeypatch.setattr(executors, "_slurm_states", lambda ids: next(states))
     running = FakeJob(tmp_path, "9_0", done=False)
     cancelled = FakeJob(tmp_path, "9_1", done=False)
-    gen = ladder._as_they_end({"r": running, "c": cancelled}, slurm=True, poll_s=0)
+    gen = executors._as_they_end({"r": running, "c": cancelled}, slurm=True, poll_s=0)
     run_id, res, returned = next(gen)
     assert run_id == "c" and not returned
     assert res["message"] == f"Slurm job 9_1 ended CANCELLED without a result; log: {tmp_path / '9_1_0_log.err'}"
@@ -70,17 +70,17 @@ def test_a_cancelled_job_that_had_finished_keeps_its_result_and_a_failed_run_is_
     from ssmscale.config import LadderConfig, validate
     from test_ladder import micro
     cfg = validate(LadderConfig, micro(tmp_path, budgets=[2.0e9], sizes=[6.0e3]), "x")
-    run = ladder.plan(cfg)[0]
+    run = plan.plan(cfg)[0]
     path = tmp_path / "runs" / run.run_id / "result.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"status": "ok", "lr": run.lr, "loss": 1.0, "params": run.params,
                                 "tokens": run.tokens, "flops": run.flops}))
-    kept = ladder._write_failed(tmp_path, run, {"status": "failed", "message": "cancelled"})
+    kept = state._write_failed(tmp_path, run, {"status": "failed", "message": "cancelled"})
     assert kept["status"] == "ok" and json.loads(path.read_text())["status"] == "ok"
     path.write_text(json.dumps({"status": "failed", "lr": run.lr}))
-    ladder._write_failed(tmp_path, run, {"status": "failed", "message": "Slurm job 1_0 ended CANCELLED"})
+    state._write_failed(tmp_path, run, {"status": "failed", "message": "Slurm job 1_0 ended CANCELLED"})
     assert json.loads(path.read_text())["message"] == "Slurm job 1_0 ended CANCELLED"
-    assert not ladder._finished(tmp_path, run)
+    assert not state._finished(tmp_path, run)
 
 
 # ------------------------------------------------------------------------------- a real cluster
