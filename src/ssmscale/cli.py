@@ -474,6 +474,26 @@ def _report(args):
     print(f"wrote {path}")
 
 
+# ------------------------------------------------------------------------------------- forecast
+def _forecast_args(p):
+    p.add_argument("study_dir", help="study directory (scaling/<study>) with results.csv")
+    p.add_argument("--budgets", nargs="+", required=True, metavar="C",
+                   help="compute budgets (FLOPs) not trained yet, e.g. 2.2e13 4.6e13")
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default 200, as fit)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0, as fit)")
+    p.add_argument("--jobs", type=int, help="worker processes (default: every available core)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _forecast(args):
+    _check_fit_args(args)
+    from .fit.forecast import forecast_lines, make_forecast, parse_budget
+    budgets = [parse_budget(b) for b in args.budgets]
+    body, path = make_forecast(args.study_dir, budgets, n_boot=args.n_boot, seed=args.seed, n_jobs=args.jobs,
+                               progress=not args.no_progress)
+    print("\n".join(forecast_lines(body, path)))
+
+
 COMMANDS: list = [
     ("sizes", "matched shapes, parameter counts and FLOPs per token for target sizes", _sizes_args, _sizes),
     ("train", "train one model on its token budget (writes DIR/result.json)", _train_args, _train),
@@ -486,6 +506,9 @@ COMMANDS: list = [
     ("fit", "fit scaling laws with bootstrap intervals to a study or a CSV of runs (writes fit.json)",
      _fit_args, _fit),
     ("report", "figures and report.md for a study, regenerated from its directory alone", _report_args, _report),
+    ("forecast", "predict each family's best loss and N_opt at budgets not trained yet, with calibrated "
+                 "intervals (writes STUDY/forecasts/; the report scores it once the runs exist)",
+     _forecast_args, _forecast),
 ]
 
 

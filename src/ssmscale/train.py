@@ -31,6 +31,7 @@ import logging
 import math
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -589,6 +590,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
         "tokens_per_s": ((steps_done - resume_step) * tokens_per_step / monitor.train_time
                          if monitor.train_time > 0 else float("nan")),
         "resumed_from_step": resume_step,
+        # when the run ended (UTC): a forecast of its budget is scored as one only if made before this
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "config_hash": config_hash(cfg), "data_fingerprint": data.fingerprint,
         "precision": precision, "scan_impl": scan_impl,
         "threads": thread_choice.threads, "threads_reason": thread_choice.reason,

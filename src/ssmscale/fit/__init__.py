@@ -3,8 +3,9 @@ crossover, loss against training time, seed noise, and backtests that say how fa
 
 Modules: runs (CSV in, cleaning, one family as arrays), laws (the log-sum-exp Huber objective and multi-start
 L-BFGS), frontier, approach1, approach2, approach3, wallclock (one per law), crossover, bootstrap, seeds (seed
-spread beside family gaps), backtest (hold out the largest budgets, predict them), pipeline (fit everything,
-write fit.json), text (the printed summary and notes). `ssmscale.fit` re-exports the public names below.
+spread beside family gaps), backtest (hold out the largest budgets, predict them), calibration (prediction
+intervals calibrated on the backtests' errors), pipeline (fit everything, write fit.json), text (the printed
+summary and notes). `ssmscale.fit` re-exports the public names below.
 
 Everything here is a pure function of a table of runs (params N, tokens D, flops C, loss L, family,
 IsoFLOP group), except `load_runs` (reads a CSV) and `fit_study` / `fit_path` (read, fit, write fit.json).
@@ -34,10 +35,15 @@ Fits (all losses in nats/token, N = non-embedding parameters, C = training FLOPs
               (see wallclock.py); a verdict for the machine that ran the study only.
 - backtest:   refit without the largest budgets (or above --holdout-above FLOPs), predict what was held out,
               ARE and interval coverage, FLAGS where a law did not extrapolate (see backtest.py).
+- calibration: prediction intervals from the backtests' own errors, growing with the distance extrapolated
+              (see calibration.py); the calibration table compares them with the bootstrap's.
 
 Bootstrap: resample runs with replacement within each family and within each IsoFLOP group (so every
 budget keeps its number of runs), and the seeds of every run trained with several (drawn with replacement,
-then averaged), refit everything, take percentile intervals. With one seed per configuration a frontier
+then averaged), refit everything, take percentile intervals. Without a budget column the groups (runs of
+similar FLOPs) are a guess that may hold one run each, and a group of one run never varies: such data is
+resampled over the family's runs instead. Budgets of a single run, and intervals that come out with zero
+width although resamples were fitted ("collapsed"), are said in the notes, never silently reported. With one seed per configuration a frontier
 point's interval says how much it depends on which runs were made, not on seed noise; a ladder's
 noise_seeds add that. Each resample has its own
 child of numpy's SeedSequence(seed), so results do not depend on the number of worker processes.
@@ -90,8 +96,18 @@ fit.json (written by `fit_path` / `fit_study`):
                  "within_seed_noise": bool | null}]}]},
   "backtest":  {"mode": "budgets" | "threshold" | "off", "reason" (off), "holdout_above" (threshold),
                 "pairs": [{"families", "held_out": [{"k", "budget", "observed_gap", "observed_lower",
-                           "frontier" | "parametric": {"gap": Q, "predicted_lower", "order_matches", "gap_covered"}}]}]}
+                           "frontier" | "parametric": {"gap": Q, "predicted_lower", "order_matches", "gap_covered"}}]}]},
+  "calibration": {"mode": "budgets" | "threshold" | "off", "ci", "reason" (off),
+                  "models": {approach: {quantity: M}},    # calibrated on every backtest error: what forecasts use
+                  "table": [{"approach", "quantity", "nominal", "bootstrap": C, "calibrated": C}],
+                  "inner_errors" (threshold): [{"family", "cut", "e", "d", "s0", "spread"}]}
 }
+Each V also holds "distance" (decades beyond the largest fitted budget or run), "s0" (the refit's in-sample
+scatter), "spread" (the prediction's bootstrap spread) and "calibrated": {"lo", "hi", "covered", "n_cal",
+"method"}; summaries add "calibrated": {"covered", "checked"}; threshold backtests add "inner_cuts", "s0".
+Every fitted approach block holds "collapsed": [quantities whose bootstrap interval has zero width].
+M = {"n", "s0", "sigma", "tau", "center", "lean_p", "q", "method"} or {"n", "skipped"} (calibration.py).
+C = {"checked", "covered", "median_abs_error", "median_width", "width_ratio"} (log scale).
 No timings: they are printed, so refitting the same data on the same machine rewrites the same bytes.
 Q = {"value": float, "lo": float | null, "hi": float | null}: point estimate and percentile interval.
 B = {"resamples", "ok", "failed", "failure_reasons": {reason: count}}.

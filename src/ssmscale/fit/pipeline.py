@@ -50,9 +50,11 @@ BY_BUDGET_COLUMN = "IsoFLOP groups from the budget column"
 def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED, ci: float = DEFAULT_CI,
              n_jobs: int | None = None, progress: bool = True, delta: float = HUBER_DELTA,
              parametric_grid: np.ndarray | None = None, backtest: bool = True,
-             holdout_above: float | None = None) -> dict:
+             holdout_above: float | None = None, keep_samples: bool = False) -> dict:
     """Fit every family of a cleaned table of runs, bootstrap the intervals, backtest; returns the fit.json
-    dict plus "timing" (wall and CPU seconds, which fit.json leaves out: its bytes depend on the data only).
+    dict plus "timing" (wall and CPU seconds, which fit.json leaves out: its bytes depend on the data only)
+    and, with `keep_samples`, "samples": every resample's fits ({family: {approach: fit or why not}}) and
+    "point": the full-data fits, which forecasts predict from.
 
     `parametric_grid` replaces the 4,500-point Chinchilla grid (tests use a smaller one for speed).
     Backtest: with `holdout_above`, Approach 3 fitted on the runs at or below that many FLOPs predicts the
@@ -68,7 +70,10 @@ def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DE
     if table.empty:
         raise UserError(f"{loaded.source['path']}: no usable runs left after cleaning "
                         f"({'; '.join(loaded.notes) or 'empty table'})")
-    families = {name: FamilyRuns.from_table(t) for name, t in table.groupby("family", sort=True)}
+    by_budget = loaded.grouping == BY_BUDGET_COLUMN
+    families = {name: FamilyRuns.from_table(t, resample="groups" if by_budget else "runs")
+                for name, t in table.groupby("family", sort=True)}
+    notes = list(loaded.notes) + (_single_run_groups(families) if by_budget else [])
     grid = laws.CHINCHILLA_GRID if parametric_grid is None else np.asarray(parametric_grid, float)
 
     point: dict = {}
@@ -104,13 +109,15 @@ def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DE
         "schema": 1,
         "source": loaded.source,
         "dropped": loaded.dropped,
-        "notes": list(loaded.notes),
+        "notes": notes,
         "settings": {"n_boot": n_boot, "seed": seed, "ci": ci, "huber_delta": delta,
                      "flops_convention": FLOPS_CONVENTION, "grouping": loaded.grouping,
                      "parametric_grid": (CHINCHILLA_GRID_NAME if len(grid) == 4500 and
                                          np.array_equal(grid, laws._CHINCHILLA_GRID_REF) else f"grid of {len(grid)} starts"),
-                     "bootstrap": "runs resampled with replacement within each family and IsoFLOP group, and the "
-                                  "seeds of a run trained with several; percentile intervals",
+                     "bootstrap": (("runs resampled with replacement within each family and IsoFLOP group"
+                                    if by_budget else "runs resampled with replacement within each family (no budget "
+                                    "column: groups of similar FLOPs are a guess and may hold one run, which could "
+                                    "not vary)") + ", and the seeds of a run trained with several; percentile intervals"),
                      "warm_starts": f"bootstrap fits start L-BFGS from the point estimate and up to "
                                     f"{N_WARM_STARTS - 1} other distinct local minima of the full-data grid",
                      "crossover_search_factor": CROSSOVER_SEARCH_FACTOR,
@@ -122,6 +129,9 @@ def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DE
                       "crossover": _crossovers(point, samples, ci, key="wallclock")},
         "seed_noise": seed_gaps(point),
         "backtest": _backtest_block(mode, tested, holdout_above, loaded, backtest),
+        "calibration": ({"ci": ci, **tested["calibration"]} if tested is not None else
+                        {"mode": "off", "reason": "no backtest, so nothing to calibrate prediction intervals on"}),
+        **({"samples": samples, "point": point} if keep_samples else {}),
         # worker processes sit here, not in settings: the results do not depend on them, so fit.json is the
         # same on machines with other core counts
         "timing": {"n_jobs": n_jobs, "point_estimates_s": round(t_point, 3), "bootstrap_s": round(t_boot, 3),
@@ -148,11 +158,33 @@ def _band(fit_fn, samples: list, lo: float, hi: float, ci: float) -> dict:
             "hi": np.percentile(curves, 50 * (1 + ci), axis=0).tolist() if curves is not None else None}
 
 
+def _single_run_groups(families: dict) -> list[str]:
+    """A note per family whose budgets include some of one run: the bootstrap cannot vary those."""
+    notes = []
+    for name, runs in families.items():
+        sizes = np.bincount(runs.group, minlength=len(runs.budgets))
+        if (sizes == 1).any():
+            notes.append(f"{name}: {int((sizes == 1).sum())} of {len(sizes)} budgets hold a single run: the bootstrap "
+                         f"resamples within budgets, so it cannot vary those runs and intervals leaning on them are "
+                         f"too narrow")
+    return notes
+
+
+def _collapsed(out: dict, ok: list) -> list[str]:
+    """The quantities whose bootstrap interval has zero width although >= 2 resamples were fitted: the
+    resamples did not vary, so the interval says nothing (a warning, never silent)."""
+    if len(ok) < 2:
+        return []
+    return [k for k, q in out.items() if isinstance(q, dict) and q.get("lo") is not None and q["value"] is not None
+            and q["hi"] - q["lo"] <= 1e-12 * max(1.0, abs(q["value"]))]
+
+
 def _summarise(approach: str, point: dict, samples: list, ci: float) -> dict:
     if "skipped" in point:
         return point
     ok = [s for s in samples if isinstance(s, dict)]
     out = {k: _q(point[k], [s[k] for s in ok] if samples else None, ci) for k in QUANTITIES[approach]}
+    out["collapsed"] = _collapsed(out, ok)
     out["bootstrap"] = _boot_counts(samples)
     if approach == "frontier":
         pts = point["points"]
@@ -219,8 +251,8 @@ def fit_path(path, out: str | os.PathLike | None = None, columns: dict[str, str]
 
 
 def fit_json(result: dict) -> dict:
-    """What fit.json holds: the result without its timings, as strict JSON."""
-    return json_safe({k: v for k, v in result.items() if k != "timing"})
+    """What fit.json holds: the result without its timings and resamples, as strict JSON."""
+    return json_safe({k: v for k, v in result.items() if k not in ("timing", "samples", "point")})
 
 
 def is_default_fit(fit: dict) -> bool:

@@ -298,9 +298,13 @@ class FamilyRuns:
     seed_losses: tuple = ()  # per run: every seed's loss (empty: one seed each, the loss itself)
     train_s: np.ndarray | None = None   # per run: pure training time (NaN where not recorded)
     curves: tuple = ()       # per run: eval-point curve, array rows (flops, loss), or None (empty: none at all)
+    # what the bootstrap resamples within: "groups" (each IsoFLOP budget keeps its number of runs) or "runs"
+    # (the family's runs as one pool: groups guessed from rounded FLOPs may hold one run each, and a group
+    # of one run gives back the same run in every resample)
+    resample: str = "groups"
 
     @classmethod
-    def from_table(cls, t: pd.DataFrame) -> "FamilyRuns":
+    def from_table(cls, t: pd.DataFrame, resample: str = "groups") -> "FamilyRuns":
         budgets, group = np.unique(t["group_flops"].to_numpy(dtype=float), return_inverse=True)
         params = t["params"].to_numpy(float)
         sizes = np.array([len(np.unique(params[group == g])) for g in range(len(budgets))])
@@ -309,7 +313,7 @@ class FamilyRuns:
         return cls(params, t["tokens"].to_numpy(float), t["flops"].to_numpy(float),
                    t["loss"].to_numpy(float), group, budgets, sizes >= MIN_RUNS_PER_BUDGET,
                    seeds if any(len(v) > 1 for v in seeds) else (),
-                   t["train_s"].to_numpy(float) if "train_s" in t else None, curves)
+                   t["train_s"].to_numpy(float) if "train_s" in t else None, curves, resample)
 
     @classmethod
     def from_arrays(cls, params, tokens, loss, flops=None, budget=None) -> "FamilyRuns":
@@ -325,7 +329,7 @@ class FamilyRuns:
                           self.loss[idx] if loss is None else loss, self.group[idx], self.budgets,
                           self.frontier_budgets, tuple(self.seed_losses[i] for i in idx) if self.seed_losses else (),
                           None if self.train_s is None else self.train_s[idx],
-                          tuple(self.curves[i] for i in idx) if self.curves else ())
+                          tuple(self.curves[i] for i in idx) if self.curves else (), self.resample)
 
     def select(self, keep: np.ndarray) -> "FamilyRuns":
         """The runs where `keep` is true as a study of their own: budgets without runs are dropped,
@@ -334,18 +338,22 @@ class FamilyRuns:
         used, group = np.unique(self.group[idx], return_inverse=True)
         sub = self.take(idx)
         return FamilyRuns(sub.params, sub.tokens, sub.flops, sub.loss, group, self.budgets[used],
-                          self.frontier_budgets[used], sub.seed_losses, sub.train_s, sub.curves)
+                          self.frontier_budgets[used], sub.seed_losses, sub.train_s, sub.curves, self.resample)
 
     def __len__(self) -> int:
         return len(self.loss)
 
 
 def _resample(runs: FamilyRuns, rng: np.random.Generator) -> FamilyRuns:
-    """Draw runs with replacement within each IsoFLOP group, keeping every group's size; a run with
-    several seeds then gets the mean of its seeds drawn with replacement, so intervals carry seed noise."""
-    parts = [rng.choice(members, size=len(members), replace=True)
-             for g in range(len(runs.budgets)) if len(members := np.flatnonzero(runs.group == g))]
-    idx = np.sort(np.concatenate(parts))
+    """Draw runs with replacement within each IsoFLOP group, keeping every group's size (or, with
+    resample == "runs", from all the family's runs); a run with several seeds then gets the mean of its
+    seeds drawn with replacement, so intervals carry seed noise."""
+    if runs.resample == "runs":
+        idx = np.sort(rng.choice(len(runs), size=len(runs), replace=True))
+    else:
+        parts = [rng.choice(members, size=len(members), replace=True)
+                 for g in range(len(runs.budgets)) if len(members := np.flatnonzero(runs.group == g))]
+        idx = np.sort(np.concatenate(parts))
     if not runs.seed_losses:
         return runs.take(idx)
     loss = np.array([runs.loss[i] if len(s := runs.seed_losses[i]) < 2 else rng.choice(s, size=len(s)).mean()

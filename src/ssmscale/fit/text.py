@@ -53,6 +53,10 @@ def fit_notes(fam: dict) -> list[str]:
             notes.append(f"{approach}: E = {fmt_value(block['E']['value'])} is driven to zero: these runs do not "
                          f"pin down an irreducible loss, the power-law terms absorb it and their exponents "
                          f"are correspondingly less certain")
+        if block.get("collapsed"):
+            notes.append(f"{approach}: the bootstrap intervals of {', '.join(block['collapsed'])} have zero width although "
+                         f"{block['bootstrap']['ok']} resamples were fitted: the resamples did not vary, so these "
+                         f"intervals say nothing about uncertainty")
         bs = block["bootstrap"]
         if bs["failed"]:
             why = "; ".join(f"{n}: {r}" for r, n in bs["failure_reasons"].items())
@@ -94,9 +98,12 @@ def backtest_rows(bt: dict):
                 for what, v in row.get(approach, {}).items():
                     if not isinstance(v, dict) or "predicted" not in v:
                         continue
-                    covered = "n/a" if v["covered"] is None else ("yes" if v["covered"] else "NO")
+                    cal = v.get("calibrated") or {}
+                    shown = cal if cal.get("lo") is not None else v["predicted"]
+                    covered = shown.get("covered", v["covered"])
+                    covered = "n/a" if covered is None else ("yes" if covered else "NO")
                     yield (entry["k"], fmt_value(row["budget"]), approach, _QUANTITY_LABEL[what],
-                           fmt_value(v["predicted"]["value"]), fmt_interval(v["predicted"]), fmt_value(v["observed"]),
+                           fmt_value(v["predicted"]["value"]), fmt_interval(shown), fmt_value(v["observed"]),
                            "n/a" if v["are"] is None else f"{v['are']:.2%}", covered)
 
 
@@ -118,14 +125,52 @@ def backtest_order_lines(result: dict) -> list[str]:
     return lines
 
 
+_PREDICTION_LABEL = {("frontier", "loss"): "frontier best loss", ("approach2", "n_opt"): "Approach 2 N_opt",
+                     ("parametric", "loss"): "Approach 3 best loss", ("parametric", "n_opt"): "Approach 3 N_opt",
+                     ("parametric", "run_loss"): "Approach 3 single runs"}
+
+
+def calibration_rows(result: dict):
+    """(prediction, nominal, bootstrap coverage, bootstrap width/error, calibrated coverage, calibrated
+    width/error, how calibrated) per approach: how often the backtests' observations fell inside each kind
+    of interval, and the interval's median width over the median absolute error (log scale; ~5.8 for a
+    calibrated 95% interval of normal errors)."""
+    cal = result.get("calibration", {})
+    for row in cal.get("table", []):
+        model = cal["models"].get(row["approach"], {}).get(row["quantity"], {})
+        yield (_PREDICTION_LABEL.get((row["approach"], row["quantity"]), f"{row['approach']} {row['quantity']}"),
+               f"{row['nominal']:.0%}", _coverage(row["bootstrap"]), _ratio(row["bootstrap"]),
+               _coverage(row["calibrated"]), _ratio(row["calibrated"]), _how(model))
+
+
+def _coverage(c: dict) -> str:
+    return "n/a" if not c["checked"] else f"{c['covered']}/{c['checked']} ({c['covered'] / c['checked']:.0%})"
+
+
+def _ratio(c: dict) -> str:
+    return "n/a" if c.get("width_ratio") is None else f"{c['width_ratio']:.1f}"
+
+
+def _how(model: dict) -> str:
+    if "skipped" in model or not model:
+        return model.get("skipped", "not calibrated")
+    lean = "" if not model["center"] else f", centred {model['center']:+.2f} s (errors lean that way, sign test p = {model['lean_p']:.2g})"
+    return (f"{model['method']} on {model['n']} errors: s0 {model['s0']:.3g}, sigma {model['sigma']:.3g}, "
+            f"tau {model['tau']:.3g}/decade, q {model['q']:.2f}{lean}")
+
+
 def threshold_lines(fam: dict, ci: float) -> list[str]:
     bt = fam.get("backtest", {})
     if "parametric" not in bt:
         return []
     p = bt["parametric"]
+    cal = p.get("calibrated")
+    inside = (f"{cal['covered']}/{cal['checked']} inside their {ci:.0%} calibrated prediction interval (the bootstrap "
+              f"one: {p['covered']}/{p['checked']})" if cal and cal["checked"] else
+              f"{p['covered']}/{p['checked']} inside their {ci:.0%} prediction interval")
     return [f"Approach 3 fitted on the {bt['n_fit']} runs at or below {fmt_value(bt['threshold'])} FLOPs predicts the "
             f"{bt['n_held_out']} runs above it with mean ARE {p['mean_are']:.2%} (median {p['median_are']:.2%}, "
-            f"max {p['max_are']:.2%}); {p['covered']}/{p['checked']} inside their {ci:.0%} prediction interval"]
+            f"max {p['max_are']:.2%}); {inside}"]
 
 
 def seed_gap_lines(result: dict) -> list[str]:
@@ -191,6 +236,13 @@ def format_fit(result: dict) -> str:
                 lines.append(f"    {k:>2} {budget:>8} {approach:<11} {what:<9} {pred:>10} {interval:<22} {obs:>9} "
                              f"{are:>7}  {covered}")
         lines += [f"  backtest: {line}" for line in threshold_lines(fam, ci)]
+    table = list(calibration_rows(result))
+    if table:
+        lines += ["", f"calibration ({ci:.0%} intervals on the backtests: achieved coverage, median width / median "
+                      f"|error|; ~5.8 is right for normal errors):",
+                  f"  {'prediction':<24} {'bootstrap':>14} {'w/e':>5}   {'calibrated':>14} {'w/e':>5}   how"]
+        lines += [f"  {label:<24} {bc:>14} {br:>5}   {cc:>14} {cr:>5}   {how}"
+                  for label, _, bc, br, cc, cr, how in table]
     pairs = result["crossover"]["pairs"]
     if pairs:
         lines.append("")

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..fit import FIGURE_EXTRAPOLATION, LoadedRuns, fmt_value, frontier_loss
-from ..fit.text import backtest_order_lines, backtest_rows, fmt_interval, seed_gap_lines, threshold_lines, wallclock_statement
+from ..fit.text import (backtest_order_lines, backtest_rows, calibration_rows, fmt_interval, seed_gap_lines,
+                        threshold_lines, wallclock_statement)
+from ..fit.forecast import score_forecasts, score_lines
 
 CHOSHEN_ARE = 0.04       # Choshen et al. 2024: ~4% ARE is the best typically reached predicting a larger model
 
@@ -27,6 +29,8 @@ def trust_sections(study: Path, loaded: LoadedRuns, fit: dict, colors: dict, fig
     lines = ["## How far to trust it", ""]
     figures = {}
     lines += _backtest_section(fit)
+    lines += _calibration_section(fit)
+    lines += score_lines(score_forecasts(study, loaded))
     lines += _seed_section(fit, sci)
     by_position = _best_run_positions(study, loaded)
     if by_position:
@@ -56,10 +60,11 @@ def _backtest_section(fit: dict) -> list[str]:
     out += [f"Each law is refitted on the budgets below the largest (then below the k largest, while 3 remain) and "
             f"predicts the budgets left out. ARE = |predicted - observed| / observed; reference points: about 4% is "
             f"the best typically reached predicting a held-out larger model (Choshen et al. 2024), 0.7% at 300x the "
-            f"compute of the fits (Gadre et al. 2024). Intervals: {ci:.0%}, from bootstrap refits of the kept runs "
-            f"plus a drawn residual (prediction intervals for the loss); observed N_opt is the held-out budget's "
-            f"parabola vertex, Approach 3's prediction the vertex of the same parabola through its predicted losses.",
-            ""]
+            f"compute of the fits (Gadre et al. 2024). Intervals: {ci:.0%} calibrated prediction intervals, each "
+            f"built from the errors of the other backtests (see the calibration table below; the bootstrap interval "
+            f"of the law is shown where too few backtests exist to calibrate); observed N_opt is the held-out "
+            f"budget's parabola vertex, Approach 3's prediction the vertex of the same parabola through its "
+            f"predicted losses.", ""]
     for name, fam in fit["families"].items():
         block = fam.get("backtest", {})
         if "skipped" in block:
@@ -84,6 +89,23 @@ def _backtest_section(fit: dict) -> list[str]:
         out += ["Predicted against observed order of the families at each held-out budget:", ""]
         out += [f"- {line}." for line in order] + [""]
     return out
+
+
+def _calibration_section(fit: dict) -> list[str]:
+    rows = list(calibration_rows(fit))
+    if not rows:
+        return []
+    return (["### Calibration: do the intervals hold on the backtests?", "",
+            "How often the held-out observations of the backtests fell inside each kind of interval, against "
+            "the nominal rate, and the interval's median width over the median absolute error (both in log, i.e. "
+            "relative; about 5.8 is right for a 95% interval of normally distributed errors: much more is wider "
+            "than needed, much less too narrow). Bootstrap: refits of the kept runs plus a drawn residual (what "
+            "earlier versions reported). Calibrated: error model s = sqrt(s0^2 + sigma^2 + b^2 + (tau d)^2) fitted "
+            "to the other backtests' errors, quantile split-conformal (or Student-t where too few errors), each "
+            "backtest's interval built without its own budget or refit (docs/forecast.md).", "",
+            "| prediction | nominal | bootstrap: inside | width / error | calibrated: inside | width / error | "
+            "calibration (all backtests) |", "|---|---|---|---|---|---|---|"]
+            + [f"| {' | '.join(r)} |" for r in rows] + [""])
 
 
 def _seed_section(fit: dict, sci) -> list[str]:
