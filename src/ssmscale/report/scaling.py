@@ -37,6 +37,7 @@ from .trust import trust_sections
 _LOSS_LABEL = "validation loss (nats/token)"
 _FLOPS_LABEL = "training FLOPs C"
 _PARAMS_LABEL = "non-embedding parameters N"
+GAP_BASELINE = "transformer"   # frontier.png's second panel: every other family's gap to it
 
 
 def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
@@ -93,59 +94,108 @@ def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
     return fig
 
 
-def frontier_figure(table: pd.DataFrame, fit: dict, colors: dict):
-    fig, axes = _figure(width=8.0, height=5.2)
+def frontier_figure(table, fit, colors):
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    names = sorted(fit["families"])
+    fitted = [n for n in names if "skipped" not in fit["families"][n]["frontier"]]
+    baseline = GAP_BASELINE if GAP_BASELINE in fitted and len(fitted) > 1 else None
+    fig, axes = _figure(ncols=2 if baseline else 1, width=6.0, height=4.6)
     ax = axes[0][0]
     fitted_max = max(f["flops_range"][1] for f in fit["families"].values())
     x_min = min(f["flops_range"][0] for f in fit["families"].values()) / 2
     x_max = fitted_max * FIGURE_EXTRAPOLATION
-    for name in sorted(fit["families"]):
+    ci = fit["settings"]["ci"]
+    handles, tops, bottoms = [], [], []
+    for name in names:
         col = colors[name]
         t = table[table["family"] == name]
         ax.plot(t["flops"], t["loss"], "o", color=col, alpha=0.25, ms=4, mew=0)
         block = fit["families"][name]["frontier"]
         if "skipped" in block:
-            ax.plot([], [], "o", color=col, label=f"{name}: frontier skipped ({block['skipped']})")
+            handles.append(Line2D([], [], marker="o", ls="", color=col,
+                                  label=f"{name}: frontier skipped ({block['skipped']})"))
+            tops.append(t["loss"].min())
             continue
         pts = block["points"]
         ax.plot([p["flops"] for p in pts], [p["loss"] for p in pts], "o", color=col, ms=8, mec="black",
                 mew=0.8, zorder=4)
         law = {k: block[k]["value"] for k in ("E", "A", "alpha")}
         lo, hi = block["range"]
-        c_in = np.geomspace(lo, hi, 100)
-        c_out = np.geomspace(hi, x_max, 60)
-        ax.plot(c_in, frontier_loss(law, c_in), "-", color=col, lw=2,
-                label=f"{name}: L = {law['E']:.3g} + {law['A']:.3g} C^-{law['alpha']:.3g}")
-        ax.plot(c_out, frontier_loss(law, c_out), "--", color=col, lw=1.5)
+        c_in, c_out = np.geomspace(lo, hi, 100), np.geomspace(hi, x_max, 60)
+        ax.plot(c_in, frontier_loss(law, c_in), "-", color=col, lw=2, zorder=3)
+        ax.plot(c_out, frontier_loss(law, c_out), "--", color=col, lw=1.5, zorder=3)
         band = block.get("band") or {}
         if band.get("lo"):
             ax.fill_between(band["flops"], band["lo"], band["hi"], color=col, alpha=0.15, lw=0)
-    off_plot = []
-    for pair in fit["crossover"]["pairs"]:
-        for c in pair.get("crossings", []):
-            q = c["flops"]
-            tag = "extrapolated crossover" if c["extrapolated"] else "crossover"
-            text = f"{tag}: {c['lower_above']} lower above {_sci(q['value'])}"
-            if not x_min <= q["value"] <= x_max:
-                off_plot.append(text + " FLOPs (outside the plot)")
-                continue
-            ax.axvline(q["value"], color="black", ls=":" if c["extrapolated"] else "-.", lw=1, label=text)
-            if q["lo"] and q["hi"]:
-                ax.axvspan(max(q["lo"], x_min), min(q["hi"], x_max), color="black", alpha=0.06, lw=0,
-                           label=f"{tag} {fit['settings']['ci']:.0%} interval")
-    if off_plot:
-        ax.text(0.02, 0.02, "\n".join(off_plot), transform=ax.transAxes, fontsize=8, color="#333333")
-    ax.axvspan(fitted_max, x_max, color="#999999", alpha=0.08, lw=0)
+            bottoms.append(min(band["lo"]))
+        tops.append(max(p["loss"] for p in pts))
+        bottoms.append(min(frontier_loss(law, c_out)))
+        handles.append(Line2D([], [], color=col, lw=2, marker="o", mec="black", ms=7,
+                              label=f"{name}: L = {law['E']:.3g} + {law['A']:.3g} C^-{law['alpha']:.3g}"))
+    ax.axvspan(fitted_max, x_max, color="#999999", alpha=0.12, lw=0, zorder=0)
+    span = max(tops) - min(bottoms)
+    top = max(tops) + 0.25 * span
+    hidden = int((table["loss"] > top).sum())
+    ax.set_ylim(min(bottoms) - 0.05 * span, top)
     ax.set_xscale("log")
     ax.set_xlim(x_min, x_max)
     ax.set_xlabel(_FLOPS_LABEL)
     ax.set_ylabel(_LOSS_LABEL)
-    ax.set_title("Loss against compute: runs at their best learning rate (faint), best run per budget (bold), frontier fits\n"
-                 f"shaded: {fit['settings']['ci']:.0%} bootstrap band; dashed, grey area: extrapolation",
-                 fontsize=10)
+    ax.set_title("Loss against compute", fontsize=11)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="upper right")
+    if baseline:
+        _gap_panel(axes[0][1], fit, colors, baseline, x_min, x_max, fitted_max)
+    handles += [
+        Line2D([], [], marker="o", ls="", color="#777777", mec="black", ms=7, label="best run per budget (fitted)"),
+        Line2D([], [], marker="o", ls="", color="#777777", alpha=0.35, ms=4, mew=0,
+               label="other runs at their best learning rate" + (f" ({hidden} above the plot; all in isoflop.png)"
+                                                                if hidden else "")),
+        Line2D([], [], color="#444444", lw=2, label="frontier fit, over the budgets it was fitted on"),
+        Line2D([], [], color="#444444", lw=1.5, ls="--", label="extrapolated"),
+        Patch(color="#444444", alpha=0.2, lw=0, label=f"{ci:.0%} bootstrap band"),
+        Patch(color="#999999", alpha=0.25, lw=0, label="beyond the largest budget"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
+
+
+def _gap_panel(ax, fit, colors, baseline, x_min, x_max, fitted_max):
+    """Each family's frontier minus the baseline's: where a family is better (below zero) at a glance."""
+    base = fit["families"][baseline]["frontier"]
+    base_law = {k: base[k]["value"] for k in ("E", "A", "alpha")}
+    ax.axhline(0, color=colors[baseline], lw=1.5)
+    for name in sorted(fit["families"]):
+        block = fit["families"][name]["frontier"]
+        if name == baseline or "skipped" in block:
+            continue
+        col = colors[name]
+        law = {k: block[k]["value"] for k in ("E", "A", "alpha")}
+        lo = max(block["range"][0], base["range"][0])
+        hi = min(block["range"][1], base["range"][1])
+        c_all = np.geomspace(x_min, x_max, 200)
+        inside = (c_all >= lo) & (c_all <= hi)
+        gap = frontier_loss(law, c_all) - frontier_loss(base_law, c_all)
+        ax.plot(c_all[inside], gap[inside], "-", color=col, lw=2, zorder=3)
+        ax.plot(c_all[c_all >= hi], gap[c_all >= hi], "--", color=col, lw=1.5, zorder=3)
+        pts = block["points"]
+        c_pts = np.array([p["flops"] for p in pts])
+        ax.plot(c_pts, np.array([p["loss"] for p in pts]) - frontier_loss(base_law, c_pts), "o", color=col, ms=7,
+                mec="black", mew=0.8, zorder=4)
+        band = block.get("band") or {}
+        if band.get("lo"):
+            c_band = np.asarray(band["flops"])
+            shift = frontier_loss(base_law, c_band)
+            ax.fill_between(c_band, np.asarray(band["lo"]) - shift, np.asarray(band["hi"]) - shift, color=col,
+                            alpha=0.15, lw=0)
+    ax.axvspan(fitted_max, x_max, color="#999999", alpha=0.12, lw=0, zorder=0)
+    ax.set_xscale("log")
+    ax.set_xlim(x_min, x_max)
+    ax.set_xlabel(_FLOPS_LABEL)
+    ax.set_ylabel(f"loss minus the {baseline}'s frontier (nats/token)")
+    ax.set_title(f"Gap to the {baseline} (below 0: lower loss)\nband: the family's own band, "
+                 f"the {baseline}'s uncertainty not included", fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
 
 
 def allocation_figure(fit: dict, colors: dict):
@@ -161,9 +211,8 @@ def allocation_figure(fit: dict, colors: dict):
             env = np.asarray(a1["envelope"]["flops"])
             cc = np.geomspace(env.min(), env.max(), 50)
             ax_n.plot(cc, a1["N0"]["value"] * cc ** a1["a"]["value"], ":", color=col, lw=1.8,
-                      label=f"{name}, Approach 1: N_opt ∝ C^{a1['a']['value']:.2f}")
-            ax_d.plot(cc, a1["D0"]["value"] * cc ** a1["b"]["value"], ":", color=col, lw=1.8,
-                      label=f"{name}, Approach 1: D_opt ∝ C^{a1['b']['value']:.2f}")
+                      label=_allocation_label(name, 1, a1["a"]["value"], a1["b"]["value"]))
+            ax_d.plot(cc, a1["D0"]["value"] * cc ** a1["b"]["value"], ":", color=col, lw=1.8)
         if "skipped" not in a2:
             used = [e for e in a2["budgets"] if e["used"]]
             c = np.array([e["budget"] for e in used])
@@ -176,26 +225,61 @@ def allocation_figure(fit: dict, colors: dict):
             ax_d.plot(c, [e["d_opt"] for e in used], "o", color=col, ms=6, mec="black", mew=0.6)
             cc = np.geomspace(c.min(), c.max(), 50)
             ax_n.plot(cc, a2["N0"]["value"] * cc ** a2["a"]["value"], "-", color=col, lw=2,
-                      label=f"{name}, Approach 2: N_opt ∝ C^{a2['a']['value']:.2f}")
-            ax_d.plot(cc, a2["D0"]["value"] * cc ** a2["b"]["value"], "-", color=col, lw=2,
-                      label=f"{name}, Approach 2: D_opt ∝ C^{a2['b']['value']:.2f}")
+                      label=_allocation_label(name, 2, a2["a"]["value"], a2["b"]["value"]))
+            ax_d.plot(cc, a2["D0"]["value"] * cc ** a2["b"]["value"], "-", color=col, lw=2)
         if "skipped" not in a3:
             cc = np.geomspace(c_lo, c_hi, 50)
             law = {k: a3[k]["value"] for k in ("G", "a", "b")}
             ax_n.plot(cc, law["G"] * (cc / 6) ** law["a"], "--", color=col, lw=1.5,
-                      label=f"{name}, Approach 3: N_opt ∝ C^{law['a']:.2f}")
-            ax_d.plot(cc, (cc / 6) ** law["b"] / law["G"], "--", color=col, lw=1.5,
-                      label=f"{name}, Approach 3: D_opt ∝ C^{law['b']:.2f}")
-    for ax, ylabel, title in ((ax_n, "compute-optimal " + _PARAMS_LABEL, "Compute-optimal model size"),
-                              (ax_d, "compute-optimal training tokens D", "Compute-optimal training tokens")):
+                      label=_allocation_label(name, 3, law["a"], law["b"]))
+            ax_d.plot(cc, (cc / 6) ** law["b"] / law["G"], "--", color=col, lw=1.5)
+    for ax, ylabel, title in ((ax_n, "N_opt (non-embedding parameters)", "Compute-optimal model size"),
+                              (ax_d, "D_opt (training tokens)", "Compute-optimal training tokens")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(_FLOPS_LABEL)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=8, loc="upper left")
+    # one legend for both panels, under them: the lines cover most of each panel
+    fig.legend(*ax_n.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
+
+
+def _allocation_label(name: str, approach: int, a: float, b: float) -> str:
+    def exponent(v):            # a slope that rounds to zero from below reads 0.00, not -0.00
+        return f"{v:.2f}".replace("-0.00", "0.00")
+    return f"{name}, Approach {approach}: N_opt ∝ C^{exponent(a)}, D_opt ∝ C^{exponent(b)}"
+
+
+def _crossover_table(fit: dict) -> list[str]:
+    """Where the families' frontiers cross, one row per pair: inside the budgets both were fitted on, and
+    beyond them (extrapolated), each crossing with its bootstrap interval."""
+    ci, factor = fit["settings"]["ci"], fit["settings"]["crossover_search_factor"]
+    lines = [f"| families | inside the fitted range ({ci:.0%} interval; resamples with a crossing near it) "
+             "| beyond it, extrapolated | resamples crossing inside the range |", "|---|---|---|---|"]
+    for pair in fit["crossover"]["pairs"]:
+        f1, f2 = pair["families"]
+        if "crossings" not in pair:       # a frontier was skipped, or the ranges do not overlap
+            lines.append(f"| {f1} vs {f2} | {pair['statement']} | | |")
+            continue
+        n = pair["resamples_compared"]
+
+        def cell(c):
+            q = c["flops"]
+            interval = f" [{fmt_value(q['lo'])}, {fmt_value(q['hi'])}]" if q["lo"] is not None else ""
+            return f"{c['lower_above']} lower above {fmt_value(q['value'])}{interval}"
+
+        inside = [f"{cell(c)} ({c['found_in_resamples']}/{n})" for c in pair["crossings"] if not c["extrapolated"]]
+        if not inside and pair["fitted_range"]:
+            middle = math.sqrt(pair["fitted_range"][0] * pair["fitted_range"][1])
+            laws = {f: {k: fit["families"][f]["frontier"][k]["value"] for k in ("E", "A", "alpha")} for f in (f1, f2)}
+            lower = min((f1, f2), key=lambda f: frontier_loss(laws[f], middle))
+            inside = [f"none: {lower} lower throughout"]
+        beyond = [cell(c) for c in pair["crossings"] if c["extrapolated"]] or [f"none within {factor:g}x"]
+        lines.append(f"| {f1} vs {f2} | {'; '.join(inside) or 'no overlap'} | {'; '.join(beyond)} "
+                     f"| {pair['resamples_crossing_in_range']}/{n} |")
+    return lines
 
 
 def _fit_table(fam: dict, ci: float) -> list[str]:
@@ -268,8 +352,9 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
                             f"D_opt ∝ C^{fmt_value(block['b']['value'])} "
                             f"[{fmt_value(block['b']['lo'])}, {fmt_value(block['b']['hi'])}]")
         lines.append("- " + "; ".join(bits) + ".")
-    for pair in fit["crossover"]["pairs"]:
-        lines.append(f"- **Crossover {' vs '.join(pair['families'])}**: {pair['statement']}.")
+    if fit["crossover"]["pairs"]:
+        lines += ["", "Where the frontiers cross (frontier.png's right panel shows each family's gap to the "
+                      f"{GAP_BASELINE}):", ""] + _crossover_table(fit)
     lines += ["", "## Data", ""]
     lines.append(f"- {fit['source'].get('rows_read', '?')} rows read from `{loaded.source['csv']}`; "
                  f"{len(loaded.table)} runs kept for fitting.")
@@ -302,9 +387,12 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
         "isoflop.png": "IsoFLOP curves: final validation loss against model size at each compute budget, with "
                        "the least-squares parabola in ln N and its minimum (star; hollow = outside the sampled "
                        "sizes or otherwise not used for Approach 2).",
-        "frontier.png": "Loss against training compute for every family. Bold points: the best run at each "
-                        "budget, which the frontier L(C) = E + A C^-alpha is fitted to. Dashed lines and the grey "
-                        "area are extrapolation; shaded bands are bootstrap intervals of the frontier.",
+        "frontier.png": "Left: loss against training compute for every family. Bold points: the best run at each "
+                        "budget, which the frontier L(C) = E + A C^-alpha is fitted to; solid over the budgets it "
+                        "was fitted on, dashed beyond (the grey area); shaded bands are bootstrap intervals of the "
+                        f"frontier. Right: each family's frontier minus the {GAP_BASELINE}'s (below zero: lower "
+                        "loss at that compute), with the family's own band; where the curves cross zero or each "
+                        "other is in the crossover table of the Summary.",
         "allocation.png": "Compute-optimal allocation. Points: Approach 2 parabola minima (error bars: bootstrap "
                           "interval of each); solid: power-law fit through them; dashed: the allocation implied "
                           "by the Approach 3 fit (assumes C = 6ND); dotted: Approach 1, the lower envelope of every "
