@@ -258,8 +258,9 @@ def test_a_finished_ladder_rerun_reuses_a_current_default_fit_and_refits_otherwi
 
 def test_the_frontier_figure_keeps_its_legend_off_the_curves_and_shows_the_gap_to_the_transformer(fitted_study):
     from ssmscale.fit import load_runs
+    from ssmscale.report.scaling_figures import frontier_figure
     fitted = json.loads((fitted_study / "fit.json").read_text())
-    fig = report.frontier_figure(load_runs(fitted_study).table, fitted, report.family_colors(fitted["families"]))
+    fig = frontier_figure(load_runs(fitted_study).table, fitted, report.family_colors(fitted["families"]))
     loss, gap = fig.axes
     assert loss.get_legend() is None and gap.get_legend() is None and len(fig.legends) == 1
     assert "transformer" in gap.get_ylabel()
