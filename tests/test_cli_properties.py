@@ -145,7 +145,7 @@ def quiet_heavy_work(monkeypatch, tmp_path_factory):
     import numpy as np
 
     from ssmscale import train
-    from ssmscale.bench import profile
+    from ssmscale.bench import loop, profile
     from ssmscale.bench import scan as bench_scan
     from ssmscale.fit import laws
     monkeypatch.setattr(laws, "CHINCHILLA_GRID", np.asarray(laws.CHINCHILLA_GRID)[::500])
@@ -155,7 +155,7 @@ def quiet_heavy_work(monkeypatch, tmp_path_factory):
               "loss": 1.0, "bpb": 1.0, "tokens_per_s": 1.0, "wall_s": 0.0}
     monkeypatch.setattr(train, "run_training", lambda cfg, out, **k: result)
     monkeypatch.setattr(profile, "run_profile", lambda *a, **k: [])
-    monkeypatch.setattr(profile, "loop_overhead", lambda *a, **k: pytest.fail("--op loop would train"))
+    monkeypatch.setattr(loop, "loop_overhead", lambda *a, **k: pytest.fail("--op loop would train"))
     monkeypatch.setattr(bench_scan, "run_benchmark", lambda *a, **k: [])
 
 

@@ -527,7 +527,7 @@ def test_report_refits_when_a_fit_json_of_the_right_source_cannot_be_rendered(st
     (study / "fit.json").write_text(json.dumps({**good, "crossover": {"pairs": [{"nope": 1}]}}))
     report.write_report(study, tmp_path / "out", n_boot=0, progress=False, parametric_grid=fit.CHINCHILLA_GRID[::300])
     assert "fit.json: malformed (KeyError" in capsys.readouterr().out
-    assert "Crossover mamba vs transformer" in (tmp_path / "out" / "report.md").read_text()
+    assert "| mamba vs transformer |" in (tmp_path / "out" / "report.md").read_text()
     assert json.loads((study / "fit.json").read_text())["crossover"] == good["crossover"]
 
 

@@ -305,7 +305,7 @@ def _profile_loop(args):
     choice = threads.choose(explicit or cfg.train.num_threads,
                             explicit_name="--threads" if explicit else "train.num_threads")
     print(threads.apply(choice).describe(), flush=True)
-    from .bench.profile import format_loop_overhead, loop_overhead
+    from .bench.loop import format_loop_overhead, loop_overhead
     r = loop_overhead(args.config, args.family, steps=_positive_int(args.steps, "--steps", limits.MAX_COUNT))
     print(format_loop_overhead(r))
     return 0

@@ -52,8 +52,13 @@ def profile_figure(profile: pd.DataFrame, colors: dict):
             ax.set_ylabel(ylabel)
             ax.set_title(f"{mode}: {ylabel.split(' (')[0]}")
             ax.grid(True, which="both", alpha=0.25)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
+    legend = {}                  # one legend for every panel: each family (and batch) once, in drawing order
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(len(legend), 4),
+                   fontsize=9, frameon=False)
     return fig
 
 

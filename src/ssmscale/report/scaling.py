@@ -1,9 +1,11 @@
 """Study report: figures and a report.md that embeds them, regenerated from scaling/<study>/ alone.
+This module writes the text and the files; scaling_figures.py draws its three scaling-law figures.
 
 Figures (PNG, matplotlib's object API on the Agg canvas, so no global backend is touched):
 - isoflop.png     loss against N per budget, one panel per family, fitted parabolas and their minima;
 - frontier.png    loss against training FLOPs, every family on one axis, frontier fits, the bootstrap
-                  band continued FIGURE_EXTRAPOLATION beyond the data (dashed = extrapolated), crossovers;
+                  band continued FIGURE_EXTRAPOLATION beyond the data (dashed = extrapolated); beside it
+                  each family's gap to the transformer (the crossovers are a table in report.md);
 - allocation.png  compute-optimal N_opt(C) and D_opt(C): Approach 2 minima and fit, Approach 3 implied line;
 - profile.png     tokens/s and peak memory against sequence length, one column per mode (if profile/ exists;
                   profile.py);
@@ -24,178 +26,46 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from ..fit import (DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, LoadedRuns, fit_json, fit_notes, fit_runs,
-                  fmt_value, format_fit, frontier_loss, load_runs, quantity_rows)
+from ..fit import (DEFAULT_N_BOOT, LoadedRuns, fit_json, fit_notes, fit_runs, fmt_value, format_fit, frontier_loss,
+                   load_runs, quantity_rows)
 from ..fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir
 from .colors import family_colors
 from .contrast import contrast_section
-from .figures import _figure, _mathtext_sci, _minor_2_5, _png, _sci
+from .figures import _figure, _png, _sci
 from .profile import _profile_families, _profile_section, _read_profile, profile_figure
 from .provenance import _provenance
+from .scaling_figures import GAP_BASELINE, allocation_figure, frontier_figure, isoflop_figure
 from .trust import trust_sections
 
-_LOSS_LABEL = "validation loss (nats/token)"
-_FLOPS_LABEL = "training FLOPs C"
-_PARAMS_LABEL = "non-embedding parameters N"
 
-
-def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
-    import matplotlib as mpl
-    families = sorted(fit["families"])
-    ncols = len(families) if len(families) <= 3 else 2          # four or more families: two per row
-    nrows = math.ceil(len(families) / ncols)
-    fig, grid = _figure(ncols=ncols, nrows=nrows, sharey=True)
-    panels = list(grid.flat)
-    for ax in panels[len(families):]:
-        ax.set_visible(False)
-    budgets = np.unique(table["group_flops"])
-    norm = mpl.colors.LogNorm(budgets.min(), budgets.max() * (1.0001 if len(budgets) == 1 else 1.0))
-    cmap = mpl.colormaps["viridis"]
-    for ax, name in zip(panels, families):
-        t = table[table["family"] == name]
-        block = fit["families"][name]["approach2"]
-        entries = {e["budget"]: e for e in block.get("budgets", [])}
-        for c in np.unique(t["group_flops"]):
-            g = t[t["group_flops"] == c].sort_values("params")
-            col = cmap(norm(c))
-            ax.plot(g["params"], g["loss"], "o", color=col, ms=5)
-            e = entries.get(c)
-            if e and e["parabola"]:
-                lo, hi = np.log(e["params_range"])
-                pad = 0.1 * (hi - lo)
-                x = np.linspace(lo - pad, hi + pad, 100)
-                ax.plot(np.exp(x), np.polyval(e["parabola"], x), "-", color=col, lw=1.2)
-            if e and e["n_opt"] is not None:
-                used = e["used"]
-                lo_n, hi_n = e["params_range"]
-                # an unused minimum far outside the sampled sizes would only stretch the axis
-                if used or lo_n / 3 <= e["n_opt"] <= hi_n * 3:
-                    ax.plot(e["n_opt"], e["loss_opt"], "*", ms=13, mec="black", mew=0.8,
-                            color=col if used else "white", zorder=5)
-        ax.set_xscale("log")
-        # minor labels at 2x and 5x each decade only: 3x and 4x collide once the sizes span a decade or more
-        ax.xaxis.set_minor_formatter(_minor_2_5(_mathtext_sci))
-        ax.set_xlabel(_PARAMS_LABEL)
-        note = "\n(too few budgets with a minimum for Approach 2: see report)" if "skipped" in block else ""
-        ax.set_title(f"{name}: IsoFLOP curves{note}", color=colors[name], fontweight="bold")
-        ax.grid(True, which="both", alpha=0.25)
-    for row in grid:
-        row[0].set_ylabel(_LOSS_LABEL)
-    from matplotlib.lines import Line2D
-    handles, labels = [], []
-    for c in budgets:
-        handles.append(Line2D([], [], marker="o", ls="-", color=cmap(norm(c))))
-        labels.append(f"C = {_sci(c)} FLOPs")
-    handles.append(Line2D([], [], marker="*", ls="", ms=12, mec="black", color="#bbbbbb"))
-    labels.append("parabola minimum (hollow: not used; not drawn beyond 3x the sampled sizes)")
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 2 if len(families) == 1 else 5),
-               fontsize=9, frameon=False)
-    return fig
-
-
-def frontier_figure(table: pd.DataFrame, fit: dict, colors: dict):
-    fig, axes = _figure(width=8.0, height=5.2)
-    ax = axes[0][0]
-    fitted_max = max(f["flops_range"][1] for f in fit["families"].values())
-    x_min = min(f["flops_range"][0] for f in fit["families"].values()) / 2
-    x_max = fitted_max * FIGURE_EXTRAPOLATION
-    for name in sorted(fit["families"]):
-        col = colors[name]
-        t = table[table["family"] == name]
-        ax.plot(t["flops"], t["loss"], "o", color=col, alpha=0.25, ms=4, mew=0)
-        block = fit["families"][name]["frontier"]
-        if "skipped" in block:
-            ax.plot([], [], "o", color=col, label=f"{name}: frontier skipped ({block['skipped']})")
-            continue
-        pts = block["points"]
-        ax.plot([p["flops"] for p in pts], [p["loss"] for p in pts], "o", color=col, ms=8, mec="black",
-                mew=0.8, zorder=4)
-        law = {k: block[k]["value"] for k in ("E", "A", "alpha")}
-        lo, hi = block["range"]
-        c_in = np.geomspace(lo, hi, 100)
-        c_out = np.geomspace(hi, x_max, 60)
-        ax.plot(c_in, frontier_loss(law, c_in), "-", color=col, lw=2,
-                label=f"{name}: L = {law['E']:.3g} + {law['A']:.3g} C^-{law['alpha']:.3g}")
-        ax.plot(c_out, frontier_loss(law, c_out), "--", color=col, lw=1.5)
-        band = block.get("band") or {}
-        if band.get("lo"):
-            ax.fill_between(band["flops"], band["lo"], band["hi"], color=col, alpha=0.15, lw=0)
-    off_plot = []
+def _crossover_table(fit: dict) -> list[str]:
+    """Where the families' frontiers cross, one row per pair: inside the budgets both were fitted on, and
+    beyond them (extrapolated), each crossing with its bootstrap interval."""
+    ci, factor = fit["settings"]["ci"], fit["settings"]["crossover_search_factor"]
+    lines = [f"| families | inside the fitted range ({ci:.0%} interval; resamples with a crossing near it) "
+             "| beyond it, extrapolated | resamples crossing inside the range |", "|---|---|---|---|"]
     for pair in fit["crossover"]["pairs"]:
-        for c in pair.get("crossings", []):
+        f1, f2 = pair["families"]
+        if "crossings" not in pair:       # a frontier was skipped, or the ranges do not overlap
+            lines.append(f"| {f1} vs {f2} | {pair['statement']} | | |")
+            continue
+        n = pair["resamples_compared"]
+
+        def cell(c):
             q = c["flops"]
-            tag = "extrapolated crossover" if c["extrapolated"] else "crossover"
-            text = f"{tag}: {c['lower_above']} lower above {_sci(q['value'])}"
-            if not x_min <= q["value"] <= x_max:
-                off_plot.append(text + " FLOPs (outside the plot)")
-                continue
-            ax.axvline(q["value"], color="black", ls=":" if c["extrapolated"] else "-.", lw=1, label=text)
-            if q["lo"] and q["hi"]:
-                ax.axvspan(max(q["lo"], x_min), min(q["hi"], x_max), color="black", alpha=0.06, lw=0,
-                           label=f"{tag} {fit['settings']['ci']:.0%} interval")
-    if off_plot:
-        ax.text(0.02, 0.02, "\n".join(off_plot), transform=ax.transAxes, fontsize=8, color="#333333")
-    ax.axvspan(fitted_max, x_max, color="#999999", alpha=0.08, lw=0)
-    ax.set_xscale("log")
-    ax.set_xlim(x_min, x_max)
-    ax.set_xlabel(_FLOPS_LABEL)
-    ax.set_ylabel(_LOSS_LABEL)
-    ax.set_title("Loss against compute: runs at their best learning rate (faint), best run per budget (bold), frontier fits\n"
-                 f"shaded: {fit['settings']['ci']:.0%} bootstrap band; dashed, grey area: extrapolation",
-                 fontsize=10)
-    ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="upper right")
-    return fig
+            interval = f" [{fmt_value(q['lo'])}, {fmt_value(q['hi'])}]" if q["lo"] is not None else ""
+            return f"{c['lower_above']} lower above {fmt_value(q['value'])}{interval}"
 
-
-def allocation_figure(fit: dict, colors: dict):
-    fig, axes = _figure(ncols=2, width=6.0)
-    ax_n, ax_d = axes[0]
-    for name in sorted(fit["families"]):
-        col = colors[name]
-        fam = fit["families"][name]
-        a2, a3 = fam["approach2"], fam["parametric"]
-        c_lo, c_hi = fam["flops_range"]
-        a1 = fam.get("approach1", {"skipped": "not fitted"})
-        if "skipped" not in a1:
-            env = np.asarray(a1["envelope"]["flops"])
-            cc = np.geomspace(env.min(), env.max(), 50)
-            ax_n.plot(cc, a1["N0"]["value"] * cc ** a1["a"]["value"], ":", color=col, lw=1.8,
-                      label=f"{name}, Approach 1: N_opt ∝ C^{a1['a']['value']:.2f}")
-            ax_d.plot(cc, a1["D0"]["value"] * cc ** a1["b"]["value"], ":", color=col, lw=1.8,
-                      label=f"{name}, Approach 1: D_opt ∝ C^{a1['b']['value']:.2f}")
-        if "skipped" not in a2:
-            used = [e for e in a2["budgets"] if e["used"]]
-            c = np.array([e["budget"] for e in used])
-            n = np.array([e["n_opt"] for e in used])
-            err = None
-            if all(e["n_opt_lo"] is not None for e in used):
-                err = np.array([[max(v - e["n_opt_lo"], 0.0), max(e["n_opt_hi"] - v, 0.0)]
-                                for e, v in zip(used, n)]).T
-            ax_n.errorbar(c, n, yerr=err, fmt="o", color=col, ms=6, capsize=3, mec="black", mew=0.6)
-            ax_d.plot(c, [e["d_opt"] for e in used], "o", color=col, ms=6, mec="black", mew=0.6)
-            cc = np.geomspace(c.min(), c.max(), 50)
-            ax_n.plot(cc, a2["N0"]["value"] * cc ** a2["a"]["value"], "-", color=col, lw=2,
-                      label=f"{name}, Approach 2: N_opt ∝ C^{a2['a']['value']:.2f}")
-            ax_d.plot(cc, a2["D0"]["value"] * cc ** a2["b"]["value"], "-", color=col, lw=2,
-                      label=f"{name}, Approach 2: D_opt ∝ C^{a2['b']['value']:.2f}")
-        if "skipped" not in a3:
-            cc = np.geomspace(c_lo, c_hi, 50)
-            law = {k: a3[k]["value"] for k in ("G", "a", "b")}
-            ax_n.plot(cc, law["G"] * (cc / 6) ** law["a"], "--", color=col, lw=1.5,
-                      label=f"{name}, Approach 3: N_opt ∝ C^{law['a']:.2f}")
-            ax_d.plot(cc, (cc / 6) ** law["b"] / law["G"], "--", color=col, lw=1.5,
-                      label=f"{name}, Approach 3: D_opt ∝ C^{law['b']:.2f}")
-    for ax, ylabel, title in ((ax_n, "compute-optimal " + _PARAMS_LABEL, "Compute-optimal model size"),
-                              (ax_d, "compute-optimal training tokens D", "Compute-optimal training tokens")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel(_FLOPS_LABEL)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=8, loc="upper left")
-    return fig
+        inside = [f"{cell(c)} ({c['found_in_resamples']}/{n})" for c in pair["crossings"] if not c["extrapolated"]]
+        if not inside and pair["fitted_range"]:
+            middle = math.sqrt(pair["fitted_range"][0] * pair["fitted_range"][1])
+            laws = {f: {k: fit["families"][f]["frontier"][k]["value"] for k in ("E", "A", "alpha")} for f in (f1, f2)}
+            lower = min((f1, f2), key=lambda f: frontier_loss(laws[f], middle))
+            inside = [f"none: {lower} lower throughout"]
+        beyond = [cell(c) for c in pair["crossings"] if c["extrapolated"]] or [f"none within {factor:g}x"]
+        lines.append(f"| {f1} vs {f2} | {'; '.join(inside) or 'no overlap'} | {'; '.join(beyond)} "
+                     f"| {pair['resamples_crossing_in_range']}/{n} |")
+    return lines
 
 
 def _fit_table(fam: dict, ci: float) -> list[str]:
@@ -268,8 +138,9 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
                             f"D_opt ∝ C^{fmt_value(block['b']['value'])} "
                             f"[{fmt_value(block['b']['lo'])}, {fmt_value(block['b']['hi'])}]")
         lines.append("- " + "; ".join(bits) + ".")
-    for pair in fit["crossover"]["pairs"]:
-        lines.append(f"- **Crossover {' vs '.join(pair['families'])}**: {pair['statement']}.")
+    if fit["crossover"]["pairs"]:
+        lines += ["", "Where the frontiers cross (frontier.png's right panel shows each family's gap to the "
+                      f"{GAP_BASELINE}):", ""] + _crossover_table(fit)
     lines += ["", "## Data", ""]
     lines.append(f"- {fit['source'].get('rows_read', '?')} rows read from `{loaded.source['csv']}`; "
                  f"{len(loaded.table)} runs kept for fitting.")
@@ -302,9 +173,12 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
         "isoflop.png": "IsoFLOP curves: final validation loss against model size at each compute budget, with "
                        "the least-squares parabola in ln N and its minimum (star; hollow = outside the sampled "
                        "sizes or otherwise not used for Approach 2).",
-        "frontier.png": "Loss against training compute for every family. Bold points: the best run at each "
-                        "budget, which the frontier L(C) = E + A C^-alpha is fitted to. Dashed lines and the grey "
-                        "area are extrapolation; shaded bands are bootstrap intervals of the frontier.",
+        "frontier.png": "Left: loss against training compute for every family. Bold points: the best run at each "
+                        "budget, which the frontier L(C) = E + A C^-alpha is fitted to; solid over the budgets it "
+                        "was fitted on, dashed beyond (the grey area); shaded bands are bootstrap intervals of the "
+                        f"frontier. Right: each family's frontier minus the {GAP_BASELINE}'s (below zero: lower "
+                        "loss at that compute), with the family's own band; where the curves cross zero or each "
+                        "other is in the crossover table of the Summary.",
         "allocation.png": "Compute-optimal allocation. Points: Approach 2 parabola minima (error bars: bootstrap "
                           "interval of each); solid: power-law fit through them; dashed: the allocation implied "
                           "by the Approach 3 fit (assumes C = 6ND); dotted: Approach 1, the lower envelope of every "

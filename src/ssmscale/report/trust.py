@@ -175,7 +175,7 @@ def position_figure(by_position: dict, colors: dict, figure, sci):
     ax.set_ylabel("validation loss at that position (nats/token)")
     ax.set_title("Loss by token position: each family's best run per budget (bold: the largest budget)", fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
 
 
@@ -240,7 +240,7 @@ def wallclock_figure(loaded: LoadedRuns, fit: dict, colors: dict, figure):
     ax.set_title("Loss against training time on " + "; ".join(devices) + "\nbold: runs no faster run beats "
                  "(fitted); faint: all runs; shaded: bootstrap band; dashed: extrapolation", fontsize=9)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="upper right")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
 
 
