@@ -82,6 +82,16 @@ def test_tokens_per_param_window_skips_the_sizes_far_from_each_budgets_optimum(t
         validate(LadderConfig, micro(tmp_path, tokens_per_param=[20, 2]), "x")
 
 
+def test_the_tuning_budget_trains_a_size_outside_the_ratio_so_other_budgets_get_its_learning_rate(tmp_path):
+    cfg = validate(LadderConfig, micro(tmp_path, budgets=[2.0e9, 8.0e9], sizes=[3.0e3, 6.0e3, 1.2e4], lrs=[1e-3, 3e-3],
+                                       tokens_per_param=[1.0, 1.5], lr_tune_budget=2.0e9), "x")
+    runs = plan(cfg)
+    at_tune = [r for r in runs if r.budget == 2.0e9]
+    assert any("ratio" in r.flags for r in at_tune) and not any(r.skip for r in at_tune)
+    others = [r for r in runs if r.budget == 8.0e9]
+    assert any(r.skip for r in others) and all(r.skip == ("ratio" in r.flags) for r in others)
+
+
 def test_gpu_config_dry_run_prices_every_family_without_downloading_data(tmp_path, capsys):
     out = tmp_path / "gpu"
     assert main(["ladder", "configs/gpu.yaml", "--dry-run", "--out", str(out), "--no-progress"]) == 0

@@ -259,7 +259,8 @@ class LadderConfig(_Strict):
     run_flagged: bool = False              # also train runs flagged for too few steps / data repeats
     allow_repeats: bool = False            # allow runs that need more than one pass over the training tokens
     # [low, high] training tokens per non-embedding parameter: runs outside are flagged "ratio" and skipped
-    # (Chinchilla's optimum is ~20), so each budget trains only the sizes near its optimum
+    # (Chinchilla's optimum is ~20), so each budget trains only the sizes near its optimum; the tuning budget
+    # trains them (flagged), as the other budgets take their learning rates from it
     tokens_per_param: Annotated[tuple[PositiveFloat, PositiveFloat], Field(strict=False)] | None = None
     # {budget: [size, ...]} or {budget: {family: [size, ...]}}: the sizes a budget trains (Chinchilla's
     # IsoFLOP profiles: a window of sizes around each budget's, or each family's, optimum); the other sizes

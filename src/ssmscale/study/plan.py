@@ -184,7 +184,9 @@ def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tune
                 outside = not cfg.trains_size(budget, fam, size)
                 if outside:
                     flags.append("window")
-                skip = steps == 0 or outside or (("few-steps" in flags or "ratio" in flags) and not cfg.run_flagged) or \
+                # the tuning budget keeps a size outside the ratio: the other budgets need its learning rate
+                off_ratio = "ratio" in flags and budget != tune
+                skip = steps == 0 or outside or (("few-steps" in flags or off_ratio) and not cfg.run_flagged) or \
                     ("repeats" in flags and not (cfg.allow_repeats or cfg.run_flagged))
                 if tune is None or budget == tune:
                     choices = [(float(lr), "grid") for lr in lrs_for(cfg, size)]
