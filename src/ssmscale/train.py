@@ -113,7 +113,11 @@ def resolve_device(train: TrainConfig) -> tuple[str, str]:
 
 def eval_point_steps(n_steps: int, points: int) -> list[int]:
     """Steps after which the eval points validate: log-spaced over one decade, from 10% of the run to
-    10^(-1/points) of it (the final validation adds the end); distinct steps in [1, n_steps - 1]."""
+    10^(-1/points) of it (the final validation adds the end); distinct steps in [1, n_steps - 1].
+    From 5 n_steps points on, consecutive points are less than a step apart and the last rounds to n_steps,
+    so every step from 10% on is one: capping `points` there gives the same steps without a loop as long
+    as a huge `points` (train.eval_points may be up to limits.MAX_COUNT)."""
+    points = min(points, 5 * n_steps)
     steps = {round(10.0 ** (-1.0 + i / points) * n_steps) for i in range(points)}
     return sorted(s for s in steps if 1 <= s < n_steps)
 
