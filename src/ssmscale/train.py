@@ -59,8 +59,11 @@ def resolve_model(spec: ModelSpec, vocab_size: int) -> ModelConfig:
                                **spec.knobs())
             shape = shape_for(spec.family, spec.params, base)
             d_model, n_layer = shape.d_model, shape.n_layer
-        return ModelConfig(family=spec.family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
-                           **spec.knobs())
+        cfg = ModelConfig(family=spec.family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
+                          **spec.knobs())
+        from .models.sizing import check_within_bounds
+        check_within_bounds(cfg)
+        return cfg
     except ValueError as exc:
         raise UserError(f"model.{exc}") from None
 
