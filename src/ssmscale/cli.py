@@ -453,9 +453,11 @@ def _profile_ssd(args):
         raise UserError(f"--modes: expected a comma-separated subset of {','.join(bench_ssd.MODES)}, got {args.modes!r}")
     if args.device not in ("cpu", "cuda"):
         raise UserError(f"--device: expected cpu or cuda, got {args.device!r}")
-    sizes = {k: _positive_int(getattr(args, k) or default, "--" + k.replace("_", "-"))
-             for k, default in (("batch", "8"), ("d_inner", None), ("d_state", None), ("ssd_head_dim", None),
-                                ("chunk_size", None), ("repeats", None), ("ref_max_len", None))}
+    bounds = {"batch": limits.MAX_BATCH, "d_inner": limits.MAX_WIDTH, "d_state": limits.MAX_WIDTH,
+              "ssd_head_dim": limits.MAX_WIDTH, "chunk_size": limits.MAX_SEQ_LEN, "repeats": limits.MAX_COUNT,
+              "ref_max_len": limits.MAX_SEQ_LEN}
+    sizes = {k: _positive_int(getattr(args, k) or ("8" if k == "batch" else None), "--" + k.replace("_", "-"), hi)
+             for k, hi in bounds.items()}
     if sizes["d_inner"] % sizes["ssd_head_dim"]:
         raise UserError(f"--d-inner: {sizes['d_inner']} is not a multiple of --ssd-head-dim {sizes['ssd_head_dim']}")
     threads = _positive_int(args.threads, "--threads") if args.threads is not None else None
@@ -468,7 +470,7 @@ def _profile_ssd(args):
         bench_ssd.check_impls(impls, args.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    seq_lens = _positive_ints(args.seq_lens or "1024,4096", "--seq-lens")
+    seq_lens = _positive_ints(args.seq_lens or "1024,4096", "--seq-lens", limits.MAX_SEQ_LEN)
     print(f"SSD vs selective scan on {args.device}: batch {sizes['batch']}, d_inner {sizes['d_inner']}, "
           f"N {sizes['d_state']}, SSD head_dim {sizes['ssd_head_dim']} ({sizes['d_inner'] // sizes['ssd_head_dim']} "
           f"heads, 1 group), chunk {sizes['chunk_size']}; the blocks' arguments; median of {sizes['repeats']} after "
