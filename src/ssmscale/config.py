@@ -667,6 +667,12 @@ def load_ladder_config(path: str | Path, overrides: dict | None = None) -> Ladde
     return cfg
 
 
+def read_study_config(path: str | Path) -> LadderConfig:
+    """A study's saved config.yaml, validated (a UserError of one line when it is not one); unlike
+    load_ladder_config it needs no logger package: fit and report read a study, they train nothing."""
+    return validate(LadderConfig, read_yaml(path), str(path))
+
+
 # Train settings that say how a run executes, not what it computes; result.json records their values
 EXECUTION_KEYS = {"num_threads": None, "progress": True}
 
