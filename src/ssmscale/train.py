@@ -311,14 +311,18 @@ class StepBatches(torch.utils.data.IterableDataset):
 
 
 def _kept_rows(path: Path, resume_step: int) -> list[dict]:
-    """The training rows a killed run logged up to the checkpoint it resumes from (none if unreadable)."""
+    """The training rows a killed run logged up to the checkpoint it resumes from (none if unreadable: a
+    metrics.csv of a copied run directory may hold anything)."""
     if not resume_step or not path.exists():
         return []
     try:
         with open(path, newline="", errors="replace") as f:
-            return [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit()
+            rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit()
                     and int(r["step"]) <= resume_step and r.get("train_loss")]
-    except csv.Error as exc:
+        for r in rows:
+            _numbers(r)         # every kept field a number, as the loggers and the eval curve read them
+        return rows
+    except (csv.Error, ValueError, TypeError) as exc:
         print(f"{path}: unreadable ({exc}); the steps before step {resume_step} are not kept", file=sys.stderr)
         return []
 
