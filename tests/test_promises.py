@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import yaml
 from test_untrusted_input import (SYNTHETIC, files_under, ladder_raw, one_error_line, run_raw,  # noqa: F401
                                   within_seconds, write)
 
-from ssmscale import fsutil, limits
+from ssmscale import fsutil, limits, train
 from ssmscale.cli import build_parser, main
 from ssmscale.config import dump_yaml, load_run_config, parse_yaml
 
@@ -145,7 +144,6 @@ def test_a_ladder_names_its_runs_study_slash_run_id(tmp_path, monkeypatch):
 ])
 def test_every_bound_of_limits_py_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, within_seconds,
                                                             command, over, expected):
-    from ssmscale import train
     monkeypatch.setattr(train, "build_module", lambda *a, **k: pytest.fail("a model was built"))
     monkeypatch.chdir(tmp_path)
     raw = ladder_raw(**over) if command == "ladder" else {**run_raw(), **over}
