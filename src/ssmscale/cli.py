@@ -384,9 +384,11 @@ def _profile_ssd(args):
         raise UserError(f"--modes: expected a comma-separated subset of {','.join(bench_ssd.MODES)}, got {args.modes!r}")
     if args.device not in ("cpu", "cuda"):
         raise UserError(f"--device: expected cpu or cuda, got {args.device!r}")
-    sizes = {k: _positive_int(getattr(args, k) or default, "--" + k.replace("_", "-"))
-             for k, default in (("batch", "8"), ("d_inner", None), ("d_state", None), ("ssd_head_dim", None),
-                                ("chunk_size", None), ("repeats", None), ("ref_max_len", None))}
+    bounds = {"batch": limits.MAX_BATCH, "d_inner": limits.MAX_WIDTH, "d_state": limits.MAX_WIDTH,
+              "ssd_head_dim": limits.MAX_WIDTH, "chunk_size": limits.MAX_SEQ_LEN, "repeats": limits.MAX_COUNT,
+              "ref_max_len": limits.MAX_SEQ_LEN}
+    sizes = {k: _positive_int(getattr(args, k) or ("8" if k == "batch" else None), "--" + k.replace("_", "-"), hi)
+             for k, hi in bounds.items()}
     if sizes["d_inner"] % sizes["ssd_head_dim"]:
         raise UserError(f"--d-inner: {sizes['d_inner']} is not a multiple of --ssd-head-dim {sizes['ssd_head_dim']}")
     threads = _positive_int(args.threads, "--threads") if args.threads is not None else None
@@ -399,7 +401,7 @@ def _profile_ssd(args):
         bench_ssd.check_impls(impls, args.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    seq_lens = _positive_ints(args.seq_lens or "1024,4096", "--seq-lens")
+    seq_lens = _positive_ints(args.seq_lens or "1024,4096", "--seq-lens", limits.MAX_SEQ_LEN)
     rows = bench_ssd.run_and_report(
         impls, seq_lens, batch=sizes["batch"], d_inner=sizes["d_inner"], d_state=sizes["d_state"],
         head_dim=sizes["ssd_head_dim"], chunk_size=sizes["chunk_size"], modes=modes, repeats=sizes["repeats"],

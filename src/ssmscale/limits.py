@@ -16,5 +16,6 @@ MAX_FLOPS = 1e30         # FLOPs of one run: 1e5 x the largest training runs to 
 MAX_BYTES = 2 ** 50      # corpus bytes (1 PiB)
 MAX_SEED = 2 ** 63 - 1   # torch.manual_seed's range
 MAX_COUNT = 2 ** 31      # any other count (examples, key-value pairs, steps between events, workers)
+MAX_RUNS = 100_000       # runs one ladder plans (250x Chinchilla's 400 models): planned in seconds, minutes as sweep points
 MAX_SECONDS = 1e7        # timeouts (about 4 months)
 MAX_GB = 1e6             # memory limits, in GB

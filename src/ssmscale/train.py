@@ -64,8 +64,11 @@ def resolve_model(spec: ModelSpec, vocab_size: int) -> ModelConfig:
                                **spec.knobs())
             shape = shape_for(spec.family, spec.params, base)
             d_model, n_layer = shape.d_model, shape.n_layer
-        return ModelConfig(family=spec.family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
-                           **spec.knobs())
+        cfg = ModelConfig(family=spec.family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
+                          **spec.knobs())
+        from .models.sizing import check_within_bounds
+        check_within_bounds(cfg)
+        return cfg
     except ValueError as exc:
         raise UserError(f"model.{exc}") from None
 
@@ -118,7 +121,11 @@ def resolve_device(train: TrainConfig) -> tuple[str, str]:
 
 def eval_point_steps(n_steps: int, points: int) -> list[int]:
     """Steps after which the eval points validate: log-spaced over one decade, from 10% of the run to
-    10^(-1/points) of it (the final validation adds the end); distinct steps in [1, n_steps - 1]."""
+    10^(-1/points) of it (the final validation adds the end); distinct steps in [1, n_steps - 1].
+    From 5 n_steps points on, consecutive points are less than a step apart and the last rounds to n_steps,
+    so every step from 10% on is one: capping `points` there gives the same steps without a loop as long
+    as a huge `points` (train.eval_points may be up to limits.MAX_COUNT)."""
+    points = min(points, 5 * n_steps)
     steps = {round(10.0 ** (-1.0 + i / points) * n_steps) for i in range(points)}
     return sorted(s for s in steps if 1 <= s < n_steps)
 
@@ -309,14 +316,18 @@ class StepBatches(torch.utils.data.IterableDataset):
 
 
 def _kept_rows(path: Path, resume_step: int) -> list[dict]:
-    """The training rows a killed run logged up to the checkpoint it resumes from (none if unreadable)."""
+    """The training rows a killed run logged up to the checkpoint it resumes from (none if unreadable: a
+    metrics.csv of a copied run directory may hold anything)."""
     if not resume_step or not path.exists():
         return []
     try:
         with open(path, newline="", errors="replace") as f:
-            return [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit()
+            rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit()
                     and int(r["step"]) <= resume_step and r.get("train_loss")]
-    except csv.Error as exc:
+        for r in rows:
+            _numbers(r)         # every kept field a number, as the loggers and the eval curve read them
+        return rows
+    except (csv.Error, ValueError, TypeError) as exc:
         print(f"{path}: unreadable ({exc}); the steps before step {resume_step} are not kept", file=sys.stderr)
         return []
 

@@ -16,14 +16,36 @@ from ..errors import UserError
 from .schema import LadderConfig, RunConfig, format_validation_error
 
 
-# YAML 1.2's floats that YAML 1.1 (PyYAML's rule) reads as strings: an exponent without a dot or a sign
-_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+# YAML 1.2's (core schema) numbers in place of YAML 1.1's, PyYAML's rule: 1.1 reads 1e5 and 3e-3 (an exponent
+# without a dot) as strings, 010 as 8 (octal), 1_000 and 1:30 (base 60) as numbers; 1.2 reads 1e5 and 3e-3 as
+# numbers, 010 as 10, 0o17 as 15, and 1_000 and 1:30 as strings
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_YAML12_INT = re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$")
+_YAML12_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                           r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+
+
+def _yaml12_numbers(cls) -> None:
+    """Give a PyYAML Loader or Dumper class YAML 1.2's number resolvers instead of YAML 1.1's (ints first:
+    a resolver list is tried in order, and every int also matches the float pattern)."""
+    cls.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+                                   for first, resolvers in cls.yaml_implicit_resolvers.items()}
+    cls.add_implicit_resolver(_INT, _YAML12_INT, list("-+0123456789"))
+    cls.add_implicit_resolver(_FLOAT, _YAML12_FLOAT, list("-+0123456789."))
+
+
+def _construct_int(loader, node) -> int:
+    text = loader.construct_scalar(node)
+    base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+    return int(text[2:] if base != 10 else text, base)
+
+
 MAX_YAML_VALUES = 100_000       # values in a document once aliases are expanded (a YAML bomb stops here)
 
 
 @functools.cache
 def _yaml_loader():
-    """yaml.SafeLoader, plus YAML 1.2 floats, minus duplicate keys (which PyYAML lets the last one win)."""
+    """yaml.SafeLoader with YAML 1.2's numbers, minus duplicate keys (which PyYAML lets the last one win)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -43,19 +65,20 @@ def _yaml_loader():
                 seen.add(key)
             return super().construct_mapping(node, deep)
 
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+    _yaml12_numbers(Loader)
+    Loader.add_constructor(_INT, _construct_int)
     return Loader
 
 
 @functools.cache
 def _yaml_dumper():
-    """yaml.SafeDumper that quotes every string the loader would read back as a number (e.g. '1e5')."""
+    """yaml.SafeDumper that quotes every string the loader would read back as a number (e.g. '1e5', '010')."""
     import yaml
 
     class Dumper(yaml.SafeDumper):
         pass
 
-    Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
+    _yaml12_numbers(Dumper)
     return Dumper
 
 
@@ -157,3 +180,9 @@ def load_ladder_config(path: str | Path, overrides: dict | None = None) -> Ladde
     cfg = validate(LadderConfig, apply_overrides(read_yaml(path), overrides), str(path))
     check_logger_packages(cfg, str(path))
     return cfg
+
+
+def read_study_config(path: str | Path) -> LadderConfig:
+    """A study's saved config.yaml, validated (a UserError of one line when it is not one); unlike
+    load_ladder_config it needs no logger package: fit and report read a study, they train nothing."""
+    return validate(LadderConfig, read_yaml(path), str(path))

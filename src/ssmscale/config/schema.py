@@ -316,6 +316,10 @@ class LadderConfig(_Strict):
         if (self.sizes is None) == (self.widths is None):
             raise ValueError("sizes: give one of sizes (parameter counts or shapes) or widths (d_model), "
                              f"{'not both' if self.sizes else 'none given'}")
+        planned = self._grid_size()
+        if planned > limits.MAX_RUNS:       # before any loop over the points or the runs: no request hangs
+            raise ValueError(f"the grid is {planned:,} runs (families x run lengths x sizes x learning rates x seeds "
+                             f"x sweep points), more than {limits.MAX_RUNS:,}, ssmscale's bound (limits.py)")
         if self.budgets is not None and len(set(self.budgets)) != len(self.budgets):
             raise ValueError("budgets: duplicate entries")
         if len(set(self.noise_seeds)) != len(self.noise_seeds):
@@ -353,6 +357,14 @@ class LadderConfig(_Strict):
         if self.sweep is not None:
             self._check_sweep()
         return self
+
+    def _grid_size(self) -> int:
+        """Runs of the main grid, counted without planning them (a sweep's points: the sum of each grid's product)."""
+        lrs = max(map(len, self.lrs.values()), default=1) if isinstance(self.lrs, dict) else len(self.lrs)
+        grids = [] if self.sweep is None else [self.sweep] if isinstance(self.sweep, dict) else self.sweep
+        points = sum(math.prod(len(values) for values in grid.values()) for grid in grids) or 1
+        return (len(self.families) * len(self.budgets or [None]) * len(self.sizes or self.widths) * lrs
+                * len(self.seeds) * points)
 
     def _check_budget_sizes(self):
         if self.budgets is None or self.sizes is None or any(isinstance(s, ShapeSpec) for s in self.sizes):

@@ -102,7 +102,9 @@ def _check_width(csv: Path, numbered_row: tuple[int, list[str]], header: list[st
     raise UserError(f"{csv}: line {line} has {len(row)} fields, the header has {len(header)}")
 
 
-def _read_csv(csv: Path, kind: str) -> tuple[pd.DataFrame, bytes]:
+def read_csv_checked(csv: Path, kind: str) -> tuple[pd.DataFrame, bytes]:
+    """(table, raw bytes) of a CSV whose every row has the header's fields (`kind` "study": a results.csv,
+    which must also end with a line end), or a UserError of one line naming the file and line."""
     try:
         raw = csv.read_bytes()
     except OSError as exc:
@@ -144,7 +146,7 @@ def load_runs(path: str | os.PathLike, columns: dict[str, str] | None = None) ->
     """
     path = Path(path)
     csv, kind = _csv_of(path)
-    df, raw = _read_csv(csv, kind)
+    df, raw = read_csv_checked(csv, kind)
     columns = dict(columns or {})
     for name, col in columns.items():
         if col not in df.columns:

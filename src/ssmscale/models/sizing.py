@@ -129,3 +129,12 @@ def ladder_shapes(targets, families=FAMILIES, base: ModelConfig | None = None):
         for fam in families:
             out.append(tf if fam == "transformer" else shape_for(fam, target, base, match=tf.params))
     return out
+
+
+def check_within_bounds(cfg: ModelConfig) -> None:
+    """ValueError for an explicit shape with more non-embedding parameters than limits.MAX_PARAMS: a model
+    that cannot exist is refused before anything is allocated for it (targets are bounded in shape_for)."""
+    n = _count(cfg, cfg.family, cfg.d_model, cfg.n_layer)[0]
+    if n > limits.MAX_PARAMS:
+        raise ValueError(f"d_model: {cfg.d_model} x {cfg.n_layer} layers is {n:.3g} non-embedding parameters, more "
+                         f"than {limits.MAX_PARAMS:g}, ssmscale's bound on what can exist (limits.py)")

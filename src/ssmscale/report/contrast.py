@@ -21,19 +21,19 @@ REFERENCE = "transformer"
 
 def contrast_name(study: Path) -> str | None:
     """The `contrast_with` of the study's saved config.yaml (a plain name; None when absent)."""
-    from ..config import load_ladder_config
+    from ..config import read_study_config
     from ..errors import UserError
     try:
-        return load_ladder_config(study / "config.yaml").contrast_with
+        return read_study_config(study / "config.yaml").contrast_with
     except (UserError, OSError):
         return None
 
 
 def _seq_len(study: Path) -> int | None:
-    from ..config import load_ladder_config
+    from ..config import read_study_config
     from ..errors import UserError
     try:
-        return load_ladder_config(study / "config.yaml").train.seq_len
+        return read_study_config(study / "config.yaml").train.seq_len
     except (UserError, OSError):
         return None
 

@@ -33,11 +33,11 @@ _KV_KEY = "data.synthetic.num_kv_pairs"
 
 def is_fixed_length_study(study: Path) -> bool:
     """A study whose config trains every run for `steps` or `tokens` instead of FLOP budgets."""
-    import yaml
+    from ..config import read_yaml
     path = Path(study) / "config.yaml"
     try:
-        cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except yaml.YAMLError:
+        cfg = read_yaml(path) if path.is_file() else None
+    except UserError:           # not YAML, not UTF-8: not a fixed-length study's config
         return False
     return isinstance(cfg, dict) and cfg.get("budgets") is None and (cfg.get("steps") or cfg.get("tokens")) is not None
 
@@ -47,28 +47,32 @@ def load_cells(study: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 
     A cell is (family, d_model, task): the task is the run's sweep point, completed with its sequence
     length and number of key-value pairs. The best run has the highest accuracy (ties: lower loss) or,
-    without accuracy, the lowest loss; `edge` marks a best learning rate at an end of the cell's grid."""
-    import yaml
+    without accuracy, the lowest loss; `edge` marks a best learning rate at an end of the cell's grid.
+    A results.csv or config.yaml of the wrong shape is a UserError of one line naming the file (and line)."""
+    from ..config import read_study_config
+    from ..fit.runs import read_csv_checked
     csv = study / "results.csv"
-    try:
-        df = pd.read_csv(csv)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UserError(f"{csv}: not a readable CSV ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    df, _ = read_csv_checked(csv, "study")
     need = ["family", "d_model", "n_layer", "seq_len", "lr", "loss", "status"]
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise UserError(f"{csv}: missing column(s) {', '.join(missing)}")
-    cfg = yaml.safe_load((study / "config.yaml").read_text()) or {}
-    default_kv = ((cfg.get("data") or {}).get("synthetic") or {}).get("num_kv_pairs")
+    _numbers_only(df, csv, ["d_model", "n_layer", "seq_len", "lr", "loss", "val_accuracy", "state_bytes", "wall_s"])
+    cfg = read_study_config(study / "config.yaml")
+    default_kv = cfg.data.synthetic.num_kv_pairs if cfg.data.synthetic else None
     for col in ("val_accuracy", "state_bytes", "wall_s", "sweep"):
         if col not in df.columns:
             df[col] = np.nan
-    points = [sweep.decode(p) for p in df["sweep"]]
-    df["num_kv_pairs"] = [p.get(_KV_KEY, default_kv) for p in points]
-    df["task"] = [_task_label(p, seq_len, kv) for p, seq_len, kv in zip(points, df["seq_len"], df["num_kv_pairs"])]
-    ok = df[(df["status"] == "ok") & np.isfinite(df["loss"].astype(float))].copy()
+    ok = df[(df["status"] == "ok") & np.isfinite(df["loss"])].copy()
     if ok.empty:
         raise UserError(f"{csv}: no finished run (status ok) to report")
+    for col in ("d_model", "n_layer", "seq_len", "lr"):
+        if not np.isfinite(ok[col]).all():
+            line = int(ok.index[~np.isfinite(ok[col])][0]) + 2
+            raise UserError(f"{csv}: column '{col}', line {line}: a finished run (status ok) without a value")
+    points = [_sweep_point(text, csv, line) for line, text in zip(ok.index + 2, ok["sweep"])]
+    ok["num_kv_pairs"] = [p.get(_KV_KEY, default_kv) for p in points]
+    ok["task"] = [_task_label(p, seq_len, kv) for p, seq_len, kv in zip(points, ok["seq_len"], ok["num_kv_pairs"])]
     metric = "val_accuracy" if ok["val_accuracy"].notna().any() else "loss"
     higher = metric == "val_accuracy"
     keys = ["family", "d_model", "n_layer", "task"]
@@ -83,9 +87,34 @@ def load_cells(study: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     best = pd.DataFrame(best_rows).sort_values(["seq_len", "num_kv_pairs", "task", "family", "d_model"])
     facts = {"metric": metric, "higher_is_better": higher, "runs": len(df), "ok_runs": len(ok),
              "wall_s": float(pd.to_numeric(df["wall_s"], errors="coerce").sum()),
-             "families": _family_order(cfg.get("families") or [], ok["family"]), "name": cfg.get("name", study.name),
-             "steps": cfg.get("steps"), "tokens": cfg.get("tokens")}
+             "families": _family_order(cfg.families, ok["family"]), "name": cfg.name,
+             "steps": cfg.steps, "tokens": cfg.tokens}
     return ok, best, facts
+
+
+def _numbers_only(df: pd.DataFrame, csv: Path, columns: list[str]) -> None:
+    """Columns that hold numbers: pandas reads one with any other cell as text; name the first such cell."""
+    for col in columns:
+        if col in df.columns and not pd.api.types.is_numeric_dtype(df[col]):
+            parsed = pd.to_numeric(df[col], errors="coerce")
+            bad = (parsed.isna() & df[col].notna()).to_numpy()
+            if not bad.any():           # numbers pandas did not parse (e.g. padded with spaces)
+                df[col] = parsed
+                continue
+            i = int(np.flatnonzero(bad)[0])
+            raise UserError(f"{csv}: column '{col}', line {i + 2}: {df[col].iloc[i]!r} is not a number")
+
+
+def _sweep_point(text, csv: Path, line: int) -> dict:
+    """A run's sweep point from its results.csv cell (JSON, '' without a sweep); its key-value pairs a whole number."""
+    try:
+        point = sweep.decode(text)
+    except ValueError:
+        point = None
+    kv = point.get(_KV_KEY) if isinstance(point, dict) else None
+    if not isinstance(point, dict) or (kv is not None and (isinstance(kv, bool) or not isinstance(kv, int))):
+        raise UserError(f"{csv}: column 'sweep', line {line}: {text!r} is not a sweep point of this tool")
+    return point
 
 
 def _family_order(configured: list, present: pd.Series) -> list[str]:

@@ -86,7 +86,7 @@ def model_configs(cfg: LadderConfig):
     """[(size, {family: ModelConfig})] in config order: with `sizes`, every family is matched to the transformer
     in parameters per size; with `widths`, every family has that d_model and its depth rule's layers."""
     from ..models import ModelConfig
-    from ..models.sizing import MIN_LAYERS, layers_at_width, shape_for
+    from ..models.sizing import MIN_LAYERS, check_within_bounds, layers_at_width, shape_for
     m = cfg.model
     base = ModelConfig(family="transformer", d_model=m.head_dim, n_layer=1, vocab_size=vocab_size_of(cfg),
                        **m.knobs())
@@ -98,10 +98,12 @@ def model_configs(cfg: LadderConfig):
                 for fam in cfg.families:
                     per_family[fam] = base.replace(family=fam, d_model=size.d_model,
                                                    n_layer=layers_at_width(fam, cfg.width_layers or MIN_LAYERS))
+                    check_within_bounds(per_family[fam])
             elif isinstance(size, ShapeSpec):
                 for fam in cfg.families:
                     d, n = getattr(size, fam)
                     per_family[fam] = base.replace(family=fam, d_model=d, n_layer=n)
+                    check_within_bounds(per_family[fam])
             else:
                 tf = shape_for("transformer", size, base)
                 for fam in cfg.families:
