@@ -561,6 +561,17 @@ def _report(args):
     print(f"wrote {path}")
 
 
+# ------------------------------------------------------------------------------------- export
+def _export_args(p):
+    from .export.command import add_arguments
+    add_arguments(p)
+
+
+def _export(args):
+    from .export.command import run
+    return run(args)
+
+
 COMMANDS: list = [
     ("sizes", "matched shapes, parameter counts and FLOPs per token for target sizes", _sizes_args, _sizes),
     ("train", "train one model on its token budget (writes DIR/result.json)", _train_args, _train),
@@ -573,6 +584,8 @@ COMMANDS: list = [
     ("fit", "fit scaling laws with bootstrap intervals to a study or a CSV of runs (writes fit.json)",
      _fit_args, _fit),
     ("report", "figures and report.md for a study, regenerated from its directory alone", _report_args, _report),
+    ("export", "write a finished run as a Hugging Face model folder (transformers, lm-evaluation-harness) "
+               "that equals it", _export_args, _export),
 ]
 
 

@@ -37,6 +37,13 @@ from ..errors import UserError
 from ..provenance import stable_hash
 
 SPLIT_RULE = "sha256(id)[:8] < val_fraction, v1"
+
+
+def split_key(corpus_fingerprint: str, val_fraction: float) -> str:
+    """The key of a corpus split under SPLIT_RULE (a run's result records both inputs, so export finds its BPE)."""
+    return stable_hash({"corpus": corpus_fingerprint, "val_fraction": val_fraction, "rule": SPLIT_RULE})
+
+
 _EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 _FILE_KINDS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -86,7 +93,7 @@ class Corpus:
     @property
     def split_key(self) -> str:
         """Names this corpus with this split: what a tokenizer trained on the training side depends on."""
-        return stable_hash({"corpus": self.fingerprint, "val_fraction": self.val_fraction, "rule": SPLIT_RULE})
+        return split_key(self.fingerprint, self.val_fraction)
 
     def describe(self) -> dict:
         return {"source": self.source, "corpus": self.label, "corpus_bytes": self.n_bytes,
