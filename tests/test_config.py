@@ -116,8 +116,8 @@ def test_bad_ladder_config_exits_2_naming_the_entry(tmp_path, capsys, text, expe
 
 def test_cli_help_does_not_import_heavy_libraries():
     code = ("import sys; from ssmscale.cli import build_parser; build_parser().format_help(); "
-            "print(sorted(m for m in ('torch', 'lightning', 'pandas', 'matplotlib', 'datasets', 'scipy') "
-            "if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'lightning', 'pandas', 'matplotlib', 'datasets', 'scipy', "
+            "'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

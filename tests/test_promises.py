@@ -26,7 +26,7 @@ from ssmscale.cli import build_parser, main
 from ssmscale.config import dump_yaml, load_run_config, parse_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-README_COMMANDS = ["sizes", "train", "ladder", "fit", "report", "forecast", "profile"]
+PARSER_COMMANDS = sorted(next(a for a in build_parser()._actions if a.dest == "command").choices)
 TIMES = {"wall_s", "train_s", "train_cpu_s", "tokens_per_s"}      # how long, not what was computed
 
 
@@ -50,11 +50,14 @@ def result_of(run_dir: Path) -> dict:
 
 # ------------------------------------------------------------------------------- every command
 def test_the_readme_lists_every_command_there_is():
-    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
-    assert sorted(commands) == sorted(README_COMMANDS)
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Commands"):]
+    block = block[:block.index("```", block.index("```") + 3)]
+    listed = set(re.findall(r"^ssmscale ([a-z-]+)", block, re.M))
+    assert listed == set(PARSER_COMMANDS), (sorted(listed), sorted(PARSER_COMMANDS))
 
 
-@pytest.mark.parametrize("command", [None, *README_COMMANDS])
+@pytest.mark.parametrize("command", [None, *PARSER_COMMANDS])
 def test_every_command_answers_help(capsys, command):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"] if command else ["--help"])

@@ -496,6 +496,17 @@ def _forecast(args):
     print("\n".join(forecast_lines(body, path)))
 
 
+# ------------------------------------------------------------------------------------- export
+def _export_args(p):
+    from .export.command import add_arguments
+    add_arguments(p)
+
+
+def _export(args):
+    from .export.command import run
+    return run(args)
+
+
 COMMANDS: list = [
     ("sizes", "matched shapes, parameter counts and FLOPs per token for target sizes", _sizes_args, _sizes),
     ("train", "train one model on its token budget (writes DIR/result.json)", _train_args, _train),
@@ -511,6 +522,8 @@ COMMANDS: list = [
     ("forecast", "predict each family's best loss and N_opt at budgets not trained yet, with calibrated "
                  "intervals (writes STUDY/forecasts/; the report scores it once the runs exist)",
      _forecast_args, _forecast),
+    ("export", "write a finished run as a Hugging Face model folder (transformers, lm-evaluation-harness) "
+               "that equals it", _export_args, _export),
 ]
 
 

@@ -111,17 +111,22 @@ def load_tokenizer(cfg: TokenizerConfig, corpus: Corpus, cache_root: Path, progr
     """The byte tokenizer, or the BPE for this corpus split and size: loaded if cached, else trained."""
     if cfg.kind == "byte":
         return ByteTokenizer()
-    path = cache_root / "tokenizers" / f"bpe-{cfg.vocab_size}-{corpus.split_key}.json"
+    path = bpe_path(cache_root, cfg.vocab_size, corpus.split_key)
     if path.exists():
         try:
-            return _load_bpe(path, cfg.vocab_size)
+            return load_bpe(path, cfg.vocab_size)
         except Exception as exc:  # noqa: BLE001 - tokenizers reports a bad file as a plain Exception
             print(f"retraining unreadable BPE tokenizer at {path} ({type(exc).__name__})", file=sys.stderr)
     _train_bpe(corpus, cfg.vocab_size, path, progress)
-    return _load_bpe(path, cfg.vocab_size)
+    return load_bpe(path, cfg.vocab_size)
 
 
-def _load_bpe(path: Path, vocab_size: int) -> BPETokenizer:
+def bpe_path(cache_root: Path, vocab_size: int, split_key: str) -> Path:
+    """Where the BPE of this size trained on this corpus split is cached."""
+    return cache_root / "tokenizers" / f"bpe-{vocab_size}-{split_key}.json"
+
+
+def load_bpe(path: Path, vocab_size: int) -> BPETokenizer:
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(path))
     if tok.get_vocab_size() > vocab_size or any(tok.token_to_id(c) is None for c in BYTE_CHARS):
