@@ -42,7 +42,7 @@ train: {tokens: 1000, seq_len: 16, batch_size: 2}
     (GOOD_RUN.replace("seq_len: 16", "seq_len: sixteen"), "train.seq_len: Input should be a valid integer"),
     (GOOD_RUN.replace("seq_len: 16", "seq_len: -3"), "train.seq_len: Input should be greater than 0"),
     (GOOD_RUN.replace("n_layer: 1}", "n_layer: 1, dropout: 0.1}"), "model.dropout: unknown key"),
-    (GOOD_RUN.replace("family: transformer", "family: rnn"), "model.family: Input should be 'transformer', 'mamba', 'mamba2' or 'hybrid'"),
+    (GOOD_RUN.replace("family: transformer", "family: rnn"), "model.family: unknown model family 'rnn'; known: transformer, mamba, mamba2, hybrid"),
     (GOOD_RUN.replace("n_layer: 1}", "n_layer: 1, hybrid_ssm: rwkv}"), "model.hybrid_ssm: Input should be 'mamba2' or 'mamba'"),
     (GOOD_RUN.replace("n_layer: 1}", "n_layer: 1, mamba2_chunk_size: 0}"), "model.mamba2_chunk_size: Input should be greater than 0"),
     (GOOD_RUN + "data: {source: files}\n", "data.paths: source 'files' needs at least one path"),
@@ -64,7 +64,7 @@ def test_bad_run_config_exits_2_with_one_line_naming_the_key(tmp_path, capsys, t
 def test_unknown_family_on_the_command_line_exits_2(tmp_path, capsys):
     cfg = _write(tmp_path, GOOD_RUN)
     assert main(["train", str(cfg), "--family", "rwkv", "--out", str(tmp_path / "o")]) == 2
-    assert "model.family: Input should be 'transformer', 'mamba', 'mamba2' or 'hybrid' (got 'rwkv')" in capsys.readouterr().err
+    assert "model.family: unknown model family 'rwkv'; known: transformer, mamba, mamba2, hybrid" in capsys.readouterr().err
 
 
 def test_missing_config_file_exits_2(tmp_path, capsys):
@@ -92,7 +92,7 @@ train: {seq_len: 32, batch_size: 4}
 
 @pytest.mark.parametrize("text, expected", [
     (LADDER.replace("budgets: [1.0e+11]", "budgets: []"), "budgets: List should have at least 1 item"),
-    (LADDER + "families: [transformer, lstm]\n", "families.1: Input should be 'transformer', 'mamba', 'mamba2' or 'hybrid'"),
+    (LADDER + "families: [transformer, lstm]\n", "families.1: unknown model family 'lstm'; known: transformer, mamba, mamba2, hybrid"),
     (LADDER + "families: [hybrid]\nmodel: {hybrid_attn_layers: [7]}\n", "sizes.0: hybrid_attn_layers: layer 7 is outside 0..3"),
     (LADDER.replace("[2.0e+4]", "[{mamba2: [32, 4]}]"), "sizes.0: no shape for family transformer"),
     (LADDER.replace("[2.0e+4]", "[2.0e+4, {transformer: [64, 2]}]"), "sizes.1: no shape for family mamba"),

@@ -34,6 +34,9 @@ Fits (all losses in nats/token, N = non-embedding parameters, C = training FLOPs
               (see wallclock.py); a verdict for the machine that ran the study only.
 - backtest:   refit without the largest budgets (or above --holdout-above FLOPs), predict what was held out,
               ARE and interval coverage, FLAGS where a law did not extrapolate (see backtest.py).
+- multiplier: each family's compute multiplier against a baseline family (the transformer by default),
+              k(C) = C_base(L_fam(C)) / C from the frontiers, per budget with intervals, its trend with C and
+              its backtest (see multiplier.py).
 
 Bootstrap: resample runs with replacement within each family and within each IsoFLOP group (so every
 budget keeps its number of runs), and the seeds of every run trained with several (drawn with replacement,
@@ -90,12 +93,20 @@ fit.json (written by `fit_path` / `fit_study`):
                  "within_seed_noise": bool | null}]}]},
   "backtest":  {"mode": "budgets" | "threshold" | "off", "reason" (off), "holdout_above" (threshold),
                 "pairs": [{"families", "held_out": [{"k", "budget", "observed_gap", "observed_lower",
-                           "frontier" | "parametric": {"gap": Q, "predicted_lower", "order_matches", "gap_covered"}}]}]}
+                           "frontier" | "parametric": {"gap": Q, "predicted_lower", "order_matches", "gap_covered"}}]}]},
+  "multiplier": {"baseline", "definition", "skipped" (no baseline fit), "families": {name: {
+                 "budgets": [M], "largest": M, "trend": {"exponent": Q, "verdict": "growing" | "flat" | "shrinking" |
+                 "undetermined", "n_budgets", "resamples"}, "backtest": {"budget", "predicted": K, "observed", "are",
+                 "covered", "fit_range"} or {"skipped"}, "curve": {"flops", "k", "lo", "hi", "extrapolated"}}
+                 or {"skipped": reason}}}
 }
+(settings also holds "baseline"; fit.json files written before the multiplier existed lack both keys.)
 No timings: they are printed, so refitting the same data on the same machine rewrites the same bytes.
 Q = {"value": float, "lo": float | null, "hi": float | null}: point estimate and percentile interval.
 B = {"resamples", "ok", "failed", "failure_reasons": {reason: count}}.
 V = {"predicted": Q, "observed", "are", "covered"}: a backtest prediction against the held-out observation.
+K = Q + {"unreachable": bool} (k unbounded: the baseline's frontier never reaches that loss; then value is null);
+M = {"budget", "loss", "c_baseline", "k": K, "extrapolated"}: the multiplier at one budget.
 """
 
 from .approach1 import fit_approach1
@@ -105,14 +116,16 @@ from .bootstrap import APPROACHES, QUANTITIES, default_jobs
 from .crossover import CROSSOVER_SEARCH_FACTOR, find_crossings
 from .frontier import fit_frontier, frontier_loss, frontier_points
 from .laws import CHINCHILLA_GRID, HUBER_DELTA, Skip, lse_huber, multistart_fit
+from .multiplier import DEFAULT_BASELINE, fit_multipliers
 from .pipeline import (DEFAULT_CI, DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, FLOPS_CONVENTION, fit_json, fit_path,
                        fit_runs, fit_study, is_default_fit, json_safe)
 from .runs import MIN_RUNS_PER_BUDGET, FamilyRuns, LoadedRuns, load_runs, parse_column_mapping
-from .text import E_UNIDENTIFIED, fit_notes, fmt_value, format_fit, quantity_rows
+from .text import E_UNIDENTIFIED, fit_notes, fmt_k, fmt_value, format_fit, multiplier_lines, quantity_rows
 from .wallclock import fit_wallclock
 
 __all__ = [
-    "APPROACHES", "CHINCHILLA_GRID", "CROSSOVER_SEARCH_FACTOR", "DEFAULT_CI", "DEFAULT_N_BOOT", "E_UNIDENTIFIED",
+    "APPROACHES", "CHINCHILLA_GRID", "CROSSOVER_SEARCH_FACTOR", "DEFAULT_BASELINE", "DEFAULT_CI", "DEFAULT_N_BOOT",
+    "E_UNIDENTIFIED", "fit_multipliers", "fmt_k", "multiplier_lines",
     "FIGURE_EXTRAPOLATION", "FLOPS_CONVENTION", "HUBER_DELTA", "MIN_RUNS_PER_BUDGET", "QUANTITIES", "FamilyRuns",
     "LoadedRuns", "Skip", "default_jobs", "find_crossings", "fit_approach1", "fit_approach2", "fit_frontier", "fit_json", "fit_notes",
     "fit_parametric", "fit_path", "fit_runs", "fit_study", "fit_wallclock", "fmt_value", "format_fit", "frontier_loss",

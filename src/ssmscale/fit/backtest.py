@@ -159,7 +159,10 @@ def budget_backtest(families: dict, *, delta, grid, pool, n_jobs, n_boot, seed, 
     for block in out.values():
         if "holdouts" in block:
             block["summary"] = _summary(block["holdouts"])
-    return {"families": out, "pairs": _pairs(families, preds, ci)}
+    # the frontier refits themselves, for the compute multiplier's backtest (multiplier.py; not in fit.json)
+    refits = {(name, k): {"point": point[key]["frontier"], "samples": [s[key].get("frontier") for s in samples]}
+              for key, (name, k, _, _) in splits.items()}
+    return {"families": out, "pairs": _pairs(families, preds, ci), "refits": refits}
 
 
 def _flag(approach, what, k, budget, v, ci) -> str:
