@@ -182,12 +182,13 @@ def test_check_family_bad_arguments_exit_2(args, message, capsys):
 
 # ------------------------------------------------------------------------------------------ FLOPs
 def _measured_model_flops(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of the whole model with every mixer measured (flops_measure), the rest analytic."""
-    kind = cfg.layer_kinds[0]
-    layer = LAYERS[kind](cfg)
+    """Forward FLOPs per token of the whole model with every mixer measured (flops_measure) plus the elementwise
+    terms it would declare as a plugin (flops.UNCOUNTED_TERMS); the MLP and the LM head analytic."""
+    layer = LAYERS[cfg.layer_kinds[0]](cfg)
     m = measure_mixer(layer.mixer(cfg.d_model, **layer.options).eval(), cfg.d_model, seq_len)
-    mlp = flops.forward_flops_terms(cfg, seq_len).get("mlp", 0.0) / cfg.n_layer
-    return cfg.n_layer * (m["counted"] + m["declared"] + mlp) + 2 * cfg.d_model * cfg.padded_vocab
+    terms = flops.forward_flops_terms(cfg, seq_len)
+    per_layer = sum(v for k, v in terms.items() if k in flops.UNCOUNTED_TERMS or k == "mlp") / cfg.n_layer
+    return cfg.n_layer * (m["counted"] + per_layer) + terms["lm_head"]
 
 
 @pytest.mark.parametrize("family, kw", [
@@ -333,7 +334,7 @@ def test_a_plugin_run_records_its_mixer_code_and_a_leaky_one_is_refused_before_t
 
 
 def test_a_ladder_over_changed_plugin_code_says_which_runs_used_other_code(tmp_path, capsys):
-    from ssmscale.ladder_plugins import other_code_runs, preflight
+    from ssmscale.study.plugins import other_code_runs, preflight
     cfg = _ladder(tmp_path, families=["transformer", "mine"])
     spec = cfg.mixers()["mine"]
     for run_id, sha, family in (("mine_a", spec.sha256(), "mine"), ("mine_b", "0" * 64, "mine"),
@@ -342,7 +343,7 @@ def test_a_ladder_over_changed_plugin_code_says_which_runs_used_other_code(tmp_p
         (tmp_path / "study" / "runs" / run_id / "result.json").write_text(json.dumps(
             {"status": "diverged", "family": family, "mixer_sha256": sha}))
     assert other_code_runs(tmp_path / "study", "mine", spec.sha256()) == {"mine_b": "0" * 64}
-    from ssmscale.ladder import plan
+    from ssmscale.study.plan import plan
     preflight(cfg, tmp_path / "study", plan(cfg))
     out = capsys.readouterr()
     assert "plugin family mine: CausalConv from" in out.out and "admitted, 6 checks passed" in out.out
@@ -350,7 +351,7 @@ def test_a_ladder_over_changed_plugin_code_says_which_runs_used_other_code(tmp_p
 
 
 def test_profile_says_a_family_without_a_cache_cannot_generate(tmp_path):
-    from ssmscale.profile import CANNOT_GENERATE, profile_models
+    from ssmscale.bench.profile import CANNOT_GENERATE, profile_models
     spec = plugin("CausalConv")
     rows, _, _ = profile_models(["conv"], {"conv": (32, 2, 1)}, [64, 128], ["generate"], mixers={"conv": spec},
                                 repeats=1)

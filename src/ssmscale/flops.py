@@ -82,31 +82,15 @@ def param_counts(cfg: ModelConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- FLOPs
-def ssd_shape_terms(e: int, n: int, g: int, h: int, chunk_size: int, seq_len: int) -> dict[str, float]:
-    """An SSD of e channels in h heads, g groups of state n, FLOPs per token of a length-`seq_len` sequence,
-    as the chunked form computes it."""
+def ssd_terms(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """One Mamba-2 layer's SSD, FLOPs per token of a length-`seq_len` sequence, as the chunked form computes it."""
     from .ops.ssd_chunked import chunk_geometry
-    T, chunks = chunk_geometry(seq_len, chunk_size)
+    e, n, g, h = cfg.mamba2_d_inner, cfg.mamba2_d_state, cfg.mamba2_ngroups, cfg.mamba2_nheads
+    T, chunks = chunk_geometry(seq_len, cfg.mamba2_chunk_size)
     pad = chunks * T / seq_len
     return {"ssd_scores": pad * 2 * T * g * n, "ssd_intra": pad * 2 * T * e,
             "ssd_states": pad * 2 * n * e, "ssd_out": pad * 2 * n * e,
             "ssd_elementwise": pad * (3 * T * h + 2 * n * e / T)}
-
-
-def ssd_terms(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
-    """One Mamba-2 layer's SSD (ssd_shape_terms at the model's shape)."""
-    return ssd_shape_terms(cfg.mamba2_d_inner, cfg.mamba2_d_state, cfg.mamba2_ngroups, cfg.mamba2_nheads,
-                           cfg.mamba2_chunk_size, seq_len)
-
-
-def mamba_elementwise_terms(e: int, n: int, d_conv: int) -> dict[str, float]:
-    """A Mamba layer's depthwise conv and scan core per token (the authors' 9 E d N estimate for the scan)."""
-    return {"conv": 2 * e * d_conv, "scan": 9 * e * n}
-
-
-def mamba2_conv_flops(channels: int, d_conv: int) -> float:
-    """Mamba-2's depthwise conv over x, B and C per token."""
-    return 2 * channels * d_conv
 
 
 def plugin_terms(cfg: ModelConfig, seq_len: int, decode: bool = False) -> dict[str, float]:
@@ -134,13 +118,12 @@ def _layer_terms(cfg: ModelConfig, kind: str, seq_len: int, causal: bool, decode
         return terms
     if kind == "mamba":
         e, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank_
-        elementwise = mamba_elementwise_terms(e, n, cfg.d_conv)
-        return {"in_proj": 2 * d * 2 * e, "conv": elementwise["conv"], "x_proj": 2 * e * (r + 2 * n),
-                "dt_proj": 2 * r * e, "scan": elementwise["scan"], "out_proj": 2 * e * d}
+        return {"in_proj": 2 * d * 2 * e, "conv": 2 * e * cfg.d_conv, "x_proj": 2 * e * (r + 2 * n),
+                "dt_proj": 2 * r * e, "scan": 9 * e * n, "out_proj": 2 * e * d}
     if kind == "mamba2":
         e, h = cfg.mamba2_d_inner, cfg.mamba2_nheads
         conv = e + 2 * cfg.mamba2_ngroups * cfg.mamba2_d_state
-        return {"in_proj": 2 * d * (e + conv + h), "conv": mamba2_conv_flops(conv, cfg.d_conv),
+        return {"in_proj": 2 * d * (e + conv + h), "conv": 2 * conv * cfg.d_conv,
                 **ssd_terms(cfg, 1 if decode else seq_len), "out_proj": 2 * e * d}
     if kind == "plugin":
         return plugin_terms(cfg, seq_len, decode)
@@ -161,6 +144,9 @@ def forward_flops_terms(cfg: ModelConfig, seq_len: int, causal: bool = True,
     return terms
 
 
+# elementwise terms: what a FLOP counter cannot see in a built-in layer, so what its mixer would declare as a
+# plugin's extra_flops_per_token (the measured path adds them to the counted matmuls: tests/test_byo.py)
+UNCOUNTED_TERMS = {"conv", "scan", "ssd_elementwise"}
 MATMUL_TERMS = {"attn_qkv", "attn_out", "mlp", "in_proj", "x_proj", "dt_proj", "out_proj", "lm_head"}
 ATTENTION_MATMUL_TERMS = {"attn_scores", "attn_values"}
 SSD_MATMUL_TERMS = {"ssd_scores", "ssd_intra", "ssd_states", "ssd_out"}

@@ -95,11 +95,6 @@ class MambaMixer(nn.Module):
     def residual_out_projections(self):
         return [self.out_proj.weight]
 
-    def extra_flops_per_token(self, seq_len: int) -> float:
-        """The conv and the scan: elementwise work a FLOP counter does not see (flops.py counts them)."""
-        from ..flops import mamba_elementwise_terms
-        return sum(mamba_elementwise_terms(self.d_inner, self.d_state, self.d_conv).values())
-
     def forward(self, u, cache: MambaCache | None = None):
         if cache is not None and cache.pos > 0:
             if u.shape[1] != 1:

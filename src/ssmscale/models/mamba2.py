@@ -85,13 +85,6 @@ class Mamba2Mixer(nn.Module):
     def residual_out_projections(self):
         return [self.out_proj.weight]
 
-    def extra_flops_per_token(self, seq_len: int) -> float:
-        """The conv and the SSD's elementwise work (decays, chunk recurrence): what a FLOP counter does not see
-        (its matmuls it does, when the SSD runs as the chunked form). Counted by flops.py."""
-        from ..flops import mamba2_conv_flops, ssd_shape_terms
-        ssd = ssd_shape_terms(self.d_inner, self.d_state, self.groups, self.heads, self.chunk_size, seq_len)
-        return mamba2_conv_flops(self.conv_dim, self.d_conv) + ssd["ssd_elementwise"]
-
     def _split(self, zxbcdt):
         return zxbcdt.split([self.d_inner, self.conv_dim, self.heads], dim=-1)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def preflight(cfg, out_dir: Path, planned: list) -> None:
-    from .models.admission import admit_plugin
+    from ..models.admission import admit_plugin
     for family, spec in cfg.mixers().items():
         widths = [r.d_model for r in planned if r.family == family and not r.skip] or \
                  [r.d_model for r in planned if r.family == family]
@@ -40,7 +40,7 @@ def preflight(cfg, out_dir: Path, planned: list) -> None:
 
 def other_code_runs(out_dir: Path, family: str, sha: str) -> dict[str, str]:
     """{run_id: the sha256 it recorded} for the study's finished runs of `family` trained with other code."""
-    from .safeload import read_result
+    from ..safeload import read_result
     out = {}
     runs = Path(out_dir) / "runs"
     if not runs.is_dir():

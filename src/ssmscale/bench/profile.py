@@ -36,7 +36,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 MODES = ("train", "prefill", "generate")
 CSV_COLUMNS = ["family", "mode", "seq_len", "batch", "d_model", "n_layer", "params", "tokens_per_s",
@@ -53,8 +53,8 @@ GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 # ----------------------------------------------------------------------- in the measuring child
 def _config(family, d_model, n_layer, vocab_size=256, head_dim=32, scan_impl="auto", mixer=None):
     """The ModelConfig of a profiled model; `mixer`: a plugin family's MixerSpec (or its dict, from the parent)."""
-    from .models import ModelConfig
-    from .models.plugin import MixerSpec
+    from ..models import ModelConfig
+    from ..models.plugin import MixerSpec
     if isinstance(mixer, dict):
         mixer = MixerSpec(**mixer)
     return ModelConfig(family=family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size, head_dim=head_dim,
@@ -64,7 +64,7 @@ def _config(family, d_model, n_layer, vocab_size=256, head_dim=32, scan_impl="au
 def _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device, mixer=None):
     import torch
 
-    from .models import LM
+    from ..models import LM
     torch.manual_seed(0)
     cfg = _config(family, d_model, n_layer, vocab_size, head_dim, scan_impl, mixer)
     return LM(cfg).to(device), cfg
@@ -75,8 +75,8 @@ def prepare_train(family, d_model, n_layer, seq_len, batch, vocab_size=256, head
     """One training step (forward, backward, AdamW) on random tokens; optimiser state exists already."""
     import torch
     import torch.nn.functional as F
-    from .config import TrainConfig
-    from .train import make_optimizer
+    from ..config import TrainConfig
+    from ..train import make_optimizer
     model, _ = _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device, mixer)
     opt = make_optimizer(model, TrainConfig(lr=1e-4))      # the training loop's optimiser
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _Null()
@@ -176,7 +176,7 @@ class _Null:
 def state_bytes(family, d_model, n_layer, batch, max_len, vocab_size=256, head_dim=32, mixer=None) -> int | None:
     """Bytes of the generation cache: KV caches (attention layers), conv + SSM states (SSM layers); None for
     a plugin family that cannot generate."""
-    from .models.lm import state_bytes as model_state_bytes
+    from ..models.lm import state_bytes as model_state_bytes
     return model_state_bytes(_config(family, d_model, n_layer, vocab_size, head_dim, mixer=mixer), batch, max_len)
 
 
@@ -202,9 +202,9 @@ def shapes_for(families, params=None, d_model=None, n_layer=None, head_dim=32, m
     """{family: (d_model, n_layer, params)}: one explicit shape, or sizing.py's matched pair (`mixers`:
     {plugin family: MixerSpec}; a plugin sized by params keeps the default MLP width, so its count may sit
     a few percent off the match)."""
-    from .flops import param_counts
-    from .models import ModelConfig
-    from .models.sizing import shape_for
+    from ..flops import param_counts
+    from ..models import ModelConfig
+    from ..models.sizing import shape_for
     mixers = mixers or {}
     base = ModelConfig(family="transformer", d_model=head_dim, n_layer=1, head_dim=head_dim)
     out = {}
@@ -222,7 +222,7 @@ def shapes_for(families, params=None, d_model=None, n_layer=None, head_dim=32, m
 
 
 def _flops_per_token(family, d_model, n_layer, mode, seq_len, head_dim, mixer=None):
-    from . import flops
+    from .. import flops
     cfg = _config(family, d_model, n_layer, head_dim=head_dim, mixer=mixer)
     if mode == "train":
         return flops.train_flops_per_token(cfg, seq_len)
@@ -265,7 +265,7 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                     kwargs["gen_tokens"] = gen_tokens
                 # long points are slow on a CPU: fewer repeats there (the median of what was run)
                 reps = repeats if L <= 4096 or device != "cpu" else 1
-                res = run_isolated(f"ssmscale.profile:{prep[mode]}", kwargs, repeats=reps,
+                res = run_isolated(f"ssmscale.bench.profile:{prep[mode]}", kwargs, repeats=reps,
                                    warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s,
                                    mem_limit_bytes=mem_limit_bytes, compete=compete, matmul_peak=cpu)
                 fpt = _flops_per_token(fam, d, n, mode, L, head_dim, mixer)
@@ -295,7 +295,7 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
 
 
 def _scan_name(family, scan_impl, device, mixer=None):
-    from .models.lm import kernel_impl
+    from ..models.lm import kernel_impl
     cfg = _config(family, 64, 2, scan_impl=scan_impl, mixer=mixer)
     return kernel_impl(cfg, "cuda" if device.startswith("cuda") else "cpu")
 
@@ -365,9 +365,9 @@ def plot(rows, path: Path, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fsutil import atomic_write_bytes
+    from ..fsutil import atomic_write_bytes
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    from .colors import family_colors
+    from ..report.colors import family_colors
     families = list(dict.fromkeys(r["family"] for r in rows))
     colors = family_colors(families)
     fig, axes = plt.subplots(2, len(modes), figsize=(4.6 * len(modes), 7.2), squeeze=False)
@@ -408,9 +408,9 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
                 head_dim=32, scan_impl="auto", mem_limit_bytes=None, compete=0, mixers=None) -> list[dict]:
     import pandas as pd
 
-    from . import threads as thread_policy
-    from .fsutil import atomic_write_dataframe_csv, atomic_write_json
-    from .provenance import provenance
+    from .. import threads as thread_policy
+    from ..fsutil import atomic_write_dataframe_csv, atomic_write_json
+    from ..provenance import provenance
     try:
         shapes = shapes_for(families, params, d_model, n_layer, head_dim, mixers)
     except ValueError as exc:      # e.g. a width that is not a multiple of the head dimension
@@ -460,10 +460,10 @@ def loop_overhead(config_path: str, family: str | None = None, steps: int = 60, 
     import torch
     import torch.nn.functional as F
 
-    from . import train as T
-    from .config import load_run_config
-    from .data import prepare_data
-    from .models import LM
+    from .. import train as T
+    from ..config import load_run_config
+    from ..data import prepare_data
+    from ..models import LM
     cfg = load_run_config(config_path, {"model.family": family} if family else None)
     t = cfg.train
     data = prepare_data(cfg.data, cfg.tokenizer, seq_len=t.seq_len, eval_tokens=t.eval_tokens, progress=False)
@@ -534,3 +534,13 @@ def loop_overhead(config_path: str, family: str | None = None, steps: int = 60, 
             "bare_tokens_per_s": tokens / b, "lightning_tokens_per_s": tokens / lgt,
             "overhead": lgt / b - 1,
             "bare_wall_s": statistics.median(bare_wall), "lightning_wall_s": statistics.median(light_wall)}
+
+
+def format_loop_overhead(r: dict) -> str:
+    """loop_overhead's result as the lines `ssmscale profile --op loop` prints."""
+    return "\n".join([
+        f"{r['family']} d_model {r['d_model']} x {r['n_layer']} layers, {r['tokens_per_step']} tokens/step, "
+        f"median of {r['steps']} steps x {r['rounds']} alternating rounds:",
+        f"  bare PyTorch loop: {r['bare_ms']:.1f} ms/step, {r['bare_tokens_per_s']:,.0f} tokens/s",
+        f"  Lightning loop:    {r['lightning_ms']:.1f} ms/step, {r['lightning_tokens_per_s']:,.0f} tokens/s",
+        f"  Lightning overhead: {100 * r['overhead']:+.1f}% per step"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fit import fmt_k, fmt_value, multiplier_lines
+from ..fit import fmt_k, fmt_value, multiplier_lines
 
 CAPTION = ("Compute multiplier k(C) = C_base(L_family(C)) / C against the baseline, from the frontier fits: above "
            "the line k = 1 a family reaches at C a loss the baseline needs k C FLOPs for. Shaded: bootstrap "
