@@ -13,8 +13,6 @@ Use it with `mlp: true` (the paper's GLA Transformer puts a SwiGLU after each GL
       gla: {mixer: "../examples/gla.py:GatedLinearAttention", mlp: true, options: {heads: 4}}
 """
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

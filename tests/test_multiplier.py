@@ -103,7 +103,7 @@ def test_a_value_that_needs_the_baseline_beyond_its_data_is_marked_extrapolated(
 
 
 def test_the_report_leads_with_the_multiplier_table_and_figure_and_refits_a_fit_without_one(tmp_path, monkeypatch):
-    from ssmscale.report import write_report
+    from ssmscale.report.scaling import write_report
     monkeypatch.chdir(tmp_path)
     laws = {"transformer": BASE, "ahead": ahead_by(BASE, 3.0)}
     study = make_study(tmp_path, "r", laws=laws, budgets=BUDGETS[:3], profile=False, noise=0.002)

@@ -219,8 +219,9 @@ def _causality(mixer, d_model, passed, precision):
         if leak.any():
             t, s = (int(v) for v in leak.nonzero()[0])
             raise AdmissionError("causality", f"the output there depends on the input at position {s} (length {L}, "
-                                              f"|d out/d x| {size[t, s].item() / scale:.2g} of the largest, "
-                                              f"{name}): the mixer sees later tokens", t)
+                                              f"d out/d x there {size[t, s].item() / scale:.2g} x the largest over "
+                                              f"inputs up to the output's position, {name}): the mixer sees later "
+                                              f"tokens", t)
         # perturbation: copy s has input s replaced; copy 0 of the batch is the unperturbed sequence
         with torch.no_grad():
             xp = x.expand(L + 1, L, d_model).clone()
