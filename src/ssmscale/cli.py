@@ -70,7 +70,8 @@ def _parse_overrides(pairs: list[str]) -> dict:
 # ------------------------------------------------------------------------------------- train
 def _train_args(p):
     p.add_argument("config", help="run config (YAML), e.g. configs/train_tiny.yaml")
-    p.add_argument("--family", help=f"model family: one of {', '.join(FAMILIES)} (overrides model.family)")
+    p.add_argument("--family", help=f"model family: one of {', '.join(FAMILIES)} or a plugin family of the config's "
+                                    "custom_families (overrides model.family)")
     p.add_argument("--out", help="run directory (default: runs/<name>-<family>)")
     p.add_argument("--seed", type=int, help="overrides seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-3")
@@ -118,7 +119,10 @@ def _train(args):
 # ------------------------------------------------------------------------------------- sizes
 def _sizes_args(p):
     p.add_argument("params", nargs="+", help="target non-embedding parameter counts, e.g. 1e5 1e6 1e7")
-    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated families (default: all)")
+    p.add_argument("--families", help="comma-separated families (default: every built-in one, and the --config's "
+                                      "families)")
+    p.add_argument("--config", help="a ladder or run config whose custom_families (plugin families) may be named in "
+                                    "--families; sizing them builds their mixers (imports them)")
     p.add_argument("--seq-len", type=int, default=256, help="sequence length for FLOPs per token (default 256)")
     p.add_argument("--head-dim", type=int, default=32, help="transformer head dimension (default 32)")
     p.add_argument("--vocab", type=int, default=256, help="tokenizer vocabulary (default 256, bytes)")
@@ -131,9 +135,36 @@ def _sizes(args):
     _in_range(args.seq_len, "--seq-len", limits.MAX_SEQ_LEN)
     _in_range(args.head_dim, "--head-dim", limits.MAX_WIDTH)
     _in_range(args.vocab, "--vocab", limits.MAX_VOCAB)
-    families = _families(args.families)
+    from .config.load import config_plugins
+    mixers, config_families = config_plugins(args.config)
+    families = _families(args.families or ",".join(dict.fromkeys([*FAMILIES, *config_families])), mixers)
     from .study.sizes import print_sizes
-    print_sizes(targets, families, seq_len=args.seq_len, head_dim=args.head_dim, vocab=args.vocab, verify=args.verify)
+    print_sizes(targets, families, seq_len=args.seq_len, head_dim=args.head_dim, vocab=args.vocab, verify=args.verify,
+                mixers=mixers)
+    return 0
+
+
+# ------------------------------------------------------------------------------ check-family
+def _check_family_args(p):
+    p.add_argument("spec", help="a mixer class, path/to/file.py:Class or package.module:Class (imported: it runs "
+                                "that code), or a built-in family name")
+    p.add_argument("--options", default="{}", help="JSON object of constructor options: Class(d_model, **options)")
+    p.add_argument("--d-model", default="64", help="width the mixer is built at (default 64)")
+
+
+def _check_family(args):
+    import json
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--options: not JSON ({exc.msg}, column {exc.colno})") from None
+    if not isinstance(options, dict):
+        raise UserError(f"--options: expected a JSON object such as '{{\"heads\": 4}}', got {args.options!r}")
+    d_model = _positive_int(args.d_model, "--d-model", limits.MAX_WIDTH)
+    from .threads import apply, choose
+    apply(choose(None))
+    from .models.admission import check_family
+    check_family(args.spec, options, d_model)
     return 0
 
 
@@ -162,7 +193,8 @@ def _ladder(args):
 
 # ----------------------------------------------------------------------------------- profile
 def _profile_args(p):
-    p.add_argument("config", nargs="?", help="--op loop: the run config whose model and batch are timed")
+    p.add_argument("config", nargs="?", help="--op loop: the run config whose model and batch are timed; --op model: "
+                                             "a config whose plugin families (custom_families) --families may name")
     p.add_argument("--op", choices=["model", "scan", "ssd", "loop"], default="model",
                    help="model: the families against sequence length (default); scan: the selective-scan "
                         "implementations; ssd: Mamba-2's SSD against the selective scan at the same d_inner; "
@@ -251,8 +283,10 @@ def _seconds(text):
 
 
 def _profile_model(args):
-    from .bench.profile import MODES, run_profile
-    families = _families(args.families)
+    from .bench.profile import CANNOT_GENERATE, MODES, run_profile
+    from .config.load import config_plugins
+    mixers, _ = config_plugins(args.config)
+    families = _families(args.families, mixers)
     modes = [m.strip() for m in (args.modes or ",".join(MODES)).split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         raise UserError(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
@@ -283,7 +317,7 @@ def _profile_model(args):
         head_dim=_positive_int(args.head_dim, "--head-dim", limits.MAX_WIDTH))
     from .bench.profile import shapes_for
     try:
-        shapes_for(families, params, sizes["d_model"], sizes["n_layer"], sizes["head_dim"])
+        shapes_for(families, params, sizes["d_model"], sizes["n_layer"], sizes["head_dim"], mixers)
     except ValueError as exc:
         raise UserError(f"--head-dim: {exc}") from None
     if args.out:
@@ -291,8 +325,10 @@ def _profile_model(args):
         check_writable_dir(args.out, "--out")      # before the measuring, not after it
     seq_lens = sizes.pop("seq_lens")
     rows = run_profile(families, seq_lens, modes, params=params, device=args.device, out=args.out,
-                       mem_limit_bytes=mem, compete=args.compete, **sizes)
-    return 0 if all(r["status"] in ("ok", "oom") for r in rows) else 1
+                       mem_limit_bytes=mem, compete=args.compete, mixers=mixers, **sizes)
+    for fam in dict.fromkeys(r["family"] for r in rows if r["status"] == CANNOT_GENERATE):
+        print(f"{fam}: cannot generate: its mixer has no allocate_cache (it trains; generation is not measured)")
+    return 0 if all(r["status"] in ("ok", "oom", CANNOT_GENERATE) for r in rows) else 1
 
 
 def _profile_loop(args):
@@ -311,12 +347,14 @@ def _profile_loop(args):
     return 0
 
 
-def _families(text: str) -> list[str]:
-    """--families: a comma-separated subset of FAMILIES."""
+def _families(text: str, plugins=()) -> list[str]:
+    """--families: a comma-separated subset of FAMILIES and of the plugin families a --config defines."""
     families = [f.strip() for f in text.split(",") if f.strip()]
-    bad = [f for f in families if f not in FAMILIES]
+    known = [*FAMILIES, *plugins]
+    bad = [f for f in families if f not in known]
     if bad or not families:
-        raise UserError(f"--families: unknown family {bad[0] if bad else text!r}; choose from {','.join(FAMILIES)}")
+        more = "" if plugins else " (a plugin family: name it in a config's custom_families and pass --config)"
+        raise UserError(f"--families: unknown family {bad[0] if bad else text!r}; choose from {','.join(known)}{more}")
     return families
 
 
@@ -424,6 +462,8 @@ def _fit_args(p):
     p.add_argument("--backtest", action=argparse.BooleanOptionalAction, default=True,
                    help="refit each law without the largest IsoFLOP budgets and predict them (default on when the "
                         "runs have budgets; --no-backtest skips it)")
+    p.add_argument("--baseline", default="transformer",
+                   help="family the compute multipliers are stated against (default transformer)")
     p.add_argument("--holdout-above", type=float, metavar="FLOPS",
                    help="backtest for a CSV of single runs: fit Approach 3 on the runs at or below FLOPS, "
                         "predict the rest (e.g. 1e21 for Chinchilla's)")
@@ -442,7 +482,7 @@ def _fit(args):
     result, target = fit_path(args.path, out=args.out, columns=parse_column_mapping(args.columns),
                               n_boot=args.n_boot, seed=args.seed, ci=args.ci, n_jobs=args.jobs,
                               progress=not args.no_progress, backtest=args.backtest,
-                              holdout_above=args.holdout_above)
+                              holdout_above=args.holdout_above, baseline=args.baseline)
     print(format_fit(result))
     print(f"wrote {target}")
 
@@ -452,6 +492,8 @@ def _report_args(p):
     p.add_argument("study_dir", help="study directory (scaling/<study>)")
     p.add_argument("--out", help="report folder (default: reports/<study>)")
     p.add_argument("--refit", action="store_true", help="refit even if the study's fit.json is up to date")
+    p.add_argument("--baseline", default="transformer",
+                   help="family the compute multipliers are stated against (default transformer; another refits)")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples when fitting (default 200)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed when fitting (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -472,7 +514,7 @@ def _report(args):
     _check_fit_args(args)
     from .report.scaling import write_report
     path = write_report(args.study_dir, args.out, refit=args.refit, n_boot=args.n_boot, seed=args.seed,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, baseline=args.baseline)
     print(f"wrote {path}")
 
 
@@ -510,6 +552,8 @@ def _export(args):
 COMMANDS: list = [
     ("sizes", "matched shapes, parameter counts and FLOPs per token for target sizes", _sizes_args, _sizes),
     ("train", "train one model on its token budget (writes DIR/result.json)", _train_args, _train),
+    ("check-family", "admission checks of a mixer (causality, cached continuation, finite, shapes, determinism); "
+                     "exit 2 naming the first failure", _check_family_args, _check_family),
     ("ladder", "plan and run a ladder (resumable): IsoFLOP budgets, or fixed-length runs over widths and "
                "swept config keys (recall); then fit and report", _ladder_args, _ladder),
     ("profile", "throughput, peak memory and MFU against sequence length (training, prefill, generation); "

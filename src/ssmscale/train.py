@@ -54,18 +54,22 @@ CONTEXT_EDGE = 0.1     # context gain: mean loss over the first 10% of window po
 
 
 # ------------------------------------------------------------------------------- pure helpers
-def resolve_model(spec: ModelSpec, vocab_size: int) -> ModelConfig:
-    """The concrete ModelConfig of a spec: its explicit shape, or the sizing rule applied to `params`."""
+def resolve_model(spec: ModelSpec, vocab_size: int, mixers: dict | None = None) -> ModelConfig:
+    """The concrete ModelConfig of a spec: its explicit shape, or the sizing rule applied to `params`.
+    `mixers`: {plugin family: MixerSpec} (RunConfig.mixers()); a plugin family's is attached to its config."""
+    mixer = (mixers or {}).get(spec.family)
     try:
-        d_model, n_layer = spec.d_model, spec.n_layer
+        d_model, n_layer, knobs = spec.d_model, spec.n_layer, spec.knobs()
         if spec.params is not None:
             from .models.sizing import shape_for
             base = ModelConfig(family="transformer", d_model=spec.head_dim, n_layer=1, vocab_size=vocab_size,
-                               **spec.knobs())
-            shape = shape_for(spec.family, spec.params, base)
+                               **knobs)
+            shape = shape_for(spec.family, spec.params, base, mixer=mixer)
             d_model, n_layer = shape.d_model, shape.n_layer
+            if shape.d_ff is not None:
+                knobs["d_ff"] = shape.d_ff
         cfg = ModelConfig(family=spec.family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
-                          **spec.knobs())
+                          mixer=mixer, **knobs)
         from .models.sizing import check_within_bounds
         check_within_bounds(cfg)
         return cfg
@@ -493,9 +497,12 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     accelerator, precision = resolve_device(t)
     data = prepare_data(cfg.data, cfg.tokenizer, seq_len=t.seq_len, eval_tokens=t.eval_tokens,
                         progress=t.progress)
-    model_cfg = resolve_model(cfg.model, data.vocab_size)
+    model_cfg = resolve_model(cfg.model, data.vocab_size, cfg.mixers())
+    plugin = _admit_plugin(model_cfg) if model_cfg.is_plugin else None
     n_steps, tokens_per_step = plan_steps(t)
     cost = flops_mod.flops_summary(model_cfg, t.seq_len)
+    if plugin is not None:
+        plugin["flops"] = cost["measured"]
     if announce:
         print(f"{cfg.name}: {model_cfg.family} d_model {model_cfg.d_model} x {model_cfg.n_layer} layers, "
               f"{n_steps * tokens_per_step:,} tokens in {n_steps} steps on {accelerator}; "
@@ -603,7 +610,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
         "resumed_from_step": resume_step,
         # when the run ended (UTC): a forecast of its budget is scored as one only if made before this
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "config_hash": config_hash(cfg), "data_fingerprint": data.fingerprint,
+        "config_hash": config_hash(cfg, plugin and plugin["sha256"]), "data_fingerprint": data.fingerprint,
+        **({"mixer": plugin, "mixer_sha256": plugin["sha256"]} if plugin is not None else {}),
         "precision": precision, "scan_impl": scan_impl,
         "threads": thread_choice.threads, "threads_reason": thread_choice.reason,
         "thread_waiting": threads.waiting(),
@@ -617,6 +625,15 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
             ckpt.unlink()
     atomic_write_json(out_dir / "result.json", result)
     return result
+
+
+def _admit_plugin(model_cfg: ModelConfig) -> dict:
+    """A plugin family's admission checks (once per process and code version) and what its result records:
+    the mixer's class, options, file and sha256, and the checks it passed."""
+    from .models.admission import admit_plugin
+    report = admit_plugin(model_cfg.mixer, model_cfg.d_model, model_cfg.family)
+    return {**model_cfg.mixer.provenance(), "admission": report.lines, "admission_precision": report.dtype,
+            "can_generate": report.can_generate}
 
 
 def _scan_impl_name(model_cfg: ModelConfig, accelerator: str) -> str | None:

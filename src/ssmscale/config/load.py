@@ -170,19 +170,53 @@ def check_logger_packages(cfg: RunConfig | LadderConfig, source: str) -> None:
                             f"(pip install {packages[0]})")
 
 
-def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    cfg = validate(RunConfig, apply_overrides(read_yaml(path), overrides), str(path))
+def resolve_mixer_paths(raw: dict, base_dir: Path) -> dict:
+    """custom_families.*.mixer file paths made absolute against the config file's folder (malformed entries
+    are left for the schema to name). Nothing is read or imported."""
+    from ..models.plugin import resolve_target
+    custom = raw.get("custom_families")
+    if not isinstance(custom, dict):
+        return raw
+    resolved = {}
+    for name, entry in custom.items():
+        if isinstance(entry, dict) and isinstance(entry.get("mixer"), str):
+            try:
+                entry = {**entry, "mixer": resolve_target(entry["mixer"], base_dir)}
+            except ValueError:
+                pass
+        resolved[name] = entry
+    return {**raw, "custom_families": resolved}
+
+
+def load_config(schema, path: str | Path, overrides: dict | None = None):
+    """A config file validated against `schema` (RunConfig or LadderConfig), plugin paths resolved."""
+    raw = resolve_mixer_paths(apply_overrides(read_yaml(path), overrides), Path(path).resolve().parent)
+    cfg = validate(schema, raw, str(path))
     check_logger_packages(cfg, str(path))
     return cfg
+
+
+def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
+    return load_config(RunConfig, path, overrides)
 
 
 def load_ladder_config(path: str | Path, overrides: dict | None = None) -> LadderConfig:
-    cfg = validate(LadderConfig, apply_overrides(read_yaml(path), overrides), str(path))
-    check_logger_packages(cfg, str(path))
-    return cfg
+    return load_config(LadderConfig, path, overrides)
 
 
 def read_study_config(path: str | Path) -> LadderConfig:
     """A study's saved config.yaml, validated (a UserError of one line when it is not one); unlike
     load_ladder_config it needs no logger package: fit and report read a study, they train nothing."""
     return validate(LadderConfig, read_yaml(path), str(path))
+
+
+def config_plugins(path: str | Path | None) -> tuple[dict, list]:
+    """({plugin family: MixerSpec}, the config's families) of a ladder or run config file (`sizes --config`,
+    `profile CONFIG`); ({}, []) without one. Describes the plugins, imports nothing."""
+    if path is None:
+        return {}, []
+    raw = read_yaml(path)
+    schema = LadderConfig if any(k in raw for k in ("sizes", "widths", "budgets", "families")) else RunConfig
+    cfg = load_config(schema, path)
+    mixers = {name: c.spec() for name, c in cfg.custom_families.items()}
+    return mixers, list(cfg.families) if schema is LadderConfig else [cfg.model.family]

@@ -7,6 +7,9 @@ have them) and a duplicate key is an error; after that the schema is strict: unk
 (a number must be a number: `true` and "128" are not), impossible values and sizes beyond what can
 exist (limits.py) are errors naming the key path. Names are plain names (they become folder names).
 Reading a YAML file and loading a config from it: load.py; the `sweep:` axes: sweep.py.
+Plugin families (`custom_families`, models/plugin.py) are described, never imported, here: a relative
+mixer file path is made absolute against the config file's folder when the file is loaded, so the
+config a study saves names the same file; fit and report read configs and run nothing.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import re
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_serializer,
+                      model_validator)
 
 from .. import limits
-from ..models.config import FAMILIES, HYBRID_SSMS, SSD_IMPLS
+from ..models.config import FAMILIES, HYBRID_SSMS, RESERVED_NAMES, SSD_IMPLS, plugin_name_ok
+from ..models.plugin import MixerSpec, split_target
 
 Family = Literal[FAMILIES]
 
@@ -124,8 +129,8 @@ class ModelDefaults(_Strict):
 
 class ModelSpec(ModelDefaults):
     """One model: the family knobs plus either an explicit shape (d_model, n_layer) or a target
-    non-embedding parameter count."""
-    family: Family = "transformer"
+    non-embedding parameter count. `family`: a built-in family or one of the config's custom_families."""
+    family: str = "transformer"
     d_model: Width | None = None
     n_layer: Layers | None = None
     params: Params | None = None
@@ -140,6 +145,65 @@ class ModelSpec(ModelDefaults):
         if not explicit and self.params is None:
             raise ValueError("params: give a target parameter count or (d_model, n_layer)")
         return self
+
+
+class CustomFamily(_Strict):
+    """A plugin family: a mixer class by file path ("path/to/file.py:Class", relative to the config file) or
+    module path ("package.module:Class"), built as Class(d_model, **options) inside the shared LM shell."""
+    mixer: str
+    mlp: bool = True                                   # Transformer++'s SwiGLU branch after the mixer
+    options: dict[str, Any] = Field(default_factory=dict)
+    n_layer: Layers | None = None                      # fixed depth (default: the sizing rule's)
+    width_multiple: Width = 2                          # d_model searched in multiples of this
+
+    @model_validator(mode="after")
+    def _target(self):
+        try:
+            split_target(self.mixer)
+        except ValueError as exc:
+            raise ValueError(f"mixer: {exc}") from None     # named here: the message itself holds colons
+        return self
+
+    @field_validator("options")
+    @classmethod
+    def _json_options(cls, value):
+        import json
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"options: must be plain YAML values (numbers, strings, lists, mappings): {exc}") from None
+        return value
+
+    def spec(self) -> MixerSpec:
+        return MixerSpec(self.mixer, dict(self.options), self.mlp, self.n_layer, self.width_multiple)
+
+
+CustomFamilies = dict[str, CustomFamily]
+
+
+class _WithPlugins(_Strict):
+    """A config that may define plugin families: without any, it dumps (config.yaml, hashes) exactly as
+    configs did before plugins existed."""
+    custom_families: CustomFamilies = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _no_empty_plugins(self, handler):
+        d = handler(self)
+        if isinstance(d, dict) and not d.get("custom_families"):
+            d.pop("custom_families", None)
+        return d
+
+
+def _check_custom_names(custom: dict) -> None:
+    for name in custom:
+        if not plugin_name_ok(name):
+            raise ValueError(f"custom_families.{name}: a plugin family needs a name of its own (a letter, then "
+                             f"letters, digits or '_', at most 32; not one of {', '.join(dict.fromkeys(RESERVED_NAMES))})")
+
+
+def _unknown_family(name: str, custom: dict) -> str:
+    known = ", ".join([*FAMILIES, *custom])
+    return f"unknown model family {name!r}; known: {known} (a plugin family is defined under custom_families)"
 
 
 class TrainConfig(_Strict):
@@ -183,7 +247,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class RunConfig(_Strict):
+class RunConfig(_WithPlugins):
     """`ssmscale train CONFIG`: one model, one budget."""
     name: str = "run"                                  # plain names joined by '/' (a ladder's runs: study/run_id)
     seed: Seed = 0
@@ -201,7 +265,14 @@ class RunConfig(_Strict):
     def _budget(self):
         if self.train.tokens is None:
             raise ValueError("train.tokens: a run needs a token budget")
+        _check_custom_names(self.custom_families)
+        if self.model.family not in FAMILIES and self.model.family not in self.custom_families:
+            raise ValueError(f"model.family: {_unknown_family(self.model.family, self.custom_families)}")
         return self
+
+    def mixers(self) -> dict[str, MixerSpec]:
+        """{plugin family: its MixerSpec} (describing, not importing, the code)."""
+        return {name: c.spec() for name, c in self.custom_families.items()}
 
 
 ShapeSpec = create_model(
@@ -226,7 +297,7 @@ class SubmititConfig(_Strict):
 SweepGrid = dict[str, Annotated[list[Any], Field(min_length=1)]]
 
 
-class LadderConfig(_Strict):
+class LadderConfig(_WithPlugins):
     """`ssmscale ladder CONFIG`: a grid of families x run lengths x sizes x learning rates x seeds,
     repeated at every point of an optional `sweep` over config keys (sweep.py).
 
@@ -236,7 +307,8 @@ class LadderConfig(_Strict):
     families) or `widths` (d_model; the transformer gets `width_layers` layers, other families the
     depth sizing.layers_at_width gives them)."""
     name: str
-    families: Annotated[list[Family], Field(min_length=1)] = list(FAMILIES)
+    # built-in families and plugin families (custom_families); default: every built-in and every plugin
+    families: Annotated[list[str], Field(min_length=1)] = list(FAMILIES)
     budgets: Annotated[list[Flops], Field(min_length=1)] | None = None   # training FLOPs per run
     steps: PositiveInt | None = None                    # optimiser steps per run (instead of budgets)
     tokens: Annotated[float, Field(gt=0, le=limits.MAX_TOKENS)] | None = None   # training tokens per run (instead of budgets)
@@ -267,7 +339,7 @@ class LadderConfig(_Strict):
     # are planned as skipped ("window"). Budgets and families not named train every size; the
     # lr_tune_budget must train every size (it tunes their learning rates)
     budget_sizes: dict[str, Annotated[list[Params], Field(min_length=1)] |
-                       dict[Family, Annotated[list[Params], Field(min_length=1)]]] | None = None
+                       dict[str, Annotated[list[Params], Field(min_length=1)]]] | None = None
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelDefaults = ModelDefaults()
@@ -286,6 +358,14 @@ class LadderConfig(_Strict):
     @classmethod
     def _name(cls, value):
         return value if value is None else _plain_name(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_families(cls, data):
+        # no `families` key: every built-in family and every plugin family the config defines
+        if isinstance(data, dict) and "families" not in data and isinstance(data.get("custom_families"), dict):
+            return {**data, "families": [*FAMILIES, *data["custom_families"]]}
+        return data
 
     @field_validator("budget_sizes", mode="before")
     @classmethod
@@ -307,6 +387,12 @@ class LadderConfig(_Strict):
 
     @model_validator(mode="after")
     def _grid(self):
+        _check_custom_names(self.custom_families)
+        for i, fam in enumerate(self.families):
+            if fam not in FAMILIES and fam not in self.custom_families:
+                raise ValueError(f"families.{i}: {_unknown_family(fam, self.custom_families)}")
+        if len(set(self.families)) != len(self.families):
+            raise ValueError("families: duplicate entries")
         if self.train.tokens is not None:
             raise ValueError("train.tokens: set by the ladder (budgets, steps or tokens); remove it")
         lengths = [k for k in ("budgets", "steps", "tokens") if getattr(self, k) is not None]
@@ -351,6 +437,10 @@ class LadderConfig(_Strict):
             self._check_budget_sizes()
         for i, size in enumerate(self.sizes or []):
             if isinstance(size, ShapeSpec):
+                plugins = [f for f in self.families if f not in FAMILIES]
+                if plugins:
+                    raise ValueError(f"sizes.{i}: explicit shapes name built-in families only; size the plugin family "
+                                     f"{plugins[0]} by parameter count (sizes: [1e5, ...]) or widths")
                 missing = [f for f in self.families if getattr(size, f, None) is None]
                 if missing:
                     raise ValueError(f"sizes.{i}: no shape for family {missing[0]}")
@@ -388,6 +478,10 @@ class LadderConfig(_Strict):
                         and not all(_among(s, sizes) for s in self.sizes):
                     raise ValueError(f"{where}: the lr_tune_budget trains every size (it tunes their learning "
                                      "rates)")
+
+    def mixers(self) -> dict[str, MixerSpec]:
+        """{plugin family: its MixerSpec} for the plugin families the ladder trains (describing, not importing)."""
+        return {name: c.spec() for name, c in self.custom_families.items() if name in self.families}
 
     def trains_size(self, budget, family: str, size) -> bool:
         """Whether `budget` trains `size` for `family` (budget_sizes; every size where it names none)."""
@@ -502,11 +596,14 @@ def _error_parts(exc: ValidationError, schema: type[BaseModel] | None = None) ->
 EXECUTION_KEYS = {"num_threads": None, "progress": True}
 
 
-def config_hash(cfg: BaseModel) -> str:
+def config_hash(cfg: BaseModel, mixer_sha256: str | None = None) -> str:
     """Hash of the resolved config with the execution settings at their defaults (so a run resumed or
-    rerun with another thread count keeps its identity; hashes of default configs are unchanged)."""
+    rerun with another thread count keeps its identity; hashes of default configs are unchanged). A plugin
+    family's run hashes its mixer file's sha256 with it: the same config over changed code is another run."""
     from ..provenance import stable_hash
     d = cfg.model_dump(mode="json")
     if isinstance(d.get("train"), dict):
         d["train"].update(EXECUTION_KEYS)
+    if mixer_sha256 is not None:
+        d["mixer_sha256"] = mixer_sha256
     return stable_hash(d)

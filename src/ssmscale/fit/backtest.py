@@ -181,8 +181,11 @@ def budget_backtest(families: dict, *, delta, grid, pool, n_jobs, n_boot, seed, 
                               for approach in BACKTESTED for what, v in row.get(approach, {}).items()
                               if isinstance(v, dict) and _covered(v) is False]
             block["summary"] = _summary(block["holdouts"])
+    # the frontier refits themselves, for the compute multiplier's backtest (multiplier.py; not in fit.json)
+    refits = {(name, k): {"point": point[key]["frontier"], "samples": [s[key].get("frontier") for s in samples]}
+              for key, (name, k, _, _) in splits.items()}
     return {"families": out, "pairs": _pairs(families, preds, ci),
-            "calibration": {"mode": "budgets", "models": models, "table": table}}
+            "calibration": {"mode": "budgets", "models": models, "table": table}, "refits": refits}
 
 
 def scatter(approach: str, fit: dict, runs: FamilyRuns) -> dict:

@@ -209,6 +209,50 @@ def wallclock_statement(result: dict) -> str:
             "its thread count and its load only: another CPU or a GPU changes FLOPs per second, per family and size.")
 
 
+def fmt_k(q: dict) -> str:
+    """A multiplier with its interval: 1.8x [1.2x, 2.9x]; unbounded values read 'unreachable' / 'inf'."""
+    def one(v, unbounded=False):
+        return "inf" if v is None and unbounded else ("n/a" if v is None else f"{v:.3g}x")
+    value = "unreachable" if q.get("unreachable") else one(q["value"])
+    if q["lo"] is None and q["hi"] is None:
+        return value
+    return f"{value} [{one(q['lo'])}, {one(q['hi'], unbounded=True)}]"
+
+
+def multiplier_lines(result: dict) -> list[str]:
+    """Per family: k at its largest budget, the trend of k with C, the backtest of k (fit.json's "multiplier")."""
+    block = result.get("multiplier")
+    if not isinstance(block, dict):
+        return []
+    base = block["baseline"]
+    if "skipped" in block:
+        return [f"compute multiplier against {base}: not computed, {block['skipped']}"]
+    ci = result["settings"]["ci"]
+    lines = []
+    for name, fam in block["families"].items():
+        if "skipped" in fam:
+            lines.append(f"{name}: no multiplier against {base}: {fam['skipped']}")
+            continue
+        top, trend = fam["largest"], fam["trend"]
+        ext = (f", EXTRAPOLATED ({base}'s frontier followed beyond the compute it was fitted on)"
+               if top["extrapolated"] else "")
+        e = trend["exponent"]
+        slope = (f"k ~ C^{fmt_value(e['value'])} {fmt_interval(e)}" if e["value"] is not None else "no exponent")
+        line = (f"{name}: at its largest budget, C = {fmt_value(top['budget'])} FLOPs, {base} needs "
+                f"{fmt_k(top['k'])} ({ci:.0%} bootstrap) that compute to reach {name}'s loss{ext}; trend over "
+                f"{trend['n_budgets']} budgets: {slope}: {trend['verdict'].upper()}")
+        bt = fam["backtest"]
+        if "skipped" in bt:
+            line += f"; no backtest ({bt['skipped']})"
+        else:
+            are = "n/a" if bt["are"] is None else f"{bt['are']:.0%}"
+            covered = {True: "inside", False: "OUTSIDE", None: "no interval"}[bt["covered"]]
+            line += (f"; backtest: fitted without {fmt_value(bt['budget'])} FLOPs it predicts {fmt_k(bt['predicted'])} "
+                     f"there, {fmt_value(bt['observed'])}x from every budget (ARE {are}, {covered} the interval)")
+        lines.append(line)
+    return lines
+
+
 def format_fit(result: dict) -> str:
     """The human-readable summary: data notes, then a table per family, then the crossovers."""
     ci = result["settings"]["ci"]
@@ -243,6 +287,11 @@ def format_fit(result: dict) -> str:
                   f"  {'prediction':<24} {'bootstrap':>14} {'w/e':>5}   {'calibrated':>14} {'w/e':>5}   how"]
         lines += [f"  {label:<24} {bc:>14} {br:>5}   {cc:>14} {cr:>5}   {how}"
                   for label, _, bc, br, cc, cr, how in table]
+    mult = multiplier_lines(result)
+    if mult:
+        base = result["multiplier"]["baseline"]
+        lines += ["", f"compute multiplier against {base} (k(C) = C_{base}(L_family(C)) / C):"]
+        lines += [f"  {line}" for line in mult]
     pairs = result["crossover"]["pairs"]
     if pairs:
         lines.append("")

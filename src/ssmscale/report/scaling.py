@@ -10,7 +10,9 @@ Figures (PNG, matplotlib's object API on the Agg canvas, so no global backend is
 - profile.png     tokens/s and peak memory against sequence length, one column per mode (if profile/ exists;
                   profile.py);
 - position.png, wallclock.png: loss by token position and loss against training time (trust.py, with
-                  the backtest, seed-noise and Approach 1 sections).
+                  the backtest, seed-noise and Approach 1 sections);
+- multiplier.png  each family's compute multiplier against the baseline, k(C), the report's first section
+                  (multiplier.py).
 A family has the same colour in every figure. The report holds no timings and no clock or version stamp in
 its PNGs, so regenerating it from the same study directory rewrites the same bytes.
 """
@@ -26,12 +28,13 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from ..fit import (DEFAULT_N_BOOT, LoadedRuns, fit_json, fit_notes, fit_runs, fmt_value, format_fit, frontier_loss,
-                   load_runs, quantity_rows)
+from ..fit import (DEFAULT_BASELINE, DEFAULT_N_BOOT, LoadedRuns, fit_json, fit_notes, fit_runs, fmt_value, format_fit,
+                   frontier_loss, load_runs, quantity_rows)
 from ..fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir
 from .colors import family_colors
 from .contrast import contrast_section
 from .figures import _figure, _png, _sci
+from .multiplier import multiplier_section
 from .profile import _profile_families, _profile_section, _read_profile, profile_figure
 from .provenance import _provenance
 from .scaling_figures import GAP_BASELINE, allocation_figure, frontier_figure, isoflop_figure
@@ -117,12 +120,12 @@ def _lr_section(study: Path) -> list[str]:
 
 
 def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figures: list[str],
-                    profile: pd.DataFrame | None = None, sections: list[str] = ()) -> str:
+                    profile: pd.DataFrame | None = None, sections: list[str] = (), lead: list[str] = ()) -> str:
     s = fit["settings"]
     ci = s["ci"]
     lines = [f"# Scaling study `{name}`", "",
              f"Regenerate with `ssmscale report {study}`: everything below comes from that directory alone "
-             f"(results.csv, config.yaml, fit.json, profile/).", "", "## Summary", ""]
+             f"(results.csv, config.yaml, fit.json, profile/).", "", *lead, "## Summary", ""]
     for fam_name, fam in fit["families"].items():
         bits = [f"**{fam_name}**: {fam['n_runs']} runs, {fam['n_budgets']} IsoFLOP budgets, "
                 f"C from {_sci(fam['flops_range'][0])} to {_sci(fam['flops_range'][1])} FLOPs"]
@@ -205,8 +208,9 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
     return "\n".join(lines)
 
 
-def cached_fit(study: Path, loaded: LoadedRuns) -> dict | None:
-    """STUDY/fit.json when it is a fit of the current results.csv, else None (and a line saying why)."""
+def cached_fit(study: Path, loaded: LoadedRuns, baseline: str = DEFAULT_BASELINE) -> dict | None:
+    """STUDY/fit.json when it is a fit of the current results.csv with compute multipliers against `baseline`,
+    else None (and a line saying why)."""
     from ..safeload import FileRefused, read_json
     target = study / "fit.json"
     try:
@@ -222,6 +226,10 @@ def cached_fit(study: Path, loaded: LoadedRuns) -> dict | None:
         return None
     if source.get("sha256") != loaded.source["sha256"]:
         print(f"{target}: fitted on a different results.csv, refitting")
+        return None
+    mult = fit.get("multiplier")
+    if not isinstance(mult, dict) or mult.get("baseline") != baseline:
+        print(f"{target}: has no compute multipliers against {baseline}, refitting")
         return None
     return fit
 
@@ -240,7 +248,7 @@ def _fit_and_save(study: Path, loaded: LoadedRuns, **fit_kwargs) -> dict:
 
 def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, refit: bool = False,
                  n_boot: int = DEFAULT_N_BOOT, seed: int = 0, progress: bool = True,
-                 parametric_grid: np.ndarray | None = None) -> Path:
+                 parametric_grid: np.ndarray | None = None, baseline: str = DEFAULT_BASELINE) -> Path:
     """Write <out_dir>/report.md and its figures (default out_dir: reports/<study>); returns report.md's path.
 
     Uses STUDY_DIR/fit.json when it was fitted on the current results.csv, else fits (n_boot, seed,
@@ -259,8 +267,9 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
         return write_recall_report(study, out)
     loaded = load_runs(study)
     profile = _read_profile(study)
-    fit_kwargs = dict(n_boot=n_boot, seed=seed, progress=progress, parametric_grid=parametric_grid)
-    fit = None if refit else cached_fit(study, loaded)
+    fit_kwargs = dict(n_boot=n_boot, seed=seed, progress=progress, parametric_grid=parametric_grid,
+                      baseline=baseline)
+    fit = None if refit else cached_fit(study, loaded, baseline)
     rendered = None
     if fit is not None:
         try:
@@ -292,6 +301,7 @@ def _render(name: str, study: Path, loaded: LoadedRuns, fit: dict, profile) -> t
         figures["profile.png"] = profile_figure(profile, colors)
     sections, trust_figures = trust_sections(study, loaded, fit, colors, _figure, _sci)
     contrast, contrast_figures = contrast_section(study, colors, _figure, _sci)
-    sections, trust_figures = [*sections, *contrast], {**trust_figures, **contrast_figures}
-    markdown = render_markdown(name, study, loaded, fit, list(figures), profile, sections)
+    lead, lead_figures = multiplier_section(fit, colors, _figure, _sci)
+    sections, trust_figures = [*sections, *contrast], {**trust_figures, **contrast_figures, **lead_figures}
+    markdown = render_markdown(name, study, loaded, fit, list(figures), profile, sections, lead)
     return {fig_name: _png(fig) for fig_name, fig in {**figures, **trust_figures}.items()}, markdown

@@ -62,7 +62,10 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
               "its size (the 'repeats' flag)")
     else:
         n_train = training_tokens(cfg, progress)
-    plan(cfg, n_train)              # a grid that cannot be planned is refused before the study folder exists
+    planned = plan(cfg, n_train)    # a grid that cannot be planned is refused before the study folder exists
+    if cfg.mixers():                # plugin families: admitted (and their code checked) before anything trains
+        from .plugins import preflight
+        preflight(cfg, out_dir, planned)
     with StudyLock(out_dir):
         _check_same_study(cfg, out_dir)
         runs = plan_study(cfg, out_dir, n_train)

@@ -61,6 +61,7 @@ def _fixed_part(cfg: LadderConfig) -> dict:
                 "min_steps", "run_flagged", "allow_repeats", "tokens_per_param", "budget_sizes", "executor", "parallel", "submitit",
                 "fit", "contrast_with"):
         d.pop(key)
+    d.pop("custom_families", None)      # plugin families may be added; one already there may not change (below)
     for key in EXECUTION_KEYS:          # how runs execute, not what they compute
         d["train"].pop(key)
     return d
@@ -76,6 +77,9 @@ def _check_same_study(cfg: LadderConfig, out_dir: Path):
         raise UserError(f"{saved_path}: unreadable ({str(exc).removeprefix(f'{saved_path}: ')}); "
                         "this directory does not look like a study") from None
     a, b = _fixed_part(saved), _fixed_part(cfg)
+    common = sorted(set(saved.custom_families) & set(cfg.custom_families))     # a plugin family may not change
+    for part, c in ((a, saved), (b, cfg)):
+        part["custom_families"] = {n: c.custom_families[n].model_dump(mode="json") for n in common}
     if a != b:
         diff = _first_difference(a, b)
         raise UserError(f"{out_dir}: made with a different config ({diff} differs); "
