@@ -27,7 +27,7 @@ from ssmscale.config import dump_yaml, load_run_config, parse_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PARSER_COMMANDS = sorted(next(a for a in build_parser()._actions if a.dest == "command").choices)
-TIMES = {"wall_s", "train_s", "train_cpu_s", "tokens_per_s"}      # how long, not what was computed
+TIMES = {"wall_s", "train_s", "train_cpu_s", "tokens_per_s", "finished_at"}   # how long and when, not what was computed
 
 
 @contextmanager
