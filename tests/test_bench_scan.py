@@ -6,7 +6,7 @@ import importlib.util
 import pandas as pd
 import pytest
 
-from ssmscale import bench_scan
+from ssmscale.bench import scan as bench_scan
 from ssmscale.cli import main
 from ssmscale.ops import selective_scan_ref
 from scan_inputs import make_inputs, rel_err

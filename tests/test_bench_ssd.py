@@ -4,7 +4,7 @@ speed ratios to the scan, and one-line errors for bad input."""
 import pandas as pd
 import pytest
 
-from ssmscale import bench_ssd
+from ssmscale.bench import ssd as bench_ssd
 from ssmscale.cli import main
 
 

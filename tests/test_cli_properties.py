@@ -144,7 +144,9 @@ def quiet_heavy_work(monkeypatch, tmp_path_factory):
     """Stubs for what would train or measure; a tiny Approach 3 grid; caches outside the case folders."""
     import numpy as np
 
-    from ssmscale import bench_scan, profile, train
+    from ssmscale import train
+    from ssmscale.bench import profile
+    from ssmscale.bench import scan as bench_scan
     from ssmscale.fit import laws
     monkeypatch.setattr(laws, "CHINCHILLA_GRID", np.asarray(laws.CHINCHILLA_GRID)[::500])
     monkeypatch.setenv("SSMSCALE_CACHE", str(tmp_path_factory.mktemp("cache")))

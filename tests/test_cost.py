@@ -7,11 +7,11 @@ import re
 import pandas as pd
 import pytest
 
-from ssmscale import cost
+from ssmscale.study import cost
 from ssmscale.cli import main
 from ssmscale.config import LadderConfig, validate
 from ssmscale.errors import UserError
-from ssmscale.ladder import plan
+from ssmscale.study.plan import plan
 from ssmscale.models.config import FAMILIES
 from test_ladder import micro
 

@@ -370,6 +370,59 @@ def test_bad_files_are_user_errors_naming_the_path(tmp_path, make, match):
     assert not (tmp_path / "cache").exists()
 
 
+def _one_text_file(folder, n_paragraphs=60):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "input.txt"
+    path.write_text("\n\n".join(f"PARAGRAPH {i}: " + " ".join(f"caf\u00e9 word{j}" for j in range(8 + i % 13)) + "\nline two"
+                                 for i in range(n_paragraphs)) + "\n")
+    return path
+
+
+def test_one_text_file_is_cut_into_pieces_at_paragraph_ends_and_trains(tmp_path):
+    # nanoGPT's Shakespeare is one input.txt: one document, which a split by document cannot divide
+    path = _one_text_file(tmp_path)
+    text = path.read_text()
+    corpus = load_corpus(files_cfg(tmp_path, [path], val_fraction=0.05), progress=False)
+    pieces = list(corpus.documents())
+    assert corpus.chunk_bytes == 4096 and len(pieces) == corpus.n_docs >= 2
+    assert "".join(d.text for d in pieces) == text                          # nothing lost, nothing repeated
+    assert [d.id for d in pieces] == [f"0#{k}" for k in range(len(pieces))]
+    assert all(len(d.text.encode()) <= 4096 for d in pieces)
+    assert all(d.text.endswith("\n\n") for d in pieces[:-1])                # cut at paragraph ends
+    assert 1 <= corpus.n_val_docs < corpus.n_docs
+    assert corpus.describe()["chunking"].startswith(f"1 document cut into {corpus.n_docs} pieces of at most 4096")
+    again = load_corpus(files_cfg(tmp_path, [path], val_fraction=0.05), progress=False)
+    assert (again.fingerprint, [d.id for d in again.documents("val")]) == \
+        (corpus.fingerprint, [d.id for d in corpus.documents("val")])
+    data = prepare(files_cfg(tmp_path, [path], val_fraction=0.05), seq_len=16, eval_tokens=64)
+    assert data.n_train_tokens > 0 and data.chunking == corpus.chunking
+
+
+def test_chunk_bytes_cuts_every_document_and_changes_the_fingerprint(tmp_path):
+    paths = write_docs(tmp_path / "docs", 3)
+    whole = load_corpus(files_cfg(tmp_path, paths), progress=False)
+    cut = load_corpus(files_cfg(tmp_path, paths, chunk_bytes=128), progress=False)
+    assert whole.n_docs == 3 and "chunking" not in whole.describe()
+    assert cut.n_docs > 3 and cut.fingerprint != whole.fingerprint and cut.split_key != whole.split_key
+    assert "".join(d.text for d in cut.documents()) == "".join(d.text for d in whole.documents())
+    assert all(d.text.endswith("\n") for d in cut.documents())              # no blank lines: at line ends
+
+
+def test_a_piece_without_line_ends_is_cut_on_a_character_boundary():
+    from ssmscale.data.corpus import Document, chunk_document
+    text = "\u2211" * 100                                                     # 3 UTF-8 bytes each, no line end
+    pieces = list(chunk_document(Document("d", text), 64))
+    assert "".join(p.text for p in pieces) == text and all(len(p.text.encode()) <= 64 for p in pieces)
+
+
+def test_a_text_file_too_small_for_two_pieces_says_how_to_cut_it_finer(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_text("just one short paragraph\n")
+    with pytest.raises(UserError, match=r"input\.txt\): makes 1 piece of at most 4096 bytes; a train/validation "
+                                        r"split by document needs at least 2 \(a smaller data.chunk_bytes cuts it finer\)"):
+        load_corpus(files_cfg(tmp_path, [path]), progress=False)
+
+
 # ---------------------------------------------------------------------------------- MQAR
 def mqar_cfg(**kw):
     return DataConfig(source="synthetic", synthetic=MQARConfig(vocab_size=64, num_kv_pairs=4, num_examples=100, **kw))

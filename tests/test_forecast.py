@@ -15,7 +15,7 @@ import pytest
 from ssmscale import fit
 from ssmscale.cli import main
 from ssmscale.errors import UserError
-from ssmscale.forecast import make_forecast, read_forecast, score_forecasts, score_lines
+from ssmscale.fit.forecast import make_forecast, read_forecast, score_forecasts, score_lines
 from synthetic_study import LAWS, frontier_law, make_runs, make_study
 
 TINY_GRID = fit.CHINCHILLA_GRID[::90]
@@ -67,7 +67,7 @@ def test_a_forecast_holds_calibrated_predictions_order_and_provenance(forecast):
 
 
 def test_forecasts_are_never_overwritten(forecast):
-    from ssmscale.forecast import write_forecast
+    from ssmscale.fit.forecast import write_forecast
     study, body, path = forecast
     with pytest.raises(UserError, match="never overwritten"):
         write_forecast(path.parent, body)

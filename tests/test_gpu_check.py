@@ -8,14 +8,14 @@ import sys
 import pytest
 import torch
 
-from ssmscale import gpu_check
-from ssmscale.gpu_check import Row, format_table, main
+from ssmscale.bench import gpu_check
+from ssmscale.bench.gpu_check import Row, format_table, main
 from ssmscale.models.config import FAMILIES
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
 def test_without_a_cuda_device_it_says_so_in_one_line_and_exits_2():
-    proc = subprocess.run([sys.executable, "-m", "ssmscale.gpu_check"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "ssmscale.bench.gpu_check"], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("gpu_check: no CUDA device (torch ")
 
@@ -54,7 +54,8 @@ def test_a_spent_time_budget_skips_what_is_left(capsys):
 def test_a_cpu_rehearsal_runs_every_section_and_passes(tmp_path, capsys, monkeypatch):
     """Kernels compared and models trained for real; the timings, which run each point in a fresh
     process (bench_scan and profile, tested in their own files), answer at once here."""
-    from ssmscale import bench_scan, profile
+    from ssmscale.bench import profile
+    from ssmscale.bench import scan as bench_scan
     monkeypatch.setattr(gpu_check, "TRAIN_STEPS", 30)
     monkeypatch.setattr(bench_scan, "measure_bandwidth", lambda device: 1e10)
     monkeypatch.setattr(bench_scan, "run_benchmark", lambda impls, lens, **kw: [

@@ -15,7 +15,10 @@ from ssmscale.cli import main
 from ssmscale.config import LadderConfig, config_hash, validate
 from ssmscale.errors import UserError
 from ssmscale.flops import train_flops_per_token
-from ssmscale.ladder import StudyLock, plan, run_config, run_ladder, thread_share
+from ssmscale.study.ladder import run_ladder
+from ssmscale.study.plan import plan, run_config
+from ssmscale.study.runner import thread_share
+from ssmscale.study.state import StudyLock
 from ssmscale.threads import available_cores
 
 
@@ -42,7 +45,7 @@ def test_plan_spends_each_budget_in_whole_steps(tmp_path):
     cfg = validate(LadderConfig, micro(tmp_path), "x")
     runs = plan(cfg)
     assert len(runs) == 2 * 2 * 2 and len({r.run_id for r in runs}) == len(runs)
-    from ssmscale.ladder import model_configs
+    from ssmscale.study.plan import model_configs
     shapes = {(fam, mc.d_model, mc.n_layer): mc for _, per in model_configs(cfg) for fam, mc in per.items()}
     for r in runs:
         mc = shapes[(r.family, r.d_model, r.n_layer)]
@@ -57,7 +60,7 @@ def test_plan_spends_each_budget_in_whole_steps(tmp_path):
 
 
 def test_plan_matches_every_family_to_the_transformer_and_takes_explicit_shapes(tmp_path):
-    from ssmscale.ladder import size_label
+    from ssmscale.study.plan import size_label
     from ssmscale.models import FAMILIES
     cfg = validate(LadderConfig, micro(tmp_path, families=list(FAMILIES), sizes=[
         1.2e4, {"transformer": [32, 2], "mamba": [24, 4], "mamba2": [28, 4], "hybrid": [30, 4]}]), "x")
@@ -115,6 +118,20 @@ def test_dry_run_prints_the_table_and_writes_plan_csv(tmp_path, capsys):
     df = pd.read_csv(tmp_path / "s" / "plan.csv")
     assert len(df) == 8 and {"family", "d_model", "n_layer", "params", "tokens", "flops", "steps", "lr"} <= set(df)
     assert not (tmp_path / "s" / "runs").exists()
+
+
+def test_the_worker_command_trains_one_planned_run_in_a_process_of_its_own(tmp_path):
+    # the command a multi-device run of a ladder is started with (runner.run_one): python -m ssmscale.study.worker
+    path = write_cfg(tmp_path, micro(tmp_path, families=["mamba"], budgets=[2.0e9], sizes=[6.0e3]))
+    study = tmp_path / "s"
+    assert main(["ladder", str(path), "--out", str(study), "--dry-run", "--no-progress"]) == 0
+    run_id = pd.read_csv(study / "plan.csv").run_id[0]
+    worker = [sys.executable, "-m", "ssmscale.study.worker", str(study)]
+    proc = subprocess.run([*worker, run_id], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((study / "runs" / run_id / "result.json").read_text())["status"] == "ok"
+    proc = subprocess.run([*worker, "no_such_run"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(f"no_such_run: not a runnable run of the study in {study}")
 
 
 def _results(study):
@@ -274,7 +291,8 @@ def test_lr_tune_budget_must_be_one_of_the_budgets(tmp_path):
 
 
 def test_growing_the_tuning_grid_retrains_runs_whose_tuned_learning_rate_changed(tmp_path):
-    from ssmscale.ladder import _finished, tuned_lrs
+    from ssmscale.study.state import _finished
+    from ssmscale.study.tuning import tuned_lrs
     raw = micro(tmp_path, budgets=[2.0e9, 4.0e9], sizes=[6.0e3], families=["transformer"], lrs=[1e-4],
                 lr_tune_budget=2.0e9)
     study = tmp_path / "study"
@@ -292,13 +310,13 @@ def test_growing_the_tuning_grid_retrains_runs_whose_tuned_learning_rate_changed
 
 
 def test_a_tuned_rate_is_only_used_once_every_rate_of_the_grid_has_been_tried(tmp_path):
-    from ssmscale.ladder import tuned_lrs
+    from ssmscale.study.tuning import tuned_lrs
     raw = micro(tmp_path, budgets=[2.0e9, 4.0e9], sizes=[6.0e3], families=["transformer"], lrs=[1e-4, 3e-3],
                 lr_tune_budget=2.0e9)
     cfg = validate(LadderConfig, raw, "x")
     study = tmp_path / "study"
     first = next(r for r in plan(cfg) if r.lr == 1e-4)
-    from ssmscale.ladder import _train_run
+    from ssmscale.study.runner import _train_run
     _train_run(cfg, study, first, progress=False, position=0)   # only one of the two rates has run
     assert tuned_lrs(cfg, study) == {}
     assert [r.lr for r in plan(cfg, tuned=tuned_lrs(cfg, study)) if r.budget == 4.0e9] == [None]
@@ -312,7 +330,7 @@ def _fake_result(study, run, status="ok", loss=None):
 
 
 def test_a_best_rate_at_the_edge_of_its_grid_widens_the_grid_until_it_is_inside(tmp_path):
-    from ssmscale.ladder import plan_study, tuned_lrs, widened_lrs
+    from ssmscale.study.tuning import plan_study, tuned_lrs, widened_lrs
     raw = micro(tmp_path, budgets=[2.0e9, 4.0e9], sizes=[6.0e3], families=["transformer"],
                 lrs=[1e-3, 3e-3, 1e-2], lr_tune_budget=2.0e9, lr_widen=2)
     cfg = validate(LadderConfig, raw, "x")
@@ -388,5 +406,5 @@ def test_parallel_local_runs_share_the_cores_and_give_the_serial_numbers(tmp_pat
     assert len(b) == 8 and set(b.status) == {"ok"} and list(a.index) == list(b.index)
     assert (a.loss == b.loss).all()                       # 1 thread either way: bit-identical
     assert set(b.threads) == {1} and (b.train_cpu_s > 0).all()
-    from ssmscale.ladder import thread_share
+    from ssmscale.study.runner import thread_share
     assert thread_share(validate(LadderConfig, micro(tmp_path, parallel=2), "x"), "inprocess") == (2, None)

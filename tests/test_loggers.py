@@ -6,9 +6,9 @@ import csv
 import pytest
 import yaml
 
-from ssmscale import config as config_mod
+from ssmscale.config import load as config_mod
 from ssmscale.cli import main
-from ssmscale.ladder import run_ladder
+from ssmscale.study.ladder import run_ladder
 from ssmscale.train import METRIC_FIELDS, run_training
 from test_ladder import micro, write_cfg
 from test_train import tiny_config

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ssmscale.memprobe import Competitors, run_isolated
+from ssmscale.bench.memprobe import Competitors, run_isolated
 
 ENV = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
 
@@ -90,7 +90,7 @@ def test_competitors_burn_cpu_pause_on_request_and_are_gone_after_the_block():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_competitors_die_with_a_measuring_process_that_is_killed():
-    code = ("import time\nfrom ssmscale.memprobe import Competitors\n"
+    code = ("import time\nfrom ssmscale.bench.memprobe import Competitors\n"
             "c = Competitors(1).__enter__()\nc.pause()\nprint(c.procs[0].pid, flush=True)\ntime.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     pid = int(parent.stdout.readline())

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from ssmscale import memprobe, profile
+from ssmscale.bench import memprobe, profile
 from ssmscale.cli import main
 from ssmscale.models import LM, ModelConfig
-from ssmscale.profile import growth_exponents, prepare_generate, run_profile, shapes_for, state_bytes
+from ssmscale.bench.profile import growth_exponents, prepare_generate, run_profile, shapes_for, state_bytes
 
 
 def test_profile_writes_csv_json_and_plot_for_the_families_and_all_modes(tmp_path):

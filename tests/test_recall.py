@@ -11,11 +11,12 @@ import pytest
 import torch
 import yaml
 
-from ssmscale import sweep
+from ssmscale.config import sweep
 from ssmscale.cli import main
 from ssmscale.config import LadderConfig, validate
 from ssmscale.errors import UserError
-from ssmscale.ladder import plan, run_config, run_ladder
+from ssmscale.study.ladder import run_ladder
+from ssmscale.study.plan import plan, run_config
 from ssmscale.models import FAMILIES, ModelConfig
 from ssmscale.models.lm import state_bytes
 from ssmscale.models.sizing import LAYERS_PER_TRANSFORMER_LAYER, layers_at_width
@@ -67,7 +68,7 @@ def test_state_bytes_is_the_kv_cache_for_attention_and_a_fixed_state_for_mamba()
 
 
 def test_profile_state_bytes_is_the_same_function():
-    from ssmscale.profile import state_bytes as profile_state_bytes
+    from ssmscale.bench.profile import state_bytes as profile_state_bytes
     cfg = ModelConfig(family="transformer", d_model=64, n_layer=2, head_dim=32)
     assert profile_state_bytes("transformer", 64, 2, 1, 300) == state_bytes(cfg, 1, 300)
 
@@ -213,7 +214,7 @@ def _row(family, d, lr, acc, kv=None, seq_len=64, status="ok"):
 
 
 def test_report_keeps_the_best_learning_rate_per_cell_and_flags_grid_edges(tmp_path):
-    from ssmscale.report_recall import load_cells
+    from ssmscale.report.recall import load_cells
     rows = [_row("transformer", 16, 1e-3, 0.5), _row("transformer", 16, 3e-3, 0.9), _row("transformer", 16, 1e-2, 0.7),
             _row("mamba", 16, 1e-3, 0.2), _row("mamba", 16, 3e-3, 0.3), _row("mamba", 16, 1e-2, 0.4),
             _row("mamba", 16, 3e-2, 0.99, status="diverged")]
@@ -225,7 +226,7 @@ def test_report_keeps_the_best_learning_rate_per_cell_and_flags_grid_edges(tmp_p
 
 
 def test_report_tables_say_where_each_family_solves_recall(tmp_path):
-    from ssmscale.report import write_report
+    from ssmscale.report.scaling import write_report
     rows = []
     for kv, accs in ((4, {"transformer": (1.0, 1.0), "mamba": (0.995, 1.0)}),
                      (16, {"transformer": (0.6, 1.0), "mamba": (0.3, 0.5)})):

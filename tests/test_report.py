@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ssmscale import fit, report
+from ssmscale import fit
 from ssmscale.cli import main
+from ssmscale.report import scaling as report
 from synthetic_study import FOUR_FAMILY_LAWS, SMALL_LM_LAWS, make_study
 
 TINY_GRID = fit.CHINCHILLA_GRID[::90]   # speed: the Chinchilla test in test_fit.py runs the full grid
@@ -191,7 +192,7 @@ def _ladder_yaml(study, seq_len, contrast_with=None):
 
 
 def test_a_study_that_names_its_contrast_says_whether_the_gap_grows_with_context(tmp_path):
-    from ssmscale.report_contrast import contrast_section
+    from ssmscale.report.contrast import contrast_section
     root = tmp_path / "scaling"
     short = make_study(root, name="short", laws=SMALL_LM_LAWS, budgets=(1e13, 3e13, 1e14), size_factors=(0.5, 1, 2),
                        noise=0.0, lrs=(1e-3,), n_bad=0, profile=False)
@@ -226,7 +227,7 @@ def test_contrast_with_must_be_a_plain_name(tmp_path):
 def test_a_finished_ladder_rerun_reuses_a_current_default_fit_and_refits_otherwise(tmp_path, monkeypatch, capsys):
     """`make study` in a clone: every run finished, fit.json is the fit of this results.csv with the default
     settings, so the ladder reuses it (same bytes, seconds); other settings or other results refit."""
-    from ssmscale import ladder
+    from ssmscale.study import ladder
     study = _tiny_study(tmp_path / "scaling")
     fit.fit_study(study, n_boot=0, n_jobs=1, progress=False, verbose=False, parametric_grid=TINY_GRID)
     refits = []

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ssmscale import ladder
+from ssmscale.study import executors, plan, state
 
 ROOT = Path(__file__).parents[1]
 
@@ -43,7 +43,7 @@ class FakeJob:
 def test_jobs_are_collected_as_they_end_and_a_failed_job_names_its_log_in_one_line(tmp_path):
     ok = FakeJob(tmp_path, "7_0", result={"status": "ok"})
     bad = FakeJob(tmp_path, "7_1", error=RuntimeError("Traceback ...\n  line\nValueError: boom"))
-    out = list(ladder._as_they_end({"a": ok, "b": bad}, slurm=False, poll_s=0))
+    out = list(executors._as_they_end({"a": ok, "b": bad}, slurm=False, poll_s=0))
     assert out[0] == ("a", {"status": "ok"}, True)
     run_id, res, returned = out[1]
     assert run_id == "b" and not returned and res["status"] == "failed"
@@ -51,13 +51,13 @@ def test_jobs_are_collected_as_they_end_and_a_failed_job_names_its_log_in_one_li
 
 
 def test_a_slurm_job_that_ends_without_a_result_is_failed_with_its_state_and_log(tmp_path, monkeypatch):
-    monkeypatch.setattr(ladder, "RESULT_GRACE_S", 0.0)
+    monkeypatch.setattr(executors, "RESULT_GRACE_S", 0.0)
     states = iter([{"9_0": "RUNNING", "9_1": "PENDING"}, {"9_0": "RUNNING", "9_1": "CANCELLED"},
                    {"9_0": "COMPLETED"}])
-    monkeypatch.setattr(ladder, "_slurm_states", lambda ids: next(states))
+    monkeypatch.setattr(executors, "_slurm_states", lambda ids: next(states))
     running = FakeJob(tmp_path, "9_0", done=False)
     cancelled = FakeJob(tmp_path, "9_1", done=False)
-    gen = ladder._as_they_end({"r": running, "c": cancelled}, slurm=True, poll_s=0)
+    gen = executors._as_they_end({"r": running, "c": cancelled}, slurm=True, poll_s=0)
     run_id, res, returned = next(gen)
     assert run_id == "c" and not returned
     assert res["message"] == f"Slurm job 9_1 ended CANCELLED without a result; log: {tmp_path / '9_1_0_log.err'}"
@@ -70,17 +70,17 @@ def test_a_cancelled_job_that_had_finished_keeps_its_result_and_a_failed_run_is_
     from ssmscale.config import LadderConfig, validate
     from test_ladder import micro
     cfg = validate(LadderConfig, micro(tmp_path, budgets=[2.0e9], sizes=[6.0e3]), "x")
-    run = ladder.plan(cfg)[0]
+    run = plan.plan(cfg)[0]
     path = tmp_path / "runs" / run.run_id / "result.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"status": "ok", "lr": run.lr, "loss": 1.0, "params": run.params,
                                 "tokens": run.tokens, "flops": run.flops}))
-    kept = ladder._write_failed(tmp_path, run, {"status": "failed", "message": "cancelled"})
+    kept = state._write_failed(tmp_path, run, {"status": "failed", "message": "cancelled"})
     assert kept["status"] == "ok" and json.loads(path.read_text())["status"] == "ok"
     path.write_text(json.dumps({"status": "failed", "lr": run.lr}))
-    ladder._write_failed(tmp_path, run, {"status": "failed", "message": "Slurm job 1_0 ended CANCELLED"})
+    state._write_failed(tmp_path, run, {"status": "failed", "message": "Slurm job 1_0 ended CANCELLED"})
     assert json.loads(path.read_text())["message"] == "Slurm job 1_0 ended CANCELLED"
-    assert not ladder._finished(tmp_path, run)
+    assert not state._finished(tmp_path, run)
 
 
 # ------------------------------------------------------------------------------- a real cluster
@@ -95,6 +95,14 @@ def _training(study) -> list:
             if not (p.parent / "result.json").exists() and len(p.read_text().splitlines()) > 5]
 
 
+def _planned_runs(config: Path, tmp_path: Path) -> int:
+    """How many runs the ladder plans to train, as its dry run says: the size of the job array."""
+    out = subprocess.run([sys.executable, "-m", "ssmscale.cli", "ladder", str(config), "--dry-run", "--no-progress",
+                          "--out", str(tmp_path / "plan"), "--set", f"data.cache_dir={tmp_path / 'cache'}"],
+                         capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"^(\d+) runs to train", out, re.M).group(1))
+
+
 def _squeue(name):
     out = subprocess.run(["squeue", "-h", "-r", "--states=all", f"--name={name}", "--format=%i|%T"],
                          capture_output=True, text=True).stdout
@@ -105,6 +113,8 @@ def _squeue(name):
 @pytest.mark.skipif(not _cluster_up(), reason="no Slurm cluster (make test-slurm starts one)")
 def test_tiny_ladder_as_a_slurm_job_array_survives_cancelling_half_of_it(tmp_path):
     study = tmp_path / "study"
+    n = _planned_runs(ROOT / "configs" / "tiny.yaml", tmp_path)
+    half = n // 2
     command = [sys.executable, "-m", "ssmscale.cli", "ladder", str(ROOT / "configs" / "tiny.yaml"),
                "--executor", "submitit", "--out", str(study), "--no-progress",
                "--set", "submitit.cluster=slurm", "--set", "submitit.parallelism=2",
@@ -122,23 +132,23 @@ def test_tiny_ladder_as_a_slurm_job_array_survives_cancelling_half_of_it(tmp_pat
     array_id = next(iter(states)).split("_")[0]
     by_index = sorted(states, key=lambda j: int(j.split("_")[1]))
     running = [j for j in by_index if states[j] == "RUNNING"]
-    live = (running + [j for j in by_index if states[j] == "PENDING"][1::2])[:9]
-    assert len(states) == 18 and running and len(live) == 9, states
+    live = (running + [j for j in by_index if states[j] == "PENDING"][1::2])[:half]
+    assert len(states) == n and running and len(live) == half, states
     subprocess.run(["scancel", *live], check=True)
     print(f"array {array_id}: {len(states)} tasks; cancelled {len(live)}: {', '.join(live)}")
     first.wait(timeout=1800)
     log.close()
     text = (tmp_path / "first.log").read_text()
     print(text)
-    reports = re.findall(r"\[\d+/18\] (\w+) +(\S+): (.*)", text)
-    assert len(reports) == 18 and len({run for _, run, _ in reports}) == 18     # each run reported once
+    reports = re.findall(rf"\[\d+/{n}\] (\w+) +(\S+): (.*)", text)
+    assert len(reports) == n and len({run for _, run, _ in reports}) == n       # each run reported once
     failed = {run: re.fullmatch(r"Slurm job (\S+) (?:ended CANCELLED|left the queue) without a result; "
                                 r"log: (\S+)", message) for status, run, message in reports if status == "failed"}
     assert failed and all(failed.values()), failed           # only cancelled jobs failed, each naming its log
     assert {m.group(1) for m in failed.values()} <= set(live)
     assert all(Path(m.group(2)).parent == study / "submitit" for m in failed.values())
     after_first = pd.read_csv(study / "results.csv")
-    assert after_first.run_id.is_unique and len(after_first) == 18
+    assert after_first.run_id.is_unique and len(after_first) == n
     assert sorted(after_first[after_first.status == "failed"].run_id) == sorted(failed)
     kept = {r: (study / "runs" / r / "result.json").stat().st_mtime_ns
             for r in after_first[after_first.status == "ok"].run_id}
@@ -147,8 +157,8 @@ def test_tiny_ladder_as_a_slurm_job_array_survives_cancelling_half_of_it(tmp_pat
     second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     print(second.stdout + second.stderr)
     assert second.returncode == 0
-    assert f"{len(kept)} runs already finished, {18 - len(kept)} to train" in second.stdout
+    assert f"{len(kept)} runs already finished, {n - len(kept)} to train" in second.stdout
     final = pd.read_csv(study / "results.csv")
-    assert len(final) == 18 and final.run_id.is_unique and set(final.status) == {"ok"}
+    assert len(final) == n and final.run_id.is_unique and set(final.status) == {"ok"}
     for run_id, mtime in kept.items():          # what had finished was not trained again
         assert (study / "runs" / run_id / "result.json").stat().st_mtime_ns == mtime

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (src/ssmscale/gpu_check.py): kernels against their references and the
+# The prepared GPU check (src/ssmscale/bench/gpu_check.py): kernels against their references and the
 # memory-bandwidth floor, bf16 training of every family, a profile at L 2K-16K, one short table.
 #   tools/gpu_check.sh [--out DIR] [--budget-s 420] [--sections scan,ssd,train,profile]
 # Needs a CUDA GPU and the project's environment with a CUDA build of torch and triton (make setup
@@ -11,4 +11,4 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-.venv/bin/python}
 [ -x "$python" ] || python=python3
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-exec timeout --kill-after=10 480 "$python" -m ssmscale.gpu_check "$@"
+exec timeout --kill-after=10 480 "$python" -m ssmscale.bench.gpu_check "$@"

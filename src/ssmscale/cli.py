@@ -132,39 +132,8 @@ def _sizes(args):
     _in_range(args.head_dim, "--head-dim", limits.MAX_WIDTH)
     _in_range(args.vocab, "--vocab", limits.MAX_VOCAB)
     families = _families(args.families)
-    from . import flops
-    from .models import ModelConfig
-    from .models.sizing import ladder_shapes, shape_for
-    base = ModelConfig(family="transformer", d_model=args.head_dim, n_layer=1, head_dim=args.head_dim,
-                       vocab_size=args.vocab)
-    try:
-        shapes = ladder_shapes(targets, families, base)
-    except ValueError as exc:
-        raise UserError(f"params: {exc}") from None
-    if args.verify:
-        _check_fits_in_memory(max(s.params_total for s in shapes), "--verify")
-    print(f"sizing.py: transformer n_layer from aspect ratio 64 (>= 2 layers), width a multiple of head_dim "
-          f"{args.head_dim}; the other families 2x layers, width matched in parameters. FLOPs at L={args.seq_len}: "
-          f"{flops.CONVENTION}")
-    head = f"{'target':>9} {'family':<11} {'d_model':>7} {'n_layer':>7} {'params':>12} {'total':>12} " \
-           f"{'/ tf':>6} {'train FLOPs/tok':>15} {'/6N':>6}"
-    print(head + ("  FlopCounterMode/analytic: matmul (attention) [SSD]" if args.verify else ""))
-    anchor = {t: shape_for("transformer", t, base).params for t in targets}   # "/ tf": matched to this
-    for i, s in enumerate(shapes):
-        target = targets[i // len(families)]
-        cfg = base.replace(family=s.family, d_model=s.d_model, n_layer=s.n_layer)
-        summ = flops.flops_summary(cfg, args.seq_len)
-        line = (f"{target:>9.3g} {s.family:<11} {s.d_model:>7} {s.n_layer:>7} {s.params:>12,} "
-                f"{s.params_total:>12,} {s.params / anchor[target]:>6.3f} {summ['train_flops_per_token']:>15,.0f} "
-                f"{summ['ratio_to_6n']:>6.3f}")
-        if args.verify:
-            chk = flops.counter_check(cfg, args.seq_len)
-            line += f"  {chk['matmul_ratio']:.4f}"
-            if "attention_ratio" in chk:
-                line += f" ({chk['attention_ratio']:.4f})"
-            if "ssd_ratio" in chk:
-                line += f" [{chk['ssd_ratio']:.4f}]"
-        print(line)
+    from .study.sizes import print_sizes
+    print_sizes(targets, families, seq_len=args.seq_len, head_dim=args.head_dim, vocab=args.vocab, verify=args.verify)
     return 0
 
 
@@ -184,7 +153,7 @@ def _ladder_args(p):
 def _ladder(args):
     if args.executor not in (None, "local", "submitit"):
         raise UserError(f"--executor: unknown executor {args.executor!r}; use local or submitit")
-    from .ladder import run_ladder
+    from .study.ladder import run_ladder
     run_ladder(args.config, out=args.out, dry_run=args.dry_run, executor=args.executor,
                progress=not args.no_progress, overrides=_parse_overrides(args.set),
                throughput_from=args.throughput_from)
@@ -275,16 +244,6 @@ def _in_range(value: int, flag: str, hi: int, lo: int = 1) -> int:
     return value
 
 
-def _check_fits_in_memory(n_params: int, flag: str) -> None:
-    """Refuse to build a model whose fp32 weights alone would take more than half of this machine's memory."""
-    import os
-    need = 4 * n_params
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > have / 2:
-        raise UserError(f"{flag}: builds each model; {n_params:.3g} parameters need {need / 2**30:,.0f} GiB of "
-                        f"weights, more than half of this machine's {have / 2**30:,.0f} GiB")
-
-
 def _seconds(text):
     if text is None:
         return None
@@ -292,7 +251,7 @@ def _seconds(text):
 
 
 def _profile_model(args):
-    from .profile import MODES, run_profile
+    from .bench.profile import MODES, run_profile
     families = _families(args.families)
     modes = [m.strip() for m in (args.modes or ",".join(MODES)).split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
@@ -322,7 +281,7 @@ def _profile_model(args):
         threads=_positive_int(args.threads, "--threads") if args.threads else None,
         timeout_s=_seconds(args.timeout),
         head_dim=_positive_int(args.head_dim, "--head-dim", limits.MAX_WIDTH))
-    from .profile import shapes_for
+    from .bench.profile import shapes_for
     try:
         shapes_for(families, params, sizes["d_model"], sizes["n_layer"], sizes["head_dim"])
     except ValueError as exc:
@@ -346,13 +305,9 @@ def _profile_loop(args):
     choice = threads.choose(explicit or cfg.train.num_threads,
                             explicit_name="--threads" if explicit else "train.num_threads")
     print(threads.apply(choice).describe(), flush=True)
-    from .profile import loop_overhead
+    from .bench.profile import format_loop_overhead, loop_overhead
     r = loop_overhead(args.config, args.family, steps=_positive_int(args.steps, "--steps", limits.MAX_COUNT))
-    print(f"{r['family']} d_model {r['d_model']} x {r['n_layer']} layers, {r['tokens_per_step']} tokens/step, "
-          f"median of {r['steps']} steps x {r['rounds']} alternating rounds:")
-    print(f"  bare PyTorch loop: {r['bare_ms']:.1f} ms/step, {r['bare_tokens_per_s']:,.0f} tokens/s")
-    print(f"  Lightning loop:    {r['lightning_ms']:.1f} ms/step, {r['lightning_tokens_per_s']:,.0f} tokens/s")
-    print(f"  Lightning overhead: {100 * r['overhead']:+.1f}% per step")
+    print(format_loop_overhead(r))
     return 0
 
 
@@ -385,9 +340,7 @@ def _positive_int(text: str, flag: str, hi: int = limits.MAX_COUNT) -> int:
 
 
 def _profile_scan(args):
-    from pathlib import Path
-
-    from . import bench_scan
+    from .bench import scan as bench_scan
     args.batch = args.batch or "8"
     args.seq_lens = args.seq_lens or "1024,4096"
     args.modes = args.modes or "fwd,fwdbwd"
@@ -417,37 +370,15 @@ def _profile_scan(args):
     if args.out:
         from .fsutil import check_writable_dir
         check_writable_dir(args.out, "--out")      # before the measuring, not after it
-    model_args = " with the model's args (softplus, delta_bias, D, z)" if args.model_args else ""
-    print(f"selective scan on {args.device}: batch {sizes['batch']}, d_inner {sizes['d_inner']}, "
-          f"N {sizes['d_state']}{model_args}; median of {sizes['repeats']} after 1 warm-up; peak = memory the first "
-          f"step needed beyond its inputs; each point in a fresh process", flush=True)
-
-    def progress(row):
-        took = f"{row['median_ms']:.1f} ms" if row.get("median_ms") is not None else row["status"]
-        print(f"  {row['impl']:>8} L={row['length']} {row['mode']}: {took}", file=sys.stderr, flush=True)
-
-    rows = bench_scan.run_benchmark(
+    rows = bench_scan.run_and_report(
         impls, seq_lens, batch=sizes["batch"], d_inner=sizes["d_inner"], d_state=sizes["d_state"],
         modes=modes, repeats=sizes["repeats"], device=args.device, ref_max_len=sizes["ref_max_len"],
-        threads=threads, timeout_s=timeout, progress=progress, model_args=args.model_args)
-    print(bench_scan.format_table(rows))
-    if rows and rows[0].get("bandwidth_gbs"):
-        print(f"/ floor: time over the memory-bandwidth floor (bytes that must move / "
-              f"{rows[0]['bandwidth_gbs']:.1f} GB/s, a large copy measured in this run)")
-    if args.out:
-        import pandas as pd
-
-        from .fsutil import atomic_write_dataframe_csv
-        path = Path(args.out) / "scan_bench.csv"
-        atomic_write_dataframe_csv(path, pd.DataFrame(rows))
-        print(f"wrote {path}")
+        threads=threads, timeout_s=timeout, model_args=args.model_args, out=args.out)
     return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
 
 
 def _profile_ssd(args):
-    from pathlib import Path
-
-    from . import bench_ssd
+    from .bench import ssd as bench_ssd
     modes = [m.strip() for m in (args.modes or "fwd,fwdbwd").split(",") if m.strip()]
     if not modes or any(m not in bench_ssd.MODES for m in modes):
         raise UserError(f"--modes: expected a comma-separated subset of {','.join(bench_ssd.MODES)}, got {args.modes!r}")
@@ -469,29 +400,11 @@ def _profile_ssd(args):
     except ValueError as exc:
         raise UserError(str(exc)) from None
     seq_lens = _positive_ints(args.seq_lens or "1024,4096", "--seq-lens")
-    print(f"SSD vs selective scan on {args.device}: batch {sizes['batch']}, d_inner {sizes['d_inner']}, "
-          f"N {sizes['d_state']}, SSD head_dim {sizes['ssd_head_dim']} ({sizes['d_inner'] // sizes['ssd_head_dim']} "
-          f"heads, 1 group), chunk {sizes['chunk_size']}; the blocks' arguments; median of {sizes['repeats']} after "
-          f"1 warm-up; peak = memory the first step needed beyond its inputs; each point in a fresh process",
-          flush=True)
-
-    def progress(row):
-        took = f"{row['median_ms']:.1f} ms" if row.get("median_ms") is not None else row["status"]
-        print(f"  {row['impl']:>12} L={row['length']} {row['mode']}: {took}", file=sys.stderr, flush=True)
-
-    rows = bench_ssd.run_benchmark(
+    rows = bench_ssd.run_and_report(
         impls, seq_lens, batch=sizes["batch"], d_inner=sizes["d_inner"], d_state=sizes["d_state"],
         head_dim=sizes["ssd_head_dim"], chunk_size=sizes["chunk_size"], modes=modes, repeats=sizes["repeats"],
         device=args.device, ref_max_len=sizes["ref_max_len"], threads=threads, timeout_s=_seconds(args.timeout),
-        progress=progress)
-    print(bench_ssd.format_table(rows))
-    if args.out:
-        import pandas as pd
-
-        from .fsutil import atomic_write_dataframe_csv
-        path = Path(args.out) / "ssd_bench.csv"
-        atomic_write_dataframe_csv(path, pd.DataFrame(rows))
-        print(f"wrote {path}")
+        out=args.out)
     return 0 if all(r["status"] in ("ok", "skipped") for r in rows) else 1
 
 
@@ -519,7 +432,7 @@ def _fit(args):
     _check_fit_args(args)
     from pathlib import Path
 
-    from .report_recall import is_fixed_length_study
+    from .report.recall import is_fixed_length_study
     if is_fixed_length_study(Path(args.path)):
         raise UserError(f"{args.path}: a fixed-length study (steps or tokens, no budgets) has no scaling law to "
                         "fit; ssmscale report draws its recall report")
@@ -555,7 +468,7 @@ def _check_fit_args(args):
 
 def _report(args):
     _check_fit_args(args)
-    from .report import write_report
+    from .report.scaling import write_report
     path = write_report(args.study_dir, args.out, refit=args.refit, n_boot=args.n_boot, seed=args.seed,
                         progress=not args.no_progress)
     print(f"wrote {path}")
@@ -574,7 +487,7 @@ def _forecast_args(p):
 
 def _forecast(args):
     _check_fit_args(args)
-    from .forecast import forecast_lines, make_forecast, parse_budget
+    from .fit.forecast import forecast_lines, make_forecast, parse_budget
     budgets = [parse_budget(b) for b in args.budgets]
     body, path = make_forecast(args.study_dir, budgets, n_boot=args.n_boot, seed=args.seed, n_jobs=args.jobs,
                                progress=not args.no_progress)

@@ -18,6 +18,10 @@ trains on its rows of it, the logged loss is the mean over all ranks, and only r
 writes (metrics, logs, checkpoints, model.pt, result.json), so tokens and FLOPs are counted once.
 Per-step metrics go to `metrics.csv` (METRIC_FIELDS, what resume and the report read) and, with the
 same fields, to Lightning's loggers under `logs/`: CSV always, TensorBoard and W&B by `train.loggers`.
+
+Why one file of ~600 lines: it is one run read top to bottom (pure helpers, the LightningModule and its
+callbacks, then run_training), and the loop must exist exactly once; its parts share the run's state
+(resume step, metrics rows, eval points) and are not used alone.
 """
 
 from __future__ import annotations
@@ -485,6 +489,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
         print(f"{cfg.name}: {model_cfg.family} d_model {model_cfg.d_model} x {model_cfg.n_layer} layers, "
               f"{n_steps * tokens_per_step:,} tokens in {n_steps} steps on {accelerator}; "
               f"{thread_choice.describe()}", flush=True)
+        if getattr(data, "chunking", None):
+            print(f"data: {data.chunking}", flush=True)
 
     ckpt = out_dir / "checkpoints" / "last.ckpt"
     resume_step, saved = 0, None

@@ -19,6 +19,14 @@ sha256(id), read as a fraction of 2**64, fall below `val_fraction`. It depends o
 it does not move when `max_bytes` changes. When that leaves a split empty, the document with the
 lowest (for validation) or highest (for training) hash is moved across; a corpus needs at least two
 documents.
+
+Chunks: one text file is the commonest corpus there is (nanoGPT's Shakespeare is one input.txt), and it
+is one document. `chunk_bytes: N` cuts every kept document into pieces of at most N UTF-8 bytes, each
+ending at its last blank line (a paragraph end) when that lies in the piece's second half, else at its
+last line end, else at a character boundary; piece k of document `id` has the id `id#k`, so the split stays a function of ids.
+Left unset, a corpus of fewer than two documents is cut into pieces of AUTO_CHUNK_BYTES and one of two
+or more is left whole. The fingerprint hashes the pieces (their lengths change with N) and `describe()`
+and the run header state the rule.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from ..errors import UserError
 from ..provenance import stable_hash
 
 SPLIT_RULE = "sha256(id)[:8] < val_fraction, v1"
+CHUNK_RULE = "pieces of at most {n} bytes ending at a paragraph end, else a line end; id '<doc>#<k>'"
+AUTO_CHUNK_BYTES = 4096
 _EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 _FILE_KINDS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -60,19 +70,22 @@ class Corpus:
     """
 
     def __init__(self, source: str, label: str, read: Callable[[], Iterator[tuple[str, str]]], *,
-                 max_bytes: int | None, val_fraction: float, progress: bool = False):
+                 max_bytes: int | None, val_fraction: float, chunk_bytes: int | None = None,
+                 progress: bool = False):
         self.source = source                  # "stdlib", "files", "hf"
         self.label = label                    # names the corpus in messages: "stdlib (/usr/lib/python3.11)"
         self._read = read
         self.max_bytes = max_bytes
         self.val_fraction = val_fraction
+        self.chunk_bytes = chunk_bytes        # None: documents as read (until _scan finds fewer than 2)
+        self.chunking: str | None = None      # the chunk rule in words, when documents are cut
         self.progress = progress
         self._moved: dict[str, bool] = {}     # id -> is_val, for documents moved to keep both splits non-empty
         self._scan()
 
     def documents(self, split: str | None = None, desc: str | None = None) -> Iterator[Document]:
         """The kept documents in order; `split` ("train" / "val") keeps only that side."""
-        docs = self._capped()
+        docs = self._kept()
         if desc:
             docs = _bar(docs, desc, self.n_docs, self.progress)
         for doc in docs:
@@ -86,13 +99,19 @@ class Corpus:
     @property
     def split_key(self) -> str:
         """Names this corpus with this split: what a tokenizer trained on the training side depends on."""
-        return stable_hash({"corpus": self.fingerprint, "val_fraction": self.val_fraction, "rule": SPLIT_RULE})
+        key = {"corpus": self.fingerprint, "val_fraction": self.val_fraction, "rule": SPLIT_RULE}
+        if self.chunk_bytes is not None:     # (keys of corpora read whole are unchanged)
+            key["chunks"] = CHUNK_RULE.format(n=self.chunk_bytes)
+        return stable_hash(key)
 
     def describe(self) -> dict:
-        return {"source": self.source, "corpus": self.label, "corpus_bytes": self.n_bytes,
-                "n_docs": self.n_docs, "n_val_docs": self.n_val_docs, "val_fraction": self.val_fraction,
-                "max_bytes": self.max_bytes, "split_rule": SPLIT_RULE,
-                "corpus_fingerprint": self.fingerprint}
+        out = {"source": self.source, "corpus": self.label, "corpus_bytes": self.n_bytes,
+               "n_docs": self.n_docs, "n_val_docs": self.n_val_docs, "val_fraction": self.val_fraction,
+               "max_bytes": self.max_bytes, "split_rule": SPLIT_RULE,
+               "corpus_fingerprint": self.fingerprint}
+        if self.chunking:
+            out["chunking"] = self.chunking
+        return out
 
     # ----------------------------------------------------------------------------------------
     def _capped(self) -> Iterator[Document]:
@@ -109,11 +128,36 @@ class Corpus:
             if text:
                 yield Document(doc_id, text)
 
+    def _kept(self) -> Iterator[Document]:
+        docs = self._capped()
+        if self.chunk_bytes is None:
+            return docs
+        return (piece for doc in docs for piece in chunk_document(doc, self.chunk_bytes))
+
     def _scan(self) -> None:
+        n_read = self._scan_once()
+        if self.n_docs < 2 and self.chunk_bytes is None and self.n_bytes > 0:
+            self.chunk_bytes = AUTO_CHUNK_BYTES
+            self._scan_once()
+            self.chunking = (f"{n_read} document cut into {self.n_docs} pieces of at most {self.chunk_bytes} bytes "
+                             "at paragraph ends (set data.chunk_bytes to choose)")
+        elif self.chunk_bytes is not None:
+            self.chunking = (f"{n_read} documents cut into {self.n_docs} pieces of at most {self.chunk_bytes} bytes "
+                             "at paragraph ends (data.chunk_bytes)")
+        if self.n_docs < 2:
+            what = (f"has {self.n_docs} non-empty document{'s' * (self.n_docs != 1)}" if self.chunk_bytes is None
+                    else f"makes {self.n_docs} piece{'s' * (self.n_docs != 1)} of at most {self.chunk_bytes} bytes")
+            hint = " (a smaller data.chunk_bytes cuts it finer)" if self.n_docs == 1 and self.chunk_bytes else ""
+            raise UserError(f"{self.label}: {what}; a train/validation split by document needs at least 2{hint}")
+
+    def _scan_once(self) -> int:
+        """Fingerprint, sizes and split of the kept documents (pieces); returns the documents read whole."""
         sha = hashlib.sha256()
         n_val = n_docs = n_bytes = 0
+        whole = set()
         lowest = highest = None                                       # (hash, id)
-        for doc in _bar(self._capped(), f"reading {self.source} corpus", None, self.progress):
+        self._moved = {}
+        for doc in _bar(self._kept(), f"reading {self.source} corpus", None, self.progress):
             raw = doc.text.encode("utf-8")
             sha.update(len(raw).to_bytes(8, "little"))
             sha.update(raw)
@@ -123,19 +167,39 @@ class Corpus:
             n_val += h < self.val_fraction
             lowest = min(lowest, (h, doc.id)) if lowest else (h, doc.id)
             highest = max(highest, (h, doc.id)) if highest else (h, doc.id)
-        if n_docs < 2:
-            raise UserError(f"{self.label}: has {n_docs} non-empty document{'s' * (n_docs != 1)}; "
-                            "a train/validation split by document needs at least 2")
-        if n_val == 0:
+            whole.add(doc.id.rpartition("#")[0] if self.chunk_bytes is not None else doc.id)
+        if n_docs >= 2 and n_val == 0:
             self._moved[lowest[1]] = True
             n_val = 1
-        elif n_val == n_docs:
+        elif n_docs >= 2 and n_val == n_docs:
             self._moved[highest[1]] = False
             n_val -= 1
         self.fingerprint = sha.hexdigest()           # sha256 hex of the kept documents
         self.n_docs, self.n_val_docs = n_docs, n_val
         self.n_bytes = n_bytes                       # UTF-8 bytes of the kept documents
+        return len(whole)
 
+
+def chunk_document(doc: Document, max_bytes: int) -> Iterator[Document]:
+    """`doc` in pieces of at most `max_bytes` UTF-8 bytes, each ending at its last paragraph end (a blank
+    line) if that is in the piece's second half, else its last line end, else a character boundary; ids
+    `<id>#0`, `<id>#1`, ..."""
+    raw = doc.text.encode("utf-8")
+    start = k = 0
+    while start < len(raw):
+        end = min(start + max_bytes, len(raw))
+        if end < len(raw):
+            window = raw[start:end]
+            cut = window.rfind(b"\n\n") + 2
+            if cut < len(window) // 2:               # no paragraph end in the piece's second half
+                cut = window.rfind(b"\n") + 1
+            if cut > 0:
+                end = start + cut
+            else:                                    # no line end: back off to a character boundary
+                while end > start + 1 and (raw[end] & 0xC0) == 0x80:
+                    end -= 1
+        yield Document(f"{doc.id}#{k}", raw[start:end].decode("utf-8"))
+        start, k = end, k + 1
 
 def _bar(it, desc, total, progress):
     if not progress:
@@ -156,7 +220,8 @@ def load_corpus(cfg: DataConfig, progress: bool = True) -> Corpus:
     else:
         raise ValueError(f"not a text source: {cfg.source}")
     name, label, read = source
-    return Corpus(name, label, read, max_bytes=cfg.max_bytes, val_fraction=cfg.val_fraction, progress=progress)
+    return Corpus(name, label, read, max_bytes=cfg.max_bytes, val_fraction=cfg.val_fraction,
+                  chunk_bytes=cfg.chunk_bytes, progress=progress)
 
 
 def stdlib_files(root: Path) -> list[str]:

@@ -46,6 +46,7 @@ class TokenData:
         self.vocab_size = tokenizer.vocab_size
         self.corpus_fingerprint = corpus.fingerprint
         self.corpus_bytes = corpus.n_bytes
+        self.chunking = corpus.chunking          # documents cut into pieces, in words (None: read whole)
         self.eval_tokens = eval_tokens
         self.fingerprint = stable_hash({"split": corpus.split_key, "tokenizer": tokenizer.name,
                                         "format": FORMAT_VERSION})

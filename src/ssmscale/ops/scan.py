@@ -4,8 +4,9 @@
                        delta_softplus=False, return_last_state=False, impl="auto")
 
 Same semantics and tensor layout as mamba_ssm's `selective_scan_fn`; the definition is
-`scan_ref.selective_scan_ref`. Implementations register themselves by name with
-`register_impl`; `available_impls()` lists those usable in this process.
+`scan_ref.selective_scan_ref`. The built-in implementations are listed in `_load_builtin_impls`
+(they do not import this module); others can be added by name with `register_impl`;
+`available_impls()` lists those usable in this process.
 """
 
 from __future__ import annotations
@@ -133,7 +134,11 @@ def _load_builtin_impls():
     if _loaded:
         return
     _loaded = True
+    # listed here, where "auto" chooses among them, so that no implementation imports this module back
+    from . import scan_chunked, scan_cpu, scan_triton   # scan_triton imports triton lazily
     register_impl("ref", selective_scan_ref, devices=("cpu", "cuda"), priority=0)
-    from . import scan_chunked  # noqa: F401  (registers "chunked", the portable fallback)
-    from . import scan_cpu  # noqa: F401  (registers "fused", the compiled CPU kernel)
-    from . import scan_triton  # noqa: F401  (registers "triton" for CUDA; imports triton lazily)
+    register_impl("chunked", scan_chunked.selective_scan_chunked, devices=("cpu", "cuda"), priority=10)
+    register_impl("fused", scan_cpu.selective_scan_fused, devices=("cpu",), available=scan_cpu.available,
+                  priority=20, why_unavailable=scan_cpu.unavailable_reason)   # the compiled CPU kernel
+    register_impl("triton", scan_triton.selective_scan_triton, devices=("cuda",), available=scan_triton.available,
+                  priority=30, why_unavailable=scan_triton.unavailable_reason)

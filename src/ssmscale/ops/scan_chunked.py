@@ -16,8 +16,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .scan import register_impl
-
 # Elements of one (T, b, d, N) chunk buffer we aim for: small enough to stay in cache.
 _CHUNK_ELEMS = 1 << 20
 
@@ -118,6 +116,3 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         y = y * F.silu(z.float())
     y = y.to(dtype_in)
     return (y, last) if return_last_state else y
-
-
-register_impl("chunked", selective_scan_chunked, devices=("cpu", "cuda"), priority=10)

@@ -36,7 +36,6 @@ from pathlib import Path
 import torch
 
 from .cbuild import COMPILE_FLAGS, OPENMP_FLAGS, _cpu_identity, cache_dir, torch_uses_libgomp
-from .scan import register_impl
 
 DISABLE_ENV = "SSMSCALE_NO_FUSED_SCAN"
 HERE = Path(__file__).parent
@@ -271,7 +270,3 @@ def selective_scan_fused(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                          delta_softplus=False, return_last_state=False):
     y, last = _FusedScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     return (y, last) if return_last_state else y
-
-
-register_impl("fused", selective_scan_fused, devices=("cpu",), available=available, priority=20,
-              why_unavailable=unavailable_reason)

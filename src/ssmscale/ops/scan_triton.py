@@ -12,8 +12,6 @@ import importlib.util
 
 import torch
 
-from .scan import register_impl
-
 CHUNK = 64      # steps recomputed at once in the backward (scratch: CHUNK+1 states per program)
 BLOCK_D = 32    # channels per program
 
@@ -119,7 +117,3 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                           delta_softplus=False, return_last_state=False):
     y, last = _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
     return (y, last) if return_last_state else y
-
-
-register_impl("triton", selective_scan_triton, devices=("cuda",), available=available, priority=30,
-              why_unavailable=unavailable_reason)

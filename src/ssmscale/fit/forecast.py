@@ -31,7 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
+from ..fsutil import check_writable_dir
+from ..provenance import source_commit
+from ..safeload import FileRefused, read_json, read_result
+from . import calibration
+from .approach2 import budget_vertex
+from .approach3 import parametric_allocation, parametric_loss
+from .bootstrap import _interval
+from .frontier import frontier_loss
+from .pipeline import fit_runs, json_safe
+from .runs import load_runs
 
 FORECAST_DIR = "forecasts"
 SCHEMA = 1
@@ -61,8 +71,6 @@ def make_forecast(study, budgets: list[float], *, n_boot: int, seed: int, n_jobs
                   progress: bool = True, parametric_grid=None) -> tuple[dict, Path]:
     """Fit the study, predict `budgets`, write the forecast file; returns (forecast, path).
     `parametric_grid` as in fit_runs (tests use a smaller one for speed)."""
-    from .fit import fit_runs, load_runs
-    from .fsutil import check_writable_dir
     study = Path(study)
     if not (study / "results.csv").is_file():
         raise UserError(f"{study}: not a study directory (no results.csv in it)")
@@ -84,8 +92,6 @@ def make_forecast(study, budgets: list[float], *, n_boot: int, seed: int, n_jobs
 
 def forecast_body(result: dict, budgets: list[float], study: str, now: datetime | None = None) -> dict:
     """The forecast, from a fit_runs result made with keep_samples."""
-    from .fit import json_safe
-    from .provenance import source_commit
     now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
     models = result["calibration"].get("models", {})
     families = {}
@@ -118,8 +124,6 @@ def _largest_budget(point: dict, fam: dict) -> float:
 
 def predict(approach: str, quantity: str, law: dict, c: float) -> float | None:
     """One law's prediction at budget c (None where the law has no such prediction)."""
-    from .fit import frontier_loss, parametric_allocation
-    from .fit.approach3 import parametric_loss
     if not isinstance(law, dict) or "skipped" in law:
         return None
     with np.errstate(all="ignore"):
@@ -134,8 +138,6 @@ def predict(approach: str, quantity: str, law: dict, c: float) -> float | None:
 
 
 def _predictions(point: dict, samples: list, c: float, distance: float, models: dict, ci: float) -> dict:
-    from .fit import calibration
-    from .fit.bootstrap import _interval
     out: dict = {"budget": c, "distance": distance}
     for approach, quantity in PREDICTED:
         value = predict(approach, quantity, point.get(approach), c)
@@ -238,7 +240,6 @@ def _fmt(x) -> str:
 
 def read_forecast(path: Path) -> dict:
     """A forecast file, checked: strict JSON of this tool's shape whose sha256 matches its contents."""
-    from .safeload import FileRefused, read_json
     try:
         body = read_json(path)
     except (FileRefused, FileNotFoundError) as exc:
@@ -270,7 +271,6 @@ def score_forecasts(study: Path, loaded) -> list[dict]:
 
 
 def score_forecast(study: Path, path: Path, body: dict, loaded) -> dict:
-    from .fit.approach2 import budget_vertex
     table = loaded.table
     scored, observed = [], {}
     for name, fam in body["families"].items():
@@ -315,7 +315,6 @@ def score_forecast(study: Path, path: Path, body: dict, loaded) -> dict:
 def _came_first(study: Path, path: Path, made_at: str, run_ids: list[str]) -> dict:
     """Whether the forecast predates the runs it is scored on: their finish times in result.json, and in git
     the commit adding the forecast against the commits adding the runs' results."""
-    from .safeload import read_result
     if not run_ids:
         return {"verdict": None, "statement": "no runs at these budgets yet"}
     made = datetime.fromisoformat(made_at.replace("Z", "+00:00"))

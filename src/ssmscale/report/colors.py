@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .models.config import FAMILIES
+from ..models.config import FAMILIES
 
 # matplotlib's tab10 order: the families of FAMILIES take the first colours (transformer blue, mamba red,
 # mamba2 green, hybrid purple); any other name (an unknown family in a CSV) the next ones

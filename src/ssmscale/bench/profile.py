@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 MODES = ("train", "prefill", "generate")
 CSV_COLUMNS = ["family", "mode", "seq_len", "batch", "d_model", "n_layer", "params", "tokens_per_s",
@@ -49,7 +49,7 @@ GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 def _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device):
     import torch
 
-    from .models import LM, ModelConfig
+    from ..models import LM, ModelConfig
     torch.manual_seed(0)
     cfg = ModelConfig(family=family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
                       head_dim=head_dim, scan_impl=scan_impl)
@@ -61,8 +61,8 @@ def prepare_train(family, d_model, n_layer, seq_len, batch, vocab_size=256, head
     """One training step (forward, backward, AdamW) on random tokens; optimiser state exists already."""
     import torch
     import torch.nn.functional as F
-    from .config import TrainConfig
-    from .train import make_optimizer
+    from ..config import TrainConfig
+    from ..train import make_optimizer
     model, _ = _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device)
     opt = make_optimizer(model, TrainConfig(lr=1e-4))      # the training loop's optimiser
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _Null()
@@ -161,8 +161,8 @@ class _Null:
 
 def state_bytes(family, d_model, n_layer, batch, max_len, vocab_size=256, head_dim=32) -> int:
     """Bytes of the generation cache: KV caches (attention layers), conv + SSM states (SSM layers)."""
-    from .models import ModelConfig
-    from .models.lm import state_bytes as model_state_bytes
+    from ..models import ModelConfig
+    from ..models.lm import state_bytes as model_state_bytes
     return model_state_bytes(ModelConfig(family=family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
                                          head_dim=head_dim), batch, max_len)
 
@@ -187,9 +187,9 @@ def measure_peak_flops(device: str = "cpu", threads: int | None = None) -> tuple
 
 def shapes_for(families, params=None, d_model=None, n_layer=None, head_dim=32):
     """{family: (d_model, n_layer, params)}: one explicit shape, or sizing.py's matched pair."""
-    from .flops import param_counts
-    from .models import ModelConfig
-    from .models.sizing import shape_for
+    from ..flops import param_counts
+    from ..models import ModelConfig
+    from ..models.sizing import shape_for
     base = ModelConfig(family="transformer", d_model=head_dim, n_layer=1, head_dim=head_dim)
     out = {}
     if params is not None:
@@ -205,8 +205,8 @@ def shapes_for(families, params=None, d_model=None, n_layer=None, head_dim=32):
 
 
 def _flops_per_token(family, d_model, n_layer, mode, seq_len, head_dim):
-    from . import flops
-    from .models import ModelConfig
+    from .. import flops
+    from ..models import ModelConfig
     cfg = ModelConfig(family=family, d_model=d_model, n_layer=n_layer, head_dim=head_dim)
     if mode == "train":
         return flops.train_flops_per_token(cfg, seq_len)
@@ -239,7 +239,7 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                     kwargs["gen_tokens"] = gen_tokens
                 # long points are slow on a CPU: fewer repeats there (the median of what was run)
                 reps = repeats if L <= 4096 or device != "cpu" else 1
-                res = run_isolated(f"ssmscale.profile:{prep[mode]}", kwargs, repeats=reps,
+                res = run_isolated(f"ssmscale.bench.profile:{prep[mode]}", kwargs, repeats=reps,
                                    warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s,
                                    mem_limit_bytes=mem_limit_bytes, compete=compete, matmul_peak=cpu)
                 fpt = _flops_per_token(fam, d, n, mode, L, head_dim)
@@ -268,8 +268,8 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
 
 
 def _scan_name(family, scan_impl, device):
-    from .models import ModelConfig
-    from .models.lm import kernel_impl
+    from ..models import ModelConfig
+    from ..models.lm import kernel_impl
     cfg = ModelConfig(family=family, d_model=64, n_layer=2, scan_impl=scan_impl)
     return kernel_impl(cfg, "cuda" if device.startswith("cuda") else "cpu")
 
@@ -325,9 +325,9 @@ def plot(rows, path: Path, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .fsutil import atomic_write_bytes
+    from ..fsutil import atomic_write_bytes
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
-    from .colors import family_colors
+    from ..report.colors import family_colors
     families = list(dict.fromkeys(r["family"] for r in rows))
     colors = family_colors(families)
     fig, axes = plt.subplots(2, len(modes), figsize=(4.6 * len(modes), 7.2), squeeze=False)
@@ -368,9 +368,9 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
                 head_dim=32, scan_impl="auto", mem_limit_bytes=None, compete=0) -> list[dict]:
     import pandas as pd
 
-    from . import threads as thread_policy
-    from .fsutil import atomic_write_dataframe_csv, atomic_write_json
-    from .provenance import provenance
+    from .. import threads as thread_policy
+    from ..fsutil import atomic_write_dataframe_csv, atomic_write_json
+    from ..provenance import provenance
     try:
         shapes = shapes_for(families, params, d_model, n_layer, head_dim)
     except ValueError as exc:      # e.g. a width that is not a multiple of the head dimension
@@ -420,10 +420,10 @@ def loop_overhead(config_path: str, family: str | None = None, steps: int = 60, 
     import torch
     import torch.nn.functional as F
 
-    from . import train as T
-    from .config import load_run_config
-    from .data import prepare_data
-    from .models import LM
+    from .. import train as T
+    from ..config import load_run_config
+    from ..data import prepare_data
+    from ..models import LM
     cfg = load_run_config(config_path, {"model.family": family} if family else None)
     t = cfg.train
     data = prepare_data(cfg.data, cfg.tokenizer, seq_len=t.seq_len, eval_tokens=t.eval_tokens, progress=False)
@@ -494,3 +494,13 @@ def loop_overhead(config_path: str, family: str | None = None, steps: int = 60, 
             "bare_tokens_per_s": tokens / b, "lightning_tokens_per_s": tokens / lgt,
             "overhead": lgt / b - 1,
             "bare_wall_s": statistics.median(bare_wall), "lightning_wall_s": statistics.median(light_wall)}
+
+
+def format_loop_overhead(r: dict) -> str:
+    """loop_overhead's result as the lines `ssmscale profile --op loop` prints."""
+    return "\n".join([
+        f"{r['family']} d_model {r['d_model']} x {r['n_layer']} layers, {r['tokens_per_step']} tokens/step, "
+        f"median of {r['steps']} steps x {r['rounds']} alternating rounds:",
+        f"  bare PyTorch loop: {r['bare_ms']:.1f} ms/step, {r['bare_tokens_per_s']:,.0f} tokens/s",
+        f"  Lightning loop:    {r['lightning_ms']:.1f} ms/step, {r['lightning_tokens_per_s']:,.0f} tokens/s",
+        f"  Lightning overhead: {100 * r['overhead']:+.1f}% per step"])

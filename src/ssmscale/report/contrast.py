@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .fit import load_runs
+from ..fit import load_runs
 
 REFERENCE = "transformer"
 
 
 def contrast_name(study: Path) -> str | None:
     """The `contrast_with` of the study's saved config.yaml (a plain name; None when absent)."""
-    from .config import load_ladder_config
-    from .errors import UserError
+    from ..config import load_ladder_config
+    from ..errors import UserError
     try:
         return load_ladder_config(study / "config.yaml").contrast_with
     except (UserError, OSError):
@@ -30,8 +30,8 @@ def contrast_name(study: Path) -> str | None:
 
 
 def _seq_len(study: Path) -> int | None:
-    from .config import load_ladder_config
-    from .errors import UserError
+    from ..config import load_ladder_config
+    from ..errors import UserError
     try:
         return load_ladder_config(study / "config.yaml").train.seq_len
     except (UserError, OSError):

@@ -16,7 +16,9 @@ At equal d_inner and state size N the two layers hold the same state, d_inner x 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 MODES = ("fwd", "fwdbwd")
 PRIME_SHAPE = dict(batch=2, d_inner=16, length=32)
@@ -36,16 +38,16 @@ class Point:
 
 def default_impls(device: str) -> list[str]:
     """Every SSD and every selective scan available on `device`, the references ("ref") last."""
-    from .ops.scan import available_impls
-    from .ops.ssd import available_ssd_impls
+    from ..ops.scan import available_impls
+    from ..ops.ssd import available_ssd_impls
     return ([f"ssd-{i}" for i in available_ssd_impls(device) if i != "ref"]
             + [f"scan-{i}" for i in available_impls(device) if i != "ref"] + ["ssd-ref"])
 
 
 def check_impls(impls: list[str], device: str) -> None:
     """ValueError naming the first implementation that is unknown or cannot run on `device`."""
-    from .ops.scan import available_impls
-    from .ops.ssd import available_ssd_impls
+    from ..ops.scan import available_impls
+    from ..ops.ssd import available_ssd_impls
     known = [f"ssd-{i}" for i in available_ssd_impls(device)] + [f"scan-{i}" for i in available_impls(device)]
     for name in impls:
         if name not in known:
@@ -60,10 +62,10 @@ def prepare(impl: str, batch: int, d_inner: int, d_state: int, head_dim: int, ch
 
     import torch
     if impl.startswith("scan-"):
-        from . import bench_scan
+        from . import scan as bench_scan
         return bench_scan.prepare(impl.removeprefix("scan-"), batch, d_inner, d_state, length, mode, device=device,
                                   seed=seed, prime=prime, model_args=True)
-    from .ops import ssd
+    from ..ops import ssd
     if prime:
         prepare(impl, d_state=d_state, head_dim=head_dim, chunk_size=chunk_size, mode=mode, device=device,
                 prime=False, **PRIME_SHAPE)()
@@ -103,7 +105,7 @@ def run_benchmark(impls, seq_lens, *, batch=8, d_inner=256, d_state=16, head_dim
                 if impl.endswith("-ref") and length > ref_max_len:
                     row.update(status="skipped", error=f"ref skipped beyond L={ref_max_len}")
                 else:
-                    res = run_isolated("ssmscale.bench_ssd:prepare", dict(vars(point), device=device),
+                    res = run_isolated("ssmscale.bench.ssd:prepare", dict(vars(point), device=device),
                                        repeats=repeats, warmup=1, threads=threads, timeout_s=timeout_s)
                     peak = res["peak_extra_bytes"]
                     row.update(status=res["status"], error=res["error"], median_ms=res["median_ms"],
@@ -140,3 +142,33 @@ def format_table(rows: list[dict]) -> str:
     fmt = lambda cells: "  ".join(c.ljust(w) if i in (0, 2, len(cells) - 1) else c.rjust(w)
                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+def run_and_report(impls, seq_lens, *, batch, d_inner, d_state, head_dim, chunk_size, modes, repeats, device,
+                   ref_max_len, threads, timeout_s, out) -> list[dict]:
+    """`ssmscale profile --op ssd`: say what is measured, measure it (a line per point on stderr), print
+    the table and, with `out`, write out/ssd_bench.csv. Returns the rows."""
+    print(f"SSD vs selective scan on {device}: batch {batch}, d_inner {d_inner}, "
+          f"N {d_state}, SSD head_dim {head_dim} ({d_inner // head_dim} "
+          f"heads, 1 group), chunk {chunk_size}; the blocks' arguments; median of {repeats} after "
+          f"1 warm-up; peak = memory the first step needed beyond its inputs; each point in a fresh process",
+          flush=True)
+
+    def progress(row):
+        took = f"{row['median_ms']:.1f} ms" if row.get("median_ms") is not None else row["status"]
+        print(f"  {row['impl']:>12} L={row['length']} {row['mode']}: {took}", file=sys.stderr, flush=True)
+
+    rows = run_benchmark(
+        impls, seq_lens, batch=batch, d_inner=d_inner, d_state=d_state,
+        head_dim=head_dim, chunk_size=chunk_size, modes=modes, repeats=repeats,
+        device=device, ref_max_len=ref_max_len, threads=threads, timeout_s=timeout_s,
+        progress=progress)
+    print(format_table(rows))
+    if out:
+        import pandas as pd
+
+        from ..fsutil import atomic_write_dataframe_csv
+        path = Path(out) / "ssd_bench.csv"
+        atomic_write_dataframe_csv(path, pd.DataFrame(rows))
+        print(f"wrote {path}")
+    return rows

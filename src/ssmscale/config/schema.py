@@ -6,22 +6,21 @@ YAML is read with YAML 1.2's number rule (unquoted 3e-3 and 1e5 are numbers, as 
 have them) and a duplicate key is an error; after that the schema is strict: unknown keys, wrong types
 (a number must be a number: `true` and "128" are not), impossible values and sizes beyond what can
 exist (limits.py) are errors naming the key path. Names are plain names (they become folder names).
+Reading a YAML file and loading a config from it: load.py; the `sweep:` axes: sweep.py.
 """
 
 from __future__ import annotations
 
-import functools
+import difflib
 import math
 import re
-from importlib.util import find_spec
-from pathlib import Path
+import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from . import limits
-from .errors import UserError
-from .models.config import FAMILIES, HYBRID_SSMS, SSD_IMPLS
+from .. import limits
+from ..models.config import FAMILIES, HYBRID_SSMS, SSD_IMPLS
 
 Family = Literal[FAMILIES]
 
@@ -71,6 +70,9 @@ class DataConfig(_Strict):
     hf_split: str = "train"
     max_bytes: Annotated[int, Field(gt=0, le=limits.MAX_BYTES)] | None = None  # corpus cap (the first bytes in order)
     val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
+    # cut documents into pieces of at most this many bytes at paragraph ends (data/corpus.py); unset: a
+    # corpus of one document (a single text file) is cut into 4096-byte pieces, others are read whole
+    chunk_bytes: Annotated[int, Field(ge=64, le=limits.MAX_BYTES)] | None = None
     synthetic: MQARConfig | None = None
     cache_dir: str | None = None                       # default: $SSMSCALE_CACHE or ~/.cache/ssmscale
 
@@ -276,7 +278,7 @@ class LadderConfig(_Strict):
     submitit: SubmititConfig = SubmititConfig()
     fit: bool = True                       # fit scaling laws and write the report when the ladder ends
     # the study directory beside this one (same parent) trained with the same protocol at another sequence
-    # length: the report contrasts the two (report_contrast.py)
+    # length: the report contrasts the two (report/contrast.py)
     contrast_with: str | None = None
 
     @field_validator("name", "contrast_with")
@@ -403,7 +405,7 @@ class LadderConfig(_Strict):
             try:
                 LadderConfig.model_validate(sweep.apply_point(base, point))
             except ValidationError as exc:
-                loc, msg = _error_parts(exc)
+                loc, msg = _error_parts(exc, LadderConfig)
                 key = next((k for k in point if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")),
                            None)
                 raise ValueError(f"sweep.{key or loc}: {msg} (at the point {sweep.label(point)})") from None
@@ -423,24 +425,43 @@ def _is_size_key(key: str) -> bool:
         return False
 
 
-# ----------------------------------------------------------------------------------- loading
 def _is_union_tag(part) -> bool:
     """Pydantic names the branch of a union in the location ('constrained-float', 'ShapeSpec', 'list[...]')."""
     return isinstance(part, str) and (not part.replace("_", "a").isalnum() or part[:1].isupper()
                                       or part in ("float", "int", "str", "bool"))
 
 
-def format_validation_error(source: str, exc: ValidationError) -> str:
+def format_validation_error(source: str, exc: ValidationError, schema: type[BaseModel] | None = None) -> str:
     """One line: `file: key.path: what is wrong` for the most relevant error (and how many more)."""
-    loc, msg = _error_parts(exc)
+    loc, msg = _error_parts(exc, schema)
     return f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"
 
 
-def _error_parts(exc: ValidationError) -> tuple[str, str]:
+def _models_in(annotation) -> list[type[BaseModel]]:
+    """The schema classes a field's type may hold (through Optional, unions, Annotated, lists, dicts)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _nearest_key(schema: type[BaseModel] | None, loc: tuple) -> str | None:
+    """The valid key closest to the unknown last key of `loc` (a typo's likely meaning), or None."""
+    models = [schema] if schema is not None else []
+    for part in loc[:-1]:
+        if isinstance(part, int) or _is_union_tag(part):
+            continue
+        models = [m for model in models if part in model.model_fields
+                  for m in _models_in(model.model_fields[part].annotation)]
+    names = sorted({name for model in models for name in model.model_fields})
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6) if loc else []
+    return close[0] if close else None
+
+
+def _error_parts(exc: ValidationError, schema: type[BaseModel] | None = None) -> tuple[str, str]:
     """(dotted key path, message) of the most relevant error."""
     errs = exc.errors()
     # in a union, the branch that got deepest into the input is the one the user meant
-    first = max(errs, key=lambda e: len(e["loc"]))
+    first = max(errs, key=lambda e: (len(e["loc"]), e["type"] == "extra_forbidden"))   # a typo explains a missing key
     loc = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p))
     msg = first["msg"]
     is_value_error = first["type"] == "value_error"
@@ -452,7 +473,8 @@ def _error_parts(exc: ValidationError) -> tuple[str, str]:
             loc = f"{loc}.{field}" if loc else field
             msg = rest.strip()
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        nearest = _nearest_key(schema, tuple(first["loc"]))
+        msg = "unknown key" + (f"; did you mean {'.'.join(loc.split('.')[:-1] + [nearest])}?" if nearest else "")
     elif first["type"] == "less_than_equal":       # only limits.py's bounds use le
         msg = (f"must be at most {first['ctx']['le']:g}, ssmscale's bound on what can exist (limits.py); "
                f"got {first['input']!r}")
@@ -463,149 +485,6 @@ def _error_parts(exc: ValidationError) -> tuple[str, str]:
     return loc, msg
 
 
-# YAML 1.2's floats that YAML 1.1 (PyYAML's rule) reads as strings: an exponent without a dot or a sign
-_YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
-MAX_YAML_VALUES = 100_000       # values in a document once aliases are expanded (a YAML bomb stops here)
-
-
-@functools.cache
-def _yaml_loader():
-    """yaml.SafeLoader, plus YAML 1.2 floats, minus duplicate keys (which PyYAML lets the last one win)."""
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    duplicate = key in seen
-                except TypeError:          # an unhashable key: the base class reports it
-                    break
-                if duplicate:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark)
-                seen.add(key)
-            return super().construct_mapping(node, deep)
-
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
-    return Loader
-
-
-@functools.cache
-def _yaml_dumper():
-    """yaml.SafeDumper that quotes every string the loader would read back as a number (e.g. '1e5')."""
-    import yaml
-
-    class Dumper(yaml.SafeDumper):
-        pass
-
-    Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
-    return Dumper
-
-
-def dump_yaml(value) -> str:
-    """YAML text that parse_yaml reads back as the same values (config.yaml files of runs and studies)."""
-    import yaml
-    return yaml.dump(value, Dumper=_yaml_dumper(), sort_keys=False)
-
-
-def parse_yaml(text: str, source: str):
-    """A YAML document -> Python values, or a UserError of one line naming `source` and the line."""
-    import yaml
-    try:
-        value = yaml.load(text, Loader=_yaml_loader())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None)
-        if problem and problem.startswith("duplicate key"):
-            raise UserError(f"{source}: {problem} (line {mark.line + 1})") from None
-        where = f" (line {mark.line + 1}{': ' + problem if problem else ''})" if mark else ""
-        raise UserError(f"{source}: not valid YAML{where}") from None
-    except RecursionError:
-        raise UserError(f"{source}: nested too deeply to be a config") from None
-    if _count_values(value, MAX_YAML_VALUES) > MAX_YAML_VALUES:
-        raise UserError(f"{source}: more than {MAX_YAML_VALUES:,} values once its aliases are expanded")
-    return value
-
-
-def _count_values(value, limit: int) -> int:
-    """Values in a loaded document with aliases expanded, counting stops just past `limit`."""
-    count, stack = 0, [value]
-    while stack and count <= limit:
-        v = stack.pop()
-        count += 1
-        if isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, list):
-            stack.extend(v)
-    return count
-
-
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text, so not a YAML config") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    raw = parse_yaml(text, str(path))
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: the top level must be a mapping of keys to values")
-    return raw
-
-
-def validate(schema: type[BaseModel], raw: dict, source: str):
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError(format_validation_error(source, exc)) from None
-
-
-def apply_overrides(raw: dict, overrides: dict | None) -> dict:
-    for dotted, value in (overrides or {}).items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise UserError(f"--set {dotted}: {key} is not a mapping")
-        node[leaf] = value
-    return raw
-
-
-LOGGER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}
-
-
-def check_logger_packages(cfg: RunConfig | LadderConfig, source: str) -> None:
-    """A logger the config asks for must be importable: say so now, not after the data is prepared."""
-    for name in cfg.train.loggers:
-        packages = LOGGER_PACKAGES.get(name, ())
-        if packages and not any(find_spec(p) for p in packages):
-            raise UserError(f"{source}: train.loggers: '{name}' needs the {packages[0]} package "
-                            f"(pip install {packages[0]})")
-
-
-def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    cfg = validate(RunConfig, apply_overrides(read_yaml(path), overrides), str(path))
-    check_logger_packages(cfg, str(path))
-    return cfg
-
-
-def load_ladder_config(path: str | Path, overrides: dict | None = None) -> LadderConfig:
-    cfg = validate(LadderConfig, apply_overrides(read_yaml(path), overrides), str(path))
-    check_logger_packages(cfg, str(path))
-    return cfg
-
-
 # Train settings that say how a run executes, not what it computes; result.json records their values
 EXECUTION_KEYS = {"num_threads": None, "progress": True}
 
@@ -613,7 +492,7 @@ EXECUTION_KEYS = {"num_threads": None, "progress": True}
 def config_hash(cfg: BaseModel) -> str:
     """Hash of the resolved config with the execution settings at their defaults (so a run resumed or
     rerun with another thread count keeps its identity; hashes of default configs are unchanged)."""
-    from .provenance import stable_hash
+    from ..provenance import stable_hash
     d = cfg.model_dump(mode="json")
     if isinstance(d.get("train"), dict):
         d["train"].update(EXECUTION_KEYS)

@@ -25,7 +25,9 @@ Two anchors are measured in the same run, so ratios never mix machines or moment
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 ANCHORS = ("ref", "mambapy")
 MODES = ("fwd", "fwdbwd")
@@ -98,7 +100,7 @@ def prepare(impl: str, batch: int, d_inner: int, d_state: int, length: int, mode
                                                  leaves["B"], leaves["C"], leaves["D"],
                                                  leaves.get("z"), leaves.get("delta_bias"))
     else:
-        from .ops import selective_scan
+        from ..ops import selective_scan
         forward = lambda: selective_scan(**leaves, delta_softplus=model_args, impl=impl)
 
     def step():
@@ -139,14 +141,14 @@ def prepare_copy(mib: int, device: str = "cpu"):
 def measure_bandwidth(device: str = "cpu", threads=None, mib: int = 512) -> float | None:
     """Bytes per second of a large tensor copy (its fastest repeat: a floor wants the best case)."""
     from .memprobe import run_isolated
-    res = run_isolated("ssmscale.bench_scan:prepare_copy", dict(mib=mib, device=device),
+    res = run_isolated("ssmscale.bench.scan:prepare_copy", dict(mib=mib, device=device),
                        repeats=7, warmup=1, threads=threads)
     return 2 * mib * 2**20 / (res["min_ms"] / 1e3) if res["status"] == "ok" else None
 
 
 def check_impls(impls: list[str], device: str) -> None:
     """ValueError naming the first implementation that cannot run on `device`."""
-    from .ops.scan import _REGISTRY, available_impls
+    from ..ops.scan import _REGISTRY, available_impls
     runnable = available_impls(device)
     for name in impls:
         if name == "mambapy" or name in runnable:
@@ -178,7 +180,7 @@ def run_benchmark(impls, seq_lens, *, batch=8, d_inner=256, d_state=16, modes=MO
                 if reason:
                     row.update(status="skipped", error=reason)
                 else:
-                    res = run_isolated("ssmscale.bench_scan:prepare", dict(vars(point), device=device),
+                    res = run_isolated("ssmscale.bench.scan:prepare", dict(vars(point), device=device),
                                        repeats=repeats, warmup=warmup, threads=threads,
                                        timeout_s=timeout_s)
                     row.update(status=res["status"], error=res["error"], median_ms=res["median_ms"],
@@ -232,3 +234,34 @@ def format_table(rows: list[dict]) -> str:
     fmt = lambda cells: "  ".join(c.rjust(w) if 3 <= i <= 9 else c.ljust(w)
                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+def run_and_report(impls, seq_lens, *, batch, d_inner, d_state, modes, repeats, device, ref_max_len, threads,
+                   timeout_s, model_args, out) -> list[dict]:
+    """`ssmscale profile --op scan`: say what is measured, measure it (a line per point on stderr), print
+    the table and, with `out`, write out/scan_bench.csv. Returns the rows."""
+    model = " with the model's args (softplus, delta_bias, D, z)" if model_args else ""
+    print(f"selective scan on {device}: batch {batch}, d_inner {d_inner}, "
+          f"N {d_state}{model}; median of {repeats} after 1 warm-up; peak = memory the first "
+          f"step needed beyond its inputs; each point in a fresh process", flush=True)
+
+    def progress(row):
+        took = f"{row['median_ms']:.1f} ms" if row.get("median_ms") is not None else row["status"]
+        print(f"  {row['impl']:>8} L={row['length']} {row['mode']}: {took}", file=sys.stderr, flush=True)
+
+    rows = run_benchmark(
+        impls, seq_lens, batch=batch, d_inner=d_inner, d_state=d_state,
+        modes=modes, repeats=repeats, device=device, ref_max_len=ref_max_len,
+        threads=threads, timeout_s=timeout_s, progress=progress, model_args=model_args)
+    print(format_table(rows))
+    if rows and rows[0].get("bandwidth_gbs"):
+        print(f"/ floor: time over the memory-bandwidth floor (bytes that must move / "
+              f"{rows[0]['bandwidth_gbs']:.1f} GB/s, a large copy measured in this run)")
+    if out:
+        import pandas as pd
+
+        from ..fsutil import atomic_write_dataframe_csv
+        path = Path(out) / "scan_bench.csv"
+        atomic_write_dataframe_csv(path, pd.DataFrame(rows))
+        print(f"wrote {path}")
+    return rows

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 # H100 / H200 SXM dense bf16 peak (profile.GPU_PEAKS) at 30% MFU: small models (10M-350M) rarely
 # sustain more, and the selective scan is not a matmul

@@ -5,8 +5,9 @@ Figures (PNG, matplotlib's object API on the Agg canvas, so no global backend is
 - frontier.png    loss against training FLOPs, every family on one axis, frontier fits, the bootstrap
                   band continued FIGURE_EXTRAPOLATION beyond the data (dashed = extrapolated), crossovers;
 - allocation.png  compute-optimal N_opt(C) and D_opt(C): Approach 2 minima and fit, Approach 3 implied line;
-- profile.png     tokens/s and peak memory against sequence length, one column per mode (if profile/ exists);
-- position.png, wallclock.png: loss by token position and loss against training time (report_trust.py, with
+- profile.png     tokens/s and peak memory against sequence length, one column per mode (if profile/ exists;
+                  profile.py);
+- position.png, wallclock.png: loss by token position and loss against training time (trust.py, with
                   the backtest, seed-noise and Approach 1 sections).
 A family has the same colour in every figure. The report holds no timings and no clock or version stamp in
 its PNGs, so regenerating it from the same study directory rewrites the same bytes.
@@ -14,8 +15,6 @@ its PNGs, so regenerating it from the same study directory rewrites the same byt
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import os
 import re
@@ -24,54 +23,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .colors import family_colors
-from .errors import UserError
-from .fit import (DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, LoadedRuns, fit_json, fit_notes, fit_runs,
+from ..errors import UserError
+from ..fit import (DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, LoadedRuns, fit_json, fit_notes, fit_runs,
                   fmt_value, format_fit, frontier_loss, load_runs, quantity_rows)
-from .fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir
-from .report_contrast import contrast_section
-from .report_trust import trust_sections
+from ..fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir
+from .colors import family_colors
+from .contrast import contrast_section
+from .figures import _figure, _mathtext_sci, _minor_2_5, _png, _sci
+from .profile import _profile_families, _profile_section, _read_profile, profile_figure
+from .provenance import _provenance
+from .trust import trust_sections
 
 _LOSS_LABEL = "validation loss (nats/token)"
 _FLOPS_LABEL = "training FLOPs C"
 _PARAMS_LABEL = "non-embedding parameters N"
-
-
-def _figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 4.6, **kw):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
-    return fig, axes
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})   # no version stamp: same bytes
-    return buf.getvalue()
-
-
-def _sci(x: float) -> str:
-    """1.2e+15 -> '1.2e15' for labels."""
-    mant, _, exp = f"{x:.2g}".partition("e")
-    return f"{mant}e{int(exp)}" if exp else mant
-
-
-# ---------------------------------------------------------------------------------------------------
-# Figures
-
-def _minor_2_5(label):
-    """A minor log-axis tick formatter labelling only 2x and 5x a power of ten, with label(v)."""
-    def fmt(v: float, _pos=None) -> str:
-        return label(v) if round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""
-    return _mpl_ticker().FuncFormatter(fmt)
-
-
-def _mathtext_sci(v: float) -> str:
-    """20000 -> '$2\\times10^{4}$'."""
-    exp = math.floor(math.log10(v))
-    return rf"${round(v / 10 ** exp)}\times10^{{{exp}}}$"
 
 
 def isoflop_figure(table: pd.DataFrame, fit: dict, colors: dict):
@@ -233,65 +198,6 @@ def allocation_figure(fit: dict, colors: dict):
     return fig
 
 
-def profile_figure(profile: pd.DataFrame, colors: dict):
-    modes = [m for m in ("train", "prefill", "generate") if m in set(profile["mode"])]
-    modes += sorted(set(profile["mode"]) - set(modes))
-    fig, axes = _figure(ncols=len(modes), nrows=2, width=4.8, height=3.8)
-    styles = ["-", "--", ":", "-."]
-    for j, mode in enumerate(modes):
-        pm = profile[profile["mode"] == mode]
-        for name in sorted(set(pm["family"])):
-            pf = pm[pm["family"] == name]
-            batches = sorted(set(pf["batch"]))
-            for k, batch in enumerate(batches):
-                rows = pf[pf["batch"] == batch].sort_values("seq_len")
-                ok = rows[rows["status"] == "ok"]
-                bad = rows[rows["status"] != "ok"]
-                label = name if len(batches) == 1 else f"{name} (batch {batch})"
-                for i, (col, scale) in enumerate((("tokens_per_s", 1.0), ("peak_mem_bytes", 2.0 ** -20))):
-                    ax = axes[i][j]
-                    ax.plot(ok["seq_len"], ok[col] * scale, styles[k % 4], marker="o", ms=4,
-                            color=colors.get(name, "#000000"), label=label)
-                    for L, status in zip(bad["seq_len"], bad["status"]):
-                        ax.plot(L, 0.94, "x", ms=9, mew=2, color=colors.get(name, "#000000"),
-                                transform=ax.get_xaxis_transform())
-                        ax.annotate(f"{name}: {status}", (L, 0.94), xycoords=("data", "axes fraction"),
-                                    xytext=(-6, -4), textcoords="offset points", fontsize=8, ha="right",
-                                    va="top")
-        seq_lens = sorted(set(pm["seq_len"].dropna().astype(int)))
-        for i, ylabel in enumerate(("throughput (tokens/s)", "peak memory added (MiB)")):
-            ax = axes[i][j]
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xticks(seq_lens, [str(v) for v in seq_lens])
-            ax.xaxis.set_minor_formatter(_mpl_ticker().NullFormatter())
-            ax.yaxis.set_major_formatter(_mpl_ticker().FuncFormatter(lambda v, _: _human(v)))
-            ax.yaxis.set_minor_formatter(_minor_2_5(_human))
-            ax.set_xlabel("sequence length (tokens)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{mode}: {ylabel.split(' (')[0]}")
-            ax.grid(True, which="both", alpha=0.25)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-    return fig
-
-
-def _mpl_ticker():
-    import matplotlib.ticker
-    return matplotlib.ticker
-
-
-def _human(v: float) -> str:
-    """Tick labels without exponents: 0.3, 20, 200k, 1.5M."""
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if v >= scale:
-            return f"{v / scale:g}{suffix}"
-    return f"{v:g}"
-
-
-# ---------------------------------------------------------------------------------------------------
-# report.md
-
 def _fit_table(fam: dict, ci: float) -> list[str]:
     lines = [f"| approach | quantity | value | {ci:.0%} interval |", "|---|---|---|---|"]
     lines += [f"| {approach} | {k} | {value} | {interval or 'no bootstrap'} |"
@@ -301,43 +207,6 @@ def _fit_table(fam: dict, ci: float) -> list[str]:
         notes.append("frontier: a resample's point at a budget is the best run it drew, so the interval reflects "
                      "which runs were made, not the seed-to-seed noise of the best run itself (one seed per point)")
     return lines + [""] + [f"- {n}." for n in notes]
-
-
-def _provenance(csv: Path, fit: dict) -> list[str]:
-    from . import __version__
-    from .provenance import source_commit, versions
-    raw = pd.read_csv(csv, dtype=str)
-    lines = ["| field | value |", "|---|---|"]
-
-    def uniq(col):
-        if col not in raw.columns:
-            return "(not recorded)"
-        vals = sorted(set(raw[col].dropna()))
-        return ", ".join(f"`{v}`" for v in vals) if vals else "(empty)"
-
-    lines.append(f"| results.csv sha256 | `{fit['source']['sha256']}` |")
-    lines.append(f"| data fingerprint(s) | {uniq('data_fingerprint')} |")
-    lines.append(f"| training commit(s) | {uniq('commit')} |")
-    lines.append(f"| device(s) | {uniq('device')} |")
-    lines.append(f"| FLOPs convention | {uniq('flops_convention')} |")
-    if "versions" in raw.columns:
-        merged: dict[str, set] = {}
-        for blob in raw["versions"].dropna():
-            try:
-                for k, v in json.loads(blob).items():
-                    merged.setdefault(k, set()).add(str(v))
-            except (json.JSONDecodeError, AttributeError):
-                continue
-        if merged:
-            lines.append("| training versions | " + ", ".join(f"{k} {'/'.join(sorted(v))}"
-                                                           for k, v in sorted(merged.items())) + " |")
-    here = versions()
-    import matplotlib
-    import scipy
-    lines.append(f"| report generated by | ssmscale {__version__}, source commit `{source_commit()}`, "
-                 f"numpy {here.get('numpy')}, scipy {scipy.__version__}, pandas {pd.__version__}, "
-                 f"matplotlib {matplotlib.__version__} |")
-    return lines
 
 
 def _lr_section(study: Path) -> list[str]:
@@ -375,88 +244,6 @@ def _lr_section(study: Path) -> list[str]:
         out += ["", f"**{edges} best learning rate(s) at an end of the grid**: the optimum may lie outside it; "
                     "widen the grid there before trusting that comparison."]
     return out
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _profile_meta(study: Path) -> dict:
-    """profile.json's descriptive fields, each kept only if it has the shape the report prints (a file of
-    another shape is ignored with a line saying so: the numbers themselves come from profile.csv)."""
-    from .safeload import FileRefused, read_json
-    path = study / "profile" / "profile.json"
-    try:
-        meta = read_json(path)
-    except FileNotFoundError:
-        return {}
-    except FileRefused as exc:
-        print(f"{exc}; ignored")
-        return {}
-    if not isinstance(meta, dict):
-        print(f"{path}: not a JSON object; ignored")
-        return {}
-    out = {k: meta[k] for k in ("batch", "gen_tokens", "device", "peak_note")
-           if _is_number(meta.get(k)) or isinstance(meta.get(k), str)}
-    shapes, growth = meta.get("shapes"), meta.get("growth")
-    if isinstance(shapes, dict) and all(isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)
-                                        for v in shapes.values()):
-        out["shapes"] = shapes
-    if isinstance(growth, dict) and all(
-            isinstance(g, dict) and all(g.get(k) is None or _is_number(g.get(k)) for k in ("time", "memory"))
-            and isinstance(g.get("lengths", []), list) for g in growth.values()):
-        out["growth"] = growth
-    return out
-
-
-def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
-    """The profile as numbers: tokens/s and peak memory per mode and length, and the growth exponents."""
-    meta = _profile_meta(study)
-    families = list(dict.fromkeys(profile["family"].astype(str)))
-    out = ["## Profile", "", f"From `{study / 'profile' / 'profile.csv'}` (`ssmscale profile`)."]
-    shapes = meta.get("shapes", {})
-    if shapes:
-        out.append("Models: " + "; ".join(f"{f} d_model {v[0]} x {v[1]} layers, {v[2]:,} non-embedding parameters"
-                                          for f, v in shapes.items()) + ".")
-    facts = [f"batch {meta['batch']}" if "batch" in meta else "",
-             f"{meta['gen_tokens']} decoded tokens per generation point" if "gen_tokens" in meta else "",
-             f"device {meta['device']}" if "device" in meta else "",
-             f"MFU peak: {meta['peak_note']}" if "peak_note" in meta else ""]
-    if any(facts):
-        out.append("; ".join(f for f in facts if f) + ".")
-    out += ["Peak MiB: the memory a step adds over its fresh process's baseline (weights, optimiser state and "
-            "inputs excluded; generation includes the KV cache or the recurrent state).", ""]
-    head = "| mode | L | " + " | ".join(f"{f} tokens/s | {f} peak MiB" for f in families) + " |"
-    head += "".join(f" {f} / {families[0]} tokens/s |" for f in families[1:])
-    out += [head, "|" + "---|" * (head.count("|") - 1)]
-    for (mode, seq_len), grp in profile.groupby(["mode", "seq_len"], sort=False):
-        cells, speed = [], {}
-        for f in families:
-            row = grp[grp["family"].astype(str) == f]
-            if row.empty:
-                cells += ["", ""]
-                continue
-            r = row.iloc[0]
-            if r["status"] == "ok":
-                speed[f] = float(r["tokens_per_s"])
-                cells += [f"{r['tokens_per_s']:,.0f}", f"{r['peak_mem_bytes'] / 2**20:,.1f}"]
-            else:
-                cells += [r["status"], ""]
-        line = f"| {mode} | {int(seq_len)} | " + " | ".join(cells) + " |"
-        first = families[0]
-        line += "".join(f" {speed[f] / speed[first]:.2f}x |" if first in speed and f in speed else " |"
-                        for f in families[1:])
-        out.append(line)
-    growth = meta.get("growth", {})
-    if growth:
-        out += ["", "Growth with L (log-log slope of step time and peak memory against L, over the lengths listed):",
-                "", "| family / mode | time exponent | memory exponent | lengths |", "|---|---|---|---|"]
-        for key, g in growth.items():
-            lengths = g.get("lengths", [])
-            span = f"{lengths[0]}-{lengths[-1]}" if lengths else ""
-            time_, memory = ("n/a" if g.get(k) is None else f"{g[k]:.2f}" for k in ("time", "memory"))
-            out.append(f"| {key} | {time_} | {memory} | {span} |")
-    return out + [""]
 
 
 def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figures: list[str],
@@ -544,11 +331,9 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------------
-
 def cached_fit(study: Path, loaded: LoadedRuns) -> dict | None:
     """STUDY/fit.json when it is a fit of the current results.csv, else None (and a line saying why)."""
-    from .safeload import FileRefused, read_json
+    from ..safeload import FileRefused, read_json
     target = study / "fit.json"
     try:
         fit = read_json(target)
@@ -595,7 +380,7 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     name = study.resolve().name
     out = Path(out_dir) if out_dir is not None else Path("reports") / name
     check_writable_dir(out, "report folder (--out)")     # before a fit that may take minutes
-    from .report_recall import is_fixed_length_study, write_recall_report
+    from .recall import is_fixed_length_study, write_recall_report
     if is_fixed_length_study(study):      # no budgets, no scaling law: the recall report
         return write_recall_report(study, out)
     loaded = load_runs(study)
@@ -636,38 +421,3 @@ def _render(name: str, study: Path, loaded: LoadedRuns, fit: dict, profile) -> t
     sections, trust_figures = [*sections, *contrast], {**trust_figures, **contrast_figures}
     markdown = render_markdown(name, study, loaded, fit, list(figures), profile, sections)
     return {fig_name: _png(fig) for fig_name, fig in {**figures, **trust_figures}.items()}, markdown
-
-
-_PROFILE_COLUMNS = ("family", "mode", "seq_len", "batch", "tokens_per_s", "peak_mem_bytes", "status")
-
-
-def _read_profile(study: Path) -> pd.DataFrame | None:
-    path = study / "profile" / "profile.csv"
-    if not path.is_file():
-        return None
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not a readable CSV ({str(exc).splitlines()[0] if str(exc) else exc})") from None
-    missing = [c for c in _PROFILE_COLUMNS if c not in df.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
-    df["status"] = df["status"].astype(str).str.strip()
-    for col in ("family", "mode"):
-        df[col] = df[col].astype(str)
-    for col in ("seq_len", "batch", "tokens_per_s", "peak_mem_bytes"):
-        df[col] = pd.to_numeric(df[col], errors="coerce")
-    usable = np.isfinite(df[["seq_len", "batch"]]).all(axis=1) & (df[["seq_len", "batch"]] >= 1).all(axis=1)
-    if not usable.all():
-        print(f"{path}: ignored {int((~usable).sum())} rows without a positive seq_len and batch")
-    return df[usable]
-
-
-def _profile_families(study: Path) -> list[str]:
-    path = study / "profile" / "profile.csv"
-    if not path.is_file():
-        return []
-    try:
-        return [str(f) for f in pd.read_csv(path, usecols=["family"])["family"].dropna().unique()]
-    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
-        return []

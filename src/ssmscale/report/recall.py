@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import sweep
-from .errors import UserError
-from .fsutil import atomic_write_bytes, atomic_write_text
-from .report import _figure, _png, _provenance, family_colors
+from ..config import sweep
+from ..errors import UserError
+from ..fsutil import atomic_write_bytes, atomic_write_text
+from .colors import family_colors
+from .figures import _figure, _png
+from .provenance import _provenance
 
 SOLVED = 0.99          # a cell counts as solved at this accuracy (Zoology plots reach ~1.0 when solved)
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -144,7 +146,7 @@ def _panel_figure(best: pd.DataFrame, facts: dict, colors: dict, x: str, xlabel:
             else:       # bytes: "10k" at powers of ten, "20k" / "50k" between (the default labels collide)
                 from matplotlib.ticker import FuncFormatter
 
-                from .report import _minor_2_5
+                from .figures import _minor_2_5
                 ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos=None: _bytes_label(v)))
                 ax.xaxis.set_minor_formatter(_minor_2_5(_bytes_label))
             if facts["higher_is_better"]:

@@ -209,9 +209,9 @@ def scan_inputs(batch, d_inner, n_state, length, device, seed=0) -> dict:
 def check_scan(device, sizes: Sizes, deadline, work):
     from functools import partial
 
-    from . import bench_scan
-    from .ops import available_impls, selective_scan
-    from .ops.scan import _REGISTRY, resolve_impl
+    from . import scan as bench_scan
+    from ..ops import available_impls, selective_scan
+    from ..ops.scan import _REGISTRY, resolve_impl
     impls = [i for i in available_impls(device) if i != "ref"]
     if device == "cuda" and "triton" not in impls:
         why = _REGISTRY["triton"].why_unavailable() if "triton" in _REGISTRY else "not registered"
@@ -260,14 +260,14 @@ def ssd_inputs(batch, length, heads, head_dim, groups, n_state, device, seed=0) 
 
 def check_ssd(device, sizes: Sizes, deadline, work):
     try:
-        from .ops.ssd import available_ssd_impls as listing
-        from .ops.ssd import ssd as entry
+        from ..ops.ssd import available_ssd_impls as listing
+        from ..ops.ssd import ssd as entry
     except ImportError:
         yield Row("ssd", "ssmscale.ops.ssd", "", "not available in this build", "skipped")
         return
     from functools import partial
 
-    from . import bench_scan
+    from . import scan as bench_scan
     impls = [i for i in listing(device) if i != "ref"]
     fastest = None
     for impl in impls:
@@ -300,9 +300,9 @@ def check_ssd(device, sizes: Sizes, deadline, work):
 def check_train(device, sizes: Sizes, deadline, work):
     import csv
 
-    from .config import RunConfig, validate
-    from .models.config import FAMILIES
-    from .train import run_training
+    from ..config import RunConfig, validate
+    from ..models.config import FAMILIES
+    from ..train import run_training
     t = sizes.train
     for family in FAMILIES:
         stop = _out_of_time(deadline, "train", f"{family} bf16-mixed")
@@ -330,7 +330,7 @@ def check_train(device, sizes: Sizes, deadline, work):
 
 # ------------------------------------------------------------------------------------ profile
 def check_profile(device, sizes: Sizes, deadline, work):
-    from .models.config import FAMILIES
+    from ..models.config import FAMILIES
     from .profile import profile_models, shapes_for
     head_dim = sizes.train["head_dim"]
     shapes = shapes_for(FAMILIES, params=sizes.profile_params, head_dim=head_dim)
@@ -373,7 +373,7 @@ def format_table(rows: list[Row]) -> str:
 def write_csv(rows: list[Row], path: Path) -> None:
     import pandas as pd
 
-    from .fsutil import atomic_write_dataframe_csv
+    from ..fsutil import atomic_write_dataframe_csv
     atomic_write_dataframe_csv(path, pd.DataFrame([asdict(r) for r in rows], columns=list(COLUMNS)))
 
 

@@ -1,6 +1,6 @@
 """Time one step of work and measure its peak extra memory in a fresh Python process.
 
-Used by the scan benchmark (bench_scan.py) and meant for the model profiler too. A measurement
+Used by the scan benchmark (bench/scan.py) and meant for the model profiler too. A measurement
 names a *prepare* function as "package.module:function". In the child process it is called with
 the given keyword arguments, allocates its inputs, and returns a zero-argument callable: one step
 (a forward, a training step, ...). A prepare function should first run its step once at a tiny
@@ -60,7 +60,7 @@ def run_isolated(func_path: str, kwargs: dict | None = None, *, repeats: int = 5
                 mem_limit_bytes=mem_limit_bytes, compete=compete, matmul_peak=matmul_peak)
     with tempfile.TemporaryDirectory(prefix="ssmscale-memprobe-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-c", "from ssmscale.memprobe import _child_main; _child_main()",
+        cmd = [sys.executable, "-c", "from ssmscale.bench.memprobe import _child_main; _child_main()",
                json.dumps(spec), str(out)]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
@@ -145,7 +145,7 @@ class Competitors:
 
 
 def _child_main():
-    from .threads import configure_waiting
+    from ..threads import configure_waiting
     configure_waiting()      # before torch is imported (see threads.py)
     spec, out = json.loads(sys.argv[1]), Path(sys.argv[2])
     result = _measure(**spec)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .fit import FIGURE_EXTRAPOLATION, LoadedRuns, fmt_value, frontier_loss
-from .fit.text import (backtest_order_lines, backtest_rows, calibration_rows, fmt_interval, seed_gap_lines,
-                       threshold_lines, wallclock_statement)
-from .forecast import score_forecasts, score_lines
+from ..fit import FIGURE_EXTRAPOLATION, LoadedRuns, fmt_value, frontier_loss
+from ..fit.forecast import score_forecasts, score_lines
+from ..fit.text import (backtest_order_lines, backtest_rows, calibration_rows, fmt_interval, seed_gap_lines,
+                        threshold_lines, wallclock_statement)
 
 CHOSHEN_ARE = 0.04       # Choshen et al. 2024: ~4% ARE is the best typically reached predicting a larger model
 
@@ -155,7 +155,7 @@ def _best_run_positions(study: Path, loaded: LoadedRuns) -> dict:
 
 
 def _context_gain(v: np.ndarray) -> float:
-    from .train import context_gain
+    from ..train import context_gain
     return context_gain([float(x) for x in v])
 
 
