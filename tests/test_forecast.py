@@ -58,6 +58,7 @@ def test_a_forecast_holds_calibrated_predictions_order_and_provenance(forecast):
         assert p["budget"] == NEW and p["distance"] == pytest.approx(1.0)
         v = p["frontier"]["loss"]
         assert v["lo"] < v["value"] < v["hi"]                     # calibrated on the study's own backtests
+        assert v["lo"] < v["centre"] < v["hi"]
         assert p["parametric"]["n_opt"]["value"] > 0 and p["approach2"]["n_opt"]["lo"] is not None
     (row,) = body["order"]
     assert row["families"] == ["mamba", "transformer"]

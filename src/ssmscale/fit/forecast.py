@@ -84,15 +84,16 @@ def make_forecast(study, budgets: list[float], *, n_boot: int, seed: int, n_jobs
                         f"{study / 'results.csv'}: a forecast is made before the runs exist")
     out_dir = study / FORECAST_DIR
     check_writable_dir(out_dir, "forecast folder")     # before the fit, which takes minutes
+    commit, now = source_commit(), datetime.now(timezone.utc)    # the code and the time the forecast starts from
     result = fit_runs(loaded, n_boot=n_boot, seed=seed, n_jobs=n_jobs, progress=progress, keep_samples=True,
                       parametric_grid=parametric_grid)
-    body = forecast_body(result, budgets, study.name)
+    body = forecast_body(result, budgets, study.name, now, commit)
     return body, write_forecast(out_dir, body)
 
 
-def forecast_body(result: dict, budgets: list[float], study: str, now: datetime | None = None) -> dict:
-    """The forecast, from a fit_runs result made with keep_samples."""
-    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+def forecast_body(result: dict, budgets: list[float], study: str, now: datetime, commit: str) -> dict:
+    """The forecast, from a fit_runs result made with keep_samples, by the code at `commit` at time `now`."""
+    now = now.astimezone(timezone.utc)
     models = result["calibration"].get("models", {})
     families = {}
     for name, point in result["point"].items():
@@ -103,7 +104,7 @@ def forecast_body(result: dict, budgets: list[float], study: str, now: datetime 
             for c in budgets]}
     body = {"schema": SCHEMA, "kind": "ssmscale forecast", "study": study,
             "made_at": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "source_commit": source_commit(),
+            "source_commit": commit,
             "results": {"sha256": result["source"]["sha256"], "rows_read": result["source"]["rows_read"],
                         "runs_fitted": sum(f["n_runs"] for f in result["families"].values())},
             "settings": {k: result["settings"][k] for k in ("n_boot", "seed", "ci", "parametric_grid")},
@@ -148,8 +149,11 @@ def _predictions(point: dict, samples: list, c: float, distance: float, models: 
         model = models.get(approach, {}).get(quantity, {"skipped": "no backtest to calibrate on"})
         lo, hi = calibration.interval(value, distance, spread, model)
         law_lo, law_hi = _interval(boot, ci)
+        # centre: the middle of the calibrated interval (in log), off the law's value where its backtest
+        # errors lean one way: the law's prediction corrected for the bias its backtests showed
         out.setdefault(approach, {})[quantity] = {
-            "value": value, "lo": lo, "hi": hi, "law_lo": law_lo, "law_hi": law_hi, "spread": spread,
+            "value": value, "centre": None if lo is None else math.sqrt(lo * hi), "lo": lo, "hi": hi,
+            "law_lo": law_lo, "law_hi": law_hi, "spread": spread,
             "calibration": model.get("method", model.get("skipped"))}
     return out
 
@@ -207,11 +211,7 @@ def forecast_lines(body: dict, path: Path) -> list[str]:
              f"(results.csv sha256 {body['results']['sha256'][:12]}, {body['results']['runs_fitted']} runs fitted)"]
     for name, fam in body["families"].items():
         for p in fam["predictions"]:
-            bits = [f"{_label(a, q)} {_fmt(v['value'])} " + (
-                        f"[{_fmt(v['lo'])}, {_fmt(v['hi'])}]" if v["lo"] is not None else
-                        f"(not calibrated: {v['calibration']}; the law's bootstrap interval alone "
-                        f"[{_fmt(v['law_lo'])}, {_fmt(v['law_hi'])}])")
-                    for a, q in PREDICTED if (v := p.get(a, {}).get(q))]
+            bits = [f"{_label(a, q)} {_shown(v)}" for a, q in PREDICTED if (v := p.get(a, {}).get(q))]
             lines.append(f"  {name} at {p['budget']:.3g} FLOPs ({p['distance']:.2f} decades beyond its largest "
                          f"budget): " + "; ".join(bits))
     for row in body["order"]:
@@ -224,6 +224,16 @@ def forecast_lines(body: dict, path: Path) -> list[str]:
     lines.append(f"  intervals: {ci:.0%} prediction intervals calibrated on the study's backtests (docs/forecast.md)")
     lines.append(f"wrote {path}; commit it before training these budgets, then `ssmscale report` scores it")
     return lines
+
+
+def _shown(v: dict) -> str:
+    """A prediction, its interval, and its centre where the backtests moved it off the law's value."""
+    if v["lo"] is None:
+        return (f"{_fmt(v['value'])} (not calibrated: {v['calibration']}; the law's bootstrap interval alone "
+                f"[{_fmt(v['law_lo'])}, {_fmt(v['law_hi'])}])")
+    leans = abs(v["centre"] / v["value"] - 1) > 1e-9
+    return (f"{_fmt(v['value'])} " + (f"(centre {_fmt(v['centre'])}: its backtests lean) " if leans else "")
+            + f"[{_fmt(v['lo'])}, {_fmt(v['hi'])}]")
 
 
 def _label(approach: str, quantity: str) -> str:
