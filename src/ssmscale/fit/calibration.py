@@ -42,7 +42,8 @@ import numpy as np
 from scipy.stats import binomtest, t as student_t
 
 MIN_RECORDS = 4          # fewer backtest errors than this calibrate nothing
-SIGN_TEST_P = 0.05       # errors lean one way when a two-sided sign test rejects at this level
+SIGN_TEST_P = 0.01       # errors lean one way when a two-sided sign test rejects at this level (strict:
+                         # observations predicted by the same refits are not independent)
 LOG_BOUND = -20.0        # sigma and tau below exp(-20) are 0
 SCALE_FLOOR = 1e-4       # s(d) never below this (a fit through every point has s0 = 0)
 
