@@ -3,7 +3,6 @@ laws against ranking at the largest budget trained, and the caveats the Summary 
 
 from __future__ import annotations
 
-import numpy as np
 
 from ssmscale import fit
 from ssmscale.fit.decision import decision_accuracy

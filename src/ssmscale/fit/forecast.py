@@ -380,6 +380,25 @@ def _git_order(study: Path, path: Path, run_ids: list[str]) -> bool | None:
     return True
 
 
+def summary_line(score: dict) -> str:
+    """One line for the report's Summary: how a forecast on file did, or that it waits for its runs."""
+    head = f"forecast {Path(score['path']).name} (made {score['made_at']} from commit `{score['source_commit'][:12]}`)"
+    if score["pending"]:
+        return f"{head}: pending, no runs at {', '.join(f'{c:.3g}' for c in score['budgets'])} FLOPs yet"
+    parts = []
+    for approach, quantity in PREDICTED:
+        got = [v["inside"] for e in score["families"] for v in e["scores"]
+               if (v["approach"], v["quantity"]) == (approach, quantity) and v["inside"] is not None]
+        ares = [v["are"] for e in score["families"] for v in e["scores"] if (v["approach"], v["quantity"]) == (approach, quantity)]
+        if ares:
+            parts.append(f"{_label(approach, quantity)} mean ARE {np.mean(ares):.1%}, {sum(got)}/{len(got)} inside")
+    for approach in ORDERED:
+        right = [o[approach]["right"] for o in score["order"] if approach in o]
+        if right:
+            parts.append(f"{approach} order right {sum(right)}/{len(right)}")
+    return f"{head}: " + "; ".join(parts) + f"; {score['came_first']['statement']}"
+
+
 def score_lines(scores: list[dict]) -> list[str]:
     """Markdown for the report: every forecast on file and its score."""
     if not scores:

@@ -26,6 +26,7 @@ import pandas as pd
 from ..errors import UserError
 from ..fit import (DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, LoadedRuns, fit_json, fit_notes, fit_runs,
                   fmt_value, format_fit, frontier_loss, load_runs, quantity_rows)
+from ..fit.forecast import score_forecasts, summary_line
 from ..fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir
 from .caveats import family_caveats, lr_grid, pair_caveats, weakened
 from .colors import family_colors
@@ -262,6 +263,7 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
                      + weakened(pair_caveats(pair, fit, _sci)))
     if fit.get("decision", {}).get("rows"):
         lines.append(f"- **Decision accuracy** (backtests): {fit['decision']['statement']}.")
+    lines += [f"- **Forecast**: {summary_line(score)}." for score in score_forecasts(study, loaded)]
     lines += ["", "## Data", ""]
     lines.append(f"- {fit['source'].get('rows_read', '?')} rows read from `{loaded.source['csv']}`; "
                  f"{len(loaded.table)} runs kept for fitting.")
