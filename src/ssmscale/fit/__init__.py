@@ -5,10 +5,13 @@ Modules: runs (CSV in, cleaning, one family as arrays), laws (the log-sum-exp Hu
 L-BFGS), frontier, approach1, approach2, approach3, wallclock (one per law), crossover, bootstrap, seeds (seed
 spread beside family gaps), backtest (hold out the largest budgets, predict them), calibration (prediction
 intervals calibrated on the backtests' errors), multiplier (the compute multiplier against a baseline family),
+sanity (flags a law's numbers cannot hide), decision (laws against the single-scale baseline at ranking families),
+forecast (pre-registered forecasts and their scores),
 pipeline (fit everything, write fit.json), text (the printed summary and notes). `ssmscale.fit` re-exports the public names below.
 
 Everything here is a pure function of a table of runs (params N, tokens D, flops C, loss L, family,
-IsoFLOP group), except `load_runs` (reads a CSV) and `fit_study` / `fit_path` (read, fit, write fit.json).
+IsoFLOP group), except `load_runs` (reads a CSV), `fit_study` / `fit_path` (read, fit, write fit.json) and
+forecast.py (writes a study's forecasts/, reads them back with the runs' result.json and git to score them).
 
 Fits (all losses in nats/token, N = non-embedding parameters, C = training FLOPs):
 - frontier:   L(C) = E + A * C^-alpha on the best run of each IsoFLOP budget, fitted as
@@ -100,6 +103,9 @@ fit.json (written by `fit_path` / `fit_study`):
   "backtest":  {"mode": "budgets" | "threshold" | "off", "reason" (off), "holdout_above" (threshold),
                 "pairs": [{"families", "held_out": [{"k", "budget", "observed_gap", "observed_lower",
                            "frontier" | "parametric": {"gap": Q, "predicted_lower", "order_matches", "gap_covered"}}]}]},
+  "decision":  {"rows": [{"families", "k", "budget", "observed_lower", "frontier" | "parametric": {"lower", "right"},
+                 "baseline": {"reference_budget", "lower", "right"}}], "summary": {predictor: {"right", "n"}},
+                "statement"},                         # decision.py: laws against the single-scale baseline
   "calibration": {"mode": "budgets" | "threshold" | "off", "ci", "reason" (off),
                   "models": {approach: {quantity: M}},    # calibrated on every backtest error: what forecasts use
                   "table": [{"approach", "quantity", "nominal", "bootstrap": C, "calibrated": C}],
@@ -113,7 +119,9 @@ fit.json (written by `fit_path` / `fit_study`):
 Each V also holds "distance" (decades beyond the largest fitted budget or run), "s0" (the refit's in-sample
 scatter), "spread" (the prediction's bootstrap spread) and "calibrated": {"lo", "hi", "covered", "n_cal",
 "method"}; summaries add "calibrated": {"covered", "checked"}; threshold backtests add "inner_cuts", "s0".
-Every fitted approach block holds "collapsed": [quantities whose bootstrap interval has zero width].
+Every fitted approach block holds "collapsed": [quantities whose bootstrap interval has zero width]; every
+family "sanity": [{"approach", "kind", "message"}] (sanity.py: E above an observed loss, a law above the data
+at the largest budgets, an exponent at the edge of its search).
 M = {"n", "s0", "sigma", "tau", "center", "lean_p", "q", "method"} or {"n", "skipped"} (calibration.py).
 C = {"checked", "covered", "median_abs_error", "median_width", "width_ratio"} (log scale).
 (settings also holds "baseline"; fit.json files written before the multiplier existed lack both keys.)

@@ -35,6 +35,8 @@ from .frontier import frontier_loss
 from .laws import HUBER_DELTA, _one_blas_thread
 from .multiplier import DEFAULT_BASELINE, fit_multipliers
 from .runs import MIN_RUNS_PER_BUDGET, FamilyRuns, LoadedRuns, load_runs
+from .decision import decision_accuracy
+from .sanity import sanity_flags
 from .seeds import seed_gaps, seed_noise
 from .text import format_fit
 
@@ -106,6 +108,7 @@ def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DE
             out_families[name][approach] = _summarise(approach, point[name][approach],
                                                       [s[name].get(approach) for s in samples], ci)
         out_families[name]["seed_noise"] = seed_noise(runs)
+        out_families[name]["sanity"] = sanity_flags(point[name], runs)
         if tested is not None:
             out_families[name]["backtest"] = tested["families"][name]
     return {
@@ -132,6 +135,8 @@ def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DE
                       "crossover": _crossovers(point, samples, ci, key="wallclock")},
         "seed_noise": seed_gaps(point),
         "backtest": _backtest_block(mode, tested, holdout_above, loaded, backtest),
+        "decision": (decision_accuracy(families, tested) if mode == "budgets" else
+                     {"rows": [], "summary": {}, "statement": "no budget backtest, so no decisions to score"}),
         "calibration": ({"ci": ci, **tested["calibration"]} if tested is not None else
                         {"mode": "off", "reason": "no backtest, so nothing to calibrate prediction intervals on"}),
         "multiplier": fit_multipliers(point, samples, ci, baseline,

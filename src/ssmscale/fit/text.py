@@ -79,6 +79,7 @@ def fit_notes(fam: dict) -> list[str]:
                              f"not used ({_list(few)} FLOPs)")
             other = [e for e in block["budgets"] if not e["used"] and e["n_sizes"] >= MIN_RUNS_PER_BUDGET]
             notes += [f"approach2: budget {e['budget']:.3g} not used: {e['reason']}" for e in other]
+    notes += [f"SANITY FLAG: {flag['message']}" for flag in fam.get("sanity", [])]
     bt = fam.get("backtest", {})
     notes += [f"BACKTEST FLAG: {flag}" for flag in bt.get("flags", [])]
     if "skipped" in bt:
@@ -297,6 +298,8 @@ def format_fit(result: dict) -> str:
         lines.append("")
         lines.append("crossover:")
         lines += [f"  {' vs '.join(p['families'])}: {p['statement']}" for p in pairs]
+    if result.get("decision", {}).get("rows"):
+        lines += ["", f"decision accuracy: {result['decision']['statement']}"]
     for title, body in (("backtest order", backtest_order_lines(result)), ("seed noise", seed_gap_lines(result))):
         if body:
             lines += ["", f"{title}:"] + [f"  {line}" for line in body]

@@ -30,7 +30,9 @@ import pandas as pd
 from ..errors import UserError
 from ..fit import (DEFAULT_BASELINE, DEFAULT_N_BOOT, LoadedRuns, fit_json, fit_notes, fit_runs, fmt_value, format_fit,
                    frontier_loss, load_runs, quantity_rows)
+from ..fit.forecast import score_forecasts, summary_line
 from ..fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir
+from .caveats import family_caveats, lr_grid, pair_caveats, weakened
 from .colors import family_colors
 from .contrast import contrast_section
 from .figures import _figure, _png, _sci
@@ -85,29 +87,16 @@ def _fit_table(fam: dict, ci: float) -> list[str]:
 def _lr_section(study: Path) -> list[str]:
     """Where a learning-rate grid was tried: the best rate per family, size and budget, and a warning
     where it sits at an end of the grid (the optimum may lie outside it)."""
-    csv = study / "results.csv"
-    if not csv.is_file():
-        return []
-    df = pd.read_csv(csv)
-    if not {"lr", "family", "params", "budget", "loss", "status"} <= set(df.columns):
-        return []
-    ok = df[(df["status"] == "ok") & np.isfinite(df["loss"])]
-    rows, edges = [], 0
-    for (fam, params, budget), g in ok.groupby(["family", "params", "budget"]):
-        if g["lr"].nunique() < 2:
-            continue
-        best = g.loc[g["loss"].idxmin()]
-        lrs = sorted(g["lr"].unique())
-        edge = best["lr"] in (lrs[0], lrs[-1])
-        edges += edge
-        tried = ", ".join(f"{x:.3g}" for x in lrs)
-        rows.append(f"| {fam} | {int(params):,} | {_sci(budget)} | {tried} | **{best['lr']:.3g}**"
-                    f"{' (edge)' if edge else ''} | {best['loss']:.4f} |")
+    grid = lr_grid(study)
+    edges = sum(r["edge"] for r in grid)
+    rows = [f"| {r['family']} | {int(r['params']):,} | {_sci(r['budget'])} | {', '.join(f'{x:.3g}' for x in r['lrs'])} "
+            f"| **{r['best_lr']:.3g}**{' (edge)' if r['edge'] else ''} | {r['loss']:.4f} |" for r in grid]
     if not rows:
         return []
     out = ["", "## Learning rates", "",
            "Best learning rate per family, size and budget where a grid was tried (the fits use that run).", "",
            "| family | params | budget | learning rates tried | best | loss |", "|---|---|---|---|---|---|"] + rows
+    df = pd.read_csv(study / "results.csv")
     if "lr_source" in df.columns:
         tuned = df[df["lr_source"].astype(str).str.startswith("tuned")]
         if len(tuned):
@@ -123,6 +112,7 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
                     profile: pd.DataFrame | None = None, sections: list[str] = (), lead: list[str] = ()) -> str:
     s = fit["settings"]
     ci = s["ci"]
+    grid = lr_grid(study)
     lines = [f"# Scaling study `{name}`", "",
              f"Regenerate with `ssmscale report {study}`: everything below comes from that directory alone "
              f"(results.csv, config.yaml, fit.json, profile/).", "", *lead, "## Summary", ""]
@@ -140,10 +130,15 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
                             f"[{fmt_value(block['a']['lo'])}, {fmt_value(block['a']['hi'])}], "
                             f"D_opt ∝ C^{fmt_value(block['b']['value'])} "
                             f"[{fmt_value(block['b']['lo'])}, {fmt_value(block['b']['hi'])}]")
-        lines.append("- " + "; ".join(bits) + ".")
+        lines.append("- " + "; ".join(bits) + "." + weakened(family_caveats(fam_name, fam, grid, _sci)))
     if fit["crossover"]["pairs"]:
         lines += ["", "Where the frontiers cross (frontier.png's right panel shows each family's gap to the "
                       f"{GAP_BASELINE}):", ""] + _crossover_table(fit)
+        caveats = [(pair["families"], pair_caveats(pair, fit, _sci)) for pair in fit["crossover"]["pairs"]]
+        lines += [""] + [f"- {' vs '.join(fams)}:{weakened(c)}" for fams, c in caveats if c]
+    if fit.get("decision", {}).get("rows"):
+        lines.append(f"- **Decision accuracy** (backtests): {fit['decision']['statement']}.")
+    lines += [f"- **Forecast**: {summary_line(score)}." for score in score_forecasts(study, loaded)]
     lines += ["", "## Data", ""]
     lines.append(f"- {fit['source'].get('rows_read', '?')} rows read from `{loaded.source['csv']}`; "
                  f"{len(loaded.table)} runs kept for fitting.")

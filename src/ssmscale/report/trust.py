@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..fit import FIGURE_EXTRAPOLATION, LoadedRuns, fmt_value, frontier_loss
+from ..fit.forecast import score_forecasts, score_lines
 from ..fit.text import (backtest_order_lines, backtest_rows, calibration_rows, fmt_interval, seed_gap_lines,
                         threshold_lines, wallclock_statement)
-from ..fit.forecast import score_forecasts, score_lines
 
 CHOSHEN_ARE = 0.04       # Choshen et al. 2024: ~4% ARE is the best typically reached predicting a larger model
 
