@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 
 FAMILIES = ("transformer", "mamba", "mamba2", "hybrid")
 HYBRID_SSMS = ("mamba2", "mamba")
-SSD_IMPLS = ("auto", "fused", "chunked", "ref")
+SSD_IMPLS = ("auto", "fused", "fused-recurrent", "fused-chunk", "chunked", "ref")
 
 
 def pad_vocab(vocab_size: int, multiple: int = 8) -> int:

@@ -11,6 +11,10 @@ dt bias = inverse softplus of dt log-uniform in [dt_min, dt_max] (floored), D = 
 at PyTorch's defaults; A_log, D and the dt bias get no weight decay (out_proj is rescaled by the LM).
 Generation keeps a conv state (batch, conv channels, d_conv) and an SSM state (batch, H, head_dim, N):
 O(1) per token; a piece of several tokens after the prompt continues both (chunked prefill).
+Where the SSD runs the fused recurrent CPU kernel (fp32 on the CPU), everything between in_proj and
+out_proj runs as one op, `ops.mamba2_inner_fused` (same numbers within fp32 rounding; it keeps less
+for the backward); elsewhere (GPU, no C compiler, another `ssd_impl`, a piece continuing a cache) as
+the composition below.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import ssd
+from ..ops.mamba2_inner import fused_supported, mamba2_inner_fused
+from ..ops.ssd import resolve_ssd_impl
 from ..ops.ssd_ref import heads_of_groups
 from .config import ModelConfig
 from .mamba import MambaBlock, causal_depthwise_conv
@@ -82,7 +88,21 @@ class Mamba2Mixer(nn.Module):
         if cache is not None and cache.pos > 0 and u.shape[1] == 1:
             return self.step(u, cache)
         b, L, _ = u.shape
-        z, xBC, dt = self._split(self.in_proj(u))
+        zxbcdt = self.in_proj(u)
+        if (cache is None or cache.pos == 0) and self._runs_fused(zxbcdt):
+            out, last = mamba2_inner_fused(zxbcdt, self.conv1d.weight, self.conv1d.bias, self.dt_bias,
+                                           -torch.exp(self.A_log), self.D, self.norm.weight, self.out_proj.weight,
+                                           heads=self.heads, groups=self.groups, d_state=self.d_state,
+                                           eps=self.norm.eps, return_final_state=True)
+            if cache is not None:
+                xBC = self._split(zxbcdt)[1].transpose(1, 2)
+                keep = min(L, self.d_conv)
+                cache.conv.zero_()
+                cache.conv[..., self.d_conv - keep:] = xBC[..., L - keep:]
+                cache.ssm.copy_(last)
+                cache.pos += L
+            return out
+        z, xBC, dt = self._split(zxbcdt)
         xBC = xBC.transpose(1, 2)                                          # (b, conv channels, L)
         w, bias = self.conv1d.weight, self.conv1d.bias
         if cache is None:
@@ -105,6 +125,15 @@ class Mamba2Mixer(nn.Module):
         else:
             y = out
         return self.out_proj(self.norm(y.flatten(-2), z))
+
+    def _runs_fused(self, zxbcdt) -> bool:
+        """Whether the SSD resolves to the fused recurrent CPU kernel here, on fp32 CPU tensors."""
+        if zxbcdt.device.type != "cpu":
+            return False
+        if resolve_ssd_impl(self.ssd_impl, "cpu", (self.head_dim, self.d_state)) != "fused-recurrent":
+            return False
+        return fused_supported(zxbcdt, self.A_log, self.D, self.dt_bias, self.conv1d.weight, self.norm.weight,
+                               self.out_proj.weight)
 
     def step(self, u, cache: Mamba2Cache):
         """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place."""
