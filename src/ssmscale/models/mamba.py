@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import selective_scan
+from ..ops import decode, selective_scan
 from ..ops.mamba_inner import fused_supported, mamba_inner_fused
 from ..ops.scan import resolve_impl
 from .config import ModelConfig
@@ -131,7 +131,14 @@ class MambaMixer(nn.Module):
         cache.pos += L
 
     def step(self, u, cache: MambaCache):
-        """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place."""
+        """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place: one fused C call where it
+        applies (ops.decode), else `step_reference`."""
+        if decode.supported(self, u, cache):
+            return decode.step(self, u, cache)
+        return self.step_reference(u, cache)
+
+    def step_reference(self, u, cache: MambaCache):
+        """One token, module by module (the definition the fused step is tested against)."""
         x, z = self.in_proj(u[:, 0]).chunk(2, dim=-1)                   # (b, E d)
         cache.conv.copy_(torch.roll(cache.conv, shifts=-1, dims=-1))
         cache.conv[..., -1] = x

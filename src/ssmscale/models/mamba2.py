@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import ssd
+from ..ops import decode, ssd
 from ..ops.mamba2_inner import fused_supported, mamba2_inner_fused
 from ..ops.ssd import resolve_ssd_impl
 from ..ops.ssd_ref import heads_of_groups
@@ -136,7 +136,14 @@ class Mamba2Mixer(nn.Module):
                                self.out_proj.weight)
 
     def step(self, u, cache: Mamba2Cache):
-        """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place."""
+        """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place: one fused C call where it
+        applies (ops.decode), else `step_reference`."""
+        if decode.supported(self, u, cache):
+            return decode.step(self, u, cache)
+        return self.step_reference(u, cache)
+
+    def step_reference(self, u, cache: Mamba2Cache):
+        """One token, module by module (the definition the fused step is tested against)."""
         b = u.shape[0]
         z, xBC, dt = self._split(self.in_proj(u[:, 0]))
         cache.conv.copy_(torch.roll(cache.conv, shifts=-1, dims=-1))

@@ -52,10 +52,30 @@ INLINE float inv_rms(const float *restrict g, int64_t n, double eps) {
     return (float)(1.0 / sqrt((double)ss / (double)n + eps));
 }
 
+/* one group of n channels of a row, backward: dy, dz, out again, and dweight += gout g r */
+INLINE void backward_group(const float *restrict y, const float *restrict z, const float *restrict g,
+                           const float *restrict sig, const float *restrict gout, const float *restrict w,
+                           int64_t n, double eps, float *restrict dw, float *restrict out, float *restrict dy,
+                           float *restrict dz) {
+    const float r = inv_rms(g, n, eps);
+    float dot = 0.f;
+#pragma omp simd reduction(+:dot)
+    for (int64_t c = 0; c < n; c++) dot += gout[c] * w[c] * g[c];
+    const float k3 = r * r * r * dot / (float)n;
+#pragma omp simd
+    for (int64_t c = 0; c < n; c++) {
+        const float gr = g[c] * r, dg = r * gout[c] * w[c] - g[c] * k3;
+        dw[c] += gout[c] * gr;
+        out[c] = gr * w[c];
+        dz[c] = dg * y[c] * sig[c] * (1.f + z[c] * (1.f - sig[c]));   /* dg y silu'(z) */
+        dy[c] = dg * z[c] * sig[c];                                    /* dg silu(z) */
+    }
+}
+
 typedef struct {
     const NormArgs *a;
     int backward;
-    float *scratch;           /* per task: 6 rows of dim floats, then (backward) its dweight sum */
+    float *scratch;           /* per task: 8 rows of dim floats, then (backward) its dweight sum */
 } Call;
 
 static void rows_task(void *ctx, int64_t k, int64_t n_tasks) {
@@ -63,9 +83,9 @@ static void rows_task(void *ctx, int64_t k, int64_t n_tasks) {
     const NormArgs *a = call->a;
     const int64_t rows = a->batch * a->length, lo = rows * k / n_tasks, hi = rows * (k + 1) / n_tasks;
     const int64_t dim = a->dim, n = dim / a->groups;
-    float *buf = call->scratch + k * 7 * dim;
+    float *buf = call->scratch + k * 9 * dim;
     float *y = buf, *z = buf + dim, *g = buf + 2 * dim, *sig = buf + 3 * dim, *o = buf + 4 * dim, *d = buf + 5 * dim;
-    float *dw = buf + 6 * dim;
+    float *dy = buf + 6 * dim, *dz = buf + 7 * dim, *dw = buf + 8 * dim;
     memset(dw, 0, dim * sizeof(float));
     for (int64_t row = lo; row < hi; row++) {
         const int64_t b = row / a->length, t = row % a->length;
@@ -82,23 +102,10 @@ static void rows_task(void *ctx, int64_t k, int64_t n_tasks) {
             continue;
         }
         row_in(&a->gout, b, t, dim, d);
-        for (int64_t s = 0; s < dim; s += n) {
-            const float r = inv_rms(g + s, n, a->eps);
-            float dot = 0.f;
-#pragma omp simd reduction(+:dot)
-            for (int64_t c = s; c < s + n; c++) dot += d[c] * a->weight[c] * g[c];
-            const float k3 = r * r * r * dot / (float)n;
-#pragma omp simd
-            for (int64_t c = s; c < s + n; c++) {
-                const float gr = g[c] * r, dg = r * d[c] * a->weight[c] - g[c] * k3;
-                dw[c] += d[c] * gr;
-                o[c] = gr * a->weight[c];
-                d[c] = dg * y[c] * sig[c] * (1.f + z[c] * (1.f - sig[c]));   /* dz = dg y silu'(z) */
-                y[c] = dg * z[c] * sig[c];                                    /* dy = dg silu(z) */
-            }
-        }
-        row_out(&a->dy, b, t, dim, y);
-        row_out(&a->dz, b, t, dim, d);
+        for (int64_t s = 0; s < dim; s += n) backward_group(y + s, z + s, g + s, sig + s, d + s, a->weight + s, n,
+                                                          a->eps, dw + s, o + s, dy + s, dz + s);
+        row_out(&a->dy, b, t, dim, dy);
+        row_out(&a->dz, b, t, dim, dz);
         if (a->out.data) row_out(&a->out, b, t, dim, o);
     }
 }
@@ -106,7 +113,7 @@ static void rows_task(void *ctx, int64_t k, int64_t n_tasks) {
 static int norm_run(const NormArgs *a, int backward) {
     const int64_t rows = a->batch * a->length;
     const int64_t n = a->n_threads < rows ? (a->n_threads < 1 ? 1 : a->n_threads) : (rows ? rows : 1);
-    Call c = {a, backward, malloc(n * 7 * a->dim * sizeof(float))};
+    Call c = {a, backward, malloc(n * 9 * a->dim * sizeof(float))};
     if (!c.scratch || run_tasks(rows_task, &c, n)) {
         free(c.scratch);
         return 1;
@@ -114,7 +121,7 @@ static int norm_run(const NormArgs *a, int backward) {
     if (backward) {
         memset(a->dweight, 0, a->dim * sizeof(float));
         for (int64_t k = 0; k < n; k++)
-            for (int64_t ch = 0; ch < a->dim; ch++) a->dweight[ch] += c.scratch[(k * 7 + 6) * a->dim + ch];
+            for (int64_t ch = 0; ch < a->dim; ch++) a->dweight[ch] += c.scratch[(k * 9 + 8) * a->dim + ch];
     }
     free(c.scratch);
     return 0;
