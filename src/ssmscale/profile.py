@@ -11,6 +11,9 @@ optimiser state and the inputs are allocated before the baseline and reported se
 - generate: decode `gen_tokens` tokens one at a time after a context of L tokens already in the cache
             (KV caches for attention layers, conv + SSM states for Mamba and Mamba-2 layers); tokens/s
             counts decoded tokens and the memory reported adds the cache itself to the step's peak.
+            Beside it: ms per token and per layer, and the floor a token cannot beat, reading every weight
+            and the whole cache once (their bytes over this machine's read bandwidth at that working set,
+            timed in this run as a matrix-vector product over as many bytes: `read_bandwidth`).
 MFU = achieved model FLOP/s (flops.py: training = 3 x forward; decoding a token at context L
 attends L keys, flops.forward_flops_terms(decode=True)) over the peak: on CPU the median rate of a 2048^3
 fp32 matmul timed in the measuring process right after each of its timed steps (same threads, same moments:
@@ -38,7 +41,9 @@ CSV_COLUMNS = ["family", "mode", "seq_len", "batch", "d_model", "n_layer", "para
                "step_ms", "peak_mem_bytes", "state_bytes", "mfu", "flops_per_token", "status", "error",
                "memory_method", "device", "scan_impl",
                # added with the thread policy (issue #15); older CSVs lack them
-               "threads", "peak_flops", "competitors", "tokens_per_s_compete", "step_ms_compete", "compete_ratio"]
+               "threads", "peak_flops", "competitors", "tokens_per_s_compete", "step_ms_compete", "compete_ratio",
+               # added with the decoding floor (issue #26); generate rows only
+               "ms_per_token_layer", "read_bytes_per_token", "read_gbs", "floor_ms_per_token"]
 
 # dense bf16 tensor-core peaks (FLOP/s), by substring of torch.cuda.get_device_name()
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -257,6 +262,9 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                        "tokens_per_s_compete": float("nan"), "step_ms_compete": None, "compete_ratio": float("nan")}
                 if ok and row["peak_flops"] == row["peak_flops"]:
                     row["mfu"] = tps * fpt / row["peak_flops"]
+                if ok and mode == "generate":
+                    row.update(decode_floor(fam, d, n, L + gen_tokens, batch, head_dim, row["step_ms"] / gen_tokens,
+                                            threads, device))
                 if ok and compete:
                     row.update(tokens_per_s_compete=tokens / (res["median_compete_ms"] / 1e3),
                                step_ms_compete=res["median_compete_ms"])
@@ -265,6 +273,62 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                 if progress:
                     progress(row)
     return rows, peak, peak_note
+
+
+_bandwidth: dict = {}     # (bytes, threads) -> read bandwidth measured in this process
+
+
+def read_bandwidth(nbytes: int, threads=None) -> float:
+    """Bytes per second of reading `nbytes` of fp32 weights once, as batch-1 decoding does: the fastest of
+    repeated matrix-vector products over a matrix that size (what stays in the caches between repeats
+    stays there for a model's weights between tokens too). Measured once per size and process."""
+    import torch
+    key = (int(nbytes), threads)
+    if key not in _bandwidth:
+        if threads:
+            torch.set_num_threads(threads)
+        cols = 1024
+        W = torch.ones(max(1, int(nbytes) // (4 * cols)), cols)
+        x = torch.ones(cols)
+        best = float("inf")
+        for _ in range(12):
+            start = time.perf_counter()
+            torch.mv(W, x)
+            best = min(best, time.perf_counter() - start)
+        _bandwidth[key] = W.numel() * 4 / best
+    return _bandwidth[key]
+
+
+def decode_floor(family, d_model, n_layer, max_len, batch, head_dim, ms_per_token, threads, device) -> dict:
+    """The generate row's per-token figures: ms per token and layer, the bytes a token must read (every
+    weight once, and the cache: KV or recurrent state), the read bandwidth at that working set and the
+    floor those bytes take (CPU only: on a GPU the floor is left empty)."""
+    from .flops import param_counts
+    from .models import ModelConfig
+    cfg = ModelConfig(family=family, d_model=d_model, n_layer=n_layer, head_dim=head_dim)
+    nbytes = 4 * param_counts(cfg)["total"] + state_bytes(family, d_model, n_layer, batch, max_len, head_dim=head_dim)
+    out = {"ms_per_token_layer": ms_per_token / n_layer, "read_bytes_per_token": nbytes,
+           "read_gbs": float("nan"), "floor_ms_per_token": float("nan")}
+    if not device.startswith("cuda"):
+        bw = read_bandwidth(nbytes, threads)
+        out.update(read_gbs=bw / 1e9, floor_ms_per_token=1e3 * nbytes / bw)
+    return out
+
+
+def format_decode_table(rows) -> str:
+    """Per decoded token: ms, ms per layer, the bytes it must read and the floor they take, and the ratio."""
+    lines = [f"{'family':<11} {'L':>6} {'ms/token':>9} {'ms/tok/layer':>12} {'reads MB':>9} {'GB/s':>6} "
+             f"{'floor ms':>9} {'x floor':>8}"]
+    for r in rows:
+        if r["mode"] != "generate" or r["status"] != "ok":
+            continue
+        ms = r["ms_per_token_layer"] * r["n_layer"]
+        floor = r.get("floor_ms_per_token")
+        have = floor is not None and floor == floor
+        lines.append(f"{r['family']:<11} {r['seq_len']:>6} {ms:>9.2f} {r['ms_per_token_layer']:>12.3f} "
+                     f"{r['read_bytes_per_token'] / 1e6:>9.1f} {r['read_gbs'] if have else float('nan'):>6.1f} "
+                     f"{floor if have else float('nan'):>9.2f} {ms / floor if have else float('nan'):>8.1f}")
+    return "\n".join(lines) if len(lines) > 1 else ""
 
 
 def _scan_name(family, scan_impl, device):
@@ -393,6 +457,10 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
                                       mem_limit_bytes=mem_limit_bytes, compete=compete)
     print(f"peak for MFU: {note}")
     print(format_table(rows))
+    if decode := format_decode_table(rows):
+        print("decoding, per token: the floor reads every weight and the whole cache (KV or state) once, at the "
+              "read bandwidth of a matrix-vector product over as many bytes, timed in this run")
+        print(decode)
     growth = growth_exponents(rows)
     if growth:
         print("growth with L (log-log slope, L >= 1024): " + "; ".join(
