@@ -49,3 +49,22 @@ def test_with_autograd_wanted_the_step_is_the_module_by_module_one():
     assert not decode.supported(mixer, u, cache)
     mixer.step(u, cache).sum().backward()          # differentiable: it ran step_reference
     assert u.grad is not None and cache.pos == 6
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_a_decoding_block_in_one_call_equals_norm_mixer_and_residual_module_by_module(family):
+    torch.manual_seed(0)
+    block = LM(ModelConfig(family=family, d_model=40, n_layer=1)).blocks[0].eval()
+    with torch.no_grad():
+        block.norm.weight.copy_(1 + 0.2 * torch.randn(40))
+    cache = block.allocate_cache(2, 16, torch.float32, "cpu")
+    cache.pos = 3
+    ref_cache = copy.deepcopy(cache)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _ in range(4):
+            x = torch.randn(2, 1, 40, generator=g)
+            got = block(x, cache)
+            want = x + block.mixer.step_reference(block.norm(x), ref_cache)
+            assert rel_err(got, want) < 1e-5
+    assert rel_err(cache.ssm, ref_cache.ssm) < 1e-5 and cache.pos == ref_cache.pos == 7

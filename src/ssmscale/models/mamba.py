@@ -133,9 +133,8 @@ class MambaMixer(nn.Module):
     def step(self, u, cache: MambaCache):
         """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place: one fused C call where it
         applies (ops.decode), else `step_reference`."""
-        if decode.supported(self, u, cache):
-            return decode.step(self, u, cache)
-        return self.step_reference(u, cache)
+        out = decode.step(self, u, cache)
+        return self.step_reference(u, cache) if out is None else out
 
     def step_reference(self, u, cache: MambaCache):
         """One token, module by module (the definition the fused step is tested against)."""
@@ -169,6 +168,10 @@ class MambaBlock(nn.Module):
         self.mixer = self.mixer_class(cfg)
 
     def forward(self, x, cache=None):
+        if cache is not None and cache.pos > 0 and x.shape[1] == 1:
+            out = decode.step(self.mixer, x, cache, norm=self.norm)    # the block in one call, where it applies
+            if out is not None:
+                return out
         return x + self.mixer(self.norm(x), cache)
 
     def allocate_cache(self, batch, max_len, dtype, device):

@@ -138,9 +138,8 @@ class Mamba2Mixer(nn.Module):
     def step(self, u, cache: Mamba2Cache):
         """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place: one fused C call where it
         applies (ops.decode), else `step_reference`."""
-        if decode.supported(self, u, cache):
-            return decode.step(self, u, cache)
-        return self.step_reference(u, cache)
+        out = decode.step(self, u, cache)
+        return self.step_reference(u, cache) if out is None else out
 
     def step_reference(self, u, cache: Mamba2Cache):
         """One token, module by module (the definition the fused step is tested against)."""

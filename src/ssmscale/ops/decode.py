@@ -1,14 +1,18 @@
 """Fused decoding steps for the Mamba and Mamba-2 mixers on the CPU: decode_cpu.c via ctypes.
 
 `step(mixer, u, cache)` advances one token: the mixer's whole step (projections, conv, state update,
-gate, norm) in one C call, conv and SSM state updated in place. The definition is each mixer's
-module-by-module `step_reference`; `supported` says when the fused call applies (fp32 CPU tensors,
-no autograd wanted, the kernel built; SSMSCALE_NO_FUSED_STEP=1 turns it off).
+gate, norm) in one C call, conv and SSM state updated in place; it returns None where the fused call
+does not apply (`supported`: fp32 CPU tensors, no autograd wanted, the kernel built;
+SSMSCALE_NO_FUSED_STEP=1 turns it off). The definition is each mixer's module-by-module
+`step_reference`. The call's fixed part (weight pointers, sizes) is built once per mixer and reused
+while the weights stay the same tensors: at batch 1 the Python around the call costs as much as a
+small layer's arithmetic.
 """
 
 from __future__ import annotations
 
 import ctypes
+import weakref
 from pathlib import Path
 
 import torch
@@ -24,7 +28,7 @@ class _Args(ctypes.Structure):
     """Mirror of StepArgs in decode_cpu.c."""
     _fields_ = ([(n, ctypes.c_int64) for n in ("kind", "batch", "d_model", "d_inner", "d_state", "d_conv", "dt_rank",
                                                "heads", "groups", "n_threads")]
-                + [("eps", ctypes.c_double)]
+                + [("eps", ctypes.c_double), ("pre_w", ctypes.c_void_p), ("pre_eps", ctypes.c_double)]
                 + [(n, ctypes.c_void_p) for n in ("u", "in_w", "conv_w", "conv_b", "x_w", "dt_w", "dt_b", "A_log", "D",
                                                   "norm_w", "out_w", "conv_state", "ssm_state", "out", "work")])
 
@@ -48,43 +52,77 @@ def unavailable_reason() -> str | None:
     return _state["reason"]
 
 
+_prepared: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # mixer -> (weight pointers, _Args)
+
+
+def _weights(mixer) -> dict:
+    """The mixer's tensors the kernel reads, by StepArgs field."""
+    from ..models.mamba2 import Mamba2Mixer
+    w = dict(in_w=mixer.in_proj.weight, conv_w=mixer.conv1d.weight, conv_b=mixer.conv1d.bias, A_log=mixer.A_log,
+             D=mixer.D, out_w=mixer.out_proj.weight)
+    if isinstance(mixer, Mamba2Mixer):
+        w.update(dt_b=mixer.dt_bias, norm_w=mixer.norm.weight)
+    else:
+        w.update(x_w=mixer.x_proj.weight, dt_w=mixer.dt_proj.weight, dt_b=mixer.dt_proj.bias)
+    return w
+
+
+def _prepare(mixer):
+    """The call's fixed part, built once per mixer and set of weights (a new weight tensor, e.g. after .to(),
+    rebuilds it): None where the weights are not fp32 contiguous CPU tensors or the kernel is missing."""
+    weights = _weights(mixer)
+    key = tuple(t.data_ptr() for t in weights.values())
+    have = _prepared.get(mixer)
+    if have is not None and have[0] == key:
+        return have[1]
+    from ..models.mamba2 import Mamba2Mixer
+    ok = load() is not None and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                                    for t in weights.values())
+    args = None
+    if ok:
+        args = _Args(d_model=mixer.in_proj.weight.shape[1], d_state=mixer.d_state, d_conv=mixer.d_conv,
+                     **{k: t.data_ptr() for k, t in weights.items()})
+        threads = max(1, min(torch.get_num_threads(), mixer.in_proj.weight.numel() // _MIN_WEIGHTS_PER_THREAD))
+        args.n_threads = threads
+        if isinstance(mixer, Mamba2Mixer):
+            args.kind, args.d_inner, args.heads, args.groups, args.eps = (2, mixer.d_inner, mixer.heads, mixer.groups,
+                                                                          mixer.norm.eps)
+        else:
+            args.kind, args.d_inner, args.dt_rank = 1, mixer.d_inner, mixer.dt_rank
+    _prepared[mixer] = (key, args)
+    return args
+
+
 def supported(mixer, u, cache) -> bool:
     """Whether `step` takes this call: fp32 CPU tensors, no gradient wanted, the kernel built."""
-    params = list(mixer.parameters())
-    if torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in params)):
+    if torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in mixer.parameters())):
         return False
-    tensors = params + [u, cache.conv, cache.ssm]
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and load() is not None
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (u, cache.conv, cache.ssm)):
+        return False
+    return cache.conv.is_contiguous() and cache.ssm.is_contiguous() and _prepare(mixer) is not None
 
 
-def _p(t):
-    return None if t is None else t.data_ptr()
-
-
-def step(mixer, u, cache):
-    """One token through `mixer` (MambaMixer or Mamba2Mixer): u (batch, 1, d) -> (batch, 1, d)."""
-    from ..models.mamba2 import Mamba2Mixer
+def step(mixer, u, cache, norm=None):
+    """One token through `mixer` (MambaMixer or Mamba2Mixer): u (batch, 1, d) -> (batch, 1, d), or None
+    where the fused step does not apply (see `supported`; the caller then runs the mixer's own step).
+    With `norm` (the block's RMSNorm), u is the block's input and the result u + mixer(norm(u)): the
+    whole block in the one call."""
+    if not supported(mixer, u, cache) or (norm is not None and not (
+            norm.weight.dtype == torch.float32 and norm.weight.device.type == "cpu")):
+        return None
+    args = _prepared[mixer][1]
     batch, d = u.shape[0], u.shape[-1]
     u = u.reshape(batch, d).contiguous()
-    out = torch.empty(batch, d)
-    c = lambda t: t.detach().contiguous()
-    threads = max(1, min(torch.get_num_threads(), mixer.in_proj.weight.numel() // _MIN_WEIGHTS_PER_THREAD))
-    common = dict(batch=batch, d_model=d, d_state=mixer.d_state, d_conv=mixer.d_conv, n_threads=threads,
-                  u=_p(u), in_w=_p(c(mixer.in_proj.weight)), conv_w=_p(c(mixer.conv1d.weight)),
-                  conv_b=_p(c(mixer.conv1d.bias)), A_log=_p(c(mixer.A_log)), D=_p(c(mixer.D)),
-                  out_w=_p(c(mixer.out_proj.weight)), conv_state=_p(cache.conv), ssm_state=_p(cache.ssm), out=_p(out))
-    if isinstance(mixer, Mamba2Mixer):
-        e, cd = mixer.d_inner, mixer.conv_dim
-        work = torch.empty(batch * (mixer.in_proj.weight.shape[0] + cd + e))
-        args = _Args(kind=2, d_inner=e, heads=mixer.heads, groups=mixer.groups, eps=mixer.norm.eps,
-                     dt_b=_p(c(mixer.dt_bias)), norm_w=_p(c(mixer.norm.weight)), work=_p(work), **common)
-    else:
-        e, r = mixer.d_inner, mixer.dt_rank
-        work = torch.empty(batch * (2 * e + e + r + 2 * mixer.d_state + e))
-        args = _Args(kind=1, d_inner=e, dt_rank=r, x_w=_p(c(mixer.x_proj.weight)), dt_w=_p(c(mixer.dt_proj.weight)),
-                     dt_b=_p(c(mixer.dt_proj.bias)), work=_p(work), **common)
-    assert cache.conv.is_contiguous() and cache.ssm.is_contiguous()
-    if load().mixer_step(ctypes.byref(args)) != 0:
+    out = torch.empty(batch, 1, d)
+    width, e = mixer.in_proj.weight.shape[0], args.d_inner
+    middle = args.dt_rank + 2 * args.d_state if args.kind == 1 else 2 * args.groups * args.d_state
+    work = torch.empty(batch * (width + e + middle + e + d))
+    args.batch, args.u, args.out, args.work = batch, u.data_ptr(), out.data_ptr(), work.data_ptr()
+    args.pre_w, args.pre_eps = (None, 0.0) if norm is None else (norm.weight.data_ptr(), norm.eps)
+    args.conv_state, args.ssm_state = cache.conv.data_ptr(), cache.ssm.data_ptr()
+    code = load().mixer_step(ctypes.byref(args))
+    args.u = args.out = args.work = args.conv_state = args.ssm_state = args.pre_w = None   # nothing dangling
+    if code != 0:
         raise RuntimeError("fused decoding step failed")
     cache.pos += 1
-    return out.view(batch, 1, d)
+    return out

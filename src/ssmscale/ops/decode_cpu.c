@@ -22,11 +22,15 @@ typedef struct {
     int64_t kind;                      /* 1: Mamba, 2: Mamba-2 */
     int64_t batch, d_model, d_inner, d_state, d_conv, dt_rank, heads, groups, n_threads;
     double eps;                        /* Mamba-2's gated norm */
+    const float *pre_w;                /* the block's RMSNorm weight: u is the block input, out = u + mixer(norm(u));
+                                          NULL: u is the mixer input, out = mixer(u) */
+    double pre_eps;
     const float *u;                    /* (batch, d_model) */
     const float *in_w, *conv_w, *conv_b, *x_w, *dt_w, *dt_b, *A_log, *D, *norm_w, *out_w;
     float *conv_state, *ssm_state;     /* (batch, channels, d_conv); (batch, d_inner, N) or (batch, H, P, N) */
     float *out;                        /* (batch, d_model) */
-    float *work;                       /* scratch: batch * (in_proj width + d_inner + x_proj width + d_inner) */
+    float *work;                       /* scratch: batch * (in_proj width + d_inner + x_proj width + d_inner),
+                                          then batch * d_model for the normed input */
 } StepArgs;
 
 INLINE float dot(const float *restrict a, const float *restrict b, int64_t n) {
@@ -128,10 +132,26 @@ static void mamba2_step(const StepArgs *a) {
     matvec(a->out_w, y, e, a->out, d, d, e, Bt, a->n_threads);
 }
 
-/* 0: done; 2: unknown kind */
+/* 0: done; 2: unknown kind. With pre_w: the block's step, rmsnorm before the mixer and the residual after */
 int mixer_step(const StepArgs *a) {
-    if (a->kind == 1) mamba_step(a);
-    else if (a->kind == 2) mamba2_step(a);
-    else return 2;
+    if (a->kind != 1 && a->kind != 2) return 2;
+    StepArgs m = *a;
+    const int64_t d = a->d_model;
+    if (a->pre_w) {
+        const int64_t width = a->kind == 1 ? 2 * a->d_inner + a->d_inner + a->dt_rank + 2 * a->d_state + a->d_inner
+                                           : (2 * a->d_inner + 2 * a->groups * a->d_state + a->heads)
+                                             + (a->d_inner + 2 * a->groups * a->d_state) + a->d_inner;
+        float *normed = a->work + a->batch * width;
+        for (int64_t b = 0; b < a->batch; b++) {
+            const float *x = a->u + b * d;
+            const float r = (float)(1.0 / sqrt((double)dot(x, x, d) / (double)d + a->pre_eps));
+            for (int64_t c = 0; c < d; c++) normed[b * d + c] = x[c] * r * a->pre_w[c];
+        }
+        m.u = normed;
+    }
+    if (a->kind == 1) mamba_step(&m);
+    else mamba2_step(&m);
+    if (a->pre_w)
+        for (int64_t i = 0; i < a->batch * d; i++) a->out[i] += a->u[i];
     return 0;
 }
