@@ -88,21 +88,20 @@ class Mamba2Mixer(nn.Module):
         if cache is not None and cache.pos > 0 and u.shape[1] == 1:
             return self.step(u, cache)
         b, L, _ = u.shape
-        zxbcdt = self.in_proj(u)
-        if (cache is None or cache.pos == 0) and self._runs_fused(zxbcdt):
-            out, last = mamba2_inner_fused(zxbcdt, self.conv1d.weight, self.conv1d.bias, self.dt_bias,
+        if (cache is None or cache.pos == 0) and self._runs_fused(u):
+            out, last = mamba2_inner_fused(u, self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.dt_bias,
                                            -torch.exp(self.A_log), self.D, self.norm.weight, self.out_proj.weight,
                                            heads=self.heads, groups=self.groups, d_state=self.d_state,
                                            eps=self.norm.eps, return_final_state=True)
-            if cache is not None:
-                xBC = self._split(zxbcdt)[1].transpose(1, 2)
+            if cache is not None:      # the conv's last d_conv inputs (xBC of the last tokens) and the SSM state
                 keep = min(L, self.d_conv)
+                xBC = F.linear(u[:, L - keep:], self.in_proj.weight[self.d_inner:self.d_inner + self.conv_dim])
                 cache.conv.zero_()
-                cache.conv[..., self.d_conv - keep:] = xBC[..., L - keep:]
+                cache.conv[..., self.d_conv - keep:] = xBC.transpose(1, 2)
                 cache.ssm.copy_(last)
                 cache.pos += L
             return out
-        z, xBC, dt = self._split(zxbcdt)
+        z, xBC, dt = self._split(self.in_proj(u))
         xBC = xBC.transpose(1, 2)                                          # (b, conv channels, L)
         w, bias = self.conv1d.weight, self.conv1d.bias
         if cache is None:
@@ -126,13 +125,13 @@ class Mamba2Mixer(nn.Module):
             y = out
         return self.out_proj(self.norm(y.flatten(-2), z))
 
-    def _runs_fused(self, zxbcdt) -> bool:
+    def _runs_fused(self, u) -> bool:
         """Whether the SSD resolves to the fused recurrent CPU kernel here, on fp32 CPU tensors."""
-        if zxbcdt.device.type != "cpu":
+        if u.device.type != "cpu":
             return False
         if resolve_ssd_impl(self.ssd_impl, "cpu", (self.head_dim, self.d_state)) != "fused-recurrent":
             return False
-        return fused_supported(zxbcdt, self.A_log, self.D, self.dt_bias, self.conv1d.weight, self.norm.weight,
+        return fused_supported(u, self.in_proj.weight, self.A_log, self.D, self.dt_bias, self.conv1d.weight, self.norm.weight,
                                self.out_proj.weight)
 
     def step(self, u, cache: Mamba2Cache):
