@@ -126,8 +126,9 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(self.norm(y.flatten(-2), z))
 
     def _runs_fused(self, u) -> bool:
-        """Whether the SSD resolves to the fused recurrent CPU kernel here, on fp32 CPU tensors."""
-        if u.device.type != "cpu":
+        """Whether the SSD resolves to the fused recurrent CPU kernel here, on fp32 CPU tensors (not under CPU
+        autocast, which runs in_proj in bf16: the composition below does that, as for Mamba)."""
+        if u.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
             return False
         if resolve_ssd_impl(self.ssd_impl, "cpu", (self.head_dim, self.d_state)) != "fused-recurrent":
             return False
