@@ -239,8 +239,8 @@ def _profile_args(p):
 
 
 def _profile(args):
-    if args.config and args.op != "loop":
-        raise UserError(f"{args.config}: a config file is only used with --op loop")
+    if args.config and args.op not in ("loop", "model"):
+        raise UserError(f"{args.config}: a config file is only used with --op loop or --op model")
     if args.impls and args.op not in ("scan", "ssd"):
         raise UserError("--impls: only used with --op scan or ssd")
     args.compete = _count(args.compete, "--compete")
