@@ -359,6 +359,17 @@ def test_profile_says_a_family_without_a_cache_cannot_generate(tmp_path):
     assert "no allocate_cache" in rows[0]["error"]
 
 
+def test_profile_from_the_command_line_times_a_plugin_family_its_config_names(tmp_path, capsys):
+    _ladder(tmp_path)
+    out = tmp_path / "prof"
+    assert main(["profile", str(tmp_path / "cfg" / "study.yaml"),
+                 "--op", "model", "--families", "mine", "--d-model", "32", "--n-layer", "2", "--seq-lens", "32",
+                 "--modes", "train", "--repeats", "1", "--out", str(out)]) == 0
+    import pandas as pd
+    rows = pd.read_csv(out / "profile.csv")
+    assert list(rows["family"]) == ["mine"] and list(rows["status"]) == ["ok"]
+
+
 # ----------------------------------------------------------------------- fit and report run nothing
 MARKER_MIXER = '''
 from pathlib import Path

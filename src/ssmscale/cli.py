@@ -2,6 +2,8 @@
 
 Heavy libraries are imported inside the handlers, never at module level, so `--help` and
 config errors answer in about a second.
+Over ~500 lines because each subcommand's argument table sits beside its handler (one screen per
+subcommand); the work itself lives in the packages.
 """
 
 from __future__ import annotations
@@ -237,8 +239,8 @@ def _profile_args(p):
 
 
 def _profile(args):
-    if args.config and args.op != "loop":
-        raise UserError(f"{args.config}: a config file is only used with --op loop")
+    if args.config and args.op not in ("loop", "model"):
+        raise UserError(f"{args.config}: a config file is only used with --op loop or --op model")
     if args.impls and args.op not in ("scan", "ssd"):
         raise UserError("--impls: only used with --op scan or ssd")
     args.compete = _count(args.compete, "--compete")
@@ -468,6 +470,10 @@ def _fit_args(p):
                    help="backtest for a CSV of single runs: fit Approach 3 on the runs at or below FLOPS, "
                         "predict the rest (e.g. 1e21 for Chinchilla's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--time-from", metavar="PROFILE_CSV", action="append",
+                   help="price each run's training time from a profile.csv of `ssmscale profile --modes train` (its "
+                        "families' FLOP rates by size and sequence length; repeat it to pool profiles of several "
+                        "sizes) instead of the time it took; writes fit_timed.json beside fit.json")
 
 
 def _fit(args):
@@ -482,7 +488,7 @@ def _fit(args):
     result, target = fit_path(args.path, out=args.out, columns=parse_column_mapping(args.columns),
                               n_boot=args.n_boot, seed=args.seed, ci=args.ci, n_jobs=args.jobs,
                               progress=not args.no_progress, backtest=args.backtest,
-                              holdout_above=args.holdout_above, baseline=args.baseline)
+                              holdout_above=args.holdout_above, baseline=args.baseline, time_from=args.time_from)
     print(format_fit(result))
     print(f"wrote {target}")
 

@@ -11,6 +11,8 @@ optimiser state and the inputs are allocated before the baseline and reported se
 - generate: decode `gen_tokens` tokens one at a time after a context of L tokens already in the cache
             (KV caches for attention layers, conv + SSM states for Mamba and Mamba-2 layers); tokens/s
             counts decoded tokens and the memory reported adds the cache itself to the step's peak.
+            Beside it: ms per token and per layer, and the floor a token cannot beat, reading every weight
+            and the whole cache once (decode_floor.py).
             A plugin family whose mixer has no allocate_cache cannot generate: its rows say so
             (status "cannot-generate"), nothing is run for them.
 Plugin families (a config's custom_families, `mixers`) are profiled like the built-in ones; their FLOPs
@@ -35,13 +37,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import UserError
+from .decode_floor import decode_floor, format_decode_table
 
 MODES = ("train", "prefill", "generate")
 CSV_COLUMNS = ["family", "mode", "seq_len", "batch", "d_model", "n_layer", "params", "tokens_per_s",
                "step_ms", "peak_mem_bytes", "state_bytes", "mfu", "flops_per_token", "status", "error",
                "memory_method", "device", "scan_impl",
                # added with the thread policy (issue #15); older CSVs lack them
-               "threads", "peak_flops", "competitors", "tokens_per_s_compete", "step_ms_compete", "compete_ratio"]
+               "threads", "peak_flops", "competitors", "tokens_per_s_compete", "step_ms_compete", "compete_ratio",
+               # added with the decoding floor (issue #26); generate rows only
+               "ms_per_token_layer", "read_bytes_per_token", "read_gbs", "floor_ms_per_token"]
 
 # dense bf16 tensor-core peaks (FLOP/s), by substring of torch.cuda.get_device_name()
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -282,6 +287,9 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                        "tokens_per_s_compete": float("nan"), "step_ms_compete": None, "compete_ratio": float("nan")}
                 if ok and row["peak_flops"] == row["peak_flops"]:
                     row["mfu"] = tps * fpt / row["peak_flops"]
+                if ok and mode == "generate":
+                    row.update(decode_floor(_config(fam, d, n, head_dim=head_dim, mixer=mixer), cache,
+                                            row["step_ms"] / gen_tokens, threads, device))
                 if ok and compete:
                     row.update(tokens_per_s_compete=tokens / (res["median_compete_ms"] / 1e3),
                                step_ms_compete=res["median_compete_ms"])
@@ -431,6 +439,10 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
                                       mem_limit_bytes=mem_limit_bytes, compete=compete, mixers=mixers)
     print(f"peak for MFU: {note}")
     print(format_table(rows))
+    if decode := format_decode_table(rows):
+        print("decoding, per token: the floor reads every weight and the whole cache (KV or state) once, at the "
+              "read bandwidth of a matrix-vector product over as many bytes, timed in this run")
+        print(decode)
     growth = growth_exponents(rows)
     if growth:
         print("growth with L (log-log slope, L >= 1024): " + "; ".join(

@@ -132,6 +132,7 @@ def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DE
         "crossover": _crossovers(point, samples, ci),
         "wallclock": {"devices": loaded.source.get("device", []), "threads": loaded.source.get("threads", []),
                       "time_basis": loaded.source.get("time_basis", "train_s"),
+                      **({"time_from": loaded.source["time_profile"]} if "time_profile" in loaded.source else {}),
                       "crossover": _crossovers(point, samples, ci, key="wallclock")},
         "seed_noise": seed_gaps(point),
         "backtest": _backtest_block(mode, tested, holdout_above, loaded, backtest),
@@ -243,13 +244,21 @@ def _summarise(approach: str, point: dict, samples: list, ci: float) -> dict:
     return out
 
 
+TIMED_FIT = "fit_timed.json"      # fit_path's file when the training times are priced from a profile
+
+
 def fit_path(path, out: str | os.PathLike | None = None, columns: dict[str, str] | None = None,
-             **kwargs) -> tuple[dict, Path]:
-    """Load a study directory or CSV, fit, write fit.json (default: the study dir / the CSV's folder)."""
+             time_from=None, **kwargs) -> tuple[dict, Path]:
+    """Load a study directory or CSV, fit, write fit.json (default: the study dir / the CSV's folder).
+    With `time_from` (a profile.csv, or a list of them), the runs' training times are priced from it (timing.py) and the
+    result goes to fit_timed.json instead, beside the study's own fit.json."""
     loaded = load_runs(path, columns)
+    if time_from is not None:
+        from .timing import reprice
+        loaded = reprice(loaded, time_from)
     path = Path(path)
     out_dir = Path(out) if out is not None else (path if path.is_dir() else path.parent)
-    target = out_dir / "fit.json"
+    target = out_dir / ("fit.json" if time_from is None else TIMED_FIT)
     # find out before a long fit, not after it; nothing is created until fit.json is written
     check_writable_dir(out_dir, "fit.json folder (--out)")
     result = fit_runs(loaded, **kwargs)
@@ -272,6 +281,8 @@ def is_default_fit(fit: dict) -> bool:
     the compute multiplier existed is not (refitting adds it)."""
     settings, backtest = fit.get("settings"), fit.get("backtest")
     if not isinstance(settings, dict) or not isinstance(backtest, dict):    # a fit.json of another shape
+        return False
+    if isinstance(fit.get("wallclock"), dict) and fit["wallclock"].get("time_from"):    # priced from a profile
         return False
     return ((settings.get("n_boot"), settings.get("seed"), settings.get("ci"), settings.get("parametric_grid"),
              settings.get("baseline"))

@@ -204,6 +204,13 @@ def wallclock_statement(result: dict) -> str:
     if len(threads) > 1:
         where += f" (runs trained with different thread counts: {', '.join(map(str, threads))})"
     parts = [p["statement"] for p in wc.get("crossover", {}).get("pairs", [])]
+    if wc.get("time_basis") == "profile":
+        src = wc.get("time_from") or {}
+        return (f"At equal training time priced from the profile {src.get('path', '?')} ({where}; each run's FLOPs "
+                f"over its family's FLOP rate there, {src.get('outside_runs', '?')} of {src.get('runs', '?')} runs "
+                f"outside the profiled sizes or lengths at the nearest one's rate): " + "; ".join(parts) +
+                ". This verdict holds for the profiled machine, its thread count and its kernels, not for the one "
+                "that trained the study.")
     what = ("CPU time of single-threaded training steps" if wc.get("time_basis") == "train_cpu_s"
             else "pure training time")
     return (f"At equal {what} {where}: " + "; ".join(parts) + ". This verdict holds for that machine, "

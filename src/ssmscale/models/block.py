@@ -10,7 +10,10 @@ The mixer contract (docs/byo.md), which the built-in mixers satisfy as any plugi
   scans, gates, decays), added to the matmul FLOPs it measures (flops_measure.py);
 - optional `reset_parameters()`, called when the LM (re)initialises, and `residual_out_projections()`:
   the weights the LM rescales by 1/sqrt(branches x n_layer) (GPT-2; Mamba rescales its out_proj likewise);
-- optional class attribute `chunked_prefill = False` when, after the prompt, pieces must be one token long.
+- optional class attribute `chunked_prefill = False` when, after the prompt, pieces must be one token long;
+- optional `block_step(x, cache, norm)`: one decoded token (x: (batch, 1, d_model), the block's input) through
+  the whole block, x + mixer(norm(x)), advancing the cache, or None where it does not apply (then the block
+  runs as usual); the built-in SSMs fuse norm and mixer into one C call there (ops/decode.py).
 
 A layer kind (LayerSpec) says which mixer with which options, whether the Transformer++ SwiGLU branch
 follows it, and the names its modules are registered under: those names are the state_dict keys, kept as
@@ -59,8 +62,12 @@ class Block(nn.Module):
         return getattr(self, self._names[1])
 
     def forward(self, x, cache=None):
-        h = getattr(self, self._names[0])(x)
-        mixer = getattr(self, self._names[1])
+        norm, mixer = getattr(self, self._names[0]), getattr(self, self._names[1])
+        if cache is not None and x.shape[1] == 1 and self.mlp is None and hasattr(mixer, "block_step"):
+            out = mixer.block_step(x, cache, norm)
+            if out is not None:
+                return out
+        h = norm(x)
         x = x + (mixer(h) if cache is None else mixer(h, cache))
         if self.mlp is not None:
             x = x + self.mlp(self.norm_mlp(x))

@@ -35,7 +35,7 @@ from .plugin import FAMILY_NAME, MixerSpec
 
 FAMILIES = ("transformer", "mamba", "mamba2", "hybrid")
 HYBRID_SSMS = ("mamba2", "mamba")
-SSD_IMPLS = ("auto", "fused", "chunked", "ref")
+SSD_IMPLS = ("auto", "fused", "fused-recurrent", "fused-chunk", "chunked", "ref")
 LAYER_KINDS = ("transformer", "attention", "mamba", "mamba2", "plugin")
 RESERVED_NAMES = FAMILIES + LAYER_KINDS + ("all",)     # not a plugin family's name ("all": a fit without families)
 

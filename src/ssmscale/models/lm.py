@@ -113,7 +113,8 @@ class LM(nn.Module):
 
 def kernel_impl(cfg: ModelConfig, device: str) -> str | None:
     """The sequence-mixing kernels `cfg` runs on `device`, as recorded in results: the selective scan's
-    implementation for Mamba layers, "ssd-<impl>" for Mamba-2 layers (None for attention only)."""
+    implementation for Mamba layers, "ssd-<impl>" for Mamba-2 layers, the fused SSD's form included
+    ("ssd-fused-recurrent"; None for attention only)."""
     kinds = set(cfg.layer_kinds)
     names = []
     if "plugin" in kinds:
@@ -123,7 +124,8 @@ def kernel_impl(cfg: ModelConfig, device: str) -> str | None:
         names.append(resolve_impl(cfg.scan_impl, device).name)
     if "mamba2" in kinds:
         from ..ops.ssd import resolve_ssd_impl
-        names.append(f"ssd-{resolve_ssd_impl(cfg.ssd_impl, device)}")
+        shape = (cfg.mamba2_head_dim, cfg.mamba2_d_state)
+        names.append(f"ssd-{resolve_ssd_impl(cfg.ssd_impl, device, shape)}")
     return "+".join(names) or None
 
 def state_bytes(cfg: ModelConfig, batch: int = 1, max_len: int = 1) -> int | None:

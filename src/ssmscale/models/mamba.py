@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import selective_scan
+from ..ops import decode, selective_scan
 from ..ops.mamba_inner import fused_supported, mamba_inner_fused
 from ..ops.scan import resolve_impl
 from .block import LayerSpec
@@ -143,7 +143,13 @@ class MambaMixer(nn.Module):
         cache.pos += L
 
     def step(self, u, cache: MambaCache):
-        """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place."""
+        """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place: one fused C call where it
+        applies (ops.decode), else `step_reference`."""
+        out = decode.step(self, u, cache)
+        return self.step_reference(u, cache) if out is None else out
+
+    def step_reference(self, u, cache: MambaCache):
+        """One token, module by module (the definition the fused step is tested against)."""
         x, z = self.in_proj(u[:, 0]).chunk(2, dim=-1)                   # (b, E d)
         cache.conv.copy_(torch.roll(cache.conv, shifts=-1, dims=-1))
         cache.conv[..., -1] = x
@@ -157,6 +163,8 @@ class MambaMixer(nn.Module):
         y = (y * F.silu(z.float())).to(u.dtype)
         cache.pos += 1
         return self.out_proj(y)[:, None]
+
+    block_step = decode.block_step      # a decoded token through the whole block in one call (models/block.py)
 
     def allocate_cache(self, batch, max_len, dtype, device):
         return MambaCache(batch, self.d_inner, self.d_conv, self.d_state, dtype, device)

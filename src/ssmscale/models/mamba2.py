@@ -11,6 +11,10 @@ dt bias = inverse softplus of dt log-uniform in [dt_min, dt_max] (floored), D = 
 at PyTorch's defaults; A_log, D and the dt bias get no weight decay (out_proj is rescaled by the LM).
 Generation keeps a conv state (batch, conv channels, d_conv) and an SSM state (batch, H, head_dim, N):
 O(1) per token; a piece of several tokens after the prompt continues both (chunked prefill).
+Where the SSD runs the fused recurrent CPU kernel (fp32 on the CPU), everything between in_proj and
+out_proj runs as one op, `ops.mamba2_inner_fused` (same numbers within fp32 rounding; it keeps less
+for the backward); elsewhere (GPU, no C compiler, another `ssd_impl`, a piece continuing a cache) as
+the composition below.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import ssd
+from ..ops import decode, ssd
+from ..ops.mamba2_inner import fused_supported, mamba2_inner_fused
+from ..ops.ssd import resolve_ssd_impl
 from ..ops.ssd_ref import heads_of_groups
 from .block import LayerSpec
 from .config import ModelConfig
@@ -92,6 +98,19 @@ class Mamba2Mixer(nn.Module):
         if cache is not None and cache.pos > 0 and u.shape[1] == 1:
             return self.step(u, cache)
         b, L, _ = u.shape
+        if (cache is None or cache.pos == 0) and self._runs_fused(u):
+            out, last = mamba2_inner_fused(u, self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.dt_bias,
+                                           -torch.exp(self.A_log), self.D, self.norm.weight, self.out_proj.weight,
+                                           heads=self.heads, groups=self.groups, d_state=self.d_state,
+                                           eps=self.norm.eps, return_final_state=True)
+            if cache is not None:      # the conv's last d_conv inputs (xBC of the last tokens) and the SSM state
+                keep = min(L, self.d_conv)
+                xBC = F.linear(u[:, L - keep:], self.in_proj.weight[self.d_inner:self.d_inner + self.conv_dim])
+                cache.conv.zero_()
+                cache.conv[..., self.d_conv - keep:] = xBC.transpose(1, 2)
+                cache.ssm.copy_(last)
+                cache.pos += L
+            return out
         z, xBC, dt = self._split(self.in_proj(u))
         xBC = xBC.transpose(1, 2)                                          # (b, conv channels, L)
         w, bias = self.conv1d.weight, self.conv1d.bias
@@ -116,8 +135,24 @@ class Mamba2Mixer(nn.Module):
             y = out
         return self.out_proj(self.norm(y.flatten(-2), z))
 
+    def _runs_fused(self, u) -> bool:
+        """Whether the SSD resolves to the fused recurrent CPU kernel here, on fp32 CPU tensors (not under CPU
+        autocast, which runs in_proj in bf16: the composition below does that, as for Mamba)."""
+        if u.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return False
+        if resolve_ssd_impl(self.ssd_impl, "cpu", (self.head_dim, self.d_state)) != "fused-recurrent":
+            return False
+        return fused_supported(u, self.in_proj.weight, self.A_log, self.D, self.dt_bias, self.conv1d.weight, self.norm.weight,
+                               self.out_proj.weight)
+
     def step(self, u, cache: Mamba2Cache):
-        """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place."""
+        """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place: one fused C call where it
+        applies (ops.decode), else `step_reference`."""
+        out = decode.step(self, u, cache)
+        return self.step_reference(u, cache) if out is None else out
+
+    def step_reference(self, u, cache: Mamba2Cache):
+        """One token, module by module (the definition the fused step is tested against)."""
         b = u.shape[0]
         z, xBC, dt = self._split(self.in_proj(u[:, 0]))
         cache.conv.copy_(torch.roll(cache.conv, shifts=-1, dims=-1))
@@ -134,6 +169,8 @@ class Mamba2Mixer(nn.Module):
         y = (h @ C[..., None]).squeeze(-1) + self.D.float()[:, None] * x                 # (b, H, p)
         cache.pos += 1
         return self.out_proj(self.norm(y.flatten(1).to(u.dtype), z))[:, None]
+
+    block_step = decode.block_step      # a decoded token through the whole block in one call (models/block.py)
 
     def allocate_cache(self, batch, max_len, dtype, device):
         return Mamba2Cache(batch, self.conv_dim, self.d_conv, self.heads, self.head_dim, self.d_state,

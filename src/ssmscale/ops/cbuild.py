@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-fPIC", "-std=c11") + (
     # a row of d_state = 16 fp32 is one 512-bit register; gcc otherwise prefers 256-bit ones
     ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ())
-LINK_FLAGS = ("-shared", "-lm")
+LINK_FLAGS = ("-shared", "-lm", "-lpthread")   # pthread: cpu_common.h's fallback without OpenMP
 OPENMP_FLAGS = ("-fopenmp",)
 
 
@@ -54,6 +55,12 @@ def torch_uses_libgomp() -> bool:
     return any(Path(line.split()[-1]).name.startswith("libgomp.so") for line in maps.splitlines())
 
 
+def local_headers(source: Path) -> list[Path]:
+    """The headers beside `source` that it includes ("name.h"): part of the cache key, so an edit rebuilds."""
+    names = re.findall(r'^\s*#\s*include\s+"([^"]+)"', source.read_text(), flags=re.M)
+    return [source.with_name(n) for n in names if source.with_name(n).is_file()]
+
+
 def build(source: Path, cc: str, openmp: bool, defines: dict | None = None) -> Path:
     """Compile `source` (with -D`defines`) into the cache, once per source/flags/compiler/CPU; return the .so path."""
     compile_flags = COMPILE_FLAGS + (OPENMP_FLAGS if openmp else ()) + tuple(
@@ -61,8 +68,9 @@ def build(source: Path, cc: str, openmp: bool, defines: dict | None = None) -> P
     link_flags = LINK_FLAGS + (OPENMP_FLAGS if openmp else ())
     version = subprocess.run([cc, "-dumpfullversion", "-dumpversion"], capture_output=True,
                              text=True, timeout=60).stdout.strip()
-    key = hashlib.sha256("\0".join([source.read_text(), " ".join(compile_flags + link_flags),
-                                    cc, version, _cpu_identity()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source.read_text(), *(h.read_text() for h in local_headers(source)),
+                                    " ".join(compile_flags + link_flags), cc, version,
+                                    _cpu_identity()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
