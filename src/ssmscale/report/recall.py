@@ -20,11 +20,12 @@ import numpy as np
 import pandas as pd
 
 from ..config import sweep
-from ..errors import UserError
+from ..errors import UserError, shorten
 from ..fsutil import atomic_write_bytes, atomic_write_text
-from .colors import family_colors
+from ..safeload import CAPS, read_bytes
+from .colors import check_family_count, family_colors
 from .figures import _figure, _png
-from .provenance import _provenance
+from .provenance import _provenance, config_block
 
 SOLVED = 0.99          # a cell counts as solved at this accuracy (Zoology plots reach ~1.0 when solved)
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -33,13 +34,18 @@ _KV_KEY = "data.synthetic.num_kv_pairs"
 
 def is_fixed_length_study(study: Path) -> bool:
     """A study whose config trains every run for `steps` or `tokens` instead of FLOP budgets."""
-    import yaml
-    path = Path(study) / "config.yaml"
+    cfg = _study_config(Path(study))
+    return bool(cfg) and cfg.get("budgets") is None and (cfg.get("steps") or cfg.get("tokens")) is not None
+
+
+def _study_config(study: Path) -> dict:
+    """The study's config.yaml as a mapping, unvalidated ({} when absent or unreadable: the report says
+    what it can without it)."""
+    from ..config import read_yaml
     try:
-        cfg = yaml.safe_load(path.read_text()) if path.is_file() else None
-    except yaml.YAMLError:
-        return False
-    return isinstance(cfg, dict) and cfg.get("budgets") is None and (cfg.get("steps") or cfg.get("tokens")) is not None
+        return read_yaml(study / "config.yaml", within=study)
+    except UserError:
+        return {}
 
 
 def load_cells(study: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -48,27 +54,38 @@ def load_cells(study: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     A cell is (family, d_model, task): the task is the run's sweep point, completed with its sequence
     length and number of key-value pairs. The best run has the highest accuracy (ties: lower loss) or,
     without accuracy, the lowest loss; `edge` marks a best learning rate at an end of the cell's grid."""
-    import yaml
+    from ..safeload import FileRefused, read_csv
     csv = study / "results.csv"
     try:
-        df = pd.read_csv(csv)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UserError(f"{csv}: not a readable CSV ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+        df = read_csv(csv, within=study)
+    except FileRefused as exc:
+        raise UserError(str(exc)) from None
     need = ["family", "d_model", "n_layer", "seq_len", "lr", "loss", "status"]
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise UserError(f"{csv}: missing column(s) {', '.join(missing)}")
-    cfg = yaml.safe_load((study / "config.yaml").read_text()) or {}
-    default_kv = ((cfg.get("data") or {}).get("synthetic") or {}).get("num_kv_pairs")
+    check_family_count(df["family"].dropna().astype(str), csv)
+    cfg = _study_config(study)
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    synthetic = data.get("synthetic") if isinstance(data.get("synthetic"), dict) else {}
+    default_kv = synthetic.get("num_kv_pairs")
     for col in ("val_accuracy", "state_bytes", "wall_s", "sweep"):
         if col not in df.columns:
             df[col] = np.nan
-    points = [sweep.decode(p) for p in df["sweep"]]
-    df["num_kv_pairs"] = [p.get(_KV_KEY, default_kv) for p in points]
-    df["task"] = [_task_label(p, seq_len, kv) for p, seq_len, kv in zip(points, df["seq_len"], df["num_kv_pairs"])]
-    ok = df[(df["status"] == "ok") & np.isfinite(df["loss"].astype(float))].copy()
+    numeric = ["d_model", "n_layer", "seq_len", "lr", "loss", "val_accuracy", "state_bytes", "wall_s"]
+    for col in numeric:
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["family"] = df["family"].astype(str)
+    points = [_point(p, csv, i) for i, p in enumerate(df["sweep"])]
+    df["num_kv_pairs"] = [kv if _is_number(kv := p.get(_KV_KEY, default_kv)) else None for p in points]
+    # a run counts with finite, positive numbers where the cells and figures need them
+    usable = (df["status"] == "ok") & np.isfinite(df[numeric[:5]]).all(axis=1) & (df[numeric[:4]] > 0).all(axis=1)
+    df["task"] = [_task_label(p, seq_len, kv) if use else ""
+                  for p, seq_len, kv, use in zip(points, df["seq_len"], df["num_kv_pairs"], usable)]
+    ok = df[usable].copy()
     if ok.empty:
-        raise UserError(f"{csv}: no finished run (status ok) to report")
+        raise UserError(f"{csv}: no finished run (status ok, with numbers in d_model, n_layer, seq_len, lr and "
+                        "loss) to report")
     metric = "val_accuracy" if ok["val_accuracy"].notna().any() else "loss"
     higher = metric == "val_accuracy"
     keys = ["family", "d_model", "n_layer", "task"]
@@ -81,11 +98,30 @@ def load_cells(study: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         best["edge"] = len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1])
         best_rows.append(best)
     best = pd.DataFrame(best_rows).sort_values(["seq_len", "num_kv_pairs", "task", "family", "d_model"])
+    families = cfg.get("families") if isinstance(cfg.get("families"), list) else []
+    length = {k: cfg.get(k) if _is_number(cfg.get(k)) else None for k in ("steps", "tokens")}
     facts = {"metric": metric, "higher_is_better": higher, "runs": len(df), "ok_runs": len(ok),
-             "wall_s": float(pd.to_numeric(df["wall_s"], errors="coerce").sum()),
-             "families": _family_order(cfg.get("families") or [], ok["family"]), "name": cfg.get("name", study.name),
-             "steps": cfg.get("steps"), "tokens": cfg.get("tokens")}
+             "wall_s": float(df["wall_s"].sum()), "families": _family_order(families, ok["family"]),
+             "name": cfg.get("name") if isinstance(cfg.get("name"), str) else study.name, **length}
     return ok, best, facts
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _point(cell, csv: Path, i: int) -> dict:
+    """A results.csv sweep cell as the point it encodes ({} for none); UserError naming the line otherwise."""
+    if not isinstance(cell, str) or not cell:
+        return {}
+    try:
+        point = sweep.decode(cell)
+    except (ValueError, RecursionError):
+        point = None
+    if not isinstance(point, dict) or not all(isinstance(k, str) for k in point):
+        raise UserError(f"{csv}: column 'sweep', line {i + 2}: {shorten(cell)} is not a sweep point (a JSON "
+                        "object of config keys)")
+    return point
 
 
 def _family_order(configured: list, present: pd.Series) -> list[str]:
@@ -226,7 +262,8 @@ def _cell_table(best, facts) -> list[str]:
 
 def render_markdown(study: Path, ok, best, facts, figures: list[str]) -> str:
     fams = facts["families"]
-    length = f"{facts['steps']} optimiser steps" if facts["steps"] else f"{facts['tokens']:.3g} tokens"
+    length = (f"{facts['steps']} optimiser steps" if facts["steps"] else f"{facts['tokens']:.3g} tokens"
+              if facts["tokens"] else "an equal length")
     lines = [f"# Recall study `{facts['name']}`", "",
              f"Regenerate with `ssmscale report {study}`: everything below comes from that directory alone "
              "(results.csv, config.yaml).", "",
@@ -263,9 +300,8 @@ def render_markdown(study: Path, ok, best, facts, figures: list[str]) -> str:
               "the grid) and the generation state at that sequence length.", ""]
     lines += _cell_table(best, facts)
     lines += ["", "## Configuration", ""]
-    cfg = study / "config.yaml"
-    lines += ["`config.yaml`, verbatim:", "", "```yaml", cfg.read_text().rstrip("\n"), "```", ""]
-    sha = hashlib.sha256((study / "results.csv").read_bytes()).hexdigest()
+    lines += config_block(study)
+    sha = hashlib.sha256(read_bytes(study / "results.csv", CAPS["csv"], within=study)).hexdigest()
     lines += ["## Provenance", ""] + _provenance(study / "results.csv", {"source": {"sha256": sha}}) + [""]
     return "\n".join(lines)
 
