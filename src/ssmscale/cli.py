@@ -91,17 +91,21 @@ def _train(args):
         overrides["train.progress"] = False
     cfg = load_run_config(args.config, overrides)
     out = Path(args.out or f"runs/{cfg.name}-{cfg.model.family}")
-    from .fsutil import check_writable_dir
+    from .fsutil import FileLock, check_no_links, check_writable_dir
     check_writable_dir(out, "run directory")
-    if not args.force:
-        from .safeload import read_result
-        res, problem = read_result(out / "result.json")
-        if res is not None:
-            raise UserError(f"{out}: already holds a finished run (result.json); use --force to retrain")
-        if problem:
-            print(f"{problem}; the run counts as unfinished and is trained again", file=sys.stderr)
-    from .train import run_training
-    r = run_training(cfg, out)
+    check_no_links(out, (".run.lock", "result.json"))
+    # the folder's lock, as a ladder's worker takes it: a second train on the folder is refused
+    with FileLock(out / ".run.lock", tidy=True, busy=f"{out}: another run (pid {{pid}}) is training in this "
+                                                       "folder; wait for it to end or use another --out"):
+        if not args.force:
+            from .safeload import read_result
+            res, problem = read_result(out / "result.json", within=out)
+            if res is not None:
+                raise UserError(f"{out}: already holds a finished run (result.json); use --force to retrain")
+            if problem:
+                print(f"{problem}; the run counts as unfinished and is trained again", file=sys.stderr)
+        from .train import run_training
+        r = run_training(cfg, out)
     if r.get("global_rank"):     # an extra rank of a multi-process strategy: rank 0 reports
         return 0 if r["status"] == "ok" else 1
     accuracy = f", accuracy={r['val_accuracy']:.4f}" if r.get("val_accuracy") is not None else ""
