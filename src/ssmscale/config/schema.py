@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from .. import limits
+from ..errors import shorten
+from ..fsutil import is_plain_name
 from ..models.config import FAMILIES, HYBRID_SSMS, SSD_IMPLS
 
 Family = Literal[FAMILIES]
@@ -36,16 +38,12 @@ Seed = Annotated[int, Field(ge=0, le=limits.MAX_SEED)]
 # Lightning strategies this loop runs under (its batch rows are split per rank in training_step)
 STRATEGIES = ("auto", "ddp")
 
-# a plain name: a folder name that stays where it is put (no '/', no leading '.' or '-')
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,99}")
-
-
 def _plain_name(value: str, segments: bool = False) -> str:
     parts = value.split("/") if segments else [value]
-    if not all(_PLAIN_NAME.fullmatch(p) for p in parts):
+    if not all(is_plain_name(p, max_len=100) for p in parts):
         what = "plain names joined by '/'" if segments else "a plain name"
         raise ValueError(f"must be {what} (letters, digits, '_', '.', '-', '+', '='; not starting with '.' "
-                         f"or '-'; at most 100 characters), got {value!r}")
+                         f"or '-'; at most 100 characters), got {shorten(value)}")
     return value
 
 
@@ -210,6 +208,19 @@ ShapeSpec = create_model(
     **{family: (Annotated[tuple[Width, Layers], Field(strict=False)] | None, None) for family in FAMILIES})
 
 
+# What may reach a Slurm job script. Each value becomes an `#SBATCH --key=value` line, which a line end
+# would end (the rest of the value would run as shell when the job starts): partition and account are names
+# (comma-separated lists allowed); slurm_extra keys are sbatch option names, values printable ASCII. Options
+# that move the job's files, working folder or environment (--export=LD_PRELOAD=...) or that submitit sets
+# itself are refused: a config from someone else must not choose what runs or where it writes.
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,+=-]{0,99}")
+_SLURM_KEY = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+_SLURM_VALUE = re.compile(r"[ -~]{0,200}")          # printable ASCII: no line end, no control character
+_SLURM_KEYS_REFUSED = {"output", "error", "input", "chdir", "export", "export-file", "get-user-env", "wrap",
+                       "array", "open-mode", "signal", "job-name", "container", "container-id", "wait",
+                       "test-only", "parsable", "uid", "gid"}
+
+
 class SubmititConfig(_Strict):
     """Resources per run when the ladder runs through submitit (local pool or Slurm job array)."""
     cluster: Literal["local", "slurm", "auto"] = "local"
@@ -221,6 +232,31 @@ class SubmititConfig(_Strict):
     partition: str | None = None
     account: str | None = None
     slurm_extra: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @field_validator("partition", "account")
+    @classmethod
+    def _slurm_name(cls, value):
+        if value is not None and not _SLURM_NAME.fullmatch(value):
+            raise ValueError(f"must be a Slurm name (letters, digits, '_', '.', ',', '+', '=', '-'; at most 100 "
+                             f"characters), got {shorten(value)}")
+        return value
+
+    @field_validator("slurm_extra")
+    @classmethod
+    def _slurm_options(cls, value):
+        for key, v in value.items():
+            if not _SLURM_KEY.fullmatch(key):
+                raise ValueError(f"must have sbatch option names as keys (lowercase letters, digits, '_', '-'), "
+                                 f"got {shorten(key)}")
+            if key.replace("_", "-") in _SLURM_KEYS_REFUSED:
+                raise ValueError(f"{key}: ssmscale sets the job's files, folder and environment itself; "
+                                 f"--{key.replace('_', '-')} is not passed to Slurm")
+            if isinstance(v, str) and not _SLURM_VALUE.fullmatch(v):
+                raise ValueError(f"{key}: must be printable ASCII of at most 200 characters (no line end), "
+                                 f"got {shorten(v)}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{key}: must be a finite number, got {v}")
+        return value
 
 
 SweepGrid = dict[str, Annotated[list[Any], Field(min_length=1)]]
@@ -468,8 +504,8 @@ def _error_parts(exc: ValidationError, schema: type[BaseModel] | None = None) ->
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
         # our validators name the field themselves ("field: message"); qualify it with the location
-        if ":" in msg:
-            field, rest = msg.split(":", 1)
+        field, sep, rest = msg.partition(":")
+        if sep and re.fullmatch(r"[\w.+=\-]+", field):
             loc = f"{loc}.{field}" if loc else field
             msg = rest.strip()
     if first["type"] == "extra_forbidden":
@@ -477,11 +513,11 @@ def _error_parts(exc: ValidationError, schema: type[BaseModel] | None = None) ->
         msg = "unknown key" + (f"; did you mean {'.'.join(loc.split('.')[:-1] + [nearest])}?" if nearest else "")
     elif first["type"] == "less_than_equal":       # only limits.py's bounds use le
         msg = (f"must be at most {first['ctx']['le']:g}, ssmscale's bound on what can exist (limits.py); "
-               f"got {first['input']!r}")
+               f"got {shorten(first['input'])}")
     elif first["type"] == "missing":
         msg = "required key is missing"
     elif "input" in first and not is_value_error and first["type"] != "model_type":
-        msg = f"{msg} (got {first['input']!r})"
+        msg = f"{msg} (got {shorten(first['input'])})"
     return loc, msg
 
 
