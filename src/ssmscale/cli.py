@@ -216,6 +216,10 @@ def _profile(args):
     args.compete = _count(args.compete, "--compete")
     if args.compete and args.op != "model":
         raise UserError("--compete: only used with --op model")
+    from .threads import available_cores
+    if args.compete > 4 * available_cores():     # busy loops beyond a few per core measure nothing more
+        raise UserError(f"--compete: at most {4 * available_cores()} competitors (4 per core this process may use), "
+                        f"got {args.compete}")
     return {"scan": _profile_scan, "ssd": _profile_ssd, "model": _profile_model, "loop": _profile_loop}[args.op](args)
 
 
@@ -246,6 +250,16 @@ def _in_range(value: int, flag: str, hi: int, lo: int = 1) -> int:
     if not lo <= value <= hi:
         raise UserError(f"{flag}: expected an integer from {lo} to {hi}, got {value}")
     return value
+
+
+def _fits_in_memory(floats: int) -> None:
+    """Refuse a kernel benchmark whose largest point's tensors (about `floats` fp32 values, inputs and
+    outputs) cannot fit in this machine's memory: it would only die there, point after point."""
+    import os
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * floats > memory:
+        raise UserError(f"--seq-lens: the longest point needs about {4 * floats / 2**30:,.0f} GiB of tensors; this "
+                        f"machine has {memory / 2**30:,.1f} GiB (lower --seq-lens, --batch or --d-inner)")
 
 
 def _seconds(text):
@@ -282,9 +296,12 @@ def _profile_model(args):
         batch=_positive_int(args.batch or "1", "--batch", limits.MAX_BATCH),
         gen_tokens=_positive_int(args.gen_tokens, "--gen-tokens", limits.MAX_SEQ_LEN),
         repeats=_positive_int(args.repeats, "--repeats"),
-        threads=_positive_int(args.threads, "--threads") if args.threads else None,
+        threads=_positive_int(args.threads, "--threads", limits.MAX_THREADS) if args.threads else None,
         timeout_s=_seconds(args.timeout),
         head_dim=_positive_int(args.head_dim, "--head-dim", limits.MAX_WIDTH))
+    if sizes["head_dim"] % 2 and {"transformer", "hybrid"} & set(families):
+        raise UserError(f"--head-dim: must be even (rotary position embeddings turn channels in pairs), "
+                        f"got {sizes['head_dim']}")
     from .bench.profile import shapes_for
     try:
         shapes_for(families, params, sizes["d_model"], sizes["n_layer"], sizes["head_dim"])
@@ -305,7 +322,7 @@ def _profile_loop(args):
     from .config import load_run_config
     cfg = load_run_config(args.config, {"model.family": args.family} if args.family else None)  # errors first
     from . import threads
-    explicit = _positive_int(args.threads, "--threads") if args.threads else None
+    explicit = _positive_int(args.threads, "--threads", limits.MAX_THREADS) if args.threads else None
     choice = threads.choose(explicit or cfg.train.num_threads,
                             explicit_name="--threads" if explicit else "train.num_threads")
     print(threads.apply(choice).describe(), flush=True)
@@ -357,8 +374,10 @@ def _profile_scan(args):
     bounds = {"batch": limits.MAX_BATCH, "d_inner": limits.MAX_WIDTH, "d_state": limits.MAX_WIDTH,
               "repeats": limits.MAX_COUNT, "ref_max_len": limits.MAX_SEQ_LEN}
     sizes = {k: _positive_int(getattr(args, k), "--" + k.replace("_", "-"), hi) for k, hi in bounds.items()}
-    threads = _positive_int(args.threads, "--threads") if args.threads is not None else None
+    threads = _positive_int(args.threads, "--threads", limits.MAX_THREADS) if args.threads is not None else None
     timeout = _seconds(args.timeout)
+    seq_lens = _positive_ints(args.seq_lens, "--seq-lens", limits.MAX_SEQ_LEN)
+    _fits_in_memory(sizes["batch"] * max(seq_lens) * sizes["d_inner"] * 8)
     from .ops import available_impls
     if args.device == "cuda":
         import torch
@@ -370,7 +389,6 @@ def _profile_scan(args):
         bench_scan.check_impls(impls, args.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    seq_lens = _positive_ints(args.seq_lens, "--seq-lens", limits.MAX_SEQ_LEN)
     if args.out:
         from .fsutil import check_writable_dir
         check_writable_dir(args.out, "--out")      # before the measuring, not after it
@@ -388,12 +406,16 @@ def _profile_ssd(args):
         raise UserError(f"--modes: expected a comma-separated subset of {','.join(bench_ssd.MODES)}, got {args.modes!r}")
     if args.device not in ("cpu", "cuda"):
         raise UserError(f"--device: expected cpu or cuda, got {args.device!r}")
-    sizes = {k: _positive_int(getattr(args, k) or default, "--" + k.replace("_", "-"))
-             for k, default in (("batch", "8"), ("d_inner", None), ("d_state", None), ("ssd_head_dim", None),
-                                ("chunk_size", None), ("repeats", None), ("ref_max_len", None))}
+    bounds = {"batch": limits.MAX_BATCH, "d_inner": limits.MAX_WIDTH, "d_state": limits.MAX_WIDTH,
+              "ssd_head_dim": limits.MAX_WIDTH, "chunk_size": limits.MAX_SEQ_LEN, "repeats": limits.MAX_COUNT,
+              "ref_max_len": limits.MAX_SEQ_LEN}
+    sizes = {k: _positive_int(getattr(args, k) or ("8" if k == "batch" else None), "--" + k.replace("_", "-"), hi)
+             for k, hi in bounds.items()}
     if sizes["d_inner"] % sizes["ssd_head_dim"]:
         raise UserError(f"--d-inner: {sizes['d_inner']} is not a multiple of --ssd-head-dim {sizes['ssd_head_dim']}")
-    threads = _positive_int(args.threads, "--threads") if args.threads is not None else None
+    threads = _positive_int(args.threads, "--threads", limits.MAX_THREADS) if args.threads is not None else None
+    seq_lens = _positive_ints(args.seq_lens or "1024,4096", "--seq-lens", limits.MAX_SEQ_LEN)
+    _fits_in_memory(sizes["batch"] * max(seq_lens) * sizes["d_inner"] * 8)
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -403,7 +425,6 @@ def _profile_ssd(args):
         bench_ssd.check_impls(impls, args.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    seq_lens = _positive_ints(args.seq_lens or "1024,4096", "--seq-lens")
     rows = bench_ssd.run_and_report(
         impls, seq_lens, batch=sizes["batch"], d_inner=sizes["d_inner"], d_state=sizes["d_state"],
         head_dim=sizes["ssd_head_dim"], chunk_size=sizes["chunk_size"], modes=modes, repeats=sizes["repeats"],

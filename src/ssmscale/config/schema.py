@@ -115,6 +115,13 @@ class ModelDefaults(_Strict):
     hybrid_attn_every: Layers = 8                      # about one attention layer in this many (at least one)
     hybrid_attn_layers: list[Annotated[int, Field(ge=0, le=limits.MAX_LAYERS)]] | None = None   # or exactly these layer indices
 
+    @field_validator("head_dim")
+    @classmethod
+    def _rotary_pairs(cls, value):
+        if value % 2:
+            raise ValueError(f"must be even (rotary position embeddings turn channels in pairs), got {value}")
+        return value
+
     def knobs(self) -> dict:
         """The ModelConfig keyword arguments these knobs set."""
         return self.model_dump(include=set(ModelDefaults.model_fields))
@@ -137,6 +144,9 @@ class ModelSpec(ModelDefaults):
             raise ValueError("d_model: an explicit shape needs both d_model and n_layer")
         if not explicit and self.params is None:
             raise ValueError("params: give a target parameter count or (d_model, n_layer)")
+        if self.family == "transformer" and explicit and self.d_model % self.head_dim:
+            raise ValueError(f"head_dim: {self.head_dim} does not divide d_model {self.d_model} (the transformer's "
+                             "heads split its width)")
         return self
 
 
@@ -145,13 +155,13 @@ class TrainConfig(_Strict):
     batch_size: Annotated[int, Field(gt=0, le=limits.MAX_BATCH)] = 16   # sequences per optimiser step
     tokens: Annotated[float, Field(gt=0, le=limits.MAX_TOKENS)] | None = None                # token budget of the run (or set by the ladder)
     lr: PositiveFloat = 3e-3                            # peak learning rate
-    final_lr: Annotated[float, Field(ge=0)] = 1e-5      # cosine floor
+    final_lr: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-5      # cosine floor
     warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
     betas: Annotated[tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]],
                      Field(strict=False)] = (0.9, 0.95)          # not strict: a YAML list is a tuple here
     eps: PositiveFloat = 1e-8
-    grad_clip: Annotated[float, Field(ge=0)] = 1.0      # 0 disables clipping
+    grad_clip: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0      # 0 disables clipping
     eval_every: Count = 0                              # steps between validations; 0: only at the end
     # validations at log-spaced steps (10% to 75% of the run, then the end) on one fixed subset of the
     # validation set, for Chinchilla's Approach 1; 0: none
@@ -167,7 +177,7 @@ class TrainConfig(_Strict):
     # Lightning strategy: with devices > 1 both mean ddp, which re-executes the command line once per
     # extra rank (gloo on CPU, NCCL on GPU); batch_size stays the global batch
     strategy: Literal[STRATEGIES] = "auto"
-    num_threads: PositiveInt | None = None              # CPU threads (default: threads.py, cores / parallel runs)
+    num_threads: Annotated[int, Field(gt=0, le=limits.MAX_THREADS)] | None = None   # CPU threads (default: threads.py)
     progress: bool = True
     # Lightning loggers under <run>/logs/, beside metrics.csv and with its fields: csv is always written
     loggers: list[Literal["csv", "tensorboard", "wandb"]] = ["csv"]
@@ -351,8 +361,13 @@ class LadderConfig(_Strict):
         if (self.sizes is None) == (self.widths is None):
             raise ValueError("sizes: give one of sizes (parameter counts or shapes) or widths (d_model), "
                              f"{'not both' if self.sizes else 'none given'}")
-        if self.budgets is not None and len(set(self.budgets)) != len(self.budgets):
-            raise ValueError("budgets: duplicate entries")
+        for key in ("families", "seeds", "budgets", "sizes"):
+            values = getattr(self, key)
+            if values is not None and (twice := _repeated(values)) is not None:
+                raise ValueError(f"{key}: {twice} appears twice")
+        for key, values in (self.lrs.items() if isinstance(self.lrs, dict) else [("", self.lrs)]):
+            if (twice := _repeated(values)) is not None:
+                raise ValueError(f"lrs{'.' + key if key else ''}: {twice} appears twice")
         if len(set(self.noise_seeds)) != len(self.noise_seeds):
             raise ValueError("noise_seeds: duplicate entries")
         if set(self.noise_seeds) & set(self.seeds):
@@ -445,6 +460,16 @@ class LadderConfig(_Strict):
                 key = next((k for k in point if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")),
                            None)
                 raise ValueError(f"sweep.{key or loc}: {msg} (at the point {sweep.label(point)})") from None
+
+
+def _repeated(values: list):
+    """The first value of a list that an earlier one equals (numbers to 1e-9: budgets and sizes are floats
+    read from YAML), or None."""
+    for i, v in enumerate(values):
+        if any(_among(v, [w]) if isinstance(v, float) and isinstance(w, float) else v == w for w in values[:i]):
+            return f"{v:g}" if isinstance(v, float) else v.model_dump(exclude_none=True) if isinstance(
+                v, BaseModel) else v
+    return None
 
 
 def _among(x: float, values) -> bool:
