@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import limits
-from .errors import UserError
+from .errors import Stopped, UserError, one_line, stop_on_signals
 from .models.config import FAMILIES
 
 
@@ -46,10 +46,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args._run(args) or 0
+        with stop_on_signals():
+            return args._run(args) or 0
     except UserError as exc:
-        print(f"ssmscale {args.command}: error: {exc}", file=sys.stderr)
+        print(f"ssmscale {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except Stopped as exc:       # SIGTERM, SIGINT: finished results stay, a study resumes where it stopped
+        print(f"ssmscale {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"ssmscale {args.command}: interrupted", file=sys.stderr)
         return 130

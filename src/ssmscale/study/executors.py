@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import LadderConfig
@@ -100,7 +101,7 @@ def _run_pool(cfg, out_dir, runs, todo, bar, tally):
     queue = sorted(todo, key=lambda r: -r.flops)
     context = multiprocessing.get_context("spawn")    # never fork a process whose torch threads exist
     with ProcessPoolExecutor(max_workers=cfg.parallel, mp_context=context, initializer=_die_with_parent,
-                             initargs=(os.getpid(),)) as pool:
+                             initargs=(os.getpid(),)) as pool, _workers_stopped_on_exit(pool):
         pending = {}
         while queue or pending:
             while queue and len(pending) < cfg.parallel:
@@ -122,6 +123,19 @@ def _run_pool(cfg, out_dir, runs, todo, bar, tally):
                                         "resume") from None
                 _report_run(bar, tally, run, res)
                 collect_results(cfg, out_dir, runs)
+
+
+@contextmanager
+def _workers_stopped_on_exit(pool):
+    """A ladder stopped inside the pool (a signal, an error) kills its workers: the pool's own exit would
+    wait for their runs to end. A killed run resumes from its checkpoint when the ladder is started again."""
+    try:
+        yield
+    except BaseException:
+        for process in list((pool._processes or {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
 
 
 def _die_with_parent(parent: int) -> None:
