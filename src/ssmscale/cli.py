@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import limits
-from .errors import Stopped, UserError, one_line, stop_on_signals
+from .errors import Stopped, UserError, one_line, shorten, stop_on_signals
 from .models.config import FAMILIES
 
 
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        _check_rank_environment()
         with stop_on_signals():
             return args._run(args) or 0
     except UserError as exc:
@@ -57,6 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ssmscale {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+# process ranks a launcher sets (torchrun, Lightning, Slurm): read with int() by Lightning, torchmetrics (at its
+# import) and the ladder's workers
+RANK_VARIABLES = ("LOCAL_RANK", "RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID",
+                  "SLURM_NTASKS")
+
+
+def _check_rank_environment() -> None:
+    import os
+    for name in RANK_VARIABLES:
+        value = os.environ.get(name)
+        if value is not None and not value.strip().isdigit():
+            raise UserError(f"environment variable {name}={shorten(value)} is not a whole number (a launcher sets "
+                            "it for each process; unset it to run alone)")
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
