@@ -55,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     except Stopped as exc:       # SIGTERM, SIGINT: finished results stay, a study resumes where it stopped
         print(f"ssmscale {args.command}: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    except OSError as exc:
+        import errno
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        # a full disk: every file is written whole or not at all (fsutil), so what was finished is kept
+        where = f" ({one_line(exc.filename)})" if exc.filename else ""
+        print(f"ssmscale {args.command}: error: {exc.strerror}{where}; what had finished is kept: free some space "
+              "and run it again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"ssmscale {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -32,9 +32,15 @@ def is_plain_name(text, max_len: int = 255) -> bool:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `path` whole or not at all; folders made for it are removed again if the write fails (a full
+    disk leaves no empty output folder behind)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    made = _make_parents(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except BaseException:
+        _remove_empty(made)
+        raise
     try:
         os.fchmod(fd, 0o666 & ~_umask())   # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -47,7 +53,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        _remove_empty(made)
         raise
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Make the missing folders above `path`; return them, deepest first."""
+    made, folder = [], path.parent
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove folders (deepest first) as long as they are empty."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 def _umask() -> int:
@@ -193,11 +219,7 @@ class FileLock:
 
     def __enter__(self):
         if self.tidy:
-            missing = self.path.parent
-            while not missing.exists() and missing != missing.parent:
-                self.made.append(missing)
-                missing = missing.parent
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.made = _make_parents(self.path)
         while True:
             fd = self._open()
             try:
@@ -248,11 +270,7 @@ class FileLock:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-        for folder in self.made:
-            try:
-                os.rmdir(folder)
-            except OSError:         # not empty: something else was written there
-                return
+        _remove_empty(self.made)      # those still empty: nothing else was written there
 
     def __exit__(self, kind, value, tb):
         if kind is not None:
