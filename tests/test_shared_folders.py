@@ -380,6 +380,30 @@ def test_an_output_name_longer_than_a_file_name_may_be_is_one_line(tmp_path, cap
     assert "File name too long" in one_error_line(capsys)
 
 
+def _disk_full(monkeypatch):
+    import errno
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(fsutil.os, "replace", full)
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_empty_output_folder(tmp_path, capsys, monkeypatch):
+    rows = "".join(f"{n},{c / (6 * n)},{2 + 100 / n ** 0.3 + 50 / (c / (6 * n)) ** 0.3},{c}\n"
+                   for c in (1e15, 1e16, 1e17) for n in (1e6, 3e6, 1e7))
+    (tmp_path / "runs.csv").write_text("params,tokens,loss,budget\n" + rows)
+    from ssmscale.fit import laws
+    monkeypatch.setattr(laws, "CHINCHILLA_GRID", laws.CHINCHILLA_GRID[::500])
+    _disk_full(monkeypatch)
+    assert main(["fit", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "a" / "b"), "--n-boot", "0",
+                 "--jobs", "1", "--no-progress"]) == 2
+    assert "fit.json: cannot write (No space left on device)" in one_error_line(capsys)
+    assert not (tmp_path / "a").exists()
+    cfg = write(tmp_path / "cfg.yaml", ladder_raw())
+    assert main(["ladder", str(cfg), "--dry-run", "--out", str(tmp_path / "s")]) == 2
+    assert "ssmscale ladder: error: No space left on device; what had finished is kept" in one_error_line(capsys)
+
+
 # ------------------------------------------------------------------------------ configs that cannot work
 @pytest.mark.parametrize("over, said", [
     ({"families": ["transformer", "transformer"]}, "families: transformer appears twice"),
