@@ -139,8 +139,8 @@ def _workers_stopped_on_exit(pool):
 
 
 def _die_with_parent(parent: int) -> None:
-    """Pool worker initializer: a ladder stopped by a signal it cannot catch (kill, a scheduler's SIGTERM)
-    must not leave its workers training on (they would hold their runs' locks and the cores). On Linux
+    """Pool worker initializer: a ladder stopped by a signal it cannot catch (kill -9; SIGTERM and SIGINT it
+    handles, see _workers_stopped_on_exit) must not leave its workers training on (they would hold their runs' locks and the cores). On Linux
     the kernel kills the worker when the ladder process ends (SIGKILL: Lightning catches SIGTERM, stops
     the run and leaves the worker waiting for tasks that never come); its run resumes from its checkpoint
     when the ladder is started again."""
