@@ -304,6 +304,15 @@ def test_fifos_among_a_studys_files_are_passed_over_by_fit_and_report(tmp_path, 
     assert "profile.json: a FIFO, not a regular file; refused; ignored" in out
 
 
+def test_profile_rows_without_a_throughput_are_left_out_of_the_report(tmp_path, capsys):
+    from ssmscale.report.profile import _read_profile
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "profile.csv").write_text("family,mode,seq_len,batch,tokens_per_s,peak_mem_bytes,status\n"
+                                                      "mamba,train,256,1,0,1e6,ok\nmamba,train,512,1,-3,1e6,ok\n")
+    assert _read_profile(tmp_path) is None          # nothing left to draw: no profile section, no crash
+    assert "ignored 2 ok rows without a positive tokens_per_s" in capsys.readouterr().out
+
+
 def test_a_fifo_in_the_token_cache_is_rebuilt_over(tmp_path, within_seconds, capsys):
     from ssmscale.config import DataConfig, TokenizerConfig
     from ssmscale.data import prepare_data

@@ -123,9 +123,14 @@ def _train(args):
     from .fsutil import FileLock, check_no_links, check_writable_dir
     check_writable_dir(out, "run directory")
     check_no_links(out, (".run.lock", "result.json"))
-    # the folder's lock, as a ladder's worker takes it: a second train on the folder is refused
-    with FileLock(out / ".run.lock", tidy=True, busy=f"{out}: another run (pid {{pid}}) is training in this "
-                                                       "folder; wait for it to end or use another --out"):
+    # the folder's lock, as a ladder's worker takes it: a second train on the folder is refused (the extra
+    # ranks of a multi-process run, which Lightning starts with this command line, belong to rank 0's)
+    from contextlib import nullcontext
+
+    from .study.runner import _process_rank
+    lock = FileLock(out / ".run.lock", tidy=True, busy=f"{out}: another run (pid {{pid}}) is training in this "
+                                                      "folder; wait for it to end or use another --out")
+    with lock if _process_rank() == 0 else nullcontext():
         if not args.force:
             from .safeload import read_result
             res, problem = read_result(out / "result.json", within=out)

@@ -165,7 +165,8 @@ def _read_profile(study: Path) -> pd.DataFrame | None:
     measured = (df["status"] != "ok") | (np.isfinite(df["tokens_per_s"]) & (df["tokens_per_s"] > 0))
     if not (measured | ~usable).all():
         print(f"{path}: ignored {int((usable & ~measured).sum())} ok rows without a positive tokens_per_s")
-    return df[usable & measured]
+    kept = df[usable & measured]
+    return kept if len(kept) else None      # nothing to draw: no profile section
 
 
 def _profile_families(study: Path) -> list[str]:

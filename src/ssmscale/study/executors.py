@@ -210,7 +210,7 @@ def _run_submitit(cfg, out_dir, runs, todo, bar, tally, cluster):
                 _end_job(cfg, out_dir, runs, bar, tally, by_id[run_id], res, returned)
         except BaseException:          # stopped (a signal, an error): the local jobs stop too
             for job in pending.values():
-                job.cancel(check=False)
+                _stop_local_job(job)
             raise
         return
     ids = list(by_id)
@@ -221,6 +221,15 @@ def _run_submitit(cfg, out_dir, runs, todo, bar, tally, cluster):
                    f"{cfg.submitit.parallelism} at once; logs in {out_dir / 'submitit'}", file=sys.stderr)
     for run_id, res, returned in _as_they_end(dict(zip(ids, jobs)), slurm=ex.cluster == "slurm", out_dir=out_dir):
         _end_job(cfg, out_dir, runs, bar, tally, by_id[run_id], res, returned)
+
+
+def _stop_local_job(job) -> None:
+    """SIGTERM to a local job's controller, which passes it on to the job (its run stops as a run stops on
+    SIGTERM; submitit's own cancel sends SIGINT, whose KeyboardInterrupt the controller prints on our stderr)."""
+    import signal
+    process = getattr(job, "_process", None)
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
 
 
 def _end_job(cfg, out_dir, runs, bar, tally, run, res, returned):
