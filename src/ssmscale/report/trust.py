@@ -125,8 +125,9 @@ def _best_run_positions(study: Path, loaded: LoadedRuns) -> dict:
             except (FileNotFoundError, FileRefused):
                 continue
             by_position = res.get("val_loss_by_position") if isinstance(res, dict) else None
-            if isinstance(by_position, list) and by_position and all(
-                    v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in by_position):
+            numbers = isinstance(by_position, list) and all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in by_position)
+            if numbers and any(v is not None for v in by_position):
                 vectors.append([np.nan if v is None else v for v in by_position])
         if vectors and len({len(v) for v in vectors}) == 1:
             mean = np.nanmean(np.array(vectors, float), axis=0)
