@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import LadderConfig
-from ..errors import UserError
+from ..errors import Stopped, UserError
 from .runner import _train_run, run_one, thread_share
 from .state import _write_failed, collect_results
 
@@ -127,11 +127,11 @@ def _run_pool(cfg, out_dir, runs, todo, bar, tally):
 
 @contextmanager
 def _workers_stopped_on_exit(pool):
-    """A ladder stopped inside the pool (a signal, an error) kills its workers: the pool's own exit would
-    wait for their runs to end. A killed run resumes from its checkpoint when the ladder is started again."""
+    """A ladder stopped inside the pool by a signal kills its workers: the pool's own exit would wait for
+    their runs to end. A killed run resumes from its checkpoint when the ladder is started again."""
     try:
         yield
-    except BaseException:
+    except (Stopped, KeyboardInterrupt):
         for process in list((pool._processes or {}).values()):
             process.kill()
         pool.shutdown(wait=False, cancel_futures=True)
@@ -208,7 +208,7 @@ def _run_submitit(cfg, out_dir, runs, todo, bar, tally, cluster):
                 if queue:
                     start_next()
                 _end_job(cfg, out_dir, runs, bar, tally, by_id[run_id], res, returned)
-        except BaseException:          # stopped (a signal, an error): the local jobs stop too
+        except (Stopped, KeyboardInterrupt):          # stopped by a signal: the local jobs stop too
             for job in pending.values():
                 _stop_local_job(job)
             raise
