@@ -1,6 +1,7 @@
 """Loading a config: a YAML file read with YAML 1.2's number rule, no duplicate keys and a cap on its
 size once aliases are expanded; `--set key.path=value` overrides; the schema's validation (schema.py)
-with one-line errors; and the logger packages a config asks for checked before any work starts.
+with one-line errors; the logger packages a config asks for checked before any work starts; and where
+its plugin code may come from (origin.py).
 """
 
 from __future__ import annotations
@@ -192,16 +193,24 @@ def resolve_mixer_paths(raw: dict, base_dir: Path) -> dict:
 
 
 def load_config(schema, path: str | Path, overrides: dict | None = None, within: str | Path | None = None):
-    """A config file validated against `schema` (RunConfig or LadderConfig), plugin paths resolved; with
-    `within` (a study's folder) the file is read from inside that folder only (safeload.open_regular)."""
+    """A config file validated against `schema` (RunConfig or LadderConfig), plugin paths resolved.
+
+    Without `within`, a config the user named: its plugins may come from where origin.py allows (a config
+    in a study or run folder names code inside it only). With `within` (a study's folder), the tool re-reads
+    the config.yaml it wrote there, from inside that folder only (safeload.open_regular); its plugins were
+    checked when the ladder read the user's config."""
     raw = resolve_mixer_paths(apply_overrides(read_yaml(path, within), overrides), Path(path).resolve().parent)
     cfg = validate(schema, raw, str(path))
     check_logger_packages(cfg, str(path))
+    if within is None:
+        from .origin import check_plugin_origin
+        check_plugin_origin(cfg, path, overrides)
     return cfg
 
 
-def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    return load_config(RunConfig, path, overrides)
+def load_run_config(path: str | Path, overrides: dict | None = None,
+                    within: str | Path | None = None) -> RunConfig:
+    return load_config(RunConfig, path, overrides, within)
 
 
 def load_ladder_config(path: str | Path, overrides: dict | None = None,
