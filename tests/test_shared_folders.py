@@ -8,6 +8,7 @@ it reads (FIFOs, /dev/zero), sizes beyond what is real, signals, and configs who
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -325,6 +326,22 @@ def test_a_fifo_in_the_token_cache_is_rebuilt_over(tmp_path, within_seconds, cap
     again = prepare_data(data_cfg, TokenizerConfig(), seq_len=16, eval_tokens=32, progress=False)
     assert again.fingerprint == first.fingerprint and meta.is_file()
     assert "meta.json unreadable: a FIFO" in capsys.readouterr().err
+
+
+def test_a_fifo_in_place_of_a_cached_bpe_is_retrained_over(tmp_path, within_seconds, capsys):
+    from ssmscale.config import DataConfig, TokenizerConfig
+    from ssmscale.data import prepare_data
+    (tmp_path / "a.txt").write_text("hello world, the quick brown fox. " * 400)
+    data_cfg = DataConfig(source="files", paths=[str(tmp_path / "a.txt")], cache_dir=str(tmp_path / "cache"))
+    bpe = TokenizerConfig(kind="bpe", vocab_size=300)
+    first = prepare_data(data_cfg, bpe, seq_len=16, eval_tokens=32, progress=False)
+    (path,) = (tmp_path / "cache" / "tokenizers").glob("bpe-300-*.json")
+    sha = first.tokenizer.sha256
+    path.unlink()
+    os.mkfifo(path)
+    again = prepare_data(data_cfg, bpe, seq_len=16, eval_tokens=32, progress=False)
+    assert "retraining unreadable BPE tokenizer" in capsys.readouterr().err and path.is_file()
+    assert again.tokenizer.sha256 == sha == hashlib.sha256(path.read_bytes()).hexdigest()   # the same merges
 
 
 # ---------------------------------------------------------------------------------------- bounds

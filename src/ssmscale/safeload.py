@@ -157,10 +157,10 @@ def state_dict_mismatch(saved: dict, expected: dict) -> str | None:
     return f"its weights are of another model ({extra[0]} is not in this model)" if extra else None
 
 
-def load_weights(path: str | os.PathLike) -> dict:
+def load_weights(path: str | os.PathLike, within: str | os.PathLike | None = None) -> dict:
     """A model.pt written by train.py: a state dict of tensors, loaded weights-only."""
     import torch
-    state = load_torch(path)
+    state = load_torch(path, within)
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
         raise FileRefused(f"{path}: refused, not a state dict of tensors")
