@@ -152,7 +152,9 @@ def _best_run_positions(study: Path, loaded: LoadedRuns) -> dict:
             if numbers and any(v is not None for v in by_position):
                 vectors.append([np.nan if v is None else v for v in by_position])
         if vectors and len({len(v) for v in vectors}) == 1:
-            mean = np.nanmean(np.array(vectors, float), axis=0)
+            values = np.array(vectors, float)
+            seen = (~np.isnan(values)).sum(axis=0)      # a position no seed recorded stays NaN (no nanmean warning)
+            mean = np.where(seen > 0, np.nansum(values, axis=0) / np.maximum(seen, 1), np.nan)
             out.setdefault(str(family), []).append((float(budget), mean, float(best["params"]), len(vectors)))
     return out
 
