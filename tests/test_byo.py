@@ -130,6 +130,21 @@ def test_a_bad_mixer_target_is_one_clear_error(target, message):
         load_mixer_class(target)
 
 
+def test_a_plugin_file_is_read_once_as_a_regular_file_and_the_code_that_runs_is_the_code_hashed(tmp_path):
+    import hashlib
+    import os
+    fifo = tmp_path / "fifo.py"
+    os.mkfifo(fifo)
+    for call in (lambda: load_mixer_class(f"{fifo}:Mixer"), lambda: MixerSpec(f"{fifo}:Mixer").sha256()):
+        with pytest.raises(UserError, match="fifo.py: a FIFO, not a regular file; refused"):
+            call()                                         # refused, not waited on
+    path = tmp_path / "m.py"
+    path.write_text(MARKER_MIXER + "VERSION = 1\n")
+    cls = load_mixer_class(f"{path}:Mixer")
+    assert sys.modules[cls.__module__].VERSION == 1 and Path(sys.modules[cls.__module__].__file__) == path
+    assert cls.__module__ == f"ssmscale_plugin_{hashlib.sha256(path.read_bytes()).hexdigest()[:16]}"
+
+
 # ------------------------------------------------------------------------------------- admission
 def test_the_example_and_every_builtin_family_pass_check_family(capsys):
     assert main(["check-family", f"{ROOT / 'examples' / 'gla.py'}:GatedLinearAttention", "--options",
@@ -384,25 +399,87 @@ class Mixer(torch.nn.Module):
 '''
 
 
-def test_fit_and_report_on_a_study_that_names_a_plugin_never_import_it(tmp_path, monkeypatch, capsys):
+def _marker_study(tmp_path, mixer: str | None = None):
+    """A fitted-size study (synthetic results) whose config.yaml names a plugin family `mine`; the plugin file
+    sits inside the study and leaves a marker beside itself when imported. `mixer`: what the config names
+    (default: that file, relative to the study)."""
+    import yaml
     from synthetic_study import SMALL_LM_LAWS, make_study
-
-    from ssmscale.fit import laws
-    monkeypatch.setattr(laws, "CHINCHILLA_GRID", laws.CHINCHILLA_GRID[::90])      # speed: Approach 3 is not checked
     study = make_study(tmp_path, "withplugin", laws={"transformer": SMALL_LM_LAWS["transformer"],
                                                       "mine": SMALL_LM_LAWS["mamba"]},
                        budgets=(1e13, 1e14, 1e15), profile=False)
-    plugin_file = tmp_path / "marker_mixer.py"
+    plugin_file = study / "marker_mixer.py"
     plugin_file.write_text(MARKER_MIXER)
-    import yaml
     cfg = yaml.safe_load((study / "config.yaml").read_text())
-    cfg["custom_families"] = {"mine": {"mixer": f"{plugin_file}:Mixer"}}
+    cfg.pop("note")                                        # as the ladder writes it: a valid ladder config
+    cfg.update(sizes=[2.5e4, 5e4], custom_families={"mine": {"mixer": mixer or "marker_mixer.py:Mixer"}})
     (study / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return study, plugin_file.with_suffix(".imported")
+
+
+def test_fit_report_forecast_and_a_dry_run_of_a_study_never_import_its_plugin_and_train_does(tmp_path, monkeypatch,
+                                                                                              capsys):
+    from ssmscale.fit import laws
+    monkeypatch.setattr(laws, "CHINCHILLA_GRID", laws.CHINCHILLA_GRID[::90])      # speed: Approach 3 is not checked
+    study, marker = _marker_study(tmp_path)
     assert main(["fit", str(study), "--n-boot", "4", "--jobs", "1", "--no-progress", "--out", str(tmp_path / "fit")]) == 0
     assert main(["report", str(study), "--n-boot", "4", "--no-progress", "--out", str(tmp_path / "report")]) == 0
-    assert "importing plugin" not in "".join(capsys.readouterr())
+    assert main(["forecast", str(study), "--budgets", "1e16", "--n-boot", "4", "--jobs", "1", "--no-progress"]) == 0
+    assert main(["ladder", str(study / "config.yaml"), "--dry-run", "--out", str(tmp_path / "plan")]) == 2
+    out = capsys.readouterr()
+    assert "--dry-run: this config lies in a study or run folder and names plugin families (mine)" in out.err
+    assert "importing plugin" not in out.out + out.err
     assert "multiplier" in json.loads((tmp_path / "fit" / "fit.json").read_text())
-    assert (tmp_path / "report" / "report.md").is_file()
-    assert not plugin_file.with_suffix(".imported").exists()
-    load_mixer_class(f"{plugin_file}:Mixer")               # training would import it: the marker proves it
-    assert plugin_file.with_suffix(".imported").exists()
+    assert (tmp_path / "report" / "report.md").is_file() and list((study / "forecasts").glob("forecast-*.json"))
+    assert not marker.exists() and not (tmp_path / "plan").exists()
+    # training is running the code, on purpose: a run config of the user's naming the same file imports it
+    import yaml
+    run_cfg = tmp_path / "run.yaml"
+    run_cfg.write_text(yaml.safe_dump({
+        "name": "marker", "model": {"family": "mine", "d_model": 16, "n_layer": 1, "head_dim": 8},
+        "custom_families": {"mine": {"mixer": f"{study / 'marker_mixer.py'}:Mixer"}},
+        "data": {"source": "synthetic", "synthetic": {"vocab_size": 32, "num_examples": 64, "num_kv_pairs": 2}},
+        "train": {"tokens": 4 * 4 * 16, "seq_len": 16, "batch_size": 4, "eval_tokens": 256, "eval_points": 0,
+                  "progress": False}}))
+    assert main(["train", str(run_cfg), "--out", str(tmp_path / "run")]) == 0
+    assert marker.exists() and "importing plugin mixer Mixer from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "module", "link"])
+def test_a_study_config_cannot_point_the_tool_at_plugin_code_outside_its_folder(tmp_path, capsys, where):
+    from test_untrusted_input import one_error_line
+    outside = tmp_path / "elsewhere.py"
+    outside.write_text(MARKER_MIXER)
+    mixer = {"absolute": f"{outside}:Mixer", "dotdot": "../../elsewhere.py:Mixer", "module": "json.decoder:Mixer",
+             "link": "inside.py:Mixer"}[where]
+    study, marker = _marker_study(tmp_path, mixer)
+    (study / "inside.py").symlink_to(outside)
+    assert main(["ladder", str(study / "config.yaml"), "--out", str(tmp_path / "resumed")]) == 2
+    said = one_error_line(capsys)
+    assert f"{study / 'config.yaml'}: custom_families.mine.mixer: this config lies in the study or run folder" in said
+    assert "To run that code, name it yourself: --set custom_families.mine.mixer=" in said
+    # a run's saved config in the study is held to the same rule (train runs the code it names)
+    (study / "runs" / "r").mkdir(parents=True, exist_ok=True)
+    mixer = mixer if where in ("absolute", "module") else f"../../{mixer}"      # relative to runs/r/
+    (study / "runs" / "r" / "config.yaml").write_text(
+        f"model: {{family: mine, params: 1e5}}\ntrain: {{tokens: 1e5}}\ncustom_families: {{mine: {{mixer: '{mixer}'}}}}\n")
+    assert main(["train", str(study / "runs" / "r" / "config.yaml"), "--out", str(tmp_path / "r")]) == 2
+    assert "custom_families.mine.mixer: this config lies in the study or run folder" in one_error_line(capsys)
+    assert not marker.exists() and not outside.with_suffix(".imported").exists()
+    assert not (tmp_path / "resumed").exists() and not (tmp_path / "r").exists()
+
+
+def test_code_a_user_names_is_theirs_to_run_and_a_config_of_their_own_may_point_anywhere(tmp_path, capsys):
+    from ssmscale.config.origin import check_plugin_origin, shared_folder
+    study, marker = _marker_study(tmp_path, f"{tmp_path / 'elsewhere.py'}:Mixer")
+    (tmp_path / "elsewhere.py").write_text(MARKER_MIXER)
+    cfg_path = study / "config.yaml"
+    cfg = load_ladder_config(cfg_path, {"custom_families.mine.mixer": f"{tmp_path / 'elsewhere.py'}:Mixer"})
+    check_plugin_origin(cfg, cfg_path, {"custom_families.mine.mixer": "x"})      # named on the command line
+    assert shared_folder(cfg_path) == study and shared_folder(study / "runs" / "any" / "config.yaml") == study
+    own = tmp_path / "configs" / "mine.yaml"                 # the user's own folder: ../ and absolute paths alike
+    own.parent.mkdir()
+    own.write_text(cfg_path.read_text())
+    assert shared_folder(own) is None and load_ladder_config(own).custom_families["mine"].mixer.startswith(str(tmp_path))
+    assert not marker.exists()
+

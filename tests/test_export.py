@@ -5,6 +5,7 @@ with nothing written. transformers is imported only here and in ssmscale.export.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from ssmscale.train import run_training  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import tiny_config  # noqa: E402
-from test_untrusted_input import _plant, one_error_line  # noqa: E402
+from test_untrusted_input import _plant, one_error_line, within_seconds  # noqa: E402, F401
 
 TEXTS = ["The quick brown fox.", "naïve café, 日本語 and 🙂", "  two  spaces\n\ttab\r\n", "", "Āā Ē (U+0100)",
          "def f(x):\n    return x ** 2  # it's\n", "a\x00b\x00\x00c"]
@@ -191,6 +192,19 @@ def test_best_picks_the_finished_run_of_the_family_with_the_lowest_loss(trained,
     assert "no finished transformer run" in one_error_line(capsys)
 
 
+def test_best_passes_over_a_run_folder_or_result_that_links_out_of_the_study(trained, tmp_path, capsys):
+    study, outside = tmp_path / "study", tmp_path / "outside"
+    for name, loss in (("a", 2.0), ("best_elsewhere", 0.1), ("linked_result", 0.2)):
+        run = shutil.copytree(trained["byte"], (outside if name == "best_elsewhere" else study / "runs") / name)
+        res = json.loads((run / "result.json").read_text())
+        (run / "result.json").write_text(json.dumps({**res, "loss": loss}))
+    (study / "runs" / "z").symlink_to(outside / "best_elsewhere")               # a linked run folder
+    (study / "runs" / "linked_result" / "result.json").rename(outside / "result.json")
+    (study / "runs" / "linked_result" / "result.json").symlink_to(outside / "result.json")
+    assert main(["export", str(study), str(tmp_path / "hf"), "--best", "mamba"]) == 0
+    assert f"best mamba run of {study}: {study / 'runs' / 'a'}" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------- bad input
 def copied_run(trained, tmp_path) -> Path:
     return shutil.copytree(trained["byte"], tmp_path / "run")
@@ -221,6 +235,28 @@ def other_model(run, tmp_path):
     torch.save({"embedding.weight": torch.zeros(3, 5)}, run / "model.pt")
 
 
+def linked_weights(run, tmp_path):
+    (run / "model.pt").rename(tmp_path / "elsewhere.pt")
+    (run / "model.pt").symlink_to(tmp_path / "elsewhere.pt")
+
+
+def fifo_weights(run, tmp_path):
+    (run / "model.pt").unlink()
+    os.mkfifo(run / "model.pt")
+
+
+def fifo_result(run, tmp_path):
+    (run / "result.json").unlink()
+    os.mkfifo(run / "result.json")
+
+
+def plugin_family(run, tmp_path):
+    res = json.loads((run / "result.json").read_text())
+    (tmp_path / "plugin.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').close()\n")
+    edit_result(run, family="mine", model_config={**res["model_config"], "family": "mine",
+                                                   "mixer": {"target": f"{tmp_path / 'plugin.py'}:M"}})
+
+
 def hybrid(run, tmp_path):
     res = json.loads((run / "result.json").read_text())
     edit_result(run, model_config={**res["model_config"], "family": "hybrid"})
@@ -237,10 +273,14 @@ def occupied_out(run, tmp_path):
     (no_weights, "model.pt: missing"),
     (planted_weights, "refused, not a plain weights file"),
     (other_model, "refused, its weights are of another model"),
+    (linked_weights, "model.pt: a link out of"),
+    (fifo_weights, "model.pt: a FIFO, not a regular file; refused"),
+    (fifo_result, "result.json: a FIFO, not a regular file; refused"),
+    (plugin_family, "family 'mine': not exportable (a plugin family"),
     (hybrid, "family hybrid: not exportable to Hugging Face (no transformers class has the hybrid's structure"),
     (occupied_out, "exists and is not an empty folder"),
 ])
-def test_bad_input_exits_2_in_one_line_and_writes_nothing(trained, tmp_path, capsys, spoil, said):
+def test_bad_input_exits_2_in_one_line_and_writes_nothing(trained, tmp_path, capsys, within_seconds, spoil, said):
     run = copied_run(trained, tmp_path)
     spoil(run, tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())

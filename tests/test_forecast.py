@@ -130,6 +130,27 @@ def test_an_edited_forecast_is_refused_with_one_line(forecast, tmp_path):
         score_forecasts(copy, fit.load_runs(copy))
 
 
+def test_a_forecast_of_the_wrong_shape_or_linked_from_elsewhere_is_one_line(forecast, tmp_path):
+    import shutil
+
+    from ssmscale.fit.forecast import content_hash
+    study, _, path = forecast
+    copy = tmp_path / study.name
+    shutil.copytree(study, copy)
+    _land_runs(copy, datetime.now(timezone.utc))
+    target = copy / "forecasts" / path.name
+    body = json.loads(target.read_text())
+    body["order"] = [{"families": 5, "budget": NEW}]             # what make_forecast never writes...
+    body["sha256"] = content_hash(body)                          # ...with a sha256 anyone can compute
+    target.write_text(json.dumps(body))
+    with pytest.raises(UserError, match="not a forecast of this tool \\(wrong shape\\)"):
+        score_forecasts(copy, fit.load_runs(copy))
+    target.unlink()
+    target.symlink_to(path)                                      # a forecast that lies outside the study
+    with pytest.raises(UserError, match="a link out of"):
+        score_forecasts(copy, fit.load_runs(copy))
+
+
 @pytest.mark.parametrize("budgets, message", [
     (["nan"], "not a positive finite number"), (["-5"], "not a positive finite number"), (["0"], "not a positive finite number"),
     (["inf"], "not a positive finite number"), (["1e17", "lots"], "is not a number"),

@@ -139,3 +139,17 @@ def test_the_report_leads_with_the_multiplier_table_and_figure_and_refits_a_fit_
     assert png.startswith(b"\x89PNG")
     assert math.isfinite(json.loads((study / "fit.json").read_text())["multiplier"]["families"]["ahead"]["largest"]
                          ["k"]["value"])
+
+
+def test_a_fit_json_listing_other_families_in_its_multiplier_draws_only_the_fitted_ones(tmp_path):
+    from ssmscale.report.colors import family_colors
+    from ssmscale.report.figures import _figure, _sci
+    from ssmscale.report.multiplier import multiplier_section
+    result, _ = _fit(tmp_path, {"transformer": BASE, "ahead": ahead_by(BASE, 3.0)}, n_boot=4, backtest=False)
+    planted = fit.fit_json(result)
+    block = planted["multiplier"]["families"]
+    block.update({f"x{i}": block["ahead"] for i in range(3000)})     # as a fit.json from elsewhere may hold
+    lines, figures = multiplier_section(planted, family_colors(set(planted["families"])), _figure, _sci)
+    text = "\n".join(lines)
+    assert "ahead: at its largest budget" in text and "x0" not in text and "x2999" not in text
+    assert len(figures["multiplier.png"].axes[0].get_lines()) < 10

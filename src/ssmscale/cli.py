@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from . import limits
-from .errors import UserError
+from .errors import Stopped, UserError, one_line, shorten, stop_on_signals
 from .models.config import FAMILIES
 
 
@@ -48,13 +48,42 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args._run(args) or 0
+        _check_rank_environment()
+        with stop_on_signals():
+            return args._run(args) or 0
     except UserError as exc:
-        print(f"ssmscale {args.command}: error: {exc}", file=sys.stderr)
+        print(f"ssmscale {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except Stopped as exc:       # SIGTERM, SIGINT: finished results stay, a study resumes where it stopped
+        print(f"ssmscale {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except OSError as exc:
+        import errno
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        # a full disk: every file is written whole or not at all (fsutil), so what was finished is kept
+        where = f" ({one_line(exc.filename)})" if exc.filename else ""
+        print(f"ssmscale {args.command}: error: {exc.strerror}{where}; what had finished is kept: free some space "
+              "and run it again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ssmscale {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+# process ranks a launcher sets (torchrun, Lightning, Slurm): read with int() by Lightning, torchmetrics (at its
+# import) and the ladder's workers
+RANK_VARIABLES = ("LOCAL_RANK", "RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID",
+                  "SLURM_NTASKS")
+
+
+def _check_rank_environment() -> None:
+    import os
+    for name in RANK_VARIABLES:
+        value = os.environ.get(name)
+        if value is not None and not value.strip().isdigit():
+            raise UserError(f"environment variable {name}={shorten(value)} is not a whole number (a launcher sets "
+                            "it for each process; unset it to run alone)")
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -94,17 +123,26 @@ def _train(args):
         overrides["train.progress"] = False
     cfg = load_run_config(args.config, overrides)
     out = Path(args.out or f"runs/{cfg.name}-{cfg.model.family}")
-    from .fsutil import check_writable_dir
+    from .fsutil import FileLock, check_no_links, check_writable_dir
     check_writable_dir(out, "run directory")
-    if not args.force:
-        from .safeload import read_result
-        res, problem = read_result(out / "result.json")
-        if res is not None:
-            raise UserError(f"{out}: already holds a finished run (result.json); use --force to retrain")
-        if problem:
-            print(f"{problem}; the run counts as unfinished and is trained again", file=sys.stderr)
-    from .train import run_training
-    r = run_training(cfg, out)
+    check_no_links(out, (".run.lock", "result.json"))
+    # the folder's lock, as a ladder's worker takes it: a second train on the folder is refused (the extra
+    # ranks of a multi-process run, which Lightning starts with this command line, belong to rank 0's)
+    from contextlib import nullcontext
+
+    from .study.runner import _process_rank
+    lock = FileLock(out / ".run.lock", tidy=True, busy=f"{out}: another run (pid {{pid}}) is training in this "
+                                                      "folder; wait for it to end or use another --out")
+    with lock if _process_rank() == 0 else nullcontext():
+        if not args.force:
+            from .safeload import read_result
+            res, problem = read_result(out / "result.json", within=out)
+            if res is not None:
+                raise UserError(f"{out}: already holds a finished run (result.json); use --force to retrain")
+            if problem:
+                print(f"{problem}; the run counts as unfinished and is trained again", file=sys.stderr)
+        from .train import run_training
+        r = run_training(cfg, out)
     if r.get("global_rank"):     # an extra rank of a multi-process strategy: rank 0 reports
         return 0 if r["status"] == "ok" else 1
     accuracy = f", accuracy={r['val_accuracy']:.4f}" if r.get("val_accuracy") is not None else ""
@@ -246,6 +284,10 @@ def _profile(args):
     args.compete = _count(args.compete, "--compete")
     if args.compete and args.op != "model":
         raise UserError("--compete: only used with --op model")
+    from .threads import available_cores
+    if args.compete > 4 * available_cores():     # busy loops beyond a few per core measure nothing more
+        raise UserError(f"--compete: at most {4 * available_cores()} competitors (4 per core this process may use), "
+                        f"got {args.compete}")
     return {"scan": _profile_scan, "ssd": _profile_ssd, "model": _profile_model, "loop": _profile_loop}[args.op](args)
 
 
@@ -276,6 +318,16 @@ def _in_range(value: int, flag: str, hi: int, lo: int = 1) -> int:
     if not lo <= value <= hi:
         raise UserError(f"{flag}: expected an integer from {lo} to {hi}, got {value}")
     return value
+
+
+def _fits_in_memory(floats: int) -> None:
+    """Refuse a kernel benchmark whose largest point's tensors (about `floats` fp32 values, inputs and
+    outputs) cannot fit in this machine's memory: it would only die there, point after point."""
+    import os
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * floats > memory:
+        raise UserError(f"--seq-lens: the longest point needs about {4 * floats / 2**30:,.0f} GiB of tensors; this "
+                        f"machine has {memory / 2**30:,.1f} GiB (lower --seq-lens, --batch or --d-inner)")
 
 
 def _seconds(text):
@@ -314,9 +366,12 @@ def _profile_model(args):
         batch=_positive_int(args.batch or "1", "--batch", limits.MAX_BATCH),
         gen_tokens=_positive_int(args.gen_tokens, "--gen-tokens", limits.MAX_SEQ_LEN),
         repeats=_positive_int(args.repeats, "--repeats"),
-        threads=_positive_int(args.threads, "--threads") if args.threads else None,
+        threads=_positive_int(args.threads, "--threads", limits.MAX_THREADS) if args.threads else None,
         timeout_s=_seconds(args.timeout),
         head_dim=_positive_int(args.head_dim, "--head-dim", limits.MAX_WIDTH))
+    if sizes["head_dim"] % 2 and {"transformer", "hybrid"} & set(families):
+        raise UserError(f"--head-dim: must be even (rotary position embeddings turn channels in pairs), "
+                        f"got {sizes['head_dim']}")
     from .bench.profile import shapes_for
     try:
         shapes_for(families, params, sizes["d_model"], sizes["n_layer"], sizes["head_dim"], mixers)
@@ -339,7 +394,7 @@ def _profile_loop(args):
     from .config import load_run_config
     cfg = load_run_config(args.config, {"model.family": args.family} if args.family else None)  # errors first
     from . import threads
-    explicit = _positive_int(args.threads, "--threads") if args.threads else None
+    explicit = _positive_int(args.threads, "--threads", limits.MAX_THREADS) if args.threads else None
     choice = threads.choose(explicit or cfg.train.num_threads,
                             explicit_name="--threads" if explicit else "train.num_threads")
     print(threads.apply(choice).describe(), flush=True)
@@ -393,8 +448,10 @@ def _profile_scan(args):
     bounds = {"batch": limits.MAX_BATCH, "d_inner": limits.MAX_WIDTH, "d_state": limits.MAX_WIDTH,
               "repeats": limits.MAX_COUNT, "ref_max_len": limits.MAX_SEQ_LEN}
     sizes = {k: _positive_int(getattr(args, k), "--" + k.replace("_", "-"), hi) for k, hi in bounds.items()}
-    threads = _positive_int(args.threads, "--threads") if args.threads is not None else None
+    threads = _positive_int(args.threads, "--threads", limits.MAX_THREADS) if args.threads is not None else None
     timeout = _seconds(args.timeout)
+    seq_lens = _positive_ints(args.seq_lens, "--seq-lens", limits.MAX_SEQ_LEN)
+    _fits_in_memory(sizes["batch"] * max(seq_lens) * sizes["d_inner"] * 8)
     from .ops import available_impls
     if args.device == "cuda":
         import torch
@@ -406,7 +463,6 @@ def _profile_scan(args):
         bench_scan.check_impls(impls, args.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    seq_lens = _positive_ints(args.seq_lens, "--seq-lens", limits.MAX_SEQ_LEN)
     if args.out:
         from .fsutil import check_writable_dir
         check_writable_dir(args.out, "--out")      # before the measuring, not after it
@@ -431,7 +487,9 @@ def _profile_ssd(args):
              for k, hi in bounds.items()}
     if sizes["d_inner"] % sizes["ssd_head_dim"]:
         raise UserError(f"--d-inner: {sizes['d_inner']} is not a multiple of --ssd-head-dim {sizes['ssd_head_dim']}")
-    threads = _positive_int(args.threads, "--threads") if args.threads is not None else None
+    threads = _positive_int(args.threads, "--threads", limits.MAX_THREADS) if args.threads is not None else None
+    seq_lens = _positive_ints(args.seq_lens or "1024,4096", "--seq-lens", limits.MAX_SEQ_LEN)
+    _fits_in_memory(sizes["batch"] * max(seq_lens) * sizes["d_inner"] * 8)
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -441,7 +499,6 @@ def _profile_ssd(args):
         bench_ssd.check_impls(impls, args.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    seq_lens = _positive_ints(args.seq_lens or "1024,4096", "--seq-lens", limits.MAX_SEQ_LEN)
     rows = bench_ssd.run_and_report(
         impls, seq_lens, batch=sizes["batch"], d_inner=sizes["d_inner"], d_state=sizes["d_state"],
         head_dim=sizes["ssd_head_dim"], chunk_size=sizes["chunk_size"], modes=modes, repeats=sizes["repeats"],

@@ -24,6 +24,8 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_mode
                       model_validator)
 
 from .. import limits
+from ..errors import shorten
+from ..fsutil import is_plain_name
 from ..models.config import FAMILIES, HYBRID_SSMS, RESERVED_NAMES, SSD_IMPLS, plugin_name_ok
 from ..models.plugin import MixerSpec, split_target
 
@@ -41,16 +43,12 @@ Seed = Annotated[int, Field(ge=0, le=limits.MAX_SEED)]
 # Lightning strategies this loop runs under (its batch rows are split per rank in training_step)
 STRATEGIES = ("auto", "ddp")
 
-# a plain name: a folder name that stays where it is put (no '/', no leading '.' or '-')
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,99}")
-
-
 def _plain_name(value: str, segments: bool = False) -> str:
     parts = value.split("/") if segments else [value]
-    if not all(_PLAIN_NAME.fullmatch(p) for p in parts):
+    if not all(is_plain_name(p, max_len=100) for p in parts):
         what = "plain names joined by '/'" if segments else "a plain name"
         raise ValueError(f"must be {what} (letters, digits, '_', '.', '-', '+', '='; not starting with '.' "
-                         f"or '-'; at most 100 characters), got {value!r}")
+                         f"or '-'; at most 100 characters), got {shorten(value)}")
     return value
 
 
@@ -122,6 +120,13 @@ class ModelDefaults(_Strict):
     hybrid_attn_every: Layers = 8                      # about one attention layer in this many (at least one)
     hybrid_attn_layers: list[Annotated[int, Field(ge=0, le=limits.MAX_LAYERS)]] | None = None   # or exactly these layer indices
 
+    @field_validator("head_dim")
+    @classmethod
+    def _rotary_pairs(cls, value):
+        if value % 2:
+            raise ValueError(f"must be even (rotary position embeddings turn channels in pairs), got {value}")
+        return value
+
     def knobs(self) -> dict:
         """The ModelConfig keyword arguments these knobs set."""
         return self.model_dump(include=set(ModelDefaults.model_fields))
@@ -144,6 +149,9 @@ class ModelSpec(ModelDefaults):
             raise ValueError("d_model: an explicit shape needs both d_model and n_layer")
         if not explicit and self.params is None:
             raise ValueError("params: give a target parameter count or (d_model, n_layer)")
+        if self.family == "transformer" and explicit and self.d_model % self.head_dim:
+            raise ValueError(f"head_dim: {self.head_dim} does not divide d_model {self.d_model} (the transformer's "
+                             "heads split its width)")
         return self
 
 
@@ -211,13 +219,13 @@ class TrainConfig(_Strict):
     batch_size: Annotated[int, Field(gt=0, le=limits.MAX_BATCH)] = 16   # sequences per optimiser step
     tokens: Annotated[float, Field(gt=0, le=limits.MAX_TOKENS)] | None = None                # token budget of the run (or set by the ladder)
     lr: PositiveFloat = 3e-3                            # peak learning rate
-    final_lr: Annotated[float, Field(ge=0)] = 1e-5      # cosine floor
+    final_lr: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-5      # cosine floor
     warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
     betas: Annotated[tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]],
                      Field(strict=False)] = (0.9, 0.95)          # not strict: a YAML list is a tuple here
     eps: PositiveFloat = 1e-8
-    grad_clip: Annotated[float, Field(ge=0)] = 1.0      # 0 disables clipping
+    grad_clip: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0      # 0 disables clipping
     eval_every: Count = 0                              # steps between validations; 0: only at the end
     # validations at log-spaced steps (10% to 75% of the run, then the end) on one fixed subset of the
     # validation set, for Chinchilla's Approach 1; 0: none
@@ -233,7 +241,7 @@ class TrainConfig(_Strict):
     # Lightning strategy: with devices > 1 both mean ddp, which re-executes the command line once per
     # extra rank (gloo on CPU, NCCL on GPU); batch_size stays the global batch
     strategy: Literal[STRATEGIES] = "auto"
-    num_threads: PositiveInt | None = None              # CPU threads (default: threads.py, cores / parallel runs)
+    num_threads: Annotated[int, Field(gt=0, le=limits.MAX_THREADS)] | None = None   # CPU threads (default: threads.py)
     progress: bool = True
     # Lightning loggers under <run>/logs/, beside metrics.csv and with its fields: csv is always written
     loggers: list[Literal["csv", "tensorboard", "wandb"]] = ["csv"]
@@ -281,6 +289,19 @@ ShapeSpec = create_model(
     **{family: (Annotated[tuple[Width, Layers], Field(strict=False)] | None, None) for family in FAMILIES})
 
 
+# What may reach a Slurm job script. Each value becomes an `#SBATCH --key=value` line, which a line end
+# would end (the rest of the value would run as shell when the job starts): partition and account are names
+# (comma-separated lists allowed); slurm_extra keys are sbatch option names, values printable ASCII. Options
+# that move the job's files, working folder or environment (--export=LD_PRELOAD=...) or that submitit sets
+# itself are refused: a config from someone else must not choose what runs or where it writes.
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,+=-]{0,99}")
+_SLURM_KEY = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+_SLURM_VALUE = re.compile(r"[ -~]{0,200}")          # printable ASCII: no line end, no control character
+_SLURM_KEYS_REFUSED = {"output", "error", "input", "chdir", "export", "export-file", "get-user-env", "wrap",
+                       "array", "open-mode", "signal", "job-name", "container", "container-id", "wait",
+                       "test-only", "parsable", "uid", "gid"}
+
+
 class SubmititConfig(_Strict):
     """Resources per run when the ladder runs through submitit (local pool or Slurm job array)."""
     cluster: Literal["local", "slurm", "auto"] = "local"
@@ -292,6 +313,31 @@ class SubmititConfig(_Strict):
     partition: str | None = None
     account: str | None = None
     slurm_extra: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @field_validator("partition", "account")
+    @classmethod
+    def _slurm_name(cls, value):
+        if value is not None and not _SLURM_NAME.fullmatch(value):
+            raise ValueError(f"must be a Slurm name (letters, digits, '_', '.', ',', '+', '=', '-'; at most 100 "
+                             f"characters), got {shorten(value)}")
+        return value
+
+    @field_validator("slurm_extra")
+    @classmethod
+    def _slurm_options(cls, value):
+        for key, v in value.items():
+            if not _SLURM_KEY.fullmatch(key):
+                raise ValueError(f"must have sbatch option names as keys (lowercase letters, digits, '_', '-'), "
+                                 f"got {shorten(key)}")
+            if key.replace("_", "-") in _SLURM_KEYS_REFUSED:
+                raise ValueError(f"{key}: ssmscale sets the job's files, folder and environment itself; "
+                                 f"--{key.replace('_', '-')} is not passed to Slurm")
+            if isinstance(v, str) and not _SLURM_VALUE.fullmatch(v):
+                raise ValueError(f"{key}: must be printable ASCII of at most 200 characters (no line end), "
+                                 f"got {shorten(v)}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{key}: must be a finite number, got {v}")
+        return value
 
 
 SweepGrid = dict[str, Annotated[list[Any], Field(min_length=1)]]
@@ -391,8 +437,6 @@ class LadderConfig(_WithPlugins):
         for i, fam in enumerate(self.families):
             if fam not in FAMILIES and fam not in self.custom_families:
                 raise ValueError(f"families.{i}: {_unknown_family(fam, self.custom_families)}")
-        if len(set(self.families)) != len(self.families):
-            raise ValueError("families: duplicate entries")
         if self.train.tokens is not None:
             raise ValueError("train.tokens: set by the ladder (budgets, steps or tokens); remove it")
         lengths = [k for k in ("budgets", "steps", "tokens") if getattr(self, k) is not None]
@@ -406,8 +450,13 @@ class LadderConfig(_WithPlugins):
         if planned > limits.MAX_RUNS:       # before any loop over the points or the runs: no request hangs
             raise ValueError(f"the grid is {planned:,} runs (families x run lengths x sizes x learning rates x seeds "
                              f"x sweep points), more than {limits.MAX_RUNS:,}, ssmscale's bound (limits.py)")
-        if self.budgets is not None and len(set(self.budgets)) != len(self.budgets):
-            raise ValueError("budgets: duplicate entries")
+        for key in ("families", "seeds", "budgets", "sizes"):
+            values = getattr(self, key)
+            if values is not None and (twice := _repeated(values)) is not None:
+                raise ValueError(f"{key}: {twice} appears twice")
+        for key, values in (self.lrs.items() if isinstance(self.lrs, dict) else [("", self.lrs)]):
+            if (twice := _repeated(values)) is not None:
+                raise ValueError(f"lrs{'.' + key if key else ''}: {twice} appears twice")
         if len(set(self.noise_seeds)) != len(self.noise_seeds):
             raise ValueError("noise_seeds: duplicate entries")
         if set(self.noise_seeds) & set(self.seeds):
@@ -518,6 +567,16 @@ class LadderConfig(_WithPlugins):
                 raise ValueError(f"sweep.{key or loc}: {msg} (at the point {sweep.label(point)})") from None
 
 
+def _repeated(values: list):
+    """The first value of a list that an earlier one equals (numbers to 1e-9: budgets and sizes are floats
+    read from YAML), or None."""
+    for i, v in enumerate(values):
+        if any(_among(v, [w]) if isinstance(v, float) and isinstance(w, float) else v == w for w in values[:i]):
+            return f"{v:g}" if isinstance(v, float) else v.model_dump(exclude_none=True) if isinstance(
+                v, BaseModel) else v
+    return None
+
+
 def _among(x: float, values) -> bool:
     """x is one of values (budgets and sizes are floats read from YAML: equal to 1e-9)."""
     return any(math.isclose(x, v, rel_tol=1e-9) for v in values)
@@ -575,8 +634,8 @@ def _error_parts(exc: ValidationError, schema: type[BaseModel] | None = None) ->
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
         # our validators name the field themselves ("field: message"); qualify it with the location
-        if ":" in msg:
-            field, rest = msg.split(":", 1)
+        field, sep, rest = msg.partition(":")
+        if sep and re.fullmatch(r"[\w.+=\-]+", field):
             loc = f"{loc}.{field}" if loc else field
             msg = rest.strip()
     if first["type"] == "extra_forbidden":
@@ -584,11 +643,11 @@ def _error_parts(exc: ValidationError, schema: type[BaseModel] | None = None) ->
         msg = "unknown key" + (f"; did you mean {'.'.join(loc.split('.')[:-1] + [nearest])}?" if nearest else "")
     elif first["type"] == "less_than_equal":       # only limits.py's bounds use le
         msg = (f"must be at most {first['ctx']['le']:g}, ssmscale's bound on what can exist (limits.py); "
-               f"got {first['input']!r}")
+               f"got {shorten(first['input'])}")
     elif first["type"] == "missing":
         msg = "required key is missing"
     elif "input" in first and not is_value_error and first["type"] != "model_type":
-        msg = f"{msg} (got {first['input']!r})"
+        msg = f"{msg} (got {shorten(first['input'])})"
     return loc, msg
 
 

@@ -69,8 +69,8 @@ def hf_tokenizer(tokenizer: ByteTokenizer | BPETokenizer, model_max_length: int)
         spec, label = _byte_level_bpe_json(), "byte tokenizer"
     else:
         try:
-            spec = json.loads(tokenizer.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
+            spec = json.loads(tokenizer.text)     # the bytes load_bpe read, checked and hashed
+        except ValueError as exc:
             raise UserError(f"{tokenizer.path}: unreadable BPE tokenizer ({exc})") from None
         label = str(tokenizer.path)
     backend = Tokenizer.from_str(json.dumps(_with_separator_token(spec, tokenizer.separator_id, label)))

@@ -248,10 +248,12 @@ def _fmt(x) -> str:
 # ---------------------------------------------------------------------------------------------------
 # reading and scoring
 
-def read_forecast(path: Path) -> dict:
-    """A forecast file, checked: strict JSON of this tool's shape whose sha256 matches its contents."""
+def read_forecast(path: Path, within: Path | None = None) -> dict:
+    """A forecast file, checked: strict JSON of this tool's shape whose sha256 matches its contents (read
+    through safeload: a regular file of bounded size, with `within` from inside that folder only)."""
+    from ..safeload import FileRefused, read_json
     try:
-        body = read_json(path)
+        body = read_json(path, within)
     except (FileRefused, FileNotFoundError) as exc:
         raise UserError(str(exc)) from None
     if not isinstance(body, dict) or body.get("schema") != SCHEMA or body.get("kind") != "ssmscale forecast":
@@ -277,7 +279,15 @@ def score_forecasts(study: Path, loaded) -> list[dict]:
     folder = study / FORECAST_DIR
     if not folder.is_dir():
         return []
-    return [score_forecast(study, path, read_forecast(path), loaded) for path in sorted(folder.glob("forecast-*.json"))]
+    scores = []
+    for path in sorted(folder.glob("forecast-*.json")):
+        body = read_forecast(path, within=study)
+        try:
+            scores.append(score_forecast(study, path, body, loaded))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError):
+            # its sha256 matches (anyone can compute one), but it is not what make_forecast writes
+            raise UserError(f"{path}: not a forecast of this tool (wrong shape)") from None
+    return scores
 
 
 def score_forecast(study: Path, path: Path, body: dict, loaded) -> dict:
@@ -330,7 +340,7 @@ def _came_first(study: Path, path: Path, made_at: str, run_ids: list[str]) -> di
     made = datetime.fromisoformat(made_at.replace("Z", "+00:00"))
     finished, unknown = [], []
     for run_id in run_ids:
-        res = read_result(study / "runs" / run_id / "result.json")[0] or {}
+        res = read_result(study / "runs" / run_id / "result.json", within=study)[0] or {}
         try:
             finished.append(datetime.fromisoformat(str(res["finished_at"]).replace("Z", "+00:00")))
         except (KeyError, ValueError):

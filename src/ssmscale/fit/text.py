@@ -238,6 +238,8 @@ def multiplier_lines(result: dict) -> list[str]:
     ci = result["settings"]["ci"]
     lines = []
     for name, fam in block["families"].items():
+        if name not in result["families"]:      # a fit.json from elsewhere may list others: fitted ones only
+            continue
         if "skipped" in fam:
             lines.append(f"{name}: no multiplier against {base}: {fam['skipped']}")
             continue

@@ -6,9 +6,12 @@
 `MixerSpec` is the plugin's description as a config states it (torch-free, no import: the config schema,
 fit and report handle it without running anything). `load_mixer_class` imports the code: that happens
 only where a model is built or measured (train, ladder, check-family, sizes, profile), never in fit or
-report. A file path names one .py file (imported under a name derived from its sha256, so two versions of
-a file never share a module); a module path ("pkg.module:Class") is imported with importlib from
-sys.path. Every import prints one line naming the code and its sha256. The contract a mixer class meets is
+report. A file path names one .py file, read once through safeload (a regular file of bounded size: a
+FIFO or a device there is refused, not waited on), hashed, and those very bytes are run as the module
+(named after their sha256, so two versions of a file never share a module, and the sha256 a result
+records is that of the code that ran); a module path ("pkg.module:Class") is imported with importlib
+from sys.path. Every import prints one line naming the code and its sha256. Which commands import plugin
+code, and which paths a config may name, is in docs/byo.md ("What runs code"). The contract a mixer class meets is
 in models/block.py and docs/byo.md; admission.py checks it.
 """
 
@@ -18,6 +21,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -75,7 +79,7 @@ class MixerSpec:
         kind, where, _ = split_target(self.target)
         if kind == "file":
             path = Path(where)
-            if not path.is_file():
+            if not os.path.lexists(path):      # anything else there is named by read_source (a FIFO, a folder)
                 raise UserError(f"{where}: mixer file not found")
             return path
         try:
@@ -97,10 +101,18 @@ class MixerSpec:
 
 
 def file_sha256(path: Path) -> str:
+    return hashlib.sha256(read_source(path)).hexdigest()
+
+
+def read_source(path: Path) -> bytes:
+    """The bytes of a plugin's source file (a regular file of at most safeload.CAPS["text"] bytes)."""
+    from ..safeload import CAPS, FileRefused, read_bytes
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        return read_bytes(path, CAPS["text"])
+    except FileNotFoundError:
+        raise UserError(f"{path}: mixer file not found") from None
+    except FileRefused as exc:
+        raise UserError(str(exc)) from None
 
 
 def load_mixer_class(target: str):
@@ -110,18 +122,18 @@ def load_mixer_class(target: str):
     kind, where, cls_name = split_target(target)
     if kind == "file":
         path = Path(where)
-        if not path.is_file():
-            raise UserError(f"{where}: mixer file not found")
-        digest = file_sha256(path)
+        source = read_source(path)
+        digest = hashlib.sha256(source).hexdigest()
         name = f"ssmscale_plugin_{digest[:16]}"
         module = sys.modules.get(name)
         if module is None:
             print(f"importing plugin mixer {cls_name} from {path} (sha256 {digest[:12]})", file=sys.stderr)
-            spec = importlib.util.spec_from_file_location(name, path)
+            spec = importlib.util.spec_from_file_location(name, path)     # sets __file__, as an import would
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module          # before running it: dataclasses in it look themselves up here
             try:
-                spec.loader.exec_module(module)
+                # the bytes just hashed, not the file read again: the sha256 is that of the code that runs
+                exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - the plugin, on purpose
             except Exception as exc:
                 del sys.modules[name]
                 raise UserError(f"{path}: importing the mixer file failed: {_first_line(exc)}") from None

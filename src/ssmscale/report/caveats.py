@@ -15,16 +15,27 @@ import numpy as np
 import pandas as pd
 
 
+def results_table(study: Path) -> pd.DataFrame | None:
+    """The study's results.csv read through safeload (a regular file of bounded size inside the study), or
+    None where there is none or it is refused (the fit has already said why)."""
+    from ..safeload import FileRefused, read_csv
+    try:
+        return read_csv(study / "results.csv", within=study)
+    except (FileNotFoundError, FileRefused):
+        return None
+
+
 def lr_grid(study: Path) -> list[dict]:
     """Each (family, size, budget) where several learning rates were tried: {"family", "params", "budget",
     "lrs", "best_lr", "loss", "edge"} (edge: the best rate is the smallest or largest tried)."""
-    csv = study / "results.csv"
-    if not csv.is_file():
+    df = results_table(study)
+    if df is None or not {"lr", "family", "params", "budget", "loss", "status"} <= set(df.columns):
         return []
-    df = pd.read_csv(csv)
-    if not {"lr", "family", "params", "budget", "loss", "status"} <= set(df.columns):
-        return []
-    ok = df[(df["status"] == "ok") & np.isfinite(df["loss"])]
+    for col in ("lr", "params", "budget", "loss"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    # the fits' own cleaning: finite positive numbers only (a params of inf has no row here)
+    ok = df[(df["status"] == "ok") & (np.isfinite(df[["lr", "params", "budget", "loss"]]).all(axis=1))
+            & (df[["lr", "params", "budget"]] > 0).all(axis=1)]
     rows = []
     for (fam, params, budget), g in ok.groupby(["family", "params", "budget"]):
         if g["lr"].nunique() < 2:

@@ -30,7 +30,9 @@ def multiplier_section(fit: dict, colors: dict, figure, sci) -> tuple[list[str],
     if "skipped" in block:
         return lines + [f"Not computed: {block['skipped']}.", ""], {}
     lines += [f"- {line}." for line in multiplier_lines(fit)] + [""]
-    fams = {n: f for n, f in block["families"].items() if "skipped" not in f}
+    # the families fitted (as many as the report draws, colors.check_family_count): a fit.json from elsewhere
+    # may list any number of names in its multiplier block
+    fams = {n: f for n, f in block["families"].items() if n in fit["families"] and "skipped" not in f}
     if not fams:
         return lines, {}
     budgets = sorted({r["budget"] for f in fams.values() for r in f["budgets"]})

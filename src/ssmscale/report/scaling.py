@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +31,13 @@ from ..fit import (DEFAULT_BASELINE, DEFAULT_N_BOOT, LoadedRuns, fit_json, fit_n
                    frontier_loss, load_runs, quantity_rows)
 from ..fit.forecast import score_forecasts, summary_line
 from ..fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir
-from .caveats import family_caveats, lr_grid, pair_caveats, weakened
-from .colors import family_colors
+from .caveats import family_caveats, lr_grid, pair_caveats, results_table, weakened
+from .colors import check_family_count, family_colors
 from .contrast import contrast_section
 from .figures import _figure, _png, _sci
 from .multiplier import multiplier_section
 from .profile import _profile_families, _profile_section, _read_profile, profile_figure
-from .provenance import _provenance
+from .provenance import _provenance, config_block
 from .scaling_figures import GAP_BASELINE, allocation_figure, frontier_figure, isoflop_figure
 from .trust import trust_sections
 
@@ -96,8 +95,8 @@ def _lr_section(study: Path) -> list[str]:
     out = ["", "## Learning rates", "",
            "Best learning rate per family, size and budget where a grid was tried (the fits use that run).", "",
            "| family | params | budget | learning rates tried | best | loss |", "|---|---|---|---|---|---|"] + rows
-    df = pd.read_csv(study / "results.csv")
-    if "lr_source" in df.columns:
+    df = results_table(study)
+    if df is not None and "lr_source" in df.columns:
         tuned = df[df["lr_source"].astype(str).str.startswith("tuned")]
         if len(tuned):
             out += ["", f"The other {len(tuned)} runs use the best learning rate of their family and size at the "
@@ -147,12 +146,13 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
         lines.append("- one learning rate per (family, size, budget) in this study: nothing to select. "
                      "(When several are tried, the fits use the lowest-loss one per family, size and budget, "
                      "after Porian et al. 2024.)")
-    plan = study / "plan.csv"
-    if plan.is_file():
-        try:
-            lines.append(f"- plan.csv lists {len(pd.read_csv(plan))} planned runs.")
-        except ValueError:       # pandas' parser errors and a non-UTF-8 file are ValueErrors
-            lines.append("- plan.csv is unreadable (not a CSV).")
+    from ..safeload import FileRefused, read_csv
+    try:
+        lines.append(f"- plan.csv lists {len(read_csv(study / 'plan.csv', within=study))} planned runs.")
+    except FileNotFoundError:
+        pass
+    except FileRefused as exc:
+        lines.append(f"- plan.csv is unreadable ({str(exc).split(': ', 1)[-1]}).")
     lines.append(f"- {s['grouping']}.")
 
     lines += _lr_section(study)
@@ -191,14 +191,7 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
         lines += _profile_section(study, profile)
 
     lines += ["## Configuration", ""]
-    cfg = study / "config.yaml"
-    if cfg.is_file():
-        text = cfg.read_bytes().decode("utf-8", errors="replace").rstrip("\n")
-        # a fence longer than any run of backticks inside, so the file cannot end the code block early
-        fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
-        lines += ["`config.yaml`, verbatim:", "", fence + "yaml", text, fence, ""]
-    else:
-        lines += ["(no config.yaml in the study directory)", ""]
+    lines += config_block(study)
     lines += ["## Provenance", ""] + _provenance(Path(loaded.source["csv"]), fit) + [""]
     return "\n".join(lines)
 
@@ -209,7 +202,7 @@ def cached_fit(study: Path, loaded: LoadedRuns, baseline: str = DEFAULT_BASELINE
     from ..safeload import FileRefused, read_json
     target = study / "fit.json"
     try:
-        fit = read_json(target)
+        fit = read_json(target, within=study)
     except FileNotFoundError:
         return None
     except FileRefused as exc:
@@ -221,6 +214,9 @@ def cached_fit(study: Path, loaded: LoadedRuns, baseline: str = DEFAULT_BASELINE
         return None
     if source.get("sha256") != loaded.source["sha256"]:
         print(f"{target}: fitted on a different results.csv, refitting")
+        return None
+    if set(fit["families"]) != set(loaded.table["family"].astype(str)):
+        print(f"{target}: its families are not those of results.csv, refitting")
         return None
     mult = fit.get("multiplier")
     if not isinstance(mult, dict) or mult.get("baseline") != baseline:
@@ -261,6 +257,7 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     if is_fixed_length_study(study):      # no budgets, no scaling law: the recall report
         return write_recall_report(study, out)
     loaded = load_runs(study)
+    check_family_count(loaded.table["family"].astype(str), loaded.source["csv"])
     profile = _read_profile(study)
     fit_kwargs = dict(n_boot=n_boot, seed=seed, progress=progress, parametric_grid=parametric_grid,
                       baseline=baseline)
@@ -282,7 +279,7 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
 
 
 # what rendering a fit.json of the wrong shape raises (a missing key, a list where a number belongs, ...)
-_MALFORMED_FIT = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+_MALFORMED_FIT = (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError)
 
 
 def _render(name: str, study: Path, loaded: LoadedRuns, fit: dict, profile) -> tuple[dict[str, bytes], str]:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +135,7 @@ def _seed_section(fit: dict, sci) -> list[str]:
 def _best_run_positions(study: Path, loaded: LoadedRuns) -> dict:
     """{family: [(budget, loss by position averaged over the best configuration's seeds)]} for the best run
     of each budget, read from runs/<run_id>/result.json (empty where none recorded it)."""
+    from ..safeload import FileRefused, read_json
     out: dict = {}
     t = loaded.table
     for (family, budget), g in t.groupby(["family", "group_flops"], sort=True):
@@ -143,13 +143,18 @@ def _best_run_positions(study: Path, loaded: LoadedRuns) -> dict:
         vectors = []
         for run_id in best["run_ids"]:
             try:
-                res = json.loads((study / "runs" / run_id / "result.json").read_text())
-            except (OSError, json.JSONDecodeError):
+                res = read_json(study / "runs" / run_id / "result.json", within=study)
+            except (FileNotFoundError, FileRefused):
                 continue
-            if res.get("val_loss_by_position"):
-                vectors.append([np.nan if v is None else v for v in res["val_loss_by_position"]])
+            by_position = res.get("val_loss_by_position") if isinstance(res, dict) else None
+            numbers = isinstance(by_position, list) and all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in by_position)
+            if numbers and any(v is not None for v in by_position):
+                vectors.append([np.nan if v is None else v for v in by_position])
         if vectors and len({len(v) for v in vectors}) == 1:
-            mean = np.nanmean(np.array(vectors, float), axis=0)
+            values = np.array(vectors, float)
+            seen = (~np.isnan(values)).sum(axis=0)      # a position no seed recorded stays NaN (no nanmean warning)
+            mean = np.where(seen > 0, np.nansum(values, axis=0) / np.maximum(seen, 1), np.nan)
             out.setdefault(str(family), []).append((float(budget), mean, float(best["params"]), len(vectors)))
     return out
 

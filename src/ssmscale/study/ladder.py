@@ -48,6 +48,14 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
     from ..fsutil import atomic_write_dataframe_csv, atomic_write_text, check_writable_dir
 
     cfg = load_ladder_config(config_path, overrides)
+    if dry_run:
+        from ..config.origin import dry_run_plugins
+        if named := dry_run_plugins(cfg, config_path, overrides):
+            raise UserError(f"{config_path}: --dry-run: this config lies in a study or run folder and names plugin "
+                            f"families ({', '.join(named)}) whose code a dry run would run to size them; planning "
+                            "a folder that may have come from someone else runs none of its code. Its plan.csv "
+                            "shows the plan as last run; training or resuming it (no --dry-run) runs the code on "
+                            f"purpose, as does naming it yourself (--set custom_families.{named[0]}.mixer=...)")
     out_dir = Path(out or Path("scaling") / cfg.name)
     check_writable_dir(out_dir, "study directory")
     executor = executor or cfg.executor

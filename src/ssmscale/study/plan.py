@@ -149,13 +149,25 @@ def plan(cfg: LadderConfig, n_train_tokens: int | dict | None = None, tuned: dic
         code = sweep.encode(point)
         n_train = n_train_tokens.get(code) if isinstance(n_train_tokens, dict) else n_train_tokens
         runs += _plan_point(pcfg, point, n_train, tuned, widened)
-    seen = set()
+    seen: dict[str, PlannedRun] = {}
     for r in runs:
         if r.run_id in seen:
-            raise UserError(f"sweep: two runs would share the id {r.run_id} (keys with the same last name and "
-                            "value, or values that differ only in characters a run id cannot hold)")
-        seen.add(r.run_id)
+            raise UserError(_collision(seen[r.run_id], r))
+        seen[r.run_id] = r
     return runs
+
+
+def _collision(a: PlannedRun, b: PlannedRun) -> str:
+    """Which axis of the grid gives two runs one id (a run id names numbers to 3 significant digits)."""
+    tail = f"would share the run id {a.run_id} (a run id names numbers to 3 significant digits): make them differ more"
+    if a.sweep != b.sweep:
+        return (f"sweep: two runs would share the id {a.run_id} (keys with the same last name and value, or "
+                "values that differ only in characters a run id cannot hold)")
+    if a.budget != b.budget:
+        return f"budgets: {a.budget:g} and {b.budget:g} {tail}"
+    if a.lr != b.lr:
+        return f"lrs: {a.lr:g} and {b.lr:g} {tail}"
+    return f"sizes: two sizes labelled {a.size} {tail}"
 
 
 def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tuned: dict | None,

@@ -39,14 +39,18 @@ def preflight(cfg, out_dir: Path, planned: list) -> None:
 
 
 def other_code_runs(out_dir: Path, family: str, sha: str) -> dict[str, str]:
-    """{run_id: the sha256 it recorded} for the study's finished runs of `family` trained with other code."""
+    """{run_id: the sha256 it recorded} for the study's finished runs of `family` trained with other code
+    (result.json read through safeload from inside the study: a link out of it or a FIFO is passed over)."""
+    from ..fsutil import is_plain_name
     from ..safeload import read_result
     out = {}
     runs = Path(out_dir) / "runs"
     if not runs.is_dir():
         return out
     for path in sorted(runs.glob("*/result.json")):
-        res = read_result(path)[0]
+        if not is_plain_name(path.parent.name):
+            continue
+        res = read_result(path, within=out_dir)[0]
         if res and res.get("family") == family and res.get("status") in ("ok", "diverged"):
             recorded = res.get("mixer_sha256")
             if recorded != sha:
