@@ -367,6 +367,8 @@ class LadderConfig(_WithPlugins):
     # seed noise: once the main grid has finished, the best run of each family and budget is trained
     # again with each of these seeds (same shape and learning rate); the fits average seeds per point
     noise_seeds: list[Seed] = []
+    # with noise_seeds: the budgets whose best runs get them (default: every budget)
+    noise_budgets: Annotated[list[Flops], Field(min_length=1)] | None = None
     # tune the learning rate at one budget only: runs at that budget try the whole `lrs` grid; every
     # other budget uses, per family and size, the learning rate that reached the lowest loss there
     lr_tune_budget: Flops | None = None
@@ -464,6 +466,12 @@ class LadderConfig(_WithPlugins):
                              "of the seeds")
         if self.noise_seeds and self.budgets is None:
             raise ValueError("noise_seeds: only used with budgets (an IsoFLOP study)")
+        if self.noise_budgets is not None:
+            if not self.noise_seeds:
+                raise ValueError("noise_budgets: only used with noise_seeds")
+            stray = [c for c in self.noise_budgets if not any(math.isclose(c, b, rel_tol=1e-9) for b in self.budgets)]
+            if stray:
+                raise ValueError(f"noise_budgets: {stray[0]:g} is not one of the budgets")
         if self.widths is not None and len(set(self.widths)) != len(self.widths):
             raise ValueError("widths: duplicate entries")
         if self.width_layers is not None and self.widths is None:
