@@ -63,6 +63,26 @@ def test_fit_time_from_writes_fit_timed_json_and_states_the_basis(tmp_path, caps
     assert "priced from the profile" in out and not fit.is_default_fit(result)
 
 
+def test_the_report_sets_the_repriced_verdict_beside_the_measured_one_for_the_same_results(tmp_path, monkeypatch):
+    from ssmscale.report.trust import _timed_fit, _wallclock_section
+    monkeypatch.setattr(fit.laws, "CHINCHILLA_GRID", TINY_GRID)
+    study = make_study(tmp_path, budgets=(1e13, 1e14, 1e15), profile=False)
+    prof = _profile(tmp_path / "p.csv", [("transformer", "train", 256, 1e5, 1e5, 6e5, "ok"),
+                                         ("mamba", "train", 256, 1e5, 3e5, 6e5, "ok")])
+    args = ["--n-boot", "0", "--no-progress", "--jobs", "1", "--no-backtest"]
+    assert main(["fit", str(study), *args]) == 0 and main(["fit", str(study), "--time-from", str(prof), *args]) == 0
+    measured = json.loads((study / "fit.json").read_text())
+    assert "skipped" in measured["families"]["mamba"]["wallclock"]      # the synthetic runs record no train_s:
+    timed = json.loads((study / "fit_timed.json").read_text())          # stand in measured times for the priced
+    measured["families"] = timed["families"]
+    measured["wallclock"] = {**timed["wallclock"], "time_basis": "train_s", "time_from": None}
+    text = "\n".join(_wallclock_section(measured, False, _timed_fit(study, measured)))
+    assert "**Verdict**: At equal" in text and f"**Re-priced** (fit_timed.json" in text and str(prof) in text
+    stale = {**measured, "source": {**measured["source"], "sha256": "0" * 64}}   # fit.json of other results
+    assert _timed_fit(study, stale) is None
+    assert "Re-priced" not in "\n".join(_wallclock_section(stale, False, _timed_fit(study, stale)))
+
+
 @pytest.mark.parametrize("rows, message", [
     ([("transformer", "train", 256, 1e6, 1e4, 6e6, "ok")], "no training rows for family 'mamba'"),
     ([("mamba", "train", 256, 1e6, -1.0, 6e6, "ok"), ("transformer", "train", 256, 1e6, 1e4, 6e6, "ok")],

@@ -218,6 +218,9 @@ def cached_fit(study: Path, loaded: LoadedRuns, baseline: str = DEFAULT_BASELINE
     if set(fit["families"]) != set(loaded.table["family"].astype(str)):
         print(f"{target}: its families are not those of results.csv, refitting")
         return None
+    if "decision" not in fit or any("sanity" not in fam for fam in fit["families"].values() if isinstance(fam, dict)):
+        print(f"{target}: written before sanity flags and decision accuracy existed, refitting")
+        return None
     mult = fit.get("multiplier")
     if not isinstance(mult, dict) or mult.get("baseline") != baseline:
         print(f"{target}: has no compute multipliers against {baseline}, refitting")

@@ -37,7 +37,7 @@ def trust_sections(study: Path, loaded: LoadedRuns, fit: dict, colors: dict, fig
     lines += _position_section(by_position, sci)
     if any("skipped" not in fam["wallclock"] for fam in fit["families"].values()):
         figures["wallclock.png"] = wallclock_figure(loaded, fit, colors, figure)
-    lines += _wallclock_section(fit, "wallclock.png" in figures)
+    lines += _wallclock_section(fit, "wallclock.png" in figures, _timed_fit(study, fit))
     lines += _approach1_section(fit)
     return lines, figures
 
@@ -249,7 +249,22 @@ def wallclock_figure(loaded: LoadedRuns, fit: dict, colors: dict, figure):
     return fig
 
 
-def _wallclock_section(fit: dict, has_figure: bool) -> list[str]:
+def _timed_fit(study: Path, fit: dict) -> dict | None:
+    """STUDY/fit_timed.json (`ssmscale fit --time-from`) when it re-prices the same results.csv as fit.json."""
+    from ..safeload import FileRefused, read_json
+    try:
+        timed = read_json(study / "fit_timed.json", within=study)
+    except (FileNotFoundError, FileRefused):
+        return None
+    wc = timed.get("wallclock") if isinstance(timed, dict) else None
+    if (not isinstance(wc, dict) or wc.get("time_basis") != "profile" or not isinstance(timed.get("source"), dict)
+            or timed["source"].get("sha256") != fit["source"].get("sha256")
+            or not isinstance(wc.get("crossover"), dict)):
+        return None
+    return timed
+
+
+def _wallclock_section(fit: dict, has_figure: bool, timed: dict | None = None) -> list[str]:
     ci = fit["settings"]["ci"]
     out = ["### Wall clock: which family wins at equal training time, here", ""]
     skipped = [f"{n}: {fam['wallclock']['skipped']}" for n, fam in fit["families"].items()
@@ -258,7 +273,10 @@ def _wallclock_section(fit: dict, has_figure: bool) -> list[str]:
         return out + ["Not fitted (" + "; ".join(skipped) + ").", ""]
     if has_figure:
         out += ["![wallclock.png](wallclock.png)", ""]
-    out += [f"**Verdict**: {wallclock_statement(fit)}", "",
+    out += [f"**Verdict**: {wallclock_statement(fit)}", ""]
+    if timed is not None:
+        out += [f"**Re-priced** (fit_timed.json, `ssmscale fit --time-from`): {wallclock_statement(timed)}", ""]
+    out += [
             "Points: each family's runs that no faster run of it beats in final loss (the best loss t seconds of "
             "training buy, any size); law L(t) = E + A t^-alpha fitted to them as the frontier is to FLOPs, "
             f"{ci:.0%} bootstrap intervals. Pure training time counts optimiser steps only: no start-up, "
