@@ -6,7 +6,7 @@ edited after it was made) is one line and exit 2."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 import pytest
