@@ -44,8 +44,8 @@ SOURCES = (HERE / "scan_cpu.c", HERE / "conv_cpu.c")
 HEADERS = (HERE / "cpu_common.h",)
 LINK_FLAGS = ("-shared", "-lm", "-lpthread")   # COMPILE_FLAGS, OPENMP_FLAGS: cbuild's, as for the SSD kernel
 
-CHUNK = 32               # time steps recomputed at once in the backward: its ~4 K N 16 floats per thread
-                         # stay in L2 (measured ~20% faster backward than 64 at N = 16)
+CHUNK = 64               # time steps recomputed at once in the backward (a state saved per CHUNK steps); 32
+                         # was ~20% faster in a C harness but 1.2-1.4x slower through `profile --op scan`
 TILE = 16                # channels per tile (W in cpu_common.h)
 _MIN_WORK_PER_THREAD = 1 << 16   # state updates (batch*d_inner*L*N) below which one thread is faster
 

@@ -79,9 +79,11 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
         runs = plan_study(cfg, out_dir, n_train)
         print(format_plan(runs))
         if cfg.noise_seeds and not any(r.lr_source.startswith("copied") for r in runs):
+            where = "budget" if cfg.noise_budgets is None else "budget of noise_budgets"
+            n_budgets = len(cfg.budgets if cfg.noise_budgets is None else cfg.noise_budgets)
             print(f"noise seeds {cfg.noise_seeds}: once this grid has finished, the best run of each family and "
-                  f"budget is trained again with each ({len(cfg.noise_seeds)} x {len(cfg.families)} x "
-                  f"{len(cfg.budgets)} runs at most)")
+                  f"{where} is trained again with each ({len(cfg.noise_seeds)} x {len(cfg.families)} x "
+                  f"{n_budgets} runs at most)")
         if throughput:
             print(cost.format_estimate(runs, throughput))
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg.model_dump(mode="json")))
