@@ -9,13 +9,19 @@ data, `sizes`, `fit` (with a 9-start Approach 3 grid), `report` on folders that 
 `train` and `profile` would start (training, measuring) is replaced by a stub after their checks.
 Generation is derandomized (seeded by each test, no example database), so a run does not depend on a
 random seed or on what an earlier run found; hypothesis may still vary a few cases from run to run.
+Study folders are generated too (results.csv with hostile run ids and cells, result.json, fit.json and
+config.yaml of every shape, FIFOs and links among them): `fit` and `report` on them answer or refuse in one
+line, within a bound of time, and write nothing outside their output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -227,6 +233,117 @@ def test_any_csv_is_fitted_or_refused_in_one_line(quiet_heavy_work, data, as_stu
         code = run_cli(["fit", "s" if as_study else "runs.csv", "--out", "fitted", "--n-boot", "0", "--jobs", "1",
                  "--no-progress", *extra], folder, inputs)
     _count("csv", start, code)
+
+
+# ---------------------------------------------------------------------------------- study folders
+RUN_IDS = st.one_of(st.sampled_from(["../x", "/tmp/x", "a/b", "", ".hidden", "-x", "r" * 300]),
+                    st.from_regex(r"[a-z][a-z0-9_.+=-]{0,12}", fullmatch=True))
+GOOD_RESULT = {"status": "ok", "loss": 3.0, "params": 1e6, "tokens": 1e7, "flops": 6e13, "lr": 1e-3,
+               "eval_curve": {"subset_tokens": 64, "step": [1, 2], "tokens": [8, 16], "flops": [1e12, 2e12],
+                              "loss": [4.0, 3.5]}, "val_loss_by_position": [4.0, None, 3.0]}
+RESULT_FILES = st.one_of(
+    st.just(json.dumps(GOOD_RESULT).encode()),
+    st.sampled_from([b"[1, 2]", b"\xff\xfe{}", b"[" * 5000 + b"]" * 5000, b"", b"{", b"1e400", "FIFO", "LINK"]),
+    st.builds(lambda k, v: json.dumps({**GOOD_RESULT, k: v}).encode(),
+              st.sampled_from(["eval_curve", "val_loss_by_position", "status", "loss"]), DOCS))
+
+
+@st.composite
+def study_folders(draw) -> dict:
+    """{relative path: bytes, or "FIFO" / "LINK" (a link leaving the study)}: a study folder as a collaborator
+    might hand it over: mostly what the ladder writes, with hostile run ids, result.json, fit.json, config."""
+    pair = ["mamba", "transformer"]
+    families = draw(st.sampled_from([pair, pair, pair, ["mamba"], [f"f{i}" for i in range(11)]]))
+    n_rows = 9 * len(families)
+    bad_id = draw(st.integers(0, n_rows - 1)) if draw(st.integers(0, 3)) == 0 else None     # one hostile run id
+    bad_cell = draw(st.integers(0, n_rows - 1)) if draw(st.integers(0, 3)) == 0 else None   # one hostile cell
+    rows, files = [], {}
+    for fam in families:
+        for c in (1e15, 1e16, 1e17):
+            for n in (1e6, 3e6, 1e7):
+                run_id = draw(RUN_IDS) if len(rows) == bad_id else f"{fam}_N{n:.3g}_C{c:.3g}"
+                loss = 2 + 100 / n ** 0.3 + 50 / (c / (6 * n)) ** 0.3
+                cells = [run_id, fam, f"{n:g}", f"{c / (6 * n):g}", f"{c:g}", f"{loss:.5f}", f"{c:g}", "ok", "0.003"]
+                if len(rows) == bad_cell:
+                    cells[draw(st.integers(1, 8))] = draw(HOSTILE_CELLS)
+                rows.append(",".join(cell.replace(",", " ").replace("\n", " ") for cell in cells))
+                if draw(st.integers(0, 3)) == 0 and is_plain(run_id):
+                    files[f"runs/{run_id}/result.json"] = draw(RESULT_FILES)
+    csv = ("run_id,family,params,tokens,flops,loss,budget,status,lr\n" + "\n".join(rows) + "\n").encode()
+    files["results.csv"] = csv
+    fit_kind = draw(st.sampled_from(["none", "garbage", "shape", "FIFO"]))
+    if fit_kind == "garbage":
+        files["fit.json"] = draw(st.binary(max_size=40))
+    elif fit_kind == "shape":             # the right source, any families and settings
+        files["fit.json"] = json.dumps({"schema": 1, "source": {"sha256": hashlib.sha256(csv).hexdigest()},
+                                        "families": draw(st.dictionaries(_text, DOCS, max_size=3)),
+                                        "settings": draw(DOCS)}).encode()
+    elif fit_kind == "FIFO":
+        files["fit.json"] = "FIFO"
+    config = draw(st.sampled_from(["none", "study", "bytes", "FIFO"]))
+    if config == "study":
+        files["config.yaml"] = yaml.safe_dump({"name": "s", "families": families, "budgets": [1e15, 1e16, 1e17]}).encode()
+    elif config == "bytes":
+        files["config.yaml"] = draw(st.binary(max_size=40))
+    elif config == "FIFO":
+        files["config.yaml"] = "FIFO"
+    return files
+
+
+def is_plain(run_id: str) -> bool:
+    from ssmscale.fsutil import is_plain_name
+    return is_plain_name(run_id)
+
+
+def lay_out(folder: Path, files: dict) -> set[str]:
+    """Write a study's files under folder/s; returns every path made (relative to folder)."""
+    (folder / "elsewhere").mkdir()
+    for rel, content in files.items():
+        path = folder / "s" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if content == "FIFO":
+            os.mkfifo(path)
+        elif content == "LINK":
+            path.symlink_to(folder / "elsewhere")
+        else:
+            path.write_bytes(content)
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+@contextlib.contextmanager
+def no_hang(seconds: int = 120):
+    """A hang (a FIFO read) fails the case instead of stopping the suite."""
+    def handler(signum, frame):
+        raise AssertionError(f"no answer within {seconds} s")
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@settings(SETTINGS, max_examples=20)
+@given(files=study_folders())
+def test_any_study_folder_is_fitted_or_refused_in_one_line(quiet_heavy_work, files):
+    start = time.perf_counter()
+    with fresh_folder() as folder, no_hang():
+        inputs = lay_out(folder, files)
+        code = run_cli(["fit", "s", "--out", "fitted", "--n-boot", "0", "--jobs", "1", "--no-progress"], folder, inputs)
+        assert not any((folder / "elsewhere").iterdir())
+    _count("study fit", start, code)
+
+
+@settings(SETTINGS, max_examples=5)
+@given(files=study_folders())
+def test_any_study_folder_is_reported_or_refused_in_one_line(quiet_heavy_work, files):
+    start = time.perf_counter()
+    with fresh_folder() as folder, no_hang():
+        inputs = lay_out(folder, files)
+        code = run_cli(["report", "s", "--out", "rep", "--n-boot", "0", "--no-progress"], folder, inputs)
+        assert not any((folder / "elsewhere").iterdir())
+    _count("study report", start, code)
 
 
 # --------------------------------------------------------------------------------------- arguments

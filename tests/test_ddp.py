@@ -60,8 +60,8 @@ def test_two_process_ddp_matches_one_process_step_by_step_and_resumes_after_kill
     for step, loss in one_losses.items():                             # the mean over both ranks
         assert ddp_losses[step] == pytest.approx(loss, rel=1e-5), step
     files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
-    assert files == ["config.yaml", "logs/csv/hparams.yaml", "logs/csv/metrics.csv", "metrics.csv", "model.pt",
-                     "result.json"]                                  # one of each; no checkpoint left
+    assert files == [".run.lock", "config.yaml", "logs/csv/hparams.yaml", "logs/csv/metrics.csv", "metrics.csv",
+                     "model.pt", "result.json"]                      # one of each (the lock: rank 0's); no checkpoint left
     with open(run_dir / "logs" / "csv" / "metrics.csv", newline="") as f:   # Lightning's CSV log agrees
         logged = [r for r in csv.DictReader(f) if r["train_loss"]]
     assert set(logged[0]) == set(METRIC_FIELDS) - {"val_accuracy"}   # text data: no accuracy to log

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
-import numpy as np
 import pandas as pd
 import pytest
 
 from ssmscale import fit
 from ssmscale.cli import main
 from ssmscale.errors import UserError
-from ssmscale.fit.forecast import make_forecast, read_forecast, score_forecasts, score_lines
+from ssmscale.fit.forecast import make_forecast, read_forecast, score_forecasts, score_lines, summary_line
 from synthetic_study import LAWS, frontier_law, make_runs, make_study
 
 TINY_GRID = fit.CHINCHILLA_GRID[::90]
@@ -58,6 +57,7 @@ def test_a_forecast_holds_calibrated_predictions_order_and_provenance(forecast):
         assert p["budget"] == NEW and p["distance"] == pytest.approx(1.0)
         v = p["frontier"]["loss"]
         assert v["lo"] < v["value"] < v["hi"]                     # calibrated on the study's own backtests
+        assert v["lo"] < v["centre"] < v["hi"]
         assert p["parametric"]["n_opt"]["value"] > 0 and p["approach2"]["n_opt"]["lo"] is not None
     (row,) = body["order"]
     assert row["families"] == ["mamba", "transformer"]
@@ -97,6 +97,9 @@ def test_the_report_scores_a_forecast_once_its_runs_exist(forecast, tmp_path):
     assert "made before these runs existed" in score["came_first"]["statement"]
     text = "\n".join(score_lines([score]))
     assert "Forecasts on file" in text and path.name in text and "ARE" in text
+    line = summary_line(score)
+    assert line.startswith(f"forecast {path.name}") and "frontier best loss mean ARE" in line
+    assert "frontier order right" in line and "made before these runs existed" in line
 
 
 def test_runs_that_finished_before_the_forecast_do_not_count_as_forecast(forecast, tmp_path):
@@ -124,6 +127,27 @@ def test_an_edited_forecast_is_refused_with_one_line(forecast, tmp_path):
         score_forecasts(copy, fit.load_runs(copy))
     target.write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
+        score_forecasts(copy, fit.load_runs(copy))
+
+
+def test_a_forecast_of_the_wrong_shape_or_linked_from_elsewhere_is_one_line(forecast, tmp_path):
+    import shutil
+
+    from ssmscale.fit.forecast import content_hash
+    study, _, path = forecast
+    copy = tmp_path / study.name
+    shutil.copytree(study, copy)
+    _land_runs(copy, datetime.now(timezone.utc))
+    target = copy / "forecasts" / path.name
+    body = json.loads(target.read_text())
+    body["order"] = [{"families": 5, "budget": NEW}]             # what make_forecast never writes...
+    body["sha256"] = content_hash(body)                          # ...with a sha256 anyone can compute
+    target.write_text(json.dumps(body))
+    with pytest.raises(UserError, match="not a forecast of this tool \\(wrong shape\\)"):
+        score_forecasts(copy, fit.load_runs(copy))
+    target.unlink()
+    target.symlink_to(path)                                      # a forecast that lies outside the study
+    with pytest.raises(UserError, match="a link out of"):
         score_forecasts(copy, fit.load_runs(copy))
 
 

@@ -408,3 +408,23 @@ def test_parallel_local_runs_share_the_cores_and_give_the_serial_numbers(tmp_pat
     assert set(b.threads) == {1} and (b.train_cpu_s > 0).all()
     from ssmscale.study.runner import thread_share
     assert thread_share(validate(LadderConfig, micro(tmp_path, parallel=2), "x"), "inprocess") == (2, None)
+
+
+def test_noise_budgets_limit_the_seed_noise_runs_to_the_budgets_named(tmp_path):
+    from ssmscale.study.tuning import plan_study
+    raw = micro(tmp_path, budgets=[2.0e9, 4.0e9], noise_seeds=[1], noise_budgets=[2.0e9])
+    cfg = validate(LadderConfig, raw, "x")
+    study = tmp_path / "study"
+    main_runs = [r for r in plan_study(cfg, study, n_train_tokens=10**6) if not r.skip]
+    for i, r in enumerate(main_runs):           # every main run finished, with distinct losses
+        (study / "runs" / r.run_id).mkdir(parents=True)
+        (study / "runs" / r.run_id / "result.json").write_text(json.dumps(
+            {"status": "ok", "loss": 3.0 - 0.01 * i, "lr": r.lr, "params": 1e4, "tokens": 1e5, "flops": r.budget}))
+    noise = [r for r in plan_study(cfg, study, n_train_tokens=10**6) if r.seed == 1]
+    assert {(r.family, r.budget, r.seed) for r in noise} == {("transformer", 2.0e9, 1), ("mamba", 2.0e9, 1)}
+    everywhere = plan_study(validate(LadderConfig, {**raw, "noise_budgets": None}, "x"), study, n_train_tokens=10**6)
+    assert {r.budget for r in everywhere if r.seed == 1} == {2.0e9, 4.0e9}
+    for bad, message in (({"noise_budgets": [3.0e9]}, "noise_budgets: 3e\\+09 is not one of the budgets"),
+                         ({"noise_seeds": [], "noise_budgets": [2.0e9]}, "noise_budgets: only used with noise_seeds")):
+        with pytest.raises(UserError, match=message):
+            validate(LadderConfig, {**raw, **bad}, "x")

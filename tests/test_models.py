@@ -157,9 +157,9 @@ def test_hybrid_puts_about_one_attention_layer_in_every_n_never_first(n_layer, e
     assert default_attn_layers(n_layer, every) == expected
     cfg = tiny("hybrid", n_layer=n_layer, hybrid_attn_every=every)
     model = LM(cfg)
-    kinds = [type(b).__name__ for b in model.blocks]
-    assert [i for i, k in enumerate(kinds) if k == "AttentionBlock"] == list(expected)
-    assert set(kinds) == {"AttentionBlock", "Mamba2Block"} and kinds[0] == "Mamba2Block"
+    kinds = [b.kind for b in model.blocks]
+    assert [i for i, k in enumerate(kinds) if k == "attention"] == list(expected)
+    assert set(kinds) == {"attention", "mamba2"} and kinds[0] == "mamba2"
 
 
 def test_hybrid_takes_explicit_attention_layers_and_mamba_layers():
@@ -211,11 +211,11 @@ def test_residual_output_projections_are_rescaled_by_depth(family):
     torch.manual_seed(0)
     deep, shallow = LM(tiny(family, n_layer=8)), LM(tiny(family, n_layer=2))
     def out_std(model, kind):
-        return torch.cat([w.flatten() for b in model.blocks if type(b).__name__ == kind
+        return torch.cat([w.flatten() for b in model.blocks if b.kind == kind
                           for w in b.residual_out_projections()]).std().item()
     # std scales as 1/sqrt(n_layer): 8 layers vs 2 -> ratio 1/2, for each kind of layer (their inits differ)
-    kinds = {type(b).__name__ for b in shallow.blocks}
-    assert kinds == {type(b).__name__ for b in deep.blocks}
+    kinds = {b.kind for b in shallow.blocks}
+    assert kinds == {b.kind for b in deep.blocks}
     for kind in kinds:
         assert out_std(deep, kind) / out_std(shallow, kind) == pytest.approx(0.5, rel=0.1), kind
 

@@ -22,12 +22,16 @@ def test_profile_writes_csv_json_and_plot_for_the_families_and_all_modes(tmp_pat
     from ssmscale.ops.scan import resolve_impl
     from ssmscale.ops.ssd import resolve_ssd_impl
     assert dict(zip(df.family, df.scan_impl)) == {"mamba": resolve_impl("auto", "cpu").name,
-                                                  "hybrid": "ssd-" + resolve_ssd_impl("auto", "cpu")}
+                                                  "hybrid": "ssd-" + resolve_ssd_impl("auto", "cpu", (8, 16))}
     assert {"family", "mode", "seq_len", "batch", "tokens_per_s", "peak_mem_bytes", "mfu", "status"} <= set(df)
     assert (df.tokens_per_s > 0).all() and (df.peak_mem_bytes > 0).all() and (df.mfu > 0).all()
     gen = df[df["mode"] == "generate"]
     # the reported generation memory includes the cache itself
     assert (gen.peak_mem_bytes >= gen.state_bytes).all()
+    # per token and layer, and the floor of reading every weight and the cache once
+    assert (gen.ms_per_token_layer * gen.n_layer / 1e3 * gen.tokens_per_s).round(6).eq(1).all()   # batch 1
+    assert (gen.read_bytes_per_token > gen.state_bytes).all() and (gen.floor_ms_per_token > 0).all()
+    assert df[df["mode"] != "generate"].floor_ms_per_token.isna().all()
     assert (tmp_path / "profile.png").stat().st_size > 10_000 and (tmp_path / "profile.json").exists()
 
 

@@ -26,8 +26,8 @@ from ssmscale.cli import build_parser, main
 from ssmscale.config import dump_yaml, load_run_config, parse_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-README_COMMANDS = ["sizes", "train", "ladder", "fit", "report", "forecast", "profile"]
-TIMES = {"wall_s", "train_s", "train_cpu_s", "tokens_per_s"}      # how long, not what was computed
+PARSER_COMMANDS = sorted(next(a for a in build_parser()._actions if a.dest == "command").choices)
+TIMES = {"wall_s", "train_s", "train_cpu_s", "tokens_per_s", "finished_at"}   # how long and when, not what was computed
 
 
 @contextmanager
@@ -50,11 +50,14 @@ def result_of(run_dir: Path) -> dict:
 
 # ------------------------------------------------------------------------------- every command
 def test_the_readme_lists_every_command_there_is():
-    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
-    assert sorted(commands) == sorted(README_COMMANDS)
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("## Commands"):]
+    block = block[:block.index("```", block.index("```") + 3)]
+    listed = set(re.findall(r"^ssmscale ([a-z-]+)", block, re.M))
+    assert listed == set(PARSER_COMMANDS), (sorted(listed), sorted(PARSER_COMMANDS))
 
 
-@pytest.mark.parametrize("command", [None, *README_COMMANDS])
+@pytest.mark.parametrize("command", [None, *PARSER_COMMANDS])
 def test_every_command_answers_help(capsys, command):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"] if command else ["--help"])
@@ -66,10 +69,10 @@ def test_every_command_answers_help(capsys, command):
 # ------------------------------------------------------------------------------------ YAML 1.2
 def test_configs_read_yaml_12_numbers_and_not_yaml_11s(tmp_path, capsys):
     # YAML 1.1 (PyYAML) reads 010 as 8 (octal), 1_000 and 1:30 as numbers and 1e5 as a string; YAML 1.2 does not
-    text = ("model: {family: transformer, d_model: 0o20, n_layer: 02}\n"
+    text = ("model: {family: transformer, d_model: 0o100, n_layer: 02}\n"
             "train: {tokens: 1e5, lr: 3e-3, batch_size: 010, seq_len: 0x10}\n")
     cfg = load_run_config(write(tmp_path / "r.yaml", text))
-    assert (cfg.model.d_model, cfg.model.n_layer) == (16, 2)
+    assert (cfg.model.d_model, cfg.model.n_layer) == (64, 2)
     assert (cfg.train.tokens, cfg.train.lr, cfg.train.batch_size, cfg.train.seq_len) == (1e5, 3e-3, 10, 16)
     for text in ("1_000", "1:30"):
         path = write(tmp_path / "r.yaml", f"model: {{family: transformer, params: 1e5}}\n"
@@ -423,7 +426,7 @@ def test_every_load_of_a_pickled_file_in_the_package_is_weights_only():
     src = ROOT / "src" / "ssmscale"
     risky = re.compile(r"torch\.load\(|pickle\.loads?\(|weights_only=False|allow_pickle=True")
     assert {str(p.relative_to(src)) for p in src.rglob("*.py") if risky.search(p.read_text())} == {"safeload.py"}
-    assert "torch.load(path, map_location=\"cpu\", weights_only=True)" in (src / "safeload.py").read_text()
+    assert "torch.load(f, map_location=\"cpu\", weights_only=True)" in (src / "safeload.py").read_text()
     restores = [_rest_of_call(p.read_text(), m.start()) for p in src.rglob("*.py")
                 for m in re.finditer(r"ckpt_path=", p.read_text())]      # Lightning restoring a checkpoint
     assert restores and all("weights_only=True" in call for call in restores), restores

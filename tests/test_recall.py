@@ -137,7 +137,7 @@ def test_width_layers_and_tokens_per_run_and_a_union_of_grids(tmp_path):
     ({"sizes": [1e4]}, "sizes: give one of sizes (parameter counts or shapes) or widths (d_model), not both"),
     ({"widths": None, "width_layers": 2, "sizes": [1e4]}, "width_layers: only used with widths"),
     ({"steps": 3}, "steps: 3 is below min_steps 5"),
-    ({"families": ["transformer", "lstm"]}, "families.1: Input should be 'transformer', 'mamba', 'mamba2' or 'hybrid' (got 'lstm')"),
+    ({"families": ["transformer", "lstm"]}, "families.1: unknown model family 'lstm'; known: transformer, mamba, mamba2, hybrid"),
     ({"lrs": {"d16": [1e-3], "bogus": [1e-2]}}, "lrs.bogus: keys are sizes"),
 ])
 def test_bad_recall_ladders_exit_2_with_one_line_naming_the_key(tmp_path, capsys, over, expected):

@@ -181,8 +181,11 @@ def test_report_says_how_far_to_trust_it_and_rewrites_the_same_bytes(tmp_path, m
     rows = [line for line in md.splitlines() if line.startswith("| transformer | 3e14 |")]
     assert len(rows) == 2 and all("| 1,322,561 | 3 |" in row for row in rows)   # seed table, then context gain
     assert rows[0].count(",") > rows[1].count(",")        # the seed table lists the three seeds' losses
+    # the compute multiplier leads, the trust section (with its calibration table) follows the summary
+    assert md.index("## Compute multiplier") < md.index("## Summary") < md.index("## How far to trust it") \
+        < md.index("### Calibration: do the intervals hold on the backtests?")
     report.write_report(study, tmp_path / "b")
-    for name in ("report.md", "frontier.png", "allocation.png", "position.png", "wallclock.png"):
+    for name in ("report.md", "frontier.png", "allocation.png", "position.png", "wallclock.png", "multiplier.png"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 

@@ -22,32 +22,41 @@ ROOT = Path(__file__).parents[1]
 
 
 class FakeJob:
-    """What _as_they_end reads of a submitit job."""
+    """What _as_they_end reads of a submitit job: whether it is done, where its files are (never its result)."""
 
-    def __init__(self, tmp_path, job_id, result=None, error=None, done=True):
-        self.job_id, self._result, self._error, self._done = job_id, result, error, done
+    def __init__(self, tmp_path, job_id, done=True, log=""):
+        self.job_id, self._done = job_id, done
         self.paths = type("Paths", (), {"result_pickle": tmp_path / f"{job_id}_result.pkl",
                                          "stderr": tmp_path / f"{job_id}_0_log.err"})()
-        if done and (result is not None or error is not None):
+        self.paths.stderr.write_text(log)
+        if done:
             self.paths.result_pickle.write_bytes(b"x")
 
     def done(self):
         return self._done
 
     def result(self):
-        if self._error:
-            raise self._error
-        return self._result
+        raise AssertionError("the ladder unpickled a submitit result")
 
 
-def test_jobs_are_collected_as_they_end_and_a_failed_job_names_its_log_in_one_line(tmp_path):
-    ok = FakeJob(tmp_path, "7_0", result={"status": "ok"})
-    bad = FakeJob(tmp_path, "7_1", error=RuntimeError("Traceback ...\n  line\nValueError: boom"))
-    out = list(executors._as_they_end({"a": ok, "b": bad}, slurm=False, poll_s=0))
-    assert out[0] == ("a", {"status": "ok"}, True)
+OK = {"status": "ok", "loss": 1.0, "params": 10, "tokens": 10, "flops": 600.0, "lr": 1e-3}
+
+
+def _result(study, run_id, res=OK):
+    path = study / "runs" / run_id / "result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res))
+
+
+def test_jobs_are_collected_as_they_end_from_their_runs_result_and_a_failed_job_names_its_log(tmp_path):
+    ok = FakeJob(tmp_path, "7_0")
+    bad = FakeJob(tmp_path, "7_1", log="Traceback ...\n  line\nValueError: boom\n")
+    _result(tmp_path, "a")
+    out = list(executors._as_they_end({"a": ok, "b": bad}, slurm=False, out_dir=tmp_path, poll_s=0))
+    assert out[0] == ("a", OK, True)
     run_id, res, returned = out[1]
     assert run_id == "b" and not returned and res["status"] == "failed"
-    assert res["message"] == f"RuntimeError: ValueError: boom; log: {tmp_path / '7_1_0_log.err'}"
+    assert res["message"] == f"job 7_1 ended without a result: ValueError: boom; log: {tmp_path / '7_1_0_log.err'}"
 
 
 def test_a_slurm_job_that_ends_without_a_result_is_failed_with_its_state_and_log(tmp_path, monkeypatch):
@@ -57,13 +66,13 @@ def test_a_slurm_job_that_ends_without_a_result_is_failed_with_its_state_and_log
     monkeypatch.setattr(executors, "_slurm_states", lambda ids: next(states))
     running = FakeJob(tmp_path, "9_0", done=False)
     cancelled = FakeJob(tmp_path, "9_1", done=False)
-    gen = executors._as_they_end({"r": running, "c": cancelled}, slurm=True, poll_s=0)
+    gen = executors._as_they_end({"r": running, "c": cancelled}, slurm=True, out_dir=tmp_path, poll_s=0)
     run_id, res, returned = next(gen)
     assert run_id == "c" and not returned
     assert res["message"] == f"Slurm job 9_1 ended CANCELLED without a result; log: {tmp_path / '9_1_0_log.err'}"
     running.paths.result_pickle.write_bytes(b"x")          # its result appears: it is collected
-    running._result = {"status": "ok"}
-    assert next(gen) == ("r", {"status": "ok"}, True)
+    _result(tmp_path, "r")
+    assert next(gen) == ("r", OK, True)
 
 
 def test_a_cancelled_job_that_had_finished_keeps_its_result_and_a_failed_run_is_retried(tmp_path):
@@ -146,7 +155,7 @@ def test_tiny_ladder_as_a_slurm_job_array_survives_cancelling_half_of_it(tmp_pat
                                 r"log: (\S+)", message) for status, run, message in reports if status == "failed"}
     assert failed and all(failed.values()), failed           # only cancelled jobs failed, each naming its log
     assert {m.group(1) for m in failed.values()} <= set(live)
-    assert all(Path(m.group(2)).parent == study / "submitit" for m in failed.values())
+    assert all(Path(m.group(2)).parent.parent == study / "submitit" for m in failed.values())   # a fresh folder
     after_first = pd.read_csv(study / "results.csv")
     assert after_first.run_id.is_unique and len(after_first) == n
     assert sorted(after_first[after_first.status == "failed"].run_id) == sorted(failed)

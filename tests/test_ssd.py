@@ -1,6 +1,7 @@
-"""Mamba-2's SSD: the chunked matrix form and the fused CPU kernel agree with the sequential reference
-(outputs, final state, every gradient), the reference with the quadratic (semiseparable-matrix) form
-in float64, and a split sequence continued from its final state with the whole one."""
+"""Mamba-2's SSD: the chunked matrix form and both fused CPU kernels (recurrent and chunked) agree with the
+sequential reference (outputs, final state, every gradient), the reference with the quadratic
+(semiseparable-matrix) form in float64, and a split sequence continued from its final state with the whole
+one; "fused" names the form it runs."""
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from ssmscale.ops import ssd
 from ssmscale.ops.ssd import available_ssd_impls
 from scan_inputs import rel_err
 
-FAST_IMPLS = [i for i in available_ssd_impls("cpu") if i != "ref"]
+# "fused" is one of its two forms (test_auto_resolves... checks which): the forms are tested by name
+FAST_IMPLS = [i for i in available_ssd_impls("cpu") if i not in ("ref", "fused")]
 
 SHAPES = [  # (batch, L, heads, head_dim, groups, d_state, chunk): L = 1, L not a multiple of the chunk,
     (1, 1, 1, 1, 1, 1, 4),          # several groups, a chunk longer than L, several chunks
@@ -18,6 +20,10 @@ SHAPES = [  # (batch, L, heads, head_dim, groups, d_state, chunk): L = 1, L not 
     (1, 64, 6, 4, 3, 8, 16),
     (1, 50, 4, 2, 4, 3, 64),
     (2, 130, 4, 8, 1, 16, 32),
+    (1, 40, 2, 12, 1, 4, 8),        # the recurrent kernel's lanes: a head_dim that is not a power of two,
+    (2, 33, 4, 20, 2, 16, 8),       # heads wider than a 16-lane tile, split over tiles,
+    (1, 70, 3, 40, 3, 5, 8),        # and over tiles of several groups,
+    (2, 100, 64, 8, 1, 16, 8),      # many tiles (split over the threads)
 ]
 OPTIONS = [  # (D shape: None / "h" / "hp", dt_bias, dt_softplus, initial_state)
     ("h", True, True, True),
@@ -77,7 +83,19 @@ def errors(shape, opt, impl="chunked") -> dict:
 
 def test_the_fused_kernel_is_there_where_a_c_compiler_is():
     import shutil
-    assert ("fused" in FAST_IMPLS) == (shutil.which("gcc") is not None), available_ssd_impls("cpu")
+    fused = {"fused", "fused-recurrent", "fused-chunk"}
+    assert (fused <= set(available_ssd_impls("cpu"))) == (shutil.which("gcc") is not None), available_ssd_impls("cpu")
+
+
+@pytest.mark.skipif("fused-recurrent" not in FAST_IMPLS, reason="no fused SSD here")
+def test_auto_resolves_to_a_fused_form_by_shape_and_says_which_once(capsys):
+    from ssmscale.ops.ssd import fused_form, resolve_ssd_impl
+    assert resolve_ssd_impl("auto", "cpu") == "fused"
+    shape = (5, 7)     # a shape no other test announces first
+    assert resolve_ssd_impl("auto", "cpu", shape) == fused_form(*shape) == "fused-recurrent"
+    resolve_ssd_impl("fused", "cpu", shape)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["ssmscale: ssd on cpu runs 'fused-recurrent' (head_dim 5, d_state 7, chosen by auto)"]
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)

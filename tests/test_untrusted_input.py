@@ -101,9 +101,11 @@ def test_a_planted_checkpoint_is_refused_in_one_line_and_the_run_starts_over(tmp
     assert main(["train", str(cfg), "--out", str(run_dir)]) == 0
     assert not marker.exists()                                   # nothing in the pickle ran
     err = [line for line in capsys.readouterr().err.splitlines() if "last.ckpt" in line]
-    assert len(err) == 1 and said in err[0] and err[0].endswith("; starting the run over"), err
+    assert len(err) == 1 and said in err[0] and re.search(r"; moved to last.ckpt.refused-\w+, starting the run over$",
+                                                          err[0]), err
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "ok" and result["resumed_from_step"] == 0 and result["steps"] == 4
+    assert len(list((run_dir / "checkpoints").glob("last.ckpt.refused-*"))) == 1    # set aside, not deleted
 
 
 def test_safe_loaders_refuse_code_and_foreign_files_without_running_anything(tmp_path):

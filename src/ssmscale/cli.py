@@ -2,6 +2,8 @@
 
 Heavy libraries are imported inside the handlers, never at module level, so `--help` and
 config errors answer in about a second.
+Over ~500 lines because each subcommand's argument table sits beside its handler (one screen per
+subcommand); the work itself lives in the packages.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import argparse
 import sys
 
 from . import limits
-from .errors import UserError
+from .errors import Stopped, UserError, one_line, shorten, stop_on_signals
 from .models.config import FAMILIES
 
 
@@ -46,13 +48,42 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args._run(args) or 0
+        _check_rank_environment()
+        with stop_on_signals():
+            return args._run(args) or 0
     except UserError as exc:
-        print(f"ssmscale {args.command}: error: {exc}", file=sys.stderr)
+        print(f"ssmscale {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except Stopped as exc:       # SIGTERM, SIGINT: finished results stay, a study resumes where it stopped
+        print(f"ssmscale {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except OSError as exc:
+        import errno
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        # a full disk: every file is written whole or not at all (fsutil), so what was finished is kept
+        where = f" ({one_line(exc.filename)})" if exc.filename else ""
+        print(f"ssmscale {args.command}: error: {exc.strerror}{where}; what had finished is kept: free some space "
+              "and run it again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ssmscale {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+# process ranks a launcher sets (torchrun, Lightning, Slurm): read with int() by Lightning, torchmetrics (at its
+# import) and the ladder's workers
+RANK_VARIABLES = ("LOCAL_RANK", "RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID",
+                  "SLURM_NTASKS")
+
+
+def _check_rank_environment() -> None:
+    import os
+    for name in RANK_VARIABLES:
+        value = os.environ.get(name)
+        if value is not None and not value.strip().isdigit():
+            raise UserError(f"environment variable {name}={shorten(value)} is not a whole number (a launcher sets "
+                            "it for each process; unset it to run alone)")
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -70,7 +101,8 @@ def _parse_overrides(pairs: list[str]) -> dict:
 # ------------------------------------------------------------------------------------- train
 def _train_args(p):
     p.add_argument("config", help="run config (YAML), e.g. configs/train_tiny.yaml")
-    p.add_argument("--family", help=f"model family: one of {', '.join(FAMILIES)} (overrides model.family)")
+    p.add_argument("--family", help=f"model family: one of {', '.join(FAMILIES)} or a plugin family of the config's "
+                                    "custom_families (overrides model.family)")
     p.add_argument("--out", help="run directory (default: runs/<name>-<family>)")
     p.add_argument("--seed", type=int, help="overrides seed")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.lr=1e-3")
@@ -91,17 +123,26 @@ def _train(args):
         overrides["train.progress"] = False
     cfg = load_run_config(args.config, overrides)
     out = Path(args.out or f"runs/{cfg.name}-{cfg.model.family}")
-    from .fsutil import check_writable_dir
+    from .fsutil import FileLock, check_no_links, check_writable_dir
     check_writable_dir(out, "run directory")
-    if not args.force:
-        from .safeload import read_result
-        res, problem = read_result(out / "result.json")
-        if res is not None:
-            raise UserError(f"{out}: already holds a finished run (result.json); use --force to retrain")
-        if problem:
-            print(f"{problem}; the run counts as unfinished and is trained again", file=sys.stderr)
-    from .train import run_training
-    r = run_training(cfg, out)
+    check_no_links(out, (".run.lock", "result.json"))
+    # the folder's lock, as a ladder's worker takes it: a second train on the folder is refused (the extra
+    # ranks of a multi-process run, which Lightning starts with this command line, belong to rank 0's)
+    from contextlib import nullcontext
+
+    from .study.runner import _process_rank
+    lock = FileLock(out / ".run.lock", tidy=True, busy=f"{out}: another run (pid {{pid}}) is training in this "
+                                                      "folder; wait for it to end or use another --out")
+    with lock if _process_rank() == 0 else nullcontext():
+        if not args.force:
+            from .safeload import read_result
+            res, problem = read_result(out / "result.json", within=out)
+            if res is not None:
+                raise UserError(f"{out}: already holds a finished run (result.json); use --force to retrain")
+            if problem:
+                print(f"{problem}; the run counts as unfinished and is trained again", file=sys.stderr)
+        from .train import run_training
+        r = run_training(cfg, out)
     if r.get("global_rank"):     # an extra rank of a multi-process strategy: rank 0 reports
         return 0 if r["status"] == "ok" else 1
     accuracy = f", accuracy={r['val_accuracy']:.4f}" if r.get("val_accuracy") is not None else ""
@@ -118,7 +159,10 @@ def _train(args):
 # ------------------------------------------------------------------------------------- sizes
 def _sizes_args(p):
     p.add_argument("params", nargs="+", help="target non-embedding parameter counts, e.g. 1e5 1e6 1e7")
-    p.add_argument("--families", default=",".join(FAMILIES), help="comma-separated families (default: all)")
+    p.add_argument("--families", help="comma-separated families (default: every built-in one, and the --config's "
+                                      "families)")
+    p.add_argument("--config", help="a ladder or run config whose custom_families (plugin families) may be named in "
+                                    "--families; sizing them builds their mixers (imports them)")
     p.add_argument("--seq-len", type=int, default=256, help="sequence length for FLOPs per token (default 256)")
     p.add_argument("--head-dim", type=int, default=32, help="transformer head dimension (default 32)")
     p.add_argument("--vocab", type=int, default=256, help="tokenizer vocabulary (default 256, bytes)")
@@ -131,9 +175,36 @@ def _sizes(args):
     _in_range(args.seq_len, "--seq-len", limits.MAX_SEQ_LEN)
     _in_range(args.head_dim, "--head-dim", limits.MAX_WIDTH)
     _in_range(args.vocab, "--vocab", limits.MAX_VOCAB)
-    families = _families(args.families)
+    from .config.load import config_plugins
+    mixers, config_families = config_plugins(args.config)
+    families = _families(args.families or ",".join(dict.fromkeys([*FAMILIES, *config_families])), mixers)
     from .study.sizes import print_sizes
-    print_sizes(targets, families, seq_len=args.seq_len, head_dim=args.head_dim, vocab=args.vocab, verify=args.verify)
+    print_sizes(targets, families, seq_len=args.seq_len, head_dim=args.head_dim, vocab=args.vocab, verify=args.verify,
+                mixers=mixers)
+    return 0
+
+
+# ------------------------------------------------------------------------------ check-family
+def _check_family_args(p):
+    p.add_argument("spec", help="a mixer class, path/to/file.py:Class or package.module:Class (imported: it runs "
+                                "that code), or a built-in family name")
+    p.add_argument("--options", default="{}", help="JSON object of constructor options: Class(d_model, **options)")
+    p.add_argument("--d-model", default="64", help="width the mixer is built at (default 64)")
+
+
+def _check_family(args):
+    import json
+    try:
+        options = json.loads(args.options)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--options: not JSON ({exc.msg}, column {exc.colno})") from None
+    if not isinstance(options, dict):
+        raise UserError(f"--options: expected a JSON object such as '{{\"heads\": 4}}', got {args.options!r}")
+    d_model = _positive_int(args.d_model, "--d-model", limits.MAX_WIDTH)
+    from .threads import apply, choose
+    apply(choose(None))
+    from .models.admission import check_family
+    check_family(args.spec, options, d_model)
     return 0
 
 
@@ -162,7 +233,8 @@ def _ladder(args):
 
 # ----------------------------------------------------------------------------------- profile
 def _profile_args(p):
-    p.add_argument("config", nargs="?", help="--op loop: the run config whose model and batch are timed")
+    p.add_argument("config", nargs="?", help="--op loop: the run config whose model and batch are timed; --op model: "
+                                             "a config whose plugin families (custom_families) --families may name")
     p.add_argument("--op", choices=["model", "scan", "ssd", "loop"], default="model",
                    help="model: the families against sequence length (default); scan: the selective-scan "
                         "implementations; ssd: Mamba-2's SSD against the selective scan at the same d_inner; "
@@ -205,13 +277,17 @@ def _profile_args(p):
 
 
 def _profile(args):
-    if args.config and args.op != "loop":
-        raise UserError(f"{args.config}: a config file is only used with --op loop")
+    if args.config and args.op not in ("loop", "model"):
+        raise UserError(f"{args.config}: a config file is only used with --op loop or --op model")
     if args.impls and args.op not in ("scan", "ssd"):
         raise UserError("--impls: only used with --op scan or ssd")
     args.compete = _count(args.compete, "--compete")
     if args.compete and args.op != "model":
         raise UserError("--compete: only used with --op model")
+    from .threads import available_cores
+    if args.compete > 4 * available_cores():     # busy loops beyond a few per core measure nothing more
+        raise UserError(f"--compete: at most {4 * available_cores()} competitors (4 per core this process may use), "
+                        f"got {args.compete}")
     return {"scan": _profile_scan, "ssd": _profile_ssd, "model": _profile_model, "loop": _profile_loop}[args.op](args)
 
 
@@ -244,6 +320,16 @@ def _in_range(value: int, flag: str, hi: int, lo: int = 1) -> int:
     return value
 
 
+def _fits_in_memory(floats: int) -> None:
+    """Refuse a kernel benchmark whose largest point's tensors (about `floats` fp32 values, inputs and
+    outputs) cannot fit in this machine's memory: it would only die there, point after point."""
+    import os
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 4 * floats > memory:
+        raise UserError(f"--seq-lens: the longest point needs about {4 * floats / 2**30:,.0f} GiB of tensors; this "
+                        f"machine has {memory / 2**30:,.1f} GiB (lower --seq-lens, --batch or --d-inner)")
+
+
 def _seconds(text):
     if text is None:
         return None
@@ -251,8 +337,10 @@ def _seconds(text):
 
 
 def _profile_model(args):
-    from .bench.profile import MODES, run_profile
-    families = _families(args.families)
+    from .bench.profile import CANNOT_GENERATE, MODES, run_profile
+    from .config.load import config_plugins
+    mixers, _ = config_plugins(args.config)
+    families = _families(args.families, mixers)
     modes = [m.strip() for m in (args.modes or ",".join(MODES)).split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
         raise UserError(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
@@ -278,12 +366,15 @@ def _profile_model(args):
         batch=_positive_int(args.batch or "1", "--batch", limits.MAX_BATCH),
         gen_tokens=_positive_int(args.gen_tokens, "--gen-tokens", limits.MAX_SEQ_LEN),
         repeats=_positive_int(args.repeats, "--repeats"),
-        threads=_positive_int(args.threads, "--threads") if args.threads else None,
+        threads=_positive_int(args.threads, "--threads", limits.MAX_THREADS) if args.threads else None,
         timeout_s=_seconds(args.timeout),
         head_dim=_positive_int(args.head_dim, "--head-dim", limits.MAX_WIDTH))
+    if sizes["head_dim"] % 2 and {"transformer", "hybrid"} & set(families):
+        raise UserError(f"--head-dim: must be even (rotary position embeddings turn channels in pairs), "
+                        f"got {sizes['head_dim']}")
     from .bench.profile import shapes_for
     try:
-        shapes_for(families, params, sizes["d_model"], sizes["n_layer"], sizes["head_dim"])
+        shapes_for(families, params, sizes["d_model"], sizes["n_layer"], sizes["head_dim"], mixers)
     except ValueError as exc:
         raise UserError(f"--head-dim: {exc}") from None
     if args.out:
@@ -291,8 +382,10 @@ def _profile_model(args):
         check_writable_dir(args.out, "--out")      # before the measuring, not after it
     seq_lens = sizes.pop("seq_lens")
     rows = run_profile(families, seq_lens, modes, params=params, device=args.device, out=args.out,
-                       mem_limit_bytes=mem, compete=args.compete, **sizes)
-    return 0 if all(r["status"] in ("ok", "oom") for r in rows) else 1
+                       mem_limit_bytes=mem, compete=args.compete, mixers=mixers, **sizes)
+    for fam in dict.fromkeys(r["family"] for r in rows if r["status"] == CANNOT_GENERATE):
+        print(f"{fam}: cannot generate: its mixer has no allocate_cache (it trains; generation is not measured)")
+    return 0 if all(r["status"] in ("ok", "oom", CANNOT_GENERATE) for r in rows) else 1
 
 
 def _profile_loop(args):
@@ -301,7 +394,7 @@ def _profile_loop(args):
     from .config import load_run_config
     cfg = load_run_config(args.config, {"model.family": args.family} if args.family else None)  # errors first
     from . import threads
-    explicit = _positive_int(args.threads, "--threads") if args.threads else None
+    explicit = _positive_int(args.threads, "--threads", limits.MAX_THREADS) if args.threads else None
     choice = threads.choose(explicit or cfg.train.num_threads,
                             explicit_name="--threads" if explicit else "train.num_threads")
     print(threads.apply(choice).describe(), flush=True)
@@ -311,12 +404,14 @@ def _profile_loop(args):
     return 0
 
 
-def _families(text: str) -> list[str]:
-    """--families: a comma-separated subset of FAMILIES."""
+def _families(text: str, plugins=()) -> list[str]:
+    """--families: a comma-separated subset of FAMILIES and of the plugin families a --config defines."""
     families = [f.strip() for f in text.split(",") if f.strip()]
-    bad = [f for f in families if f not in FAMILIES]
+    known = [*FAMILIES, *plugins]
+    bad = [f for f in families if f not in known]
     if bad or not families:
-        raise UserError(f"--families: unknown family {bad[0] if bad else text!r}; choose from {','.join(FAMILIES)}")
+        more = "" if plugins else " (a plugin family: name it in a config's custom_families and pass --config)"
+        raise UserError(f"--families: unknown family {bad[0] if bad else text!r}; choose from {','.join(known)}{more}")
     return families
 
 
@@ -353,8 +448,10 @@ def _profile_scan(args):
     bounds = {"batch": limits.MAX_BATCH, "d_inner": limits.MAX_WIDTH, "d_state": limits.MAX_WIDTH,
               "repeats": limits.MAX_COUNT, "ref_max_len": limits.MAX_SEQ_LEN}
     sizes = {k: _positive_int(getattr(args, k), "--" + k.replace("_", "-"), hi) for k, hi in bounds.items()}
-    threads = _positive_int(args.threads, "--threads") if args.threads is not None else None
+    threads = _positive_int(args.threads, "--threads", limits.MAX_THREADS) if args.threads is not None else None
     timeout = _seconds(args.timeout)
+    seq_lens = _positive_ints(args.seq_lens, "--seq-lens", limits.MAX_SEQ_LEN)
+    _fits_in_memory(sizes["batch"] * max(seq_lens) * sizes["d_inner"] * 8)
     from .ops import available_impls
     if args.device == "cuda":
         import torch
@@ -366,7 +463,6 @@ def _profile_scan(args):
         bench_scan.check_impls(impls, args.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    seq_lens = _positive_ints(args.seq_lens, "--seq-lens", limits.MAX_SEQ_LEN)
     if args.out:
         from .fsutil import check_writable_dir
         check_writable_dir(args.out, "--out")      # before the measuring, not after it
@@ -391,7 +487,9 @@ def _profile_ssd(args):
              for k, hi in bounds.items()}
     if sizes["d_inner"] % sizes["ssd_head_dim"]:
         raise UserError(f"--d-inner: {sizes['d_inner']} is not a multiple of --ssd-head-dim {sizes['ssd_head_dim']}")
-    threads = _positive_int(args.threads, "--threads") if args.threads is not None else None
+    threads = _positive_int(args.threads, "--threads", limits.MAX_THREADS) if args.threads is not None else None
+    seq_lens = _positive_ints(args.seq_lens or "1024,4096", "--seq-lens", limits.MAX_SEQ_LEN)
+    _fits_in_memory(sizes["batch"] * max(seq_lens) * sizes["d_inner"] * 8)
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
@@ -401,7 +499,6 @@ def _profile_ssd(args):
         bench_ssd.check_impls(impls, args.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    seq_lens = _positive_ints(args.seq_lens or "1024,4096", "--seq-lens", limits.MAX_SEQ_LEN)
     rows = bench_ssd.run_and_report(
         impls, seq_lens, batch=sizes["batch"], d_inner=sizes["d_inner"], d_state=sizes["d_state"],
         head_dim=sizes["ssd_head_dim"], chunk_size=sizes["chunk_size"], modes=modes, repeats=sizes["repeats"],
@@ -424,10 +521,16 @@ def _fit_args(p):
     p.add_argument("--backtest", action=argparse.BooleanOptionalAction, default=True,
                    help="refit each law without the largest IsoFLOP budgets and predict them (default on when the "
                         "runs have budgets; --no-backtest skips it)")
+    p.add_argument("--baseline", default="transformer",
+                   help="family the compute multipliers are stated against (default transformer)")
     p.add_argument("--holdout-above", type=float, metavar="FLOPS",
                    help="backtest for a CSV of single runs: fit Approach 3 on the runs at or below FLOPS, "
                         "predict the rest (e.g. 1e21 for Chinchilla's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--time-from", metavar="PROFILE_CSV", action="append",
+                   help="price each run's training time from a profile.csv of `ssmscale profile --modes train` (its "
+                        "families' FLOP rates by size and sequence length; repeat it to pool profiles of several "
+                        "sizes) instead of the time it took; writes fit_timed.json beside fit.json")
 
 
 def _fit(args):
@@ -442,7 +545,7 @@ def _fit(args):
     result, target = fit_path(args.path, out=args.out, columns=parse_column_mapping(args.columns),
                               n_boot=args.n_boot, seed=args.seed, ci=args.ci, n_jobs=args.jobs,
                               progress=not args.no_progress, backtest=args.backtest,
-                              holdout_above=args.holdout_above)
+                              holdout_above=args.holdout_above, baseline=args.baseline, time_from=args.time_from)
     print(format_fit(result))
     print(f"wrote {target}")
 
@@ -452,6 +555,8 @@ def _report_args(p):
     p.add_argument("study_dir", help="study directory (scaling/<study>)")
     p.add_argument("--out", help="report folder (default: reports/<study>)")
     p.add_argument("--refit", action="store_true", help="refit even if the study's fit.json is up to date")
+    p.add_argument("--baseline", default="transformer",
+                   help="family the compute multipliers are stated against (default transformer; another refits)")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples when fitting (default 200)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed when fitting (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -472,7 +577,7 @@ def _report(args):
     _check_fit_args(args)
     from .report.scaling import write_report
     path = write_report(args.study_dir, args.out, refit=args.refit, n_boot=args.n_boot, seed=args.seed,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, baseline=args.baseline)
     print(f"wrote {path}")
 
 
@@ -496,9 +601,22 @@ def _forecast(args):
     print("\n".join(forecast_lines(body, path)))
 
 
+# ------------------------------------------------------------------------------------- export
+def _export_args(p):
+    from .export.command import add_arguments
+    add_arguments(p)
+
+
+def _export(args):
+    from .export.command import run
+    return run(args)
+
+
 COMMANDS: list = [
     ("sizes", "matched shapes, parameter counts and FLOPs per token for target sizes", _sizes_args, _sizes),
     ("train", "train one model on its token budget (writes DIR/result.json)", _train_args, _train),
+    ("check-family", "admission checks of a mixer (causality, cached continuation, finite, shapes, determinism); "
+                     "exit 2 naming the first failure", _check_family_args, _check_family),
     ("ladder", "plan and run a ladder (resumable): IsoFLOP budgets, or fixed-length runs over widths and "
                "swept config keys (recall); then fit and report", _ladder_args, _ladder),
     ("profile", "throughput, peak memory and MFU against sequence length (training, prefill, generation); "
@@ -511,6 +629,8 @@ COMMANDS: list = [
     ("forecast", "predict each family's best loss and N_opt at budgets not trained yet, with calibrated "
                  "intervals (writes STUDY/forecasts/; the report scores it once the runs exist)",
      _forecast_args, _forecast),
+    ("export", "write a finished run as a Hugging Face model folder (transformers, lm-evaluation-harness) "
+               "that equals it", _export_args, _export),
 ]
 
 

@@ -17,8 +17,14 @@ Conventions (state them wherever a FLOP number is shown):
   the whole T x T block is computed, not its causal half), the chunk states and the state read-out
   (2 N e each), and elementwise the decay matrix (3 per score per head: difference, exp, product)
   and the chunk recurrence (2 N e / T). Decoding one token runs the SSD at L = 1;
-- RMSNorm (gated or not), RoPE, SiLU, softplus and residual adds are elementwise and not counted.
-"Parameters" N is the non-embedding count (the tied LM head shares the embedding).
+- RMSNorm (gated or not), RoPE, SiLU, softplus and residual adds are elementwise and not counted;
+- a plugin family's mixer (models/plugin.py) is MEASURED, not written down: FlopCounterMode on real
+  forwards at several lengths, fitted per token as a + b L, plus the FLOPs the mixer declares with
+  `extra_flops_per_token(L)` (flops_measure.py, which follows the conventions above: attention causal,
+  softmax 3/score); its MLP branch and the LM head are counted as above. The built-in families keep
+  these analytic counts; the measured path reproduces them (tests/test_byo.py).
+"Parameters" N is the non-embedding count (the tied LM head shares the embedding); a plugin mixer's
+parameters are counted on the built module.
 """
 
 from __future__ import annotations
@@ -29,12 +35,19 @@ from .models.config import ModelConfig
 
 
 # ----------------------------------------------------------------------------------- parameters
+def _mlp_params(cfg: ModelConfig) -> int:
+    return 3 * cfg.d_model * cfg.ffn_dim + cfg.d_model        # SwiGLU, its RMSNorm
+
+
 def _layer_params(cfg: ModelConfig, kind: str) -> int:
     d = cfg.d_model
     if kind in ("transformer", "attention"):
         a = cfg.attn_dim
         attention = d * 3 * a + a * d + d                      # qkv, out, its RMSNorm
-        return attention + (3 * d * cfg.ffn_dim + d if kind == "transformer" else 0)   # SwiGLU, its norm
+        return attention + (_mlp_params(cfg) if kind == "transformer" else 0)
+    if kind == "plugin":
+        from .flops_measure import plugin_params
+        return plugin_params(cfg.mixer, d) + d + (_mlp_params(cfg) if cfg.mixer.mlp else 0)
     if kind == "mamba":
         e, n, r, k = cfg.d_inner, cfg.d_state, cfg.dt_rank_, cfg.d_conv
         return (d * 2 * e            # in_proj
@@ -80,6 +93,19 @@ def ssd_terms(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
             "ssd_elementwise": pad * (3 * T * h + 2 * n * e / T)}
 
 
+def plugin_terms(cfg: ModelConfig, seq_len: int, decode: bool = False) -> dict[str, float]:
+    """One plugin layer per token: the mixer's measured a + b L ("mixer_counted"; decoding one more token
+    after seq_len costs the difference of totals, a + b (2 L + 1)), its declared extra ("mixer_declared"),
+    and the SwiGLU branch ("mlp") when the family has one."""
+    from .flops_measure import plugin_flops
+    m = plugin_flops(cfg.mixer, cfg.d_model, seq_len)
+    counted = m["a"] + m["b"] * (2 * seq_len + 1 if decode else seq_len)
+    terms = {"mixer_counted": counted, "mixer_declared": m["declared"]}
+    if cfg.mixer.mlp:
+        terms["mlp"] = 2 * 3 * cfg.d_model * cfg.ffn_dim
+    return terms
+
+
 def _layer_terms(cfg: ModelConfig, kind: str, seq_len: int, causal: bool, decode: bool) -> dict[str, float]:
     d = cfg.d_model
     if kind in ("transformer", "attention"):
@@ -99,6 +125,8 @@ def _layer_terms(cfg: ModelConfig, kind: str, seq_len: int, causal: bool, decode
         conv = e + 2 * cfg.mamba2_ngroups * cfg.mamba2_d_state
         return {"in_proj": 2 * d * (e + conv + h), "conv": 2 * conv * cfg.d_conv,
                 **ssd_terms(cfg, 1 if decode else seq_len), "out_proj": 2 * e * d}
+    if kind == "plugin":
+        return plugin_terms(cfg, seq_len, decode)
     raise ValueError(f"layer kind: unknown {kind!r}")
 
 
@@ -116,6 +144,9 @@ def forward_flops_terms(cfg: ModelConfig, seq_len: int, causal: bool = True,
     return terms
 
 
+# elementwise terms: what a FLOP counter cannot see in a built-in layer, so what its mixer would declare as a
+# plugin's extra_flops_per_token (the measured path adds them to the counted matmuls: tests/test_byo.py)
+UNCOUNTED_TERMS = {"conv", "scan", "ssd_elementwise"}
 MATMUL_TERMS = {"attn_qkv", "attn_out", "mlp", "in_proj", "x_proj", "dt_proj", "out_proj", "lm_head"}
 ATTENTION_MATMUL_TERMS = {"attn_scores", "attn_values"}
 SSD_MATMUL_TERMS = {"ssd_scores", "ssd_intra", "ssd_states", "ssd_out"}
@@ -136,12 +167,17 @@ def six_n(cfg: ModelConfig) -> float:
 
 
 def flops_summary(cfg: ModelConfig, seq_len: int) -> dict:
-    """Everything a result row needs about a model's size and cost."""
+    """Everything a result row needs about a model's size and cost (a plugin's: "measured-causal-3x",
+    with the measurement in "measured")."""
     p = param_counts(cfg)
     train = train_flops_per_token(cfg, seq_len)
-    return {"params": p["non_embedding"], "params_total": p["total"],
-            "train_flops_per_token": train, "ratio_to_6n": train / six_n(cfg),
-            "flops_convention": "exact-causal-3x"}
+    out = {"params": p["non_embedding"], "params_total": p["total"],
+           "train_flops_per_token": train, "ratio_to_6n": train / six_n(cfg),
+           "flops_convention": "measured-causal-3x" if cfg.is_plugin else "exact-causal-3x"}
+    if cfg.is_plugin:
+        from .flops_measure import plugin_flops
+        out["measured"] = plugin_flops(cfg.mixer, cfg.d_model, seq_len)
+    return out
 
 
 # Reference description used in reports and result rows.

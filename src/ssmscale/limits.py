@@ -19,3 +19,8 @@ MAX_COUNT = 2 ** 31      # any other count (examples, key-value pairs, steps bet
 MAX_RUNS = 100_000       # runs one ladder plans (250x Chinchilla's 400 models): planned in seconds, minutes as sweep points
 MAX_SECONDS = 1e7        # timeouts (about 4 months)
 MAX_GB = 1e6             # memory limits, in GB
+MAX_THREADS = 1024       # threads of one process (torch's, the fused kernels'): more than any one machine's cores
+MAX_EVAL_EXAMPLES = 2 ** 16   # generated validation examples (MQAR): ~3 s to build; Zoology scores 3,000
+# rows of a CSV to fit: a study has one per run (hundreds). Approach 3 fits every row from 4,500 starts: measured
+# 47 CPU-s for 300 rows without bootstrap (a busy 2-core machine), so 10,000 rows take hours with it
+MAX_FIT_ROWS = 10_000

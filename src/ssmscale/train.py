@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 from .config import ModelSpec, RunConfig, TrainConfig, config_hash, dump_yaml
 from .errors import UserError
-from .fsutil import atomic_write_json, atomic_write_text
+from .fsutil import atomic_write_json, atomic_write_text, open_replacing
 from .models import LM, ModelConfig
 from .models.lm import state_bytes
 
@@ -51,21 +52,30 @@ METRIC_FIELDS = ["step", "tokens", "train_loss", "lr", "grad_norm", "elapsed_s",
 # eval-point tokens (forward only: about a third of a training token's FLOPs) per training token: ~5% of compute
 EVAL_POINTS_COST = 0.15
 CONTEXT_EDGE = 0.1     # context gain: mean loss over the first 10% of window positions minus over the last 10%
+# what a run writes in its folder (itself, Lightning's checkpoint and loggers): a link or a special file at
+# any of them is refused before the run starts (fsutil.check_no_links), so no write leaves the folder
+RUN_FILES = ("result.json", "metrics.csv", "config.yaml", "model.pt", ".run.lock", "checkpoints/last.ckpt",
+             "logs/csv/hparams.yaml", "logs/csv/metrics.csv", "logs/tensorboard/hparams.yaml")
+RUN_FOLDERS = ("logs/wandb",)
 
 
 # ------------------------------------------------------------------------------- pure helpers
-def resolve_model(spec: ModelSpec, vocab_size: int) -> ModelConfig:
-    """The concrete ModelConfig of a spec: its explicit shape, or the sizing rule applied to `params`."""
+def resolve_model(spec: ModelSpec, vocab_size: int, mixers: dict | None = None) -> ModelConfig:
+    """The concrete ModelConfig of a spec: its explicit shape, or the sizing rule applied to `params`.
+    `mixers`: {plugin family: MixerSpec} (RunConfig.mixers()); a plugin family's is attached to its config."""
+    mixer = (mixers or {}).get(spec.family)
     try:
-        d_model, n_layer = spec.d_model, spec.n_layer
+        d_model, n_layer, knobs = spec.d_model, spec.n_layer, spec.knobs()
         if spec.params is not None:
             from .models.sizing import shape_for
             base = ModelConfig(family="transformer", d_model=spec.head_dim, n_layer=1, vocab_size=vocab_size,
-                               **spec.knobs())
-            shape = shape_for(spec.family, spec.params, base)
+                               **knobs)
+            shape = shape_for(spec.family, spec.params, base, mixer=mixer)
             d_model, n_layer = shape.d_model, shape.n_layer
+            if shape.d_ff is not None:
+                knobs["d_ff"] = shape.d_ff
         cfg = ModelConfig(family=spec.family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
-                          **spec.knobs())
+                          mixer=mixer, **knobs)
         from .models.sizing import check_within_bounds
         check_within_bounds(cfg)
         return cfg
@@ -318,17 +328,22 @@ class StepBatches(torch.utils.data.IterableDataset):
 def _kept_rows(path: Path, resume_step: int) -> list[dict]:
     """The training rows a killed run logged up to the checkpoint it resumes from (none if unreadable: a
     metrics.csv of a copied run directory may hold anything)."""
-    if not resume_step or not path.exists():
+    import io
+
+    from .safeload import CAPS, FileRefused, read_text
+    if not resume_step:
         return []
     try:
-        with open(path, newline="", errors="replace") as f:
-            rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit()
-                    and int(r["step"]) <= resume_step and r.get("train_loss")]
+        rows = [r for r in csv.DictReader(io.StringIO(read_text(path, CAPS["csv"], within=path.parent), newline=""))
+                if (r.get("step") or "").isdigit() and int(r["step"]) <= resume_step and r.get("train_loss")]
         for r in rows:
             _numbers(r)         # every kept field a number, as the loggers and the eval curve read them
         return rows
-    except (csv.Error, ValueError, TypeError) as exc:
-        print(f"{path}: unreadable ({exc}); the steps before step {resume_step} are not kept", file=sys.stderr)
+    except FileNotFoundError:
+        return []
+    except (FileRefused, csv.Error, ValueError, TypeError) as exc:
+        why = str(exc) if isinstance(exc, FileRefused) else f"{path}: unreadable ({exc})"
+        print(f"{why}; the steps before step {resume_step} are not kept", file=sys.stderr)
         return []
 
 
@@ -362,7 +377,7 @@ def _callbacks(L, out_dir: Path, train: TrainConfig, tokens_per_step: int, resum
                 if isinstance(logger, L.pytorch.loggers.CSVLogger):
                     for r in rows:
                         logger.log_metrics(_numbers(r), step=int(r["step"]))
-            self._f = open(self.path, "w", newline="")
+            self._f = open_replacing(self.path)
             self._w = csv.DictWriter(self._f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
             self._w.writeheader()
             self._w.writerows(rows)
@@ -482,20 +497,24 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     from .data import prepare_data
     from .provenance import provenance
 
-    from .fsutil import check_writable_dir
+    from .fsutil import check_no_links, check_writable_dir
     from .safeload import FileRefused, load_checkpoint, state_dict_mismatch
 
     out_dir = Path(out_dir)
     check_writable_dir(out_dir, "run directory")
+    check_no_links(out_dir, RUN_FILES, RUN_FOLDERS)
     t = cfg.train
     cores = min(threads.available_cores(), max_cores) if max_cores else None
     thread_choice = threads.apply(threads.choose(t.num_threads, jobs=parallel_jobs, cores=cores))
     accelerator, precision = resolve_device(t)
     data = prepare_data(cfg.data, cfg.tokenizer, seq_len=t.seq_len, eval_tokens=t.eval_tokens,
                         progress=t.progress)
-    model_cfg = resolve_model(cfg.model, data.vocab_size)
+    model_cfg = resolve_model(cfg.model, data.vocab_size, cfg.mixers())
+    plugin = _admit_plugin(model_cfg) if model_cfg.is_plugin else None
     n_steps, tokens_per_step = plan_steps(t)
     cost = flops_mod.flops_summary(model_cfg, t.seq_len)
+    if plugin is not None:
+        plugin["flops"] = cost["measured"]
     if announce:
         print(f"{cfg.name}: {model_cfg.family} d_model {model_cfg.d_model} x {model_cfg.n_layer} layers, "
               f"{n_steps * tokens_per_step:,} tokens in {n_steps} steps on {accelerator}; "
@@ -507,14 +526,13 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     resume_step, saved = 0, None
     if ckpt.exists():
         # weights-only: a checkpoint in a copied run directory must not run code. One that is refused
-        # (cut short by a kill, or not a plain checkpoint) is deleted and the run starts over: batches are
+        # (cut short by a kill, or not a plain checkpoint) is set aside and the run starts over: batches are
         # a function of (seed, step), so that gives the same result, only later
         try:
-            saved = load_checkpoint(ckpt)
+            saved = load_checkpoint(ckpt, within=out_dir)
             resume_step = saved["global_step"]
         except FileRefused as exc:
-            print(f"{exc}; starting the run over", file=sys.stderr)
-            ckpt.unlink()
+            print(f"{exc}; {_set_aside(ckpt)}, starting the run over", file=sys.stderr)
     val = data.val_set(t.seq_len)
     point_steps = eval_point_steps(n_steps, t.eval_points) if t.eval_points else []
     subset_tokens = t.eval_points_tokens or eval_points_tokens(n_steps * tokens_per_step, t.seq_len,
@@ -526,8 +544,7 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
     L = _lightning()
     module = build_module(model_cfg, t, n_steps, val, cfg.seed, subset)
     if saved is not None and (problem := state_dict_mismatch(saved["state_dict"], module.state_dict())):
-        print(f"{ckpt}: refused, {problem}; starting the run over", file=sys.stderr)
-        ckpt.unlink()
+        print(f"{ckpt}: refused, {problem}; {_set_aside(ckpt)}, starting the run over", file=sys.stderr)
         resume_step = 0
     del saved
     callbacks = _callbacks(L, out_dir, t, tokens_per_step, resume_step, cost["train_flops_per_token"],
@@ -603,7 +620,8 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
         "resumed_from_step": resume_step,
         # when the run ended (UTC): a forecast of its budget is scored as one only if made before this
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "config_hash": config_hash(cfg), "data_fingerprint": data.fingerprint,
+        "config_hash": config_hash(cfg, plugin and plugin["sha256"]), "data_fingerprint": data.fingerprint,
+        **({"mixer": plugin, "mixer_sha256": plugin["sha256"]} if plugin is not None else {}),
         "precision": precision, "scan_impl": scan_impl,
         "threads": thread_choice.threads, "threads_reason": thread_choice.reason,
         "thread_waiting": threads.waiting(),
@@ -617,6 +635,23 @@ def run_training(cfg: RunConfig, out_dir: str | Path, *, progress_position: int 
             ckpt.unlink()
     atomic_write_json(out_dir / "result.json", result)
     return result
+
+
+def _admit_plugin(model_cfg: ModelConfig) -> dict:
+    """A plugin family's admission checks (once per process and code version) and what its result records:
+    the mixer's class, options, file and sha256, and the checks it passed."""
+    from .models.admission import admit_plugin
+    report = admit_plugin(model_cfg.mixer, model_cfg.d_model, model_cfg.family)
+    return {**model_cfg.mixer.provenance(), "admission": report.lines, "admission_precision": report.dtype,
+            "can_generate": report.can_generate}
+
+
+def _set_aside(ckpt: Path) -> str:
+    """Rename a refused checkpoint out of the run's way (never delete a file the run did not write)."""
+    import uuid
+    aside = ckpt.with_name(f"{ckpt.name}.refused-{uuid.uuid4().hex[:8]}")
+    os.rename(ckpt, aside)
+    return f"moved to {aside.name}"
 
 
 def _scan_impl_name(model_cfg: ModelConfig, accelerator: str) -> str | None:

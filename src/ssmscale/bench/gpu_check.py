@@ -94,6 +94,13 @@ def parse_args(argv):
             lens = ()
         if not lens or min(lens) < 1:
             p.error(f"--seq-lens: expected comma-separated positive integers, got {args.seq_lens!r}")
+    if args.out:
+        from ..errors import UserError
+        from ..fsutil import check_writable_dir
+        try:
+            check_writable_dir(args.out, "--out")     # before the checks run, not after
+        except UserError as exc:
+            p.error(str(exc))
     args.sections, args.seq_lens = sections, lens
     return args
 

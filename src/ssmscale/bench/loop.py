@@ -22,7 +22,7 @@ def loop_overhead(config_path: str, family: str | None = None, steps: int = 60, 
     cfg = load_run_config(config_path, {"model.family": family} if family else None)
     t = cfg.train
     data = prepare_data(cfg.data, cfg.tokenizer, seq_len=t.seq_len, eval_tokens=t.eval_tokens, progress=False)
-    model_cfg = T.resolve_model(cfg.model, data.vocab_size)
+    model_cfg = T.resolve_model(cfg.model, data.vocab_size, cfg.mixers())
     n_steps = warmup + steps
 
     def bare() -> list[float]:

@@ -11,6 +11,12 @@ optimiser state and the inputs are allocated before the baseline and reported se
 - generate: decode `gen_tokens` tokens one at a time after a context of L tokens already in the cache
             (KV caches for attention layers, conv + SSM states for Mamba and Mamba-2 layers); tokens/s
             counts decoded tokens and the memory reported adds the cache itself to the step's peak.
+            Beside it: ms per token and per layer, and the floor a token cannot beat, reading every weight
+            and the whole cache once (decode_floor.py).
+            A plugin family whose mixer has no allocate_cache cannot generate: its rows say so
+            (status "cannot-generate"), nothing is run for them.
+Plugin families (a config's custom_families, `mixers`) are profiled like the built-in ones; their FLOPs
+per token (for MFU) are the measured ones (flops.py).
 MFU = achieved model FLOP/s (flops.py: training = 3 x forward; decoding a token at context L
 attends L keys, flops.forward_flops_terms(decode=True)) over the peak: on CPU the median rate of a 2048^3
 fp32 matmul timed in the measuring process right after each of its timed steps (same threads, same moments:
@@ -27,16 +33,20 @@ Threads follow threads.py (the cores / 1 run; idle OpenMP threads sleep) unless 
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import UserError
+from .decode_floor import decode_floor, format_decode_table
 
 MODES = ("train", "prefill", "generate")
 CSV_COLUMNS = ["family", "mode", "seq_len", "batch", "d_model", "n_layer", "params", "tokens_per_s",
                "step_ms", "peak_mem_bytes", "state_bytes", "mfu", "flops_per_token", "status", "error",
                "memory_method", "device", "scan_impl",
                # added with the thread policy (issue #15); older CSVs lack them
-               "threads", "peak_flops", "competitors", "tokens_per_s_compete", "step_ms_compete", "compete_ratio"]
+               "threads", "peak_flops", "competitors", "tokens_per_s_compete", "step_ms_compete", "compete_ratio",
+               # added with the decoding floor (issue #26); generate rows only
+               "ms_per_token_layer", "read_bytes_per_token", "read_gbs", "floor_ms_per_token"]
 
 # dense bf16 tensor-core peaks (FLOP/s), by substring of torch.cuda.get_device_name()
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -44,24 +54,33 @@ GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 
 
 # ----------------------------------------------------------------------- in the measuring child
-def _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device):
+def _config(family, d_model, n_layer, vocab_size=256, head_dim=32, scan_impl="auto", mixer=None):
+    """The ModelConfig of a profiled model; `mixer`: a plugin family's MixerSpec (or its dict, from the parent)."""
+    from ..models import ModelConfig
+    from ..models.plugin import MixerSpec
+    if isinstance(mixer, dict):
+        mixer = MixerSpec(**mixer)
+    return ModelConfig(family=family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size, head_dim=head_dim,
+                       scan_impl=scan_impl, mixer=mixer)
+
+
+def _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device, mixer=None):
     import torch
 
-    from ..models import LM, ModelConfig
+    from ..models import LM
     torch.manual_seed(0)
-    cfg = ModelConfig(family=family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
-                      head_dim=head_dim, scan_impl=scan_impl)
+    cfg = _config(family, d_model, n_layer, vocab_size, head_dim, scan_impl, mixer)
     return LM(cfg).to(device), cfg
 
 
 def prepare_train(family, d_model, n_layer, seq_len, batch, vocab_size=256, head_dim=32, scan_impl="auto",
-                  device="cpu"):
+                  device="cpu", mixer=None):
     """One training step (forward, backward, AdamW) on random tokens; optimiser state exists already."""
     import torch
     import torch.nn.functional as F
     from ..config import TrainConfig
     from ..train import make_optimizer
-    model, _ = _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device)
+    model, _ = _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device, mixer)
     opt = make_optimizer(model, TrainConfig(lr=1e-4))      # the training loop's optimiser
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _Null()
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -83,9 +102,9 @@ def prepare_train(family, d_model, n_layer, seq_len, batch, vocab_size=256, head
 
 
 def prepare_prefill(family, d_model, n_layer, seq_len, batch, vocab_size=256, head_dim=32, scan_impl="auto",
-                    device="cpu"):
+                    device="cpu", mixer=None):
     import torch
-    model, _ = _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device)
+    model, _ = _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device, mixer)
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _Null()
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -104,10 +123,10 @@ def prepare_prefill(family, d_model, n_layer, seq_len, batch, vocab_size=256, he
 
 
 def prepare_generate(family, d_model, n_layer, seq_len, batch, gen_tokens=32, vocab_size=256, head_dim=32,
-                     scan_impl="auto", device="cpu"):
+                     scan_impl="auto", device="cpu", mixer=None):
     """Decode `gen_tokens` tokens after a `seq_len`-token context; the cache is rewound between steps."""
     import torch
-    model, _ = _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device)
+    model, _ = _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device, mixer)
     model.eval()
     gen = torch.Generator(device="cpu").manual_seed(0)
     context = torch.randint(0, vocab_size, (batch, seq_len), generator=gen).to(device)
@@ -157,12 +176,11 @@ class _Null:
         return False
 
 
-def state_bytes(family, d_model, n_layer, batch, max_len, vocab_size=256, head_dim=32) -> int:
-    """Bytes of the generation cache: KV caches (attention layers), conv + SSM states (SSM layers)."""
-    from ..models import ModelConfig
+def state_bytes(family, d_model, n_layer, batch, max_len, vocab_size=256, head_dim=32, mixer=None) -> int | None:
+    """Bytes of the generation cache: KV caches (attention layers), conv + SSM states (SSM layers); None for
+    a plugin family that cannot generate."""
     from ..models.lm import state_bytes as model_state_bytes
-    return model_state_bytes(ModelConfig(family=family, d_model=d_model, n_layer=n_layer, vocab_size=vocab_size,
-                                         head_dim=head_dim), batch, max_len)
+    return model_state_bytes(_config(family, d_model, n_layer, vocab_size, head_dim, mixer=mixer), batch, max_len)
 
 
 # -------------------------------------------------------------------------------- the parent side
@@ -183,29 +201,32 @@ def measure_peak_flops(device: str = "cpu", threads: int | None = None) -> tuple
     return peak, f"fp32 2048^3 matmul, best of 5: {peak / 1e9:.0f} GFLOP/s ({torch.get_num_threads()} threads)"
 
 
-def shapes_for(families, params=None, d_model=None, n_layer=None, head_dim=32):
-    """{family: (d_model, n_layer, params)}: one explicit shape, or sizing.py's matched pair."""
+def shapes_for(families, params=None, d_model=None, n_layer=None, head_dim=32, mixers=None):
+    """{family: (d_model, n_layer, params)}: one explicit shape, or sizing.py's matched pair (`mixers`:
+    {plugin family: MixerSpec}; a plugin sized by params keeps the default MLP width, so its count may sit
+    a few percent off the match)."""
     from ..flops import param_counts
     from ..models import ModelConfig
     from ..models.sizing import shape_for
+    mixers = mixers or {}
     base = ModelConfig(family="transformer", d_model=head_dim, n_layer=1, head_dim=head_dim)
     out = {}
     if params is not None:
         tf = shape_for("transformer", params, base)
         for fam in families:
-            s = tf if fam == "transformer" else shape_for(fam, params, base, match=tf.params)
-            out[fam] = (s.d_model, s.n_layer, s.params)
+            s = tf if fam == "transformer" else shape_for(fam, params, base, match=tf.params, mixer=mixers.get(fam))
+            cfg = base.replace(family=fam, d_model=s.d_model, n_layer=s.n_layer, mixer=mixers.get(fam))
+            out[fam] = (s.d_model, s.n_layer, param_counts(cfg)["non_embedding"])
     else:
         for fam in families:
-            cfg = base.replace(family=fam, d_model=d_model, n_layer=n_layer)
+            cfg = base.replace(family=fam, d_model=d_model, n_layer=n_layer, mixer=mixers.get(fam))
             out[fam] = (d_model, n_layer, param_counts(cfg)["non_embedding"])
     return out
 
 
-def _flops_per_token(family, d_model, n_layer, mode, seq_len, head_dim):
+def _flops_per_token(family, d_model, n_layer, mode, seq_len, head_dim, mixer=None):
     from .. import flops
-    from ..models import ModelConfig
-    cfg = ModelConfig(family=family, d_model=d_model, n_layer=n_layer, head_dim=head_dim)
+    cfg = _config(family, d_model, n_layer, head_dim=head_dim, mixer=mixer)
     if mode == "train":
         return flops.train_flops_per_token(cfg, seq_len)
     if mode == "prefill":
@@ -215,7 +236,7 @@ def _flops_per_token(family, d_model, n_layer, mode, seq_len, head_dim):
 
 def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, repeats=3, device="cpu",
                    threads=None, timeout_s=None, head_dim=32, scan_impl="auto", progress=None,
-                   mem_limit_bytes=None, compete=0):
+                   mem_limit_bytes=None, compete=0, mixers=None):
     """Measure every (family, mode, length) point, alone and (compete > 0) interleaved with steps beside
     `compete` busy processes; returns (rows, peak, peak_note)."""
     from .memprobe import run_isolated
@@ -226,13 +247,23 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                      f"column peak_flops); alone at the run's start: {peak_note}")
     rows = []
     prep = {"train": "prepare_train", "prefill": "prepare_prefill", "generate": "prepare_generate"}
+    mixers = mixers or {}
     for mode in modes:
         for fam in families:
             d, n, params = shapes[fam]
-            impl = _scan_name(fam, scan_impl, device)
+            mixer = mixers.get(fam)
+            impl = _scan_name(fam, scan_impl, device, mixer)
+            if mode == "generate" and state_bytes(fam, d, n, 1, 1, head_dim=head_dim, mixer=mixer) is None:
+                rows += [_cannot_generate(fam, L, batch, d, n, params, device, impl, threads, compete)
+                         for L in seq_lens]
+                if progress:
+                    progress(rows[-1])
+                continue
             for L in seq_lens:
                 kwargs = dict(family=fam, d_model=d, n_layer=n, seq_len=L, batch=batch, head_dim=head_dim,
                               scan_impl=scan_impl, device=device)
+                if mixer is not None:
+                    kwargs["mixer"] = asdict(mixer)
                 if mode == "generate":
                     kwargs["gen_tokens"] = gen_tokens
                 # long points are slow on a CPU: fewer repeats there (the median of what was run)
@@ -240,11 +271,12 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                 res = run_isolated(f"ssmscale.bench.profile:{prep[mode]}", kwargs, repeats=reps,
                                    warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s,
                                    mem_limit_bytes=mem_limit_bytes, compete=compete, matmul_peak=cpu)
-                fpt = _flops_per_token(fam, d, n, mode, L, head_dim)
+                fpt = _flops_per_token(fam, d, n, mode, L, head_dim, mixer)
                 tokens = batch * (gen_tokens if mode == "generate" else L)
                 ok = res["status"] == "ok"
                 tps = tokens / (res["median_ms"] / 1e3) if ok else float("nan")
-                cache = state_bytes(fam, d, n, batch, L + gen_tokens, head_dim=head_dim) if mode == "generate" else 0
+                cache = (state_bytes(fam, d, n, batch, L + gen_tokens, head_dim=head_dim, mixer=mixer)
+                         if mode == "generate" else 0)
                 row = {"family": fam, "mode": mode, "seq_len": L, "batch": batch, "d_model": d, "n_layer": n,
                        "params": params, "tokens_per_s": tps, "step_ms": res["median_ms"],
                        "peak_mem_bytes": (res["peak_extra_bytes"] + cache) if ok else None,
@@ -255,6 +287,9 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                        "tokens_per_s_compete": float("nan"), "step_ms_compete": None, "compete_ratio": float("nan")}
                 if ok and row["peak_flops"] == row["peak_flops"]:
                     row["mfu"] = tps * fpt / row["peak_flops"]
+                if ok and mode == "generate":
+                    row.update(decode_floor(_config(fam, d, n, head_dim=head_dim, mixer=mixer), cache,
+                                            row["step_ms"] / gen_tokens, threads, device))
                 if ok and compete:
                     row.update(tokens_per_s_compete=tokens / (res["median_compete_ms"] / 1e3),
                                step_ms_compete=res["median_compete_ms"])
@@ -265,11 +300,24 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
     return rows, peak, peak_note
 
 
-def _scan_name(family, scan_impl, device):
-    from ..models import ModelConfig
+def _scan_name(family, scan_impl, device, mixer=None):
     from ..models.lm import kernel_impl
-    cfg = ModelConfig(family=family, d_model=64, n_layer=2, scan_impl=scan_impl)
+    cfg = _config(family, 64, 2, scan_impl=scan_impl, mixer=mixer)
     return kernel_impl(cfg, "cuda" if device.startswith("cuda") else "cpu")
+
+
+CANNOT_GENERATE = "cannot-generate"
+
+
+def _cannot_generate(fam, L, batch, d, n, params, device, impl, threads, compete) -> dict:
+    """The row of a generation point a family cannot run: its mixer has no allocate_cache."""
+    return {"family": fam, "mode": "generate", "seq_len": L, "batch": batch, "d_model": d, "n_layer": n,
+            "params": params, "tokens_per_s": float("nan"), "step_ms": None, "peak_mem_bytes": None,
+            "state_bytes": None, "mfu": float("nan"), "flops_per_token": None, "status": CANNOT_GENERATE,
+            "error": "its mixer has no allocate_cache: this family trains but cannot generate",
+            "memory_method": None, "device": device, "scan_impl": impl, "threads": threads, "peak_flops": None,
+            "competitors": compete, "tokens_per_s_compete": float("nan"), "step_ms_compete": None,
+            "compete_ratio": float("nan")}
 
 
 def growth_exponents(rows, min_len=1024) -> dict:
@@ -363,14 +411,14 @@ def plot(rows, path: Path, title: str):
 
 def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer=None, batch=1,
                 gen_tokens=32, repeats=3, device="cpu", threads=None, timeout_s=None, out=None,
-                head_dim=32, scan_impl="auto", mem_limit_bytes=None, compete=0) -> list[dict]:
+                head_dim=32, scan_impl="auto", mem_limit_bytes=None, compete=0, mixers=None) -> list[dict]:
     import pandas as pd
 
     from .. import threads as thread_policy
     from ..fsutil import atomic_write_dataframe_csv, atomic_write_json
     from ..provenance import provenance
     try:
-        shapes = shapes_for(families, params, d_model, n_layer, head_dim)
+        shapes = shapes_for(families, params, d_model, n_layer, head_dim, mixers)
     except ValueError as exc:      # e.g. a width that is not a multiple of the head dimension
         raise UserError(f"model shape: {exc}") from None
     for fam, (d, n, p) in shapes.items():
@@ -388,9 +436,13 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
     rows, peak, note = profile_models(families, shapes, seq_lens, modes, batch=batch, gen_tokens=gen_tokens,
                                       repeats=repeats, device=device, threads=choice.threads, timeout_s=timeout_s,
                                       head_dim=head_dim, scan_impl=scan_impl, progress=progress,
-                                      mem_limit_bytes=mem_limit_bytes, compete=compete)
+                                      mem_limit_bytes=mem_limit_bytes, compete=compete, mixers=mixers)
     print(f"peak for MFU: {note}")
     print(format_table(rows))
+    if decode := format_decode_table(rows):
+        print("decoding, per token: the floor reads every weight and the whole cache (KV or state) once, at the "
+              "read bandwidth of a matrix-vector product over as many bytes, timed in this run")
+        print(decode)
     growth = growth_exponents(rows)
     if growth:
         print("growth with L (log-log slope, L >= 1024): " + "; ".join(

@@ -214,7 +214,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 COLUMNS = ("impl", "length", "mode", "median_ms", "min_ms", "peak_extra_mib", "speedup_vs_mambapy",
-           "mem_vs_mambapy", "speedup_vs_ref", "over_floor", "status")
+           "mem_vs_mambapy", "speedup_vs_ref", "floor_ms", "over_floor", "status")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -225,13 +225,13 @@ def format_table(rows: list[dict]) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
-            return f"{v:.3f}" if c == "mem_vs_mambapy" else f"{v:.1f}"
+            return f"{v:.3f}" if c == "mem_vs_mambapy" else f"{v:.2f}" if c == "floor_ms" else f"{v:.1f}"
         return str(v)
     header = ["impl", "L", "mode", "ms", "min ms", "peak MiB", "x mambapy", "mem/mambapy", "x ref",
-              "/ floor", "status"]
+              "floor ms", "/ floor", "status"]
     body = [[cell(r, c) for c in COLUMNS] for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
-    fmt = lambda cells: "  ".join(c.rjust(w) if 3 <= i <= 9 else c.ljust(w)
+    fmt = lambda cells: "  ".join(c.rjust(w) if 3 <= i <= 10 else c.ljust(w)
                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
 

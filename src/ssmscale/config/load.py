@@ -1,6 +1,7 @@
 """Loading a config: a YAML file read with YAML 1.2's number rule, no duplicate keys and a cap on its
 size once aliases are expanded; `--set key.path=value` overrides; the schema's validation (schema.py)
-with one-line errors; and the logger packages a config asks for checked before any work starts.
+with one-line errors; the logger packages a config asks for checked before any work starts; and where
+its plugin code may come from (origin.py).
 """
 
 from __future__ import annotations
@@ -121,16 +122,19 @@ def _count_values(value, limit: int) -> int:
     return count
 
 
-def read_yaml(path: str | Path) -> dict:
+def read_yaml(path: str | Path, within: str | Path | None = None) -> dict:
+    """A YAML mapping from a regular file of at most safeload.CAPS["yaml"] bytes, checked before parsing
+    (a 48 MB list would take minutes to parse before the count of values stops it)."""
+    from ..safeload import CAPS, FileRefused, read_bytes
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_bytes(path, CAPS["yaml"], within).decode("utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text, so not a YAML config") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except FileRefused as exc:
+        raise UserError(str(exc)) from None
     raw = parse_yaml(text, str(path))
     if raw is None:
         raw = {}
@@ -170,19 +174,63 @@ def check_logger_packages(cfg: RunConfig | LadderConfig, source: str) -> None:
                             f"(pip install {packages[0]})")
 
 
-def load_run_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
-    cfg = validate(RunConfig, apply_overrides(read_yaml(path), overrides), str(path))
+def resolve_mixer_paths(raw: dict, base_dir: Path) -> dict:
+    """custom_families.*.mixer file paths made absolute against the config file's folder (malformed entries
+    are left for the schema to name). Nothing is read or imported."""
+    from ..models.plugin import resolve_target
+    custom = raw.get("custom_families")
+    if not isinstance(custom, dict):
+        return raw
+    resolved = {}
+    for name, entry in custom.items():
+        if isinstance(entry, dict) and isinstance(entry.get("mixer"), str):
+            try:
+                entry = {**entry, "mixer": resolve_target(entry["mixer"], base_dir)}
+            except ValueError:
+                pass
+        resolved[name] = entry
+    return {**raw, "custom_families": resolved}
+
+
+def load_config(schema, path: str | Path, overrides: dict | None = None, within: str | Path | None = None):
+    """A config file validated against `schema` (RunConfig or LadderConfig), plugin paths resolved.
+
+    Without `within`, a config the user named: its plugins may come from where origin.py allows (a config
+    in a study or run folder names code inside it only). With `within` (a study's folder), the tool re-reads
+    the config.yaml it wrote there, from inside that folder only (safeload.open_regular); its plugins were
+    checked when the ladder read the user's config."""
+    raw = resolve_mixer_paths(apply_overrides(read_yaml(path, within), overrides), Path(path).resolve().parent)
+    cfg = validate(schema, raw, str(path))
     check_logger_packages(cfg, str(path))
+    if within is None:
+        from .origin import check_plugin_origin
+        check_plugin_origin(cfg, path, overrides)
     return cfg
 
 
-def load_ladder_config(path: str | Path, overrides: dict | None = None) -> LadderConfig:
-    cfg = validate(LadderConfig, apply_overrides(read_yaml(path), overrides), str(path))
-    check_logger_packages(cfg, str(path))
-    return cfg
+def load_run_config(path: str | Path, overrides: dict | None = None,
+                    within: str | Path | None = None) -> RunConfig:
+    return load_config(RunConfig, path, overrides, within)
 
 
-def read_study_config(path: str | Path) -> LadderConfig:
+def load_ladder_config(path: str | Path, overrides: dict | None = None,
+                       within: str | Path | None = None) -> LadderConfig:
+    return load_config(LadderConfig, path, overrides, within)
+
+
+def read_study_config(path: str | Path, within: str | Path | None = None) -> LadderConfig:
     """A study's saved config.yaml, validated (a UserError of one line when it is not one); unlike
     load_ladder_config it needs no logger package: fit and report read a study, they train nothing."""
-    return validate(LadderConfig, read_yaml(path), str(path))
+    return validate(LadderConfig, read_yaml(path, within), str(path))
+
+
+def config_plugins(path: str | Path | None) -> tuple[dict, list]:
+    """({plugin family: MixerSpec}, the config's families) of a ladder or run config file (`sizes --config`,
+    `profile CONFIG`); ({}, []) without one. Describes the plugins, imports nothing."""
+    if path is None:
+        return {}, []
+    raw = read_yaml(path)
+    schema = LadderConfig if any(k in raw for k in ("sizes", "widths", "budgets", "families")) else RunConfig
+    cfg = load_config(schema, path)
+    mixers = {name: c.spec() for name, c in cfg.custom_families.items()}
+    return mixers, list(cfg.families) if schema is LadderConfig else [cfg.model.family]

@@ -7,6 +7,9 @@ have them) and a duplicate key is an error; after that the schema is strict: unk
 (a number must be a number: `true` and "128" are not), impossible values and sizes beyond what can
 exist (limits.py) are errors naming the key path. Names are plain names (they become folder names).
 Reading a YAML file and loading a config from it: load.py; the `sweep:` axes: sweep.py.
+Plugin families (`custom_families`, models/plugin.py) are described, never imported, here: a relative
+mixer file path is made absolute against the config file's folder when the file is loaded, so the
+config a study saves names the same file; fit and report read configs and run nothing.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ import re
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_serializer,
+                      model_validator)
 
 from .. import limits
-from ..models.config import FAMILIES, HYBRID_SSMS, SSD_IMPLS
+from ..errors import shorten
+from ..fsutil import is_plain_name
+from ..models.config import FAMILIES, HYBRID_SSMS, RESERVED_NAMES, SSD_IMPLS, plugin_name_ok
+from ..models.plugin import MixerSpec, split_target
 
 Family = Literal[FAMILIES]
 
@@ -36,16 +43,12 @@ Seed = Annotated[int, Field(ge=0, le=limits.MAX_SEED)]
 # Lightning strategies this loop runs under (its batch rows are split per rank in training_step)
 STRATEGIES = ("auto", "ddp")
 
-# a plain name: a folder name that stays where it is put (no '/', no leading '.' or '-')
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=-]{0,99}")
-
-
 def _plain_name(value: str, segments: bool = False) -> str:
     parts = value.split("/") if segments else [value]
-    if not all(_PLAIN_NAME.fullmatch(p) for p in parts):
+    if not all(is_plain_name(p, max_len=100) for p in parts):
         what = "plain names joined by '/'" if segments else "a plain name"
         raise ValueError(f"must be {what} (letters, digits, '_', '.', '-', '+', '='; not starting with '.' "
-                         f"or '-'; at most 100 characters), got {value!r}")
+                         f"or '-'; at most 100 characters), got {shorten(value)}")
     return value
 
 
@@ -117,6 +120,13 @@ class ModelDefaults(_Strict):
     hybrid_attn_every: Layers = 8                      # about one attention layer in this many (at least one)
     hybrid_attn_layers: list[Annotated[int, Field(ge=0, le=limits.MAX_LAYERS)]] | None = None   # or exactly these layer indices
 
+    @field_validator("head_dim")
+    @classmethod
+    def _rotary_pairs(cls, value):
+        if value % 2:
+            raise ValueError(f"must be even (rotary position embeddings turn channels in pairs), got {value}")
+        return value
+
     def knobs(self) -> dict:
         """The ModelConfig keyword arguments these knobs set."""
         return self.model_dump(include=set(ModelDefaults.model_fields))
@@ -124,8 +134,8 @@ class ModelDefaults(_Strict):
 
 class ModelSpec(ModelDefaults):
     """One model: the family knobs plus either an explicit shape (d_model, n_layer) or a target
-    non-embedding parameter count."""
-    family: Family = "transformer"
+    non-embedding parameter count. `family`: a built-in family or one of the config's custom_families."""
+    family: str = "transformer"
     d_model: Width | None = None
     n_layer: Layers | None = None
     params: Params | None = None
@@ -139,7 +149,69 @@ class ModelSpec(ModelDefaults):
             raise ValueError("d_model: an explicit shape needs both d_model and n_layer")
         if not explicit and self.params is None:
             raise ValueError("params: give a target parameter count or (d_model, n_layer)")
+        if self.family == "transformer" and explicit and self.d_model % self.head_dim:
+            raise ValueError(f"head_dim: {self.head_dim} does not divide d_model {self.d_model} (the transformer's "
+                             "heads split its width)")
         return self
+
+
+class CustomFamily(_Strict):
+    """A plugin family: a mixer class by file path ("path/to/file.py:Class", relative to the config file) or
+    module path ("package.module:Class"), built as Class(d_model, **options) inside the shared LM shell."""
+    mixer: str
+    mlp: bool = True                                   # Transformer++'s SwiGLU branch after the mixer
+    options: dict[str, Any] = Field(default_factory=dict)
+    n_layer: Layers | None = None                      # fixed depth (default: the sizing rule's)
+    width_multiple: Width = 2                          # d_model searched in multiples of this
+
+    @model_validator(mode="after")
+    def _target(self):
+        try:
+            split_target(self.mixer)
+        except ValueError as exc:
+            raise ValueError(f"mixer: {exc}") from None     # named here: the message itself holds colons
+        return self
+
+    @field_validator("options")
+    @classmethod
+    def _json_options(cls, value):
+        import json
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"options: must be plain YAML values (numbers, strings, lists, mappings): {exc}") from None
+        return value
+
+    def spec(self) -> MixerSpec:
+        return MixerSpec(self.mixer, dict(self.options), self.mlp, self.n_layer, self.width_multiple)
+
+
+CustomFamilies = dict[str, CustomFamily]
+
+
+class _WithPlugins(_Strict):
+    """A config that may define plugin families: without any, it dumps (config.yaml, hashes) exactly as
+    configs did before plugins existed."""
+    custom_families: CustomFamilies = Field(default_factory=dict)
+
+    @model_serializer(mode="wrap")
+    def _no_empty_plugins(self, handler):
+        d = handler(self)
+        if isinstance(d, dict) and not d.get("custom_families"):
+            d.pop("custom_families", None)
+        return d
+
+
+def _check_custom_names(custom: dict) -> None:
+    for name in custom:
+        if not plugin_name_ok(name):
+            raise ValueError(f"custom_families.{name}: a plugin family needs a name of its own (a letter, then "
+                             f"letters, digits or '_', at most 32; not one of {', '.join(dict.fromkeys(RESERVED_NAMES))})")
+
+
+def _unknown_family(name: str, custom: dict) -> str:
+    known = ", ".join([*FAMILIES, *custom])
+    return f"unknown model family {name!r}; known: {known} (a plugin family is defined under custom_families)"
 
 
 class TrainConfig(_Strict):
@@ -147,13 +219,13 @@ class TrainConfig(_Strict):
     batch_size: Annotated[int, Field(gt=0, le=limits.MAX_BATCH)] = 16   # sequences per optimiser step
     tokens: Annotated[float, Field(gt=0, le=limits.MAX_TOKENS)] | None = None                # token budget of the run (or set by the ladder)
     lr: PositiveFloat = 3e-3                            # peak learning rate
-    final_lr: Annotated[float, Field(ge=0)] = 1e-5      # cosine floor
+    final_lr: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-5      # cosine floor
     warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
-    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.1
     betas: Annotated[tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]],
                      Field(strict=False)] = (0.9, 0.95)          # not strict: a YAML list is a tuple here
     eps: PositiveFloat = 1e-8
-    grad_clip: Annotated[float, Field(ge=0)] = 1.0      # 0 disables clipping
+    grad_clip: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0      # 0 disables clipping
     eval_every: Count = 0                              # steps between validations; 0: only at the end
     # validations at log-spaced steps (10% to 75% of the run, then the end) on one fixed subset of the
     # validation set, for Chinchilla's Approach 1; 0: none
@@ -169,7 +241,7 @@ class TrainConfig(_Strict):
     # Lightning strategy: with devices > 1 both mean ddp, which re-executes the command line once per
     # extra rank (gloo on CPU, NCCL on GPU); batch_size stays the global batch
     strategy: Literal[STRATEGIES] = "auto"
-    num_threads: PositiveInt | None = None              # CPU threads (default: threads.py, cores / parallel runs)
+    num_threads: Annotated[int, Field(gt=0, le=limits.MAX_THREADS)] | None = None   # CPU threads (default: threads.py)
     progress: bool = True
     # Lightning loggers under <run>/logs/, beside metrics.csv and with its fields: csv is always written
     loggers: list[Literal["csv", "tensorboard", "wandb"]] = ["csv"]
@@ -183,7 +255,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class RunConfig(_Strict):
+class RunConfig(_WithPlugins):
     """`ssmscale train CONFIG`: one model, one budget."""
     name: str = "run"                                  # plain names joined by '/' (a ladder's runs: study/run_id)
     seed: Seed = 0
@@ -201,13 +273,33 @@ class RunConfig(_Strict):
     def _budget(self):
         if self.train.tokens is None:
             raise ValueError("train.tokens: a run needs a token budget")
+        _check_custom_names(self.custom_families)
+        if self.model.family not in FAMILIES and self.model.family not in self.custom_families:
+            raise ValueError(f"model.family: {_unknown_family(self.model.family, self.custom_families)}")
         return self
+
+    def mixers(self) -> dict[str, MixerSpec]:
+        """{plugin family: its MixerSpec} (describing, not importing, the code)."""
+        return {name: c.spec() for name, c in self.custom_families.items()}
 
 
 ShapeSpec = create_model(
     "ShapeSpec", __base__=_Strict,
     __doc__="An explicit size: one (d_model, n_layer) per family (e.g. {transformer: [64, 2], mamba: [56, 4]}).",
     **{family: (Annotated[tuple[Width, Layers], Field(strict=False)] | None, None) for family in FAMILIES})
+
+
+# What may reach a Slurm job script. Each value becomes an `#SBATCH --key=value` line, which a line end
+# would end (the rest of the value would run as shell when the job starts): partition and account are names
+# (comma-separated lists allowed); slurm_extra keys are sbatch option names, values printable ASCII. Options
+# that move the job's files, working folder or environment (--export=LD_PRELOAD=...) or that submitit sets
+# itself are refused: a config from someone else must not choose what runs or where it writes.
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.,+=-]{0,99}")
+_SLURM_KEY = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+_SLURM_VALUE = re.compile(r"[ -~]{0,200}")          # printable ASCII: no line end, no control character
+_SLURM_KEYS_REFUSED = {"output", "error", "input", "chdir", "export", "export-file", "get-user-env", "wrap",
+                       "array", "open-mode", "signal", "job-name", "container", "container-id", "wait",
+                       "test-only", "parsable", "uid", "gid"}
 
 
 class SubmititConfig(_Strict):
@@ -222,11 +314,36 @@ class SubmititConfig(_Strict):
     account: str | None = None
     slurm_extra: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
+    @field_validator("partition", "account")
+    @classmethod
+    def _slurm_name(cls, value):
+        if value is not None and not _SLURM_NAME.fullmatch(value):
+            raise ValueError(f"must be a Slurm name (letters, digits, '_', '.', ',', '+', '=', '-'; at most 100 "
+                             f"characters), got {shorten(value)}")
+        return value
+
+    @field_validator("slurm_extra")
+    @classmethod
+    def _slurm_options(cls, value):
+        for key, v in value.items():
+            if not _SLURM_KEY.fullmatch(key):
+                raise ValueError(f"must have sbatch option names as keys (lowercase letters, digits, '_', '-'), "
+                                 f"got {shorten(key)}")
+            if key.replace("_", "-") in _SLURM_KEYS_REFUSED:
+                raise ValueError(f"{key}: ssmscale sets the job's files, folder and environment itself; "
+                                 f"--{key.replace('_', '-')} is not passed to Slurm")
+            if isinstance(v, str) and not _SLURM_VALUE.fullmatch(v):
+                raise ValueError(f"{key}: must be printable ASCII of at most 200 characters (no line end), "
+                                 f"got {shorten(v)}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{key}: must be a finite number, got {v}")
+        return value
+
 
 SweepGrid = dict[str, Annotated[list[Any], Field(min_length=1)]]
 
 
-class LadderConfig(_Strict):
+class LadderConfig(_WithPlugins):
     """`ssmscale ladder CONFIG`: a grid of families x run lengths x sizes x learning rates x seeds,
     repeated at every point of an optional `sweep` over config keys (sweep.py).
 
@@ -236,7 +353,8 @@ class LadderConfig(_Strict):
     families) or `widths` (d_model; the transformer gets `width_layers` layers, other families the
     depth sizing.layers_at_width gives them)."""
     name: str
-    families: Annotated[list[Family], Field(min_length=1)] = list(FAMILIES)
+    # built-in families and plugin families (custom_families); default: every built-in and every plugin
+    families: Annotated[list[str], Field(min_length=1)] = list(FAMILIES)
     budgets: Annotated[list[Flops], Field(min_length=1)] | None = None   # training FLOPs per run
     steps: PositiveInt | None = None                    # optimiser steps per run (instead of budgets)
     tokens: Annotated[float, Field(gt=0, le=limits.MAX_TOKENS)] | None = None   # training tokens per run (instead of budgets)
@@ -249,6 +367,8 @@ class LadderConfig(_Strict):
     # seed noise: once the main grid has finished, the best run of each family and budget is trained
     # again with each of these seeds (same shape and learning rate); the fits average seeds per point
     noise_seeds: list[Seed] = []
+    # with noise_seeds: the budgets whose best runs get them (default: every budget)
+    noise_budgets: Annotated[list[Flops], Field(min_length=1)] | None = None
     # tune the learning rate at one budget only: runs at that budget try the whole `lrs` grid; every
     # other budget uses, per family and size, the learning rate that reached the lowest loss there
     lr_tune_budget: Flops | None = None
@@ -267,7 +387,7 @@ class LadderConfig(_Strict):
     # are planned as skipped ("window"). Budgets and families not named train every size; the
     # lr_tune_budget must train every size (it tunes their learning rates)
     budget_sizes: dict[str, Annotated[list[Params], Field(min_length=1)] |
-                       dict[Family, Annotated[list[Params], Field(min_length=1)]]] | None = None
+                       dict[str, Annotated[list[Params], Field(min_length=1)]]] | None = None
     data: DataConfig = DataConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelDefaults = ModelDefaults()
@@ -286,6 +406,14 @@ class LadderConfig(_Strict):
     @classmethod
     def _name(cls, value):
         return value if value is None else _plain_name(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_families(cls, data):
+        # no `families` key: every built-in family and every plugin family the config defines
+        if isinstance(data, dict) and "families" not in data and isinstance(data.get("custom_families"), dict):
+            return {**data, "families": [*FAMILIES, *data["custom_families"]]}
+        return data
 
     @field_validator("budget_sizes", mode="before")
     @classmethod
@@ -307,6 +435,10 @@ class LadderConfig(_Strict):
 
     @model_validator(mode="after")
     def _grid(self):
+        _check_custom_names(self.custom_families)
+        for i, fam in enumerate(self.families):
+            if fam not in FAMILIES and fam not in self.custom_families:
+                raise ValueError(f"families.{i}: {_unknown_family(fam, self.custom_families)}")
         if self.train.tokens is not None:
             raise ValueError("train.tokens: set by the ladder (budgets, steps or tokens); remove it")
         lengths = [k for k in ("budgets", "steps", "tokens") if getattr(self, k) is not None]
@@ -320,8 +452,13 @@ class LadderConfig(_Strict):
         if planned > limits.MAX_RUNS:       # before any loop over the points or the runs: no request hangs
             raise ValueError(f"the grid is {planned:,} runs (families x run lengths x sizes x learning rates x seeds "
                              f"x sweep points), more than {limits.MAX_RUNS:,}, ssmscale's bound (limits.py)")
-        if self.budgets is not None and len(set(self.budgets)) != len(self.budgets):
-            raise ValueError("budgets: duplicate entries")
+        for key in ("families", "seeds", "budgets", "sizes"):
+            values = getattr(self, key)
+            if values is not None and (twice := _repeated(values)) is not None:
+                raise ValueError(f"{key}: {twice} appears twice")
+        for key, values in (self.lrs.items() if isinstance(self.lrs, dict) else [("", self.lrs)]):
+            if (twice := _repeated(values)) is not None:
+                raise ValueError(f"lrs{'.' + key if key else ''}: {twice} appears twice")
         if len(set(self.noise_seeds)) != len(self.noise_seeds):
             raise ValueError("noise_seeds: duplicate entries")
         if set(self.noise_seeds) & set(self.seeds):
@@ -329,6 +466,12 @@ class LadderConfig(_Strict):
                              "of the seeds")
         if self.noise_seeds and self.budgets is None:
             raise ValueError("noise_seeds: only used with budgets (an IsoFLOP study)")
+        if self.noise_budgets is not None:
+            if not self.noise_seeds:
+                raise ValueError("noise_budgets: only used with noise_seeds")
+            stray = [c for c in self.noise_budgets if not any(math.isclose(c, b, rel_tol=1e-9) for b in self.budgets)]
+            if stray:
+                raise ValueError(f"noise_budgets: {stray[0]:g} is not one of the budgets")
         if self.widths is not None and len(set(self.widths)) != len(self.widths):
             raise ValueError("widths: duplicate entries")
         if self.width_layers is not None and self.widths is None:
@@ -351,6 +494,10 @@ class LadderConfig(_Strict):
             self._check_budget_sizes()
         for i, size in enumerate(self.sizes or []):
             if isinstance(size, ShapeSpec):
+                plugins = [f for f in self.families if f not in FAMILIES]
+                if plugins:
+                    raise ValueError(f"sizes.{i}: explicit shapes name built-in families only; size the plugin family "
+                                     f"{plugins[0]} by parameter count (sizes: [1e5, ...]) or widths")
                 missing = [f for f in self.families if getattr(size, f, None) is None]
                 if missing:
                     raise ValueError(f"sizes.{i}: no shape for family {missing[0]}")
@@ -389,6 +536,10 @@ class LadderConfig(_Strict):
                     raise ValueError(f"{where}: the lr_tune_budget trains every size (it tunes their learning "
                                      "rates)")
 
+    def mixers(self) -> dict[str, MixerSpec]:
+        """{plugin family: its MixerSpec} for the plugin families the ladder trains (describing, not importing)."""
+        return {name: c.spec() for name, c in self.custom_families.items() if name in self.families}
+
     def trains_size(self, budget, family: str, size) -> bool:
         """Whether `budget` trains `size` for `family` (budget_sizes; every size where it names none)."""
         for key, chosen in (self.budget_sizes or {}).items():
@@ -422,6 +573,16 @@ class LadderConfig(_Strict):
                 key = next((k for k in point if loc == k or loc.startswith(k + ".") or k.startswith(loc + ".")),
                            None)
                 raise ValueError(f"sweep.{key or loc}: {msg} (at the point {sweep.label(point)})") from None
+
+
+def _repeated(values: list):
+    """The first value of a list that an earlier one equals (numbers to 1e-9: budgets and sizes are floats
+    read from YAML), or None."""
+    for i, v in enumerate(values):
+        if any(_among(v, [w]) if isinstance(v, float) and isinstance(w, float) else v == w for w in values[:i]):
+            return f"{v:g}" if isinstance(v, float) else v.model_dump(exclude_none=True) if isinstance(
+                v, BaseModel) else v
+    return None
 
 
 def _among(x: float, values) -> bool:
@@ -481,8 +642,8 @@ def _error_parts(exc: ValidationError, schema: type[BaseModel] | None = None) ->
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
         # our validators name the field themselves ("field: message"); qualify it with the location
-        if ":" in msg:
-            field, rest = msg.split(":", 1)
+        field, sep, rest = msg.partition(":")
+        if sep and re.fullmatch(r"[\w.+=\-]+", field):
             loc = f"{loc}.{field}" if loc else field
             msg = rest.strip()
     if first["type"] == "extra_forbidden":
@@ -490,11 +651,11 @@ def _error_parts(exc: ValidationError, schema: type[BaseModel] | None = None) ->
         msg = "unknown key" + (f"; did you mean {'.'.join(loc.split('.')[:-1] + [nearest])}?" if nearest else "")
     elif first["type"] == "less_than_equal":       # only limits.py's bounds use le
         msg = (f"must be at most {first['ctx']['le']:g}, ssmscale's bound on what can exist (limits.py); "
-               f"got {first['input']!r}")
+               f"got {shorten(first['input'])}")
     elif first["type"] == "missing":
         msg = "required key is missing"
     elif "input" in first and not is_value_error and first["type"] != "model_type":
-        msg = f"{msg} (got {first['input']!r})"
+        msg = f"{msg} (got {shorten(first['input'])})"
     return loc, msg
 
 
@@ -502,11 +663,14 @@ def _error_parts(exc: ValidationError, schema: type[BaseModel] | None = None) ->
 EXECUTION_KEYS = {"num_threads": None, "progress": True}
 
 
-def config_hash(cfg: BaseModel) -> str:
+def config_hash(cfg: BaseModel, mixer_sha256: str | None = None) -> str:
     """Hash of the resolved config with the execution settings at their defaults (so a run resumed or
-    rerun with another thread count keeps its identity; hashes of default configs are unchanged)."""
+    rerun with another thread count keeps its identity; hashes of default configs are unchanged). A plugin
+    family's run hashes its mixer file's sha256 with it: the same config over changed code is another run."""
     from ..provenance import stable_hash
     d = cfg.model_dump(mode="json")
     if isinstance(d.get("train"), dict):
         d["train"].update(EXECUTION_KEYS)
+    if mixer_sha256 is not None:
+        d["mixer_sha256"] = mixer_sha256
     return stable_hash(d)

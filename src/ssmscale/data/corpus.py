@@ -47,6 +47,16 @@ from ..provenance import stable_hash
 SPLIT_RULE = "sha256(id)[:8] < val_fraction, v1"
 CHUNK_RULE = "pieces of at most {n} bytes ending at a paragraph end, else a line end; id '<doc>#<k>'"
 AUTO_CHUNK_BYTES = 4096
+
+
+def split_key(corpus_fingerprint: str, val_fraction: float, chunk_bytes: int | None = None) -> str:
+    """The key of a corpus split under SPLIT_RULE (a run's result records every input, so export finds its BPE)."""
+    key = {"corpus": corpus_fingerprint, "val_fraction": val_fraction, "rule": SPLIT_RULE}
+    if chunk_bytes is not None:          # (keys of corpora read whole are unchanged)
+        key["chunks"] = CHUNK_RULE.format(n=chunk_bytes)
+    return stable_hash(key)
+
+
 _EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 _FILE_KINDS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -99,10 +109,7 @@ class Corpus:
     @property
     def split_key(self) -> str:
         """Names this corpus with this split: what a tokenizer trained on the training side depends on."""
-        key = {"corpus": self.fingerprint, "val_fraction": self.val_fraction, "rule": SPLIT_RULE}
-        if self.chunk_bytes is not None:     # (keys of corpora read whole are unchanged)
-            key["chunks"] = CHUNK_RULE.format(n=self.chunk_bytes)
-        return stable_hash(key)
+        return split_key(self.fingerprint, self.val_fraction, self.chunk_bytes)
 
     def describe(self) -> dict:
         out = {"source": self.source, "corpus": self.label, "corpus_bytes": self.n_bytes,
@@ -110,7 +117,7 @@ class Corpus:
                "max_bytes": self.max_bytes, "split_rule": SPLIT_RULE,
                "corpus_fingerprint": self.fingerprint}
         if self.chunking:
-            out["chunking"] = self.chunking
+            out["chunking"], out["chunk_bytes"] = self.chunking, self.chunk_bytes
         return out
 
     # ----------------------------------------------------------------------------------------

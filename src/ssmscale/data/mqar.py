@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import limits
 from ..config import MQARConfig
 from ..errors import UserError
 from ..provenance import stable_hash
@@ -64,6 +65,10 @@ class MQARData:
         self.corpus_fingerprint = self.fingerprint
         self.corpus_bytes = 0
         self.n_val_examples = max(1, eval_tokens // seq_len)
+        if self.n_val_examples > limits.MAX_EVAL_EXAMPLES:     # each is generated in Python: bounded
+            raise UserError(f"train.eval_tokens: {eval_tokens:,} tokens are {self.n_val_examples:,} validation "
+                            f"examples of {seq_len} tokens; at most {limits.MAX_EVAL_EXAMPLES:,} are generated "
+                            f"(limits.py): lower it to {limits.MAX_EVAL_EXAMPLES * seq_len:,} or less")
         self.n_train_tokens = cfg.num_examples * seq_len
         self.n_val_tokens = self.n_val_examples * seq_len
 

@@ -68,12 +68,13 @@ class BPETokenizer:
     """A trained byte-level BPE (HF tokenizers); `vocab_size` is the size asked for, which a small
     corpus may not fill (ids stay below it either way)."""
 
-    def __init__(self, tok, vocab_size: int, path: Path):
+    def __init__(self, tok, vocab_size: int, path: Path, raw: bytes):
         self._tok = tok
         self.path = path
+        self.text = raw.decode("utf-8")     # the JSON it was loaded from (export writes these very merges)
         self.name = f"bpe-{vocab_size}"
         self.vocab_size = vocab_size
-        self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        self.sha256 = hashlib.sha256(raw).hexdigest()
         self._pieces = [""] * vocab_size
         for piece, i in tok.get_vocab().items():
             self._pieces[i] = piece
@@ -111,22 +112,32 @@ def load_tokenizer(cfg: TokenizerConfig, corpus: Corpus, cache_root: Path, progr
     """The byte tokenizer, or the BPE for this corpus split and size: loaded if cached, else trained."""
     if cfg.kind == "byte":
         return ByteTokenizer()
-    path = cache_root / "tokenizers" / f"bpe-{cfg.vocab_size}-{corpus.split_key}.json"
+    path = bpe_path(cache_root, cfg.vocab_size, corpus.split_key)
     if path.exists():
         try:
-            return _load_bpe(path, cfg.vocab_size)
+            return load_bpe(path, cfg.vocab_size)
         except Exception as exc:  # noqa: BLE001 - tokenizers reports a bad file as a plain Exception
             print(f"retraining unreadable BPE tokenizer at {path} ({type(exc).__name__})", file=sys.stderr)
     _train_bpe(corpus, cfg.vocab_size, path, progress)
-    return _load_bpe(path, cfg.vocab_size)
+    return load_bpe(path, cfg.vocab_size)
 
 
-def _load_bpe(path: Path, vocab_size: int) -> BPETokenizer:
+def bpe_path(cache_root: Path, vocab_size: int, split_key: str) -> Path:
+    """Where the BPE of this size trained on this corpus split is cached."""
+    return cache_root / "tokenizers" / f"bpe-{vocab_size}-{split_key}.json"
+
+
+def load_bpe(path: Path, vocab_size: int) -> BPETokenizer:
+    """The BPE cached at `path`, read once through safeload (a regular file of at most CAPS["json"] bytes:
+    a FIFO or a huge file there is refused, FileRefused, not waited on) and hashed from those same bytes."""
     from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(str(path))
+
+    from ..safeload import CAPS, read_bytes
+    raw = read_bytes(path, CAPS["json"])
+    tok = Tokenizer.from_str(raw.decode("utf-8"))
     if tok.get_vocab_size() > vocab_size or any(tok.token_to_id(c) is None for c in BYTE_CHARS):
         raise ValueError("not a byte-level BPE of this size")
-    return BPETokenizer(tok, vocab_size, path)
+    return BPETokenizer(tok, vocab_size, path, raw)
 
 
 def _train_bpe(corpus: Corpus, vocab_size: int, path: Path, progress: bool) -> None:

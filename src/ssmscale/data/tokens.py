@@ -15,7 +15,6 @@ file; anything wrong means one line on stderr and a rebuild.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -116,12 +115,13 @@ class TokenData:
 
     def _verify(self, folder: Path) -> tuple[dict | None, str]:
         """(meta, "") when `folder` holds a complete cache for this corpus and tokenizer, else (None, why)."""
+        from ..safeload import FileRefused, read_json
         try:
-            meta = json.loads((folder / "meta.json").read_text())
+            meta = read_json(folder / "meta.json")
         except FileNotFoundError:
             return None, "meta.json missing"
-        except (OSError, ValueError):
-            return None, "meta.json unreadable"
+        except FileRefused as exc:
+            return None, f"meta.json unreadable: {str(exc).split(': ', 1)[-1]}"
         try:
             if (meta["format"], meta["fingerprint"], meta["tokenizer_sha256"]) != \
                     (FORMAT_VERSION, self.fingerprint, self.tokenizer.sha256):

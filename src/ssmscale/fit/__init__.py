@@ -4,11 +4,14 @@ crossover, loss against training time, seed noise, and backtests that say how fa
 Modules: runs (CSV in, cleaning, one family as arrays), laws (the log-sum-exp Huber objective and multi-start
 L-BFGS), frontier, approach1, approach2, approach3, wallclock (one per law), crossover, bootstrap, seeds (seed
 spread beside family gaps), backtest (hold out the largest budgets, predict them), calibration (prediction
-intervals calibrated on the backtests' errors), pipeline (fit everything, write fit.json), text (the printed
-summary and notes). `ssmscale.fit` re-exports the public names below.
+intervals calibrated on the backtests' errors), multiplier (the compute multiplier against a baseline family),
+sanity (flags a law's numbers cannot hide), decision (laws against the single-scale baseline at ranking families),
+forecast (pre-registered forecasts and their scores),
+pipeline (fit everything, write fit.json), text (the printed summary and notes). `ssmscale.fit` re-exports the public names below.
 
 Everything here is a pure function of a table of runs (params N, tokens D, flops C, loss L, family,
-IsoFLOP group), except `load_runs` (reads a CSV) and `fit_study` / `fit_path` (read, fit, write fit.json).
+IsoFLOP group), except `load_runs` (reads a CSV), `fit_study` / `fit_path` (read, fit, write fit.json) and
+forecast.py (writes a study's forecasts/, reads them back with the runs' result.json and git to score them).
 
 Fits (all losses in nats/token, N = non-embedding parameters, C = training FLOPs):
 - frontier:   L(C) = E + A * C^-alpha on the best run of each IsoFLOP budget, fitted as
@@ -37,6 +40,9 @@ Fits (all losses in nats/token, N = non-embedding parameters, C = training FLOPs
               ARE and interval coverage, FLAGS where a law did not extrapolate (see backtest.py).
 - calibration: prediction intervals from the backtests' own errors, growing with the distance extrapolated
               (see calibration.py); the calibration table compares them with the bootstrap's.
+- multiplier: each family's compute multiplier against a baseline family (the transformer by default),
+              k(C) = C_base(L_fam(C)) / C from the frontiers, per budget with intervals, its trend with C and
+              its backtest (see multiplier.py).
 
 Bootstrap: resample runs with replacement within each family and within each IsoFLOP group (so every
 budget keeps its number of runs), and the seeds of every run trained with several (drawn with replacement,
@@ -97,21 +103,34 @@ fit.json (written by `fit_path` / `fit_study`):
   "backtest":  {"mode": "budgets" | "threshold" | "off", "reason" (off), "holdout_above" (threshold),
                 "pairs": [{"families", "held_out": [{"k", "budget", "observed_gap", "observed_lower",
                            "frontier" | "parametric": {"gap": Q, "predicted_lower", "order_matches", "gap_covered"}}]}]},
+  "decision":  {"rows": [{"families", "k", "budget", "observed_lower", "frontier" | "parametric": {"lower", "right"},
+                 "baseline": {"reference_budget", "lower", "right"}}], "summary": {predictor: {"right", "n"}},
+                "statement"},                         # decision.py: laws against the single-scale baseline
   "calibration": {"mode": "budgets" | "threshold" | "off", "ci", "reason" (off),
                   "models": {approach: {quantity: M}},    # calibrated on every backtest error: what forecasts use
                   "table": [{"approach", "quantity", "nominal", "bootstrap": C, "calibrated": C}],
-                  "inner_errors" (threshold): [{"family", "cut", "e", "d", "s0", "spread"}]}
+                  "inner_errors" (threshold): [{"family", "cut", "e", "d", "s0", "spread"}]},
+  "multiplier": {"baseline", "definition", "skipped" (no baseline fit), "families": {name: {
+                 "budgets": [P], "largest": P, "trend": {"exponent": Q, "verdict": "growing" | "flat" | "shrinking" |
+                 "undetermined", "n_budgets", "resamples"}, "backtest": {"budget", "predicted": K, "observed", "are",
+                 "covered", "fit_range"} or {"skipped"}, "curve": {"flops", "k", "lo", "hi", "extrapolated"}}
+                 or {"skipped": reason}}}
 }
 Each V also holds "distance" (decades beyond the largest fitted budget or run), "s0" (the refit's in-sample
 scatter), "spread" (the prediction's bootstrap spread) and "calibrated": {"lo", "hi", "covered", "n_cal",
 "method"}; summaries add "calibrated": {"covered", "checked"}; threshold backtests add "inner_cuts", "s0".
-Every fitted approach block holds "collapsed": [quantities whose bootstrap interval has zero width].
+Every fitted approach block holds "collapsed": [quantities whose bootstrap interval has zero width]; every
+family "sanity": [{"approach", "kind", "message"}] (sanity.py: E above an observed loss, a law above the data
+at the largest budgets, an exponent at the edge of its search).
 M = {"n", "s0", "sigma", "tau", "center", "lean_p", "q", "method"} or {"n", "skipped"} (calibration.py).
 C = {"checked", "covered", "median_abs_error", "median_width", "width_ratio"} (log scale).
+(settings also holds "baseline"; fit.json files written before the multiplier existed lack both keys.)
 No timings: they are printed, so refitting the same data on the same machine rewrites the same bytes.
 Q = {"value": float, "lo": float | null, "hi": float | null}: point estimate and percentile interval.
 B = {"resamples", "ok", "failed", "failure_reasons": {reason: count}}.
 V = {"predicted": Q, "observed", "are", "covered"}: a backtest prediction against the held-out observation.
+K = Q + {"unreachable": bool} (k unbounded: the baseline's frontier never reaches that loss; then value is null);
+P = {"budget", "loss", "c_baseline", "k": K, "extrapolated"}: the multiplier at one budget.
 """
 
 from .approach1 import fit_approach1
@@ -121,14 +140,16 @@ from .bootstrap import APPROACHES, QUANTITIES, default_jobs
 from .crossover import CROSSOVER_SEARCH_FACTOR, find_crossings
 from .frontier import fit_frontier, frontier_loss, frontier_points
 from .laws import CHINCHILLA_GRID, HUBER_DELTA, Skip, lse_huber, multistart_fit
+from .multiplier import DEFAULT_BASELINE, fit_multipliers
 from .pipeline import (DEFAULT_CI, DEFAULT_N_BOOT, FIGURE_EXTRAPOLATION, FLOPS_CONVENTION, fit_json, fit_path,
                        fit_runs, fit_study, is_default_fit, json_safe)
 from .runs import MIN_RUNS_PER_BUDGET, FamilyRuns, LoadedRuns, load_runs, parse_column_mapping
-from .text import E_UNIDENTIFIED, fit_notes, fmt_value, format_fit, quantity_rows
+from .text import E_UNIDENTIFIED, fit_notes, fmt_k, fmt_value, format_fit, multiplier_lines, quantity_rows
 from .wallclock import fit_wallclock
 
 __all__ = [
-    "APPROACHES", "CHINCHILLA_GRID", "CROSSOVER_SEARCH_FACTOR", "DEFAULT_CI", "DEFAULT_N_BOOT", "E_UNIDENTIFIED",
+    "APPROACHES", "CHINCHILLA_GRID", "CROSSOVER_SEARCH_FACTOR", "DEFAULT_BASELINE", "DEFAULT_CI", "DEFAULT_N_BOOT",
+    "E_UNIDENTIFIED", "fit_multipliers", "fmt_k", "multiplier_lines",
     "FIGURE_EXTRAPOLATION", "FLOPS_CONVENTION", "HUBER_DELTA", "MIN_RUNS_PER_BUDGET", "QUANTITIES", "FamilyRuns",
     "LoadedRuns", "Skip", "default_jobs", "find_crossings", "fit_approach1", "fit_approach2", "fit_frontier", "fit_json", "fit_notes",
     "fit_parametric", "fit_path", "fit_runs", "fit_study", "fit_wallclock", "fmt_value", "format_fit", "frontier_loss",

@@ -181,8 +181,11 @@ def budget_backtest(families: dict, *, delta, grid, pool, n_jobs, n_boot, seed, 
                               for approach in BACKTESTED for what, v in row.get(approach, {}).items()
                               if isinstance(v, dict) and _covered(v) is False]
             block["summary"] = _summary(block["holdouts"])
+    # the frontier refits themselves, for the compute multiplier's backtest (multiplier.py; not in fit.json)
+    refits = {(name, k): {"point": point[key]["frontier"], "samples": [s[key].get("frontier") for s in samples]}
+              for key, (name, k, _, _) in splits.items()}
     return {"families": out, "pairs": _pairs(families, preds, ci),
-            "calibration": {"mode": "budgets", "models": models, "table": table}}
+            "calibration": {"mode": "budgets", "models": models, "table": table}, "refits": refits}
 
 
 def scatter(approach: str, fit: dict, runs: FamilyRuns) -> dict:
@@ -387,8 +390,8 @@ def threshold_backtest(families: dict, threshold: float, *, delta, grid, pool, n
     table = [_table_row("parametric", "run_loss", all_runs, ci)] if all_runs else []
     return {"families": out, "pairs": [],
             "calibration": {"mode": "threshold", "models": {"parametric": {"run_loss": model}}, "table": table,
-                            "inner_errors": [{"family": r.group[0], "cut": r.group[1], "e": r.e, "d": r.d,
-                                              "s0": r.s0, "spread": r.b} for r in records]}}
+                            "inner_errors": [{"family": r.group[0], "cut": r.group[1], "run": r.target, "e": r.e,
+                                              "d": r.d, "s0": r.s0, "spread": r.b} for r in records]}}
 
 
 def _inner_records(kept_runs: dict, *, delta, grid, pool, n_jobs, n_boot, seed, progress) -> tuple[list, dict]:
@@ -423,7 +426,8 @@ def _inner_records(kept_runs: dict, *, delta, grid, pool, n_jobs, n_boot, seed, 
         laws = np.array([parametric_loss(s[key]["parametric"], above.params, above.tokens) for s in samples
                          if isinstance(s[key].get("parametric"), dict)]).reshape(-1, len(above))
         top = float(fitted.flops.max())
+        runs = np.flatnonzero(~below)          # each run's index among the kept: one observation, several cuts
         records += [calibration.Record(math.log(above.loss[i] / pred[i]), max(0.0, math.log10(above.flops[i] / top)),
-                                       s0, calibration.log_spread(laws[:, i]), None, (name, cut))
+                                       s0, calibration.log_spread(laws[:, i]), int(runs[i]), (name, cut))
                     for i in range(len(above))]
     return records, cuts

@@ -22,7 +22,8 @@ budget (or run) the law was fitted on. The error model is
   quantile (the ceil((n + 1) ci)-th smallest |z|, finite-sample coverage whatever the error distribution)
   when there are enough records for it (n >= ci / (1 - ci), 19 at 95%), else a Student-t prediction
   quantile of the normalised errors. The interval is centred on the point prediction unless a sign test
-  says the errors lean one way (two-sided p < SIGN_TEST_P) and no family's errors lean the other way: then
+  over the observations predicted says the errors lean one way (two-sided p < SIGN_TEST_P) and no family's
+  errors lean the other way: then
   it is centred on the median z, which makes it lopsided around the prediction in the direction the
   evidence shows, growing with s.
 
@@ -41,7 +42,8 @@ import numpy as np
 from scipy.stats import binomtest, t as student_t
 
 MIN_RECORDS = 4          # fewer backtest errors than this calibrate nothing
-SIGN_TEST_P = 0.05       # errors lean one way when a two-sided sign test rejects at this level
+SIGN_TEST_P = 0.01       # errors lean one way when a two-sided sign test rejects at this level (strict:
+                         # observations predicted by the same refits are not independent)
 LOG_BOUND = -20.0        # sigma and tau below exp(-20) are 0
 SCALE_FLOOR = 1e-4       # s(d) never below this (a fit through every point has s0 = 0)
 
@@ -113,16 +115,7 @@ def calibrate(records: list[Record], ci: float) -> dict:
     s0 = float(np.median([r.s0 for r in records]))
     sigma, tau = _fit_sigma_tau(e, d, b, s0)
     z = e / np.array([scale(s0, sigma, bi, di, tau) for bi, di in zip(b, d)])
-    positive = int((z > 0).sum())
-    lean_p = binomtest(positive, int((z != 0).sum()), 0.5).pvalue if (z != 0).any() else 1.0
-    center = float(np.median(z))
-    # a lean counts only when it is significant and no family's errors lean the other way (a family-specific
-    # bias is not evidence about the others' predictions)
-    families = {r.group[0] if isinstance(r.group, tuple) else r.group for r in records}
-    medians = [float(np.median(z[[(r.group[0] if isinstance(r.group, tuple) else r.group) == f for r in records]]))
-               for f in families]
-    if lean_p >= SIGN_TEST_P or any(m * center < 0 for m in medians):
-        center = 0.0
+    center, lean_p = _lean(records, z)
     r = np.abs(z - center)
     k = math.ceil((n + 1) * ci)
     if k <= n:
@@ -132,7 +125,30 @@ def calibrate(records: list[Record], ci: float) -> dict:
         sd = math.sqrt(float((r ** 2).sum()) / dof)
         q = float(student_t.ppf(0.5 + ci / 2, dof) * sd * math.sqrt(1 + 1 / n))
         method = f"Student-t ({n} errors, conformal needs {math.ceil(ci / (1 - ci))})"
-    return {"n": n, "s0": s0, "sigma": sigma, "tau": tau, "center": center, "lean_p": float(lean_p), "q": q, "method": method}
+    return {"n": n, "s0": s0, "sigma": sigma, "tau": tau, "center": center, "lean_p": lean_p, "q": q, "method": method}
+
+
+def _family(r: Record):
+    return r.group[0] if isinstance(r.group, tuple) else r.group
+
+
+def _lean(records: list[Record], z: np.ndarray) -> tuple[float, float]:
+    """(centre, sign-test p) of the normalised errors. One observation predicted by several refits is one piece
+    of evidence, so the test runs over observations (family and target; the mean z of each), not records. A
+    lean counts only when significant and no family's errors lean the other way (a family-specific bias is
+    not evidence about the others' predictions); otherwise the centre is 0."""
+    units: dict = {}
+    for i, r in enumerate(records):
+        units.setdefault((_family(r), r.target) if r.target is not None else i, []).append(i)
+    zu = np.array([z[ix].mean() for ix in units.values()])
+    fam = [_family(records[ix[0]]) for ix in units.values()]
+    nonzero = int((zu != 0).sum())
+    lean_p = float(binomtest(int((zu > 0).sum()), nonzero, 0.5).pvalue) if nonzero else 1.0
+    center = float(np.median(zu))
+    medians = [float(np.median(zu[[g == f for g in fam]])) for f in set(fam)]
+    if lean_p >= SIGN_TEST_P or any(m * center < 0 for m in medians):
+        return 0.0, lean_p
+    return center, lean_p
 
 
 def interval(pred: float | None, d: float, b: float, model: dict) -> tuple[float | None, float | None]:
@@ -142,11 +158,6 @@ def interval(pred: float | None, d: float, b: float, model: dict) -> tuple[float
         return None, None
     s = scale(model["s0"], model["sigma"], b, d, model["tau"])
     return pred * math.exp((model["center"] - model["q"]) * s), pred * math.exp((model["center"] + model["q"]) * s)
-
-
-def cross_fitted(records: list[Record], ci: float) -> list[dict]:
-    """Per record: the model calibrated on the records of other targets and other fits."""
-    return [calibrate([o for o in records if o.target != r.target and o.group != r.group], ci) for r in records]
 
 
 def coverage_row(entries: list[dict]) -> dict:

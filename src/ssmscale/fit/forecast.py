@@ -32,6 +32,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..fsutil import check_writable_dir
+from ..provenance import source_commit
+from ..safeload import FileRefused, read_json, read_result
+from . import calibration
+from .approach2 import budget_vertex
+from .approach3 import parametric_allocation, parametric_loss
+from .bootstrap import _interval
+from .frontier import frontier_loss
+from .pipeline import fit_runs, json_safe
+from .runs import load_runs
 
 FORECAST_DIR = "forecasts"
 SCHEMA = 1
@@ -61,8 +71,6 @@ def make_forecast(study, budgets: list[float], *, n_boot: int, seed: int, n_jobs
                   progress: bool = True, parametric_grid=None) -> tuple[dict, Path]:
     """Fit the study, predict `budgets`, write the forecast file; returns (forecast, path).
     `parametric_grid` as in fit_runs (tests use a smaller one for speed)."""
-    from . import fit_runs, load_runs
-    from ..fsutil import check_writable_dir
     study = Path(study)
     if not (study / "results.csv").is_file():
         raise UserError(f"{study}: not a study directory (no results.csv in it)")
@@ -76,17 +84,16 @@ def make_forecast(study, budgets: list[float], *, n_boot: int, seed: int, n_jobs
                         f"{study / 'results.csv'}: a forecast is made before the runs exist")
     out_dir = study / FORECAST_DIR
     check_writable_dir(out_dir, "forecast folder")     # before the fit, which takes minutes
+    commit, now = source_commit(), datetime.now(timezone.utc)    # the code and the time the forecast starts from
     result = fit_runs(loaded, n_boot=n_boot, seed=seed, n_jobs=n_jobs, progress=progress, keep_samples=True,
                       parametric_grid=parametric_grid)
-    body = forecast_body(result, budgets, study.name)
+    body = forecast_body(result, budgets, study.name, now, commit)
     return body, write_forecast(out_dir, body)
 
 
-def forecast_body(result: dict, budgets: list[float], study: str, now: datetime | None = None) -> dict:
-    """The forecast, from a fit_runs result made with keep_samples."""
-    from . import json_safe
-    from ..provenance import source_commit
-    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+def forecast_body(result: dict, budgets: list[float], study: str, now: datetime, commit: str) -> dict:
+    """The forecast, from a fit_runs result made with keep_samples, by the code at `commit` at time `now`."""
+    now = now.astimezone(timezone.utc)
     models = result["calibration"].get("models", {})
     families = {}
     for name, point in result["point"].items():
@@ -97,7 +104,7 @@ def forecast_body(result: dict, budgets: list[float], study: str, now: datetime 
             for c in budgets]}
     body = {"schema": SCHEMA, "kind": "ssmscale forecast", "study": study,
             "made_at": now.isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "source_commit": source_commit(),
+            "source_commit": commit,
             "results": {"sha256": result["source"]["sha256"], "rows_read": result["source"]["rows_read"],
                         "runs_fitted": sum(f["n_runs"] for f in result["families"].values())},
             "settings": {k: result["settings"][k] for k in ("n_boot", "seed", "ci", "parametric_grid")},
@@ -118,8 +125,6 @@ def _largest_budget(point: dict, fam: dict) -> float:
 
 def predict(approach: str, quantity: str, law: dict, c: float) -> float | None:
     """One law's prediction at budget c (None where the law has no such prediction)."""
-    from . import frontier_loss, parametric_allocation
-    from .approach3 import parametric_loss
     if not isinstance(law, dict) or "skipped" in law:
         return None
     with np.errstate(all="ignore"):
@@ -134,8 +139,6 @@ def predict(approach: str, quantity: str, law: dict, c: float) -> float | None:
 
 
 def _predictions(point: dict, samples: list, c: float, distance: float, models: dict, ci: float) -> dict:
-    from . import calibration
-    from .bootstrap import _interval
     out: dict = {"budget": c, "distance": distance}
     for approach, quantity in PREDICTED:
         value = predict(approach, quantity, point.get(approach), c)
@@ -146,8 +149,11 @@ def _predictions(point: dict, samples: list, c: float, distance: float, models: 
         model = models.get(approach, {}).get(quantity, {"skipped": "no backtest to calibrate on"})
         lo, hi = calibration.interval(value, distance, spread, model)
         law_lo, law_hi = _interval(boot, ci)
+        # centre: the middle of the calibrated interval (in log), off the law's value where its backtest
+        # errors lean one way: the law's prediction corrected for the bias its backtests showed
         out.setdefault(approach, {})[quantity] = {
-            "value": value, "lo": lo, "hi": hi, "law_lo": law_lo, "law_hi": law_hi, "spread": spread,
+            "value": value, "centre": None if lo is None else math.sqrt(lo * hi), "lo": lo, "hi": hi,
+            "law_lo": law_lo, "law_hi": law_hi, "spread": spread,
             "calibration": model.get("method", model.get("skipped"))}
     return out
 
@@ -205,11 +211,7 @@ def forecast_lines(body: dict, path: Path) -> list[str]:
              f"(results.csv sha256 {body['results']['sha256'][:12]}, {body['results']['runs_fitted']} runs fitted)"]
     for name, fam in body["families"].items():
         for p in fam["predictions"]:
-            bits = [f"{_label(a, q)} {_fmt(v['value'])} " + (
-                        f"[{_fmt(v['lo'])}, {_fmt(v['hi'])}]" if v["lo"] is not None else
-                        f"(not calibrated: {v['calibration']}; the law's bootstrap interval alone "
-                        f"[{_fmt(v['law_lo'])}, {_fmt(v['law_hi'])}])")
-                    for a, q in PREDICTED if (v := p.get(a, {}).get(q))]
+            bits = [f"{_label(a, q)} {_shown(v)}" for a, q in PREDICTED if (v := p.get(a, {}).get(q))]
             lines.append(f"  {name} at {p['budget']:.3g} FLOPs ({p['distance']:.2f} decades beyond its largest "
                          f"budget): " + "; ".join(bits))
     for row in body["order"]:
@@ -224,6 +226,16 @@ def forecast_lines(body: dict, path: Path) -> list[str]:
     return lines
 
 
+def _shown(v: dict) -> str:
+    """A prediction, its interval, and its centre where the backtests moved it off the law's value."""
+    if v["lo"] is None:
+        return (f"{_fmt(v['value'])} (not calibrated: {v['calibration']}; the law's bootstrap interval alone "
+                f"[{_fmt(v['law_lo'])}, {_fmt(v['law_hi'])}])")
+    leans = abs(v["centre"] / v["value"] - 1) > 1e-9
+    return (f"{_fmt(v['value'])} " + (f"(centre {_fmt(v['centre'])}: its backtests lean) " if leans else "")
+            + f"[{_fmt(v['lo'])}, {_fmt(v['hi'])}]")
+
+
 def _label(approach: str, quantity: str) -> str:
     return {"frontier": "frontier", "parametric": "Approach 3", "approach2": "Approach 2"}[approach] + \
         (" best loss" if quantity == "loss" else " N_opt")
@@ -236,11 +248,12 @@ def _fmt(x) -> str:
 # ---------------------------------------------------------------------------------------------------
 # reading and scoring
 
-def read_forecast(path: Path) -> dict:
-    """A forecast file, checked: strict JSON of this tool's shape whose sha256 matches its contents."""
+def read_forecast(path: Path, within: Path | None = None) -> dict:
+    """A forecast file, checked: strict JSON of this tool's shape whose sha256 matches its contents (read
+    through safeload: a regular file of bounded size, with `within` from inside that folder only)."""
     from ..safeload import FileRefused, read_json
     try:
-        body = read_json(path)
+        body = read_json(path, within)
     except (FileRefused, FileNotFoundError) as exc:
         raise UserError(str(exc)) from None
     if not isinstance(body, dict) or body.get("schema") != SCHEMA or body.get("kind") != "ssmscale forecast":
@@ -266,11 +279,18 @@ def score_forecasts(study: Path, loaded) -> list[dict]:
     folder = study / FORECAST_DIR
     if not folder.is_dir():
         return []
-    return [score_forecast(study, path, read_forecast(path), loaded) for path in sorted(folder.glob("forecast-*.json"))]
+    scores = []
+    for path in sorted(folder.glob("forecast-*.json")):
+        body = read_forecast(path, within=study)
+        try:
+            scores.append(score_forecast(study, path, body, loaded))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError):
+            # its sha256 matches (anyone can compute one), but it is not what make_forecast writes
+            raise UserError(f"{path}: not a forecast of this tool (wrong shape)") from None
+    return scores
 
 
 def score_forecast(study: Path, path: Path, body: dict, loaded) -> dict:
-    from .approach2 import budget_vertex
     table = loaded.table
     scored, observed = [], {}
     for name, fam in body["families"].items():
@@ -315,13 +335,12 @@ def score_forecast(study: Path, path: Path, body: dict, loaded) -> dict:
 def _came_first(study: Path, path: Path, made_at: str, run_ids: list[str]) -> dict:
     """Whether the forecast predates the runs it is scored on: their finish times in result.json, and in git
     the commit adding the forecast against the commits adding the runs' results."""
-    from ..safeload import read_result
     if not run_ids:
         return {"verdict": None, "statement": "no runs at these budgets yet"}
     made = datetime.fromisoformat(made_at.replace("Z", "+00:00"))
     finished, unknown = [], []
     for run_id in run_ids:
-        res = read_result(study / "runs" / run_id / "result.json")[0] or {}
+        res = read_result(study / "runs" / run_id / "result.json", within=study)[0] or {}
         try:
             finished.append(datetime.fromisoformat(str(res["finished_at"]).replace("Z", "+00:00")))
         except (KeyError, ValueError):
@@ -369,6 +388,25 @@ def _git_order(study: Path, path: Path, run_ids: list[str]) -> bool | None:
         if c == fc or _git(study, "merge-base", "--is-ancestor", fc, c) is None:
             return False
     return True
+
+
+def summary_line(score: dict) -> str:
+    """One line for the report's Summary: how a forecast on file did, or that it waits for its runs."""
+    head = f"forecast {Path(score['path']).name} (made {score['made_at']} from commit `{score['source_commit'][:12]}`)"
+    if score["pending"]:
+        return f"{head}: pending, no runs at {', '.join(f'{c:.3g}' for c in score['budgets'])} FLOPs yet"
+    parts = []
+    for approach, quantity in PREDICTED:
+        got = [v["inside"] for e in score["families"] for v in e["scores"]
+               if (v["approach"], v["quantity"]) == (approach, quantity) and v["inside"] is not None]
+        ares = [v["are"] for e in score["families"] for v in e["scores"] if (v["approach"], v["quantity"]) == (approach, quantity)]
+        if ares:
+            parts.append(f"{_label(approach, quantity)} mean ARE {np.mean(ares):.1%}, {sum(got)}/{len(got)} inside")
+    for approach in ORDERED:
+        right = [o[approach]["right"] for o in score["order"] if approach in o]
+        if right:
+            parts.append(f"{approach} order right {sum(right)}/{len(right)}")
+    return f"{head}: " + "; ".join(parts) + f"; {score['came_first']['statement']}"
 
 
 def score_lines(scores: list[dict]) -> list[str]:

@@ -33,7 +33,10 @@ from .bootstrap import (
 from .crossover import CROSSOVER_SEARCH_FACTOR, _crossovers
 from .frontier import frontier_loss
 from .laws import HUBER_DELTA, _one_blas_thread
+from .multiplier import DEFAULT_BASELINE, fit_multipliers
 from .runs import MIN_RUNS_PER_BUDGET, FamilyRuns, LoadedRuns, load_runs
+from .decision import decision_accuracy
+from .sanity import sanity_flags
 from .seeds import seed_gaps, seed_noise
 from .text import format_fit
 
@@ -50,11 +53,13 @@ BY_BUDGET_COLUMN = "IsoFLOP groups from the budget column"
 def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED, ci: float = DEFAULT_CI,
              n_jobs: int | None = None, progress: bool = True, delta: float = HUBER_DELTA,
              parametric_grid: np.ndarray | None = None, backtest: bool = True,
-             holdout_above: float | None = None, keep_samples: bool = False) -> dict:
-    """Fit every family of a cleaned table of runs, bootstrap the intervals, backtest; returns the fit.json
-    dict plus "timing" (wall and CPU seconds, which fit.json leaves out: its bytes depend on the data only)
-    and, with `keep_samples`, "samples": every resample's fits ({family: {approach: fit or why not}}) and
-    "point": the full-data fits, which forecasts predict from.
+             holdout_above: float | None = None, keep_samples: bool = False,
+             baseline: str = DEFAULT_BASELINE) -> dict:
+    """Fit every family of a cleaned table of runs, bootstrap the intervals, backtest, and state each family's
+    compute multiplier against `baseline` (multiplier.py); returns the fit.json dict plus "timing" (wall and
+    CPU seconds, which fit.json leaves out: its bytes depend on the data only) and, with `keep_samples`,
+    "samples": every resample's fits ({family: {approach: fit or why not}}) and "point": the full-data fits,
+    which forecasts predict from.
 
     `parametric_grid` replaces the 4,500-point Chinchilla grid (tests use a smaller one for speed).
     Backtest: with `holdout_above`, Approach 3 fitted on the runs at or below that many FLOPs predicts the
@@ -103,6 +108,7 @@ def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DE
             out_families[name][approach] = _summarise(approach, point[name][approach],
                                                       [s[name].get(approach) for s in samples], ci)
         out_families[name]["seed_noise"] = seed_noise(runs)
+        out_families[name]["sanity"] = sanity_flags(point[name], runs)
         if tested is not None:
             out_families[name]["backtest"] = tested["families"][name]
     return {
@@ -121,16 +127,21 @@ def fit_runs(loaded: LoadedRuns, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DE
                      "warm_starts": f"bootstrap fits start L-BFGS from the point estimate and up to "
                                     f"{N_WARM_STARTS - 1} other distinct local minima of the full-data grid",
                      "crossover_search_factor": CROSSOVER_SEARCH_FACTOR,
-                     "min_runs_per_budget": MIN_RUNS_PER_BUDGET},
+                     "min_runs_per_budget": MIN_RUNS_PER_BUDGET, "baseline": baseline},
         "families": out_families,
         "crossover": _crossovers(point, samples, ci),
         "wallclock": {"devices": loaded.source.get("device", []), "threads": loaded.source.get("threads", []),
                       "time_basis": loaded.source.get("time_basis", "train_s"),
+                      **({"time_from": loaded.source["time_profile"]} if "time_profile" in loaded.source else {}),
                       "crossover": _crossovers(point, samples, ci, key="wallclock")},
         "seed_noise": seed_gaps(point),
         "backtest": _backtest_block(mode, tested, holdout_above, loaded, backtest),
+        "decision": (decision_accuracy(families, tested) if mode == "budgets" else
+                     {"rows": [], "summary": {}, "statement": "no budget backtest, so no decisions to score"}),
         "calibration": ({"ci": ci, **tested["calibration"]} if tested is not None else
                         {"mode": "off", "reason": "no backtest, so nothing to calibrate prediction intervals on"}),
+        "multiplier": fit_multipliers(point, samples, ci, baseline,
+                                      tested.get("refits") if tested is not None else None),
         **({"samples": samples, "point": point} if keep_samples else {}),
         # worker processes sit here, not in settings: the results do not depend on them, so fit.json is the
         # same on machines with other core counts
@@ -233,13 +244,21 @@ def _summarise(approach: str, point: dict, samples: list, ci: float) -> dict:
     return out
 
 
+TIMED_FIT = "fit_timed.json"      # fit_path's file when the training times are priced from a profile
+
+
 def fit_path(path, out: str | os.PathLike | None = None, columns: dict[str, str] | None = None,
-             **kwargs) -> tuple[dict, Path]:
-    """Load a study directory or CSV, fit, write fit.json (default: the study dir / the CSV's folder)."""
+             time_from=None, **kwargs) -> tuple[dict, Path]:
+    """Load a study directory or CSV, fit, write fit.json (default: the study dir / the CSV's folder).
+    With `time_from` (a profile.csv, or a list of them), the runs' training times are priced from it (timing.py) and the
+    result goes to fit_timed.json instead, beside the study's own fit.json."""
     loaded = load_runs(path, columns)
+    if time_from is not None:
+        from .timing import reprice
+        loaded = reprice(loaded, time_from)
     path = Path(path)
     out_dir = Path(out) if out is not None else (path if path.is_dir() else path.parent)
-    target = out_dir / "fit.json"
+    target = out_dir / ("fit.json" if time_from is None else TIMED_FIT)
     # find out before a long fit, not after it; nothing is created until fit.json is written
     check_writable_dir(out_dir, "fit.json folder (--out)")
     result = fit_runs(loaded, **kwargs)
@@ -257,13 +276,18 @@ def fit_json(result: dict) -> dict:
 
 def is_default_fit(fit: dict) -> bool:
     """Whether a fit.json was made as fit_study makes it by default (bootstrap size, seed, interval, the
-    Chinchilla grid, the backtest by budget): the fit is deterministic, so refitting the same results.csv
-    would write the same bytes."""
+    Chinchilla grid, the backtest by budget, the transformer as the multipliers' baseline): the fit is
+    deterministic, so refitting the same results.csv would write the same bytes. A fit.json from before
+    the compute multiplier existed is not (refitting adds it)."""
     settings, backtest = fit.get("settings"), fit.get("backtest")
     if not isinstance(settings, dict) or not isinstance(backtest, dict):    # a fit.json of another shape
         return False
-    return ((settings.get("n_boot"), settings.get("seed"), settings.get("ci"), settings.get("parametric_grid"))
-            == (DEFAULT_N_BOOT, DEFAULT_SEED, DEFAULT_CI, CHINCHILLA_GRID_NAME)
+    if isinstance(fit.get("wallclock"), dict) and fit["wallclock"].get("time_from"):    # priced from a profile
+        return False
+    return ((settings.get("n_boot"), settings.get("seed"), settings.get("ci"), settings.get("parametric_grid"),
+             settings.get("baseline"))
+            == (DEFAULT_N_BOOT, DEFAULT_SEED, DEFAULT_CI, CHINCHILLA_GRID_NAME, DEFAULT_BASELINE)
+            and isinstance(fit.get("multiplier"), dict)
             and backtest.get("mode") != "threshold" and backtest.get("reason") != "turned off")
 
 
@@ -284,12 +308,13 @@ def json_safe(obj):
 
 def fit_study(study_dir: str | os.PathLike, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED,
               ci: float = DEFAULT_CI, n_jobs: int | None = None, progress: bool = True,
-              verbose: bool = True, parametric_grid: np.ndarray | None = None, backtest: bool = True) -> dict:
+              verbose: bool = True, parametric_grid: np.ndarray | None = None, backtest: bool = True,
+              baseline: str = DEFAULT_BASELINE) -> dict:
     """Fit scaling/<study>/results.csv and write scaling/<study>/fit.json; the ladder calls this at its end.
 
     `parametric_grid` (default: the 4,500 Chinchilla starts) lets tests trade exactness for speed."""
     result, target = fit_path(study_dir, n_boot=n_boot, seed=seed, ci=ci, n_jobs=n_jobs, progress=progress,
-                              parametric_grid=parametric_grid, backtest=backtest)
+                              parametric_grid=parametric_grid, backtest=backtest, baseline=baseline)
     if verbose:
         print(format_fit(result))
         print(f"wrote {target}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import UserError
+from .. import limits
+from ..errors import UserError, shorten
 
 MIN_RUNS_PER_BUDGET = 3          # a budget's "best run" or parabola means something only with >= 3 sizes
 CANONICAL_COLUMNS = ("params", "tokens", "flops", "loss", "family", "budget", "status", "lr", "seed", "train_s")
@@ -105,10 +106,13 @@ def _check_width(csv: Path, numbered_row: tuple[int, list[str]], header: list[st
 def read_csv_checked(csv: Path, kind: str) -> tuple[pd.DataFrame, bytes]:
     """(table, raw bytes) of a CSV whose every row has the header's fields (`kind` "study": a results.csv,
     which must also end with a line end), or a UserError of one line naming the file and line."""
+    from ..safeload import CAPS, FileRefused, read_bytes
     try:
-        raw = csv.read_bytes()
-    except OSError as exc:
-        raise UserError(f"{csv}: cannot read ({exc.strerror or exc})") from None
+        raw = read_bytes(csv, CAPS["csv"], within=csv.parent if kind == "study" else None)
+    except FileNotFoundError:
+        raise UserError(f"{csv}: no such file") from None
+    except FileRefused as exc:
+        raise UserError(str(exc)) from None
     _check_rows(csv, raw, kind)
     try:
         return pd.read_csv(io.BytesIO(raw)), raw
@@ -163,6 +167,11 @@ def load_runs(path: str | os.PathLike, columns: dict[str, str] | None = None) ->
     if "tokens" not in df.columns and "flops" not in df.columns:
         raise UserError(f"{csv}: missing column 'tokens' (or 'flops', from which tokens = flops / (6 params))")
     rows_read = len(df)
+    if rows_read > limits.MAX_FIT_ROWS:
+        raise UserError(f"{csv}: {rows_read:,} rows; ssmscale fits at most {limits.MAX_FIT_ROWS:,} (a study has one "
+                        "per run; Approach 3 fits every row from 4,500 starts, so that many take hours already)")
+    if kind == "study" and "run_id" in df.columns:
+        _check_run_ids(csv, df["run_id"])
     for col in _NUMERIC_COLUMNS:
         if col in df.columns:
             _to_numeric(df, col, csv)
@@ -254,21 +263,39 @@ def load_runs(path: str | os.PathLike, columns: dict[str, str] | None = None) ->
     return LoadedRuns(table=table, source=source, dropped=dropped, notes=notes, grouping=grouping)
 
 
+def _check_run_ids(csv: Path, run_ids: pd.Series) -> None:
+    """A study's run ids name folders below runs/: plain names only (no '/', '..' or absolute path)."""
+    from ..fsutil import is_plain_name
+    for i, run_id in enumerate(run_ids):
+        if not (isinstance(run_id, str) and is_plain_name(run_id)) and not pd.isna(run_id):
+            raise UserError(f"{csv}: column 'run_id', line {i + 2}: {shorten(run_id)} is not a plain name (a run's "
+                            "folder below runs/); rebuild results.csv with `ssmscale ladder` on the study")
+
+
 def _curves(study: Path, run_ids, notes: list[str]) -> list:
     """Each configuration's eval-point curve (rows: flops, loss; its seeds averaged), from its runs'
     result.json. Runs whose validation subset differs from the most common one are left out: their
-    losses are on other tokens."""
-    found = []
+    losses are on other tokens; so are curves of the wrong shape (counted in a note)."""
+    from ..safeload import FileRefused, read_json
+    found, unusable = [], 0
     for ids in run_ids:
         runs = []
         for run_id in ids:
             try:
-                curve = json.loads((study / "runs" / run_id / "result.json").read_text()).get("eval_curve")
-            except (OSError, json.JSONDecodeError):
-                curve = None
-            if curve and curve.get("loss"):
+                res = read_json(study / "runs" / run_id / "result.json", within=study)
+            except FileNotFoundError:
+                continue
+            except FileRefused:
+                res = None
+            curve = _eval_curve(res)
+            if curve is not None:
                 runs.append(curve)
+            elif not isinstance(res, dict) or res.get("eval_curve") is not None:
+                unusable += 1
         found.append(runs)
+    if unusable:
+        notes.append(f"{unusable} runs' result.json unreadable or with an eval_curve of the wrong shape: no "
+                     "Approach 1 curve from them")
     sizes = Counter(c["subset_tokens"] for runs in found for c in runs)
     if not sizes:
         return [None] * len(found)
@@ -285,6 +312,21 @@ def _curves(study: Path, run_ids, notes: list[str]) -> list:
             continue
         out.append(np.array([runs[0]["flops"], np.mean([c["loss"] for c in runs], axis=0)]))
     return out
+
+
+def _eval_curve(res) -> dict | None:
+    """A result's eval_curve when it has the shape train.py writes (equal-length lists of finite numbers,
+    a positive subset size), else None."""
+    curve = res.get("eval_curve") if isinstance(res, dict) else None
+    if not isinstance(curve, dict) or not curve.get("loss"):
+        return None
+    columns = [curve.get(k) for k in ("step", "flops", "loss")]
+    subset = curve.get("subset_tokens")
+    numbers = all(isinstance(c, list) and len(c) == len(columns[2]) and
+                  all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in c)
+                  for c in columns)
+    ok = numbers and isinstance(subset, int) and not isinstance(subset, bool) and subset > 0
+    return {"subset_tokens": subset, "step": columns[0], "flops": columns[1], "loss": columns[2]} if ok else None
 
 
 

@@ -79,6 +79,7 @@ def fit_notes(fam: dict) -> list[str]:
                              f"not used ({_list(few)} FLOPs)")
             other = [e for e in block["budgets"] if not e["used"] and e["n_sizes"] >= MIN_RUNS_PER_BUDGET]
             notes += [f"approach2: budget {e['budget']:.3g} not used: {e['reason']}" for e in other]
+    notes += [f"SANITY FLAG: {flag['message']}" for flag in fam.get("sanity", [])]
     bt = fam.get("backtest", {})
     notes += [f"BACKTEST FLAG: {flag}" for flag in bt.get("flags", [])]
     if "skipped" in bt:
@@ -203,10 +204,63 @@ def wallclock_statement(result: dict) -> str:
     if len(threads) > 1:
         where += f" (runs trained with different thread counts: {', '.join(map(str, threads))})"
     parts = [p["statement"] for p in wc.get("crossover", {}).get("pairs", [])]
+    if wc.get("time_basis") == "profile":
+        src = wc.get("time_from") or {}
+        return (f"At equal training time priced from the profile {src.get('path', '?')} ({where}; each run's FLOPs "
+                f"over its family's FLOP rate there, {src.get('outside_runs', '?')} of {src.get('runs', '?')} runs "
+                f"outside the profiled sizes or lengths at the nearest one's rate): " + "; ".join(parts) +
+                ". This verdict holds for the profiled machine, its thread count and its kernels, not for the one "
+                "that trained the study.")
     what = ("CPU time of single-threaded training steps" if wc.get("time_basis") == "train_cpu_s"
             else "pure training time")
     return (f"At equal {what} {where}: " + "; ".join(parts) + ". This verdict holds for that machine, "
             "its thread count and its load only: another CPU or a GPU changes FLOPs per second, per family and size.")
+
+
+def fmt_k(q: dict) -> str:
+    """A multiplier with its interval: 1.8x [1.2x, 2.9x]; unbounded values read 'unreachable' / 'inf'."""
+    def one(v, unbounded=False):
+        return "inf" if v is None and unbounded else ("n/a" if v is None else f"{v:.3g}x")
+    value = "unreachable" if q.get("unreachable") else one(q["value"])
+    if q["lo"] is None and q["hi"] is None:
+        return value
+    return f"{value} [{one(q['lo'])}, {one(q['hi'], unbounded=True)}]"
+
+
+def multiplier_lines(result: dict) -> list[str]:
+    """Per family: k at its largest budget, the trend of k with C, the backtest of k (fit.json's "multiplier")."""
+    block = result.get("multiplier")
+    if not isinstance(block, dict):
+        return []
+    base = block["baseline"]
+    if "skipped" in block:
+        return [f"compute multiplier against {base}: not computed, {block['skipped']}"]
+    ci = result["settings"]["ci"]
+    lines = []
+    for name, fam in block["families"].items():
+        if name not in result["families"]:      # a fit.json from elsewhere may list others: fitted ones only
+            continue
+        if "skipped" in fam:
+            lines.append(f"{name}: no multiplier against {base}: {fam['skipped']}")
+            continue
+        top, trend = fam["largest"], fam["trend"]
+        ext = (f", EXTRAPOLATED ({base}'s frontier followed beyond the compute it was fitted on)"
+               if top["extrapolated"] else "")
+        e = trend["exponent"]
+        slope = (f"k ~ C^{fmt_value(e['value'])} {fmt_interval(e)}" if e["value"] is not None else "no exponent")
+        line = (f"{name}: at its largest budget, C = {fmt_value(top['budget'])} FLOPs, {base} needs "
+                f"{fmt_k(top['k'])} ({ci:.0%} bootstrap) that compute to reach {name}'s loss{ext}; trend over "
+                f"{trend['n_budgets']} budgets: {slope}: {trend['verdict'].upper()}")
+        bt = fam["backtest"]
+        if "skipped" in bt:
+            line += f"; no backtest ({bt['skipped']})"
+        else:
+            are = "n/a" if bt["are"] is None else f"{bt['are']:.0%}"
+            covered = {True: "inside", False: "OUTSIDE", None: "no interval"}[bt["covered"]]
+            line += (f"; backtest: fitted without {fmt_value(bt['budget'])} FLOPs it predicts {fmt_k(bt['predicted'])} "
+                     f"there, {fmt_value(bt['observed'])}x from every budget (ARE {are}, {covered} the interval)")
+        lines.append(line)
+    return lines
 
 
 def format_fit(result: dict) -> str:
@@ -243,11 +297,18 @@ def format_fit(result: dict) -> str:
                   f"  {'prediction':<24} {'bootstrap':>14} {'w/e':>5}   {'calibrated':>14} {'w/e':>5}   how"]
         lines += [f"  {label:<24} {bc:>14} {br:>5}   {cc:>14} {cr:>5}   {how}"
                   for label, _, bc, br, cc, cr, how in table]
+    mult = multiplier_lines(result)
+    if mult:
+        base = result["multiplier"]["baseline"]
+        lines += ["", f"compute multiplier against {base} (k(C) = C_{base}(L_family(C)) / C):"]
+        lines += [f"  {line}" for line in mult]
     pairs = result["crossover"]["pairs"]
     if pairs:
         lines.append("")
         lines.append("crossover:")
         lines += [f"  {' vs '.join(p['families'])}: {p['statement']}" for p in pairs]
+    if result.get("decision", {}).get("rows"):
+        lines += ["", f"decision accuracy: {result['decision']['statement']}"]
     for title, body in (("backtest order", backtest_order_lines(result)), ("seed noise", seed_gap_lines(result))):
         if body:
             lines += ["", f"{title}:"] + [f"  {line}" for line in body]

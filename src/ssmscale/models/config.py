@@ -1,9 +1,10 @@
 """The shape of one language model: a frozen dataclass shared by every family, the FLOP counter and sizing.
 
-FAMILIES is the one list of model families; everything else (config schema, CLI checks, sizing,
+FAMILIES is the one list of built-in model families; everything else (config schema, CLI checks, sizing,
 profile, report colours) derives from it. A model is a stack of layers, each of one kind
-(`layer_kinds`): "transformer" (attention + MLP), "mamba", "mamba2", or "attention" (an
-attention-only residual branch, the hybrid's attention layers).
+(`layer_kinds`): "transformer" (attention + MLP), "mamba", "mamba2", "attention" (an attention-only
+residual branch, the hybrid's attention layers), or "plugin": a plugin family's mixer (`mixer`, a
+models.plugin.MixerSpec), with Transformer++'s MLP after it when the spec says so.
 
 Mamba-2 knobs (Dao & Gu 2024 use head_dim 64, d_state 128 (64 in ablations), chunk 256 at 125M-1.3B
 parameters on GPUs). The defaults here are for the 2.5e4-4e5-parameter CPU models of this project:
@@ -30,9 +31,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+from .plugin import FAMILY_NAME, MixerSpec
+
 FAMILIES = ("transformer", "mamba", "mamba2", "hybrid")
 HYBRID_SSMS = ("mamba2", "mamba")
-SSD_IMPLS = ("auto", "fused", "chunked", "ref")
+SSD_IMPLS = ("auto", "fused", "fused-recurrent", "fused-chunk", "chunked", "ref")
+LAYER_KINDS = ("transformer", "attention", "mamba", "mamba2", "plugin")
+RESERVED_NAMES = FAMILIES + LAYER_KINDS + ("all",)     # not a plugin family's name ("all": a fit without families)
+
+
+def plugin_name_ok(name: str) -> bool:
+    return bool(FAMILY_NAME.fullmatch(name)) and name not in RESERVED_NAMES
 
 
 def pad_vocab(vocab_size: int, multiple: int = 8) -> int:
@@ -81,10 +90,15 @@ class ModelConfig:
     hybrid_ssm: str = "mamba2"
     hybrid_attn_every: int = 8
     hybrid_attn_layers: tuple[int, ...] | None = None
+    # a plugin family (any name that is not a built-in family): its mixer
+    mixer: MixerSpec | None = None
 
     def __post_init__(self):
-        if self.family not in FAMILIES:
+        if self.mixer is None and self.family not in FAMILIES:
             raise ValueError(f"family: unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
+        if self.mixer is not None and not plugin_name_ok(self.family):
+            raise ValueError(f"family: a plugin family needs a name of its own (letters, digits, '_'; not one of "
+                             f"{', '.join(dict.fromkeys(RESERVED_NAMES))}), got {self.family!r}")
         for name in ("d_model", "n_layer", "vocab_size", "head_dim", "d_state", "d_conv", "expand",
                      "mamba2_head_dim", "mamba2_d_state", "mamba2_ngroups", "mamba2_chunk_size",
                      "hybrid_attn_every"):
@@ -154,8 +168,14 @@ class ModelConfig:
         return default_attn_layers(self.n_layer, self.hybrid_attn_every)
 
     @property
+    def is_plugin(self) -> bool:
+        return self.mixer is not None
+
+    @property
     def layer_kinds(self) -> tuple[str, ...]:
         """The kind of every layer: the family's block, or for the hybrid its SSM and "attention"."""
+        if self.is_plugin:
+            return ("plugin",) * self.n_layer
         if self.family != "hybrid":
             return (self.family,) * self.n_layer
         attn = set(self.attn_layers)

@@ -1,4 +1,4 @@
-"""The hybrid family's attention layer, and how the hybrid stacks its layers.
+"""The hybrid family's attention layer kind, and how the hybrid stacks its layers.
 
 A hybrid is one stack of SSM layers (Mamba-2 by default, `hybrid_ssm: mamba` for Mamba) with a few
 Transformer++ attention layers among them: Dao & Gu 2024 (Sec. 9.2.3) find about 10% attention
@@ -17,33 +17,11 @@ matches its parameter count; models/sizing.py).
 
 from __future__ import annotations
 
-import torch.nn as nn
-
+from .block import LayerSpec
 from .config import ModelConfig
-from .norm import RMSNorm
-from .transformer import CausalSelfAttention
+from .transformer import CausalSelfAttention, attention_options
 
 
-class AttentionBlock(nn.Module):
+def attention_layer(cfg: ModelConfig) -> LayerSpec:
     """x + attn(norm(x)): the hybrid's attention layer, one residual branch."""
-
-    residual_branches = 1
-    chunked_prefill = True       # a piece of several tokens may follow the prompt in the cache
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = CausalSelfAttention(cfg)
-
-    def forward(self, x, cache=None):
-        return x + self.attn(self.norm(x), cache)
-
-    def allocate_cache(self, batch, max_len, dtype, device):
-        return self.attn.allocate_cache(batch, max_len, dtype, device)
-
-    def residual_out_projections(self):
-        return [self.attn.out_proj.weight]
-
-    def reset_parameters(self, cfg: ModelConfig):
-        for lin in (self.attn.qkv, self.attn.out_proj):
-            nn.init.normal_(lin.weight, std=cfg.init_std)
+    return LayerSpec(CausalSelfAttention, attention_options(cfg), mlp=False, names=("norm", "attn"))

@@ -1,6 +1,9 @@
 """One language-model shell for every family: embed -> n x block -> RMSNorm -> tied LM head.
 
-Layer i is a block of kind cfg.layer_kinds[i] (the family's block; the hybrid mixes SSM and attention).
+Layer i is a Block (models/block.py) of kind cfg.layer_kinds[i]: the kind's mixer, built as
+`Mixer(d_model, **options)`, behind a pre-norm residual, with Transformer++'s SwiGLU branch after it where
+the kind has one. The four built-in families and any plugin go through this one path; a kind only says
+which mixer, which options and whether the MLP follows (LAYERS).
 
 Blocks keep their own residual: the residual stream stays fp32 (params are fp32; under bf16
 autocast the branch outputs are added back into the fp32 stream). The embedding is padded to a
@@ -14,14 +17,30 @@ import math
 import torch
 import torch.nn as nn
 
+from .block import Block, LayerSpec
 from .config import ModelConfig
-from .hybrid import AttentionBlock
-from .mamba import MambaBlock
-from .mamba2 import Mamba2Block
+from .hybrid import attention_layer
+from .mamba import mamba_layer
+from .mamba2 import mamba2_layer
 from .norm import RMSNorm
-from .transformer import TransformerBlock
+from .plugin import load_mixer_class
+from .transformer import SwiGLU, transformer_layer
 
-BLOCKS = {"transformer": TransformerBlock, "mamba": MambaBlock, "mamba2": Mamba2Block, "attention": AttentionBlock}
+
+def plugin_layer(cfg: ModelConfig) -> LayerSpec:
+    """A plugin family's layer: its mixer (imported here: code execution, on purpose), then the MLP if asked."""
+    return LayerSpec(load_mixer_class(cfg.mixer.target), dict(cfg.mixer.options), mlp=cfg.mixer.mlp)
+
+
+LAYERS = {"transformer": transformer_layer, "attention": attention_layer, "mamba": mamba_layer,
+          "mamba2": mamba2_layer, "plugin": plugin_layer}
+
+
+def build_block(cfg: ModelConfig, kind: str, spec: LayerSpec | None = None) -> Block:
+    spec = spec or LAYERS[kind](cfg)
+    mixer = spec.mixer(cfg.d_model, **spec.options)     # built before the MLP: the order weights are drawn in
+    mlp = SwiGLU(cfg.d_model, cfg.ffn_dim, cfg.init_std) if spec.mlp else None
+    return Block(kind, mixer, cfg.d_model, cfg.norm_eps, mlp, spec.names)
 
 
 class LM(nn.Module):
@@ -29,7 +48,8 @@ class LM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding = nn.Embedding(cfg.padded_vocab, cfg.d_model)
-        self.blocks = nn.ModuleList(BLOCKS[kind](cfg) for kind in cfg.layer_kinds)
+        specs = {kind: LAYERS[kind](cfg) for kind in dict.fromkeys(cfg.layer_kinds)}
+        self.blocks = nn.ModuleList(build_block(cfg, kind, specs[kind]) for kind in cfg.layer_kinds)
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.reset_parameters()
 
@@ -38,7 +58,7 @@ class LM(nn.Module):
         cfg = self.cfg
         nn.init.normal_(self.embedding.weight, std=cfg.init_std)
         for block in self.blocks:
-            block.reset_parameters(cfg)
+            block.reset_parameters()
             # GPT-2 / Mamba: scale each residual branch's output projection by 1/sqrt(#branches)
             scale = 1.0 / math.sqrt(block.residual_branches * cfg.n_layer)
             for w in block.residual_out_projections():
@@ -53,8 +73,14 @@ class LM(nn.Module):
             x = block(x, None if cache is None else cache[i])
         return self.norm_f(x) @ self.embedding.weight.t()
 
+    @property
+    def can_generate(self) -> bool:
+        """Whether every layer's mixer has a cache to continue a sequence with (a plugin may have none)."""
+        return all(b.can_generate for b in self.blocks)
+
     def allocate_cache(self, batch: int, max_len: int, dtype=None, device=None):
-        """Per-layer generation state: a KV cache (attention) or conv + SSM state (Mamba, Mamba-2)."""
+        """Per-layer generation state: a KV cache (attention) or conv + SSM state (Mamba, Mamba-2), or
+        whatever a plugin mixer's allocate_cache returns."""
         p = self.embedding.weight
         return [b.allocate_cache(batch, max_len, dtype or p.dtype, device or p.device) for b in self.blocks]
 
@@ -87,23 +113,30 @@ class LM(nn.Module):
 
 def kernel_impl(cfg: ModelConfig, device: str) -> str | None:
     """The sequence-mixing kernels `cfg` runs on `device`, as recorded in results: the selective scan's
-    implementation for Mamba layers, "ssd-<impl>" for Mamba-2 layers (None for attention only)."""
+    implementation for Mamba layers, "ssd-<impl>" for Mamba-2 layers, the fused SSD's form included
+    ("ssd-fused-recurrent"; None for attention only)."""
     kinds = set(cfg.layer_kinds)
     names = []
+    if "plugin" in kinds:
+        names.append(f"plugin-{cfg.mixer.class_name}")
     if "mamba" in kinds:
         from ..ops.scan import resolve_impl
         names.append(resolve_impl(cfg.scan_impl, device).name)
     if "mamba2" in kinds:
         from ..ops.ssd import resolve_ssd_impl
-        names.append(f"ssd-{resolve_ssd_impl(cfg.ssd_impl, device)}")
+        shape = (cfg.mamba2_head_dim, cfg.mamba2_d_state)
+        names.append(f"ssd-{resolve_ssd_impl(cfg.ssd_impl, device, shape)}")
     return "+".join(names) or None
 
-def state_bytes(cfg: ModelConfig, batch: int = 1, max_len: int = 1) -> int:
+def state_bytes(cfg: ModelConfig, batch: int = 1, max_len: int = 1) -> int | None:
     """Bytes of the generation state `LM.allocate_cache` holds for `max_len` tokens (fp32 weights):
     the KV cache of attention layers, the conv and SSM state of recurrent ones, whatever mix the
-    family's blocks allocate. Built on the meta device, so nothing is allocated."""
+    family's blocks allocate. Built on the meta device, so nothing is allocated. None for a model that
+    cannot generate (a plugin mixer without allocate_cache)."""
     with torch.device("meta"):
         model = LM(cfg)
+        if not model.can_generate:
+            return None
         cache = model.allocate_cache(batch, max_len, dtype=torch.float32, device="meta")
     return _tensor_bytes(cache)
 

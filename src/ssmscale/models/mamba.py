@@ -6,7 +6,8 @@
     dt = dt_proj.weight @ dt                 dt_rank -> E d; its bias enters the scan as delta_bias
     y = selective_scan(x, dt, A, B, C, D, z, delta_bias, softplus)    with A = -exp(A_log)
     out = out_proj(y)                        E d -> d, no bias
-One residual branch per layer (no separate MLP). For generation, `step` advances a conv state
+One residual branch per layer (no separate MLP; models/block.py is the block, MambaMixer its mixer).
+For generation, `step` advances a conv state
 (batch, E d, d_conv) and an SSM state (batch, E d, N): O(1) time and memory per token.
 Where the scan runs the fused CPU kernel (fp32 on the CPU), everything between in_proj and out_proj
 runs as one op, `ops.mamba_inner_fused` (same numbers within fp32 rounding; it keeps ~3x less for
@@ -21,11 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import selective_scan
+from ..ops import decode, selective_scan
 from ..ops.mamba_inner import fused_supported, mamba_inner_fused
 from ..ops.scan import resolve_impl
+from .block import LayerSpec
 from .config import ModelConfig
-from .norm import RMSNorm
 
 
 def causal_depthwise_conv(x, weight, bias):
@@ -52,13 +53,20 @@ class MambaCache:
 
 
 class MambaMixer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """A mixer (models/block.py): d_inner = expand d_model channels, state N = d_state per channel."""
+
+    chunked_prefill = False      # after the prompt, tokens come one at a time (`step`)
+
+    def __init__(self, d_model: int, expand: int = 2, d_state: int = 16, d_conv: int = 4, dt_rank: int | None = None,
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, scan_impl: str = "auto"):
         super().__init__()
-        d, e, n, r = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.dt_rank_
-        self.d_inner, self.d_state, self.d_conv, self.dt_rank = e, n, cfg.d_conv, r
-        self.scan_impl = cfg.scan_impl
+        d, e, n = d_model, expand * d_model, d_state
+        r = dt_rank if dt_rank is not None else math.ceil(d_model / 16)
+        self.d_inner, self.d_state, self.d_conv, self.dt_rank = e, n, d_conv, r
+        self.dt_range, self.dt_init_floor = (dt_min, dt_max), dt_init_floor
+        self.scan_impl = scan_impl
         self.in_proj = nn.Linear(d, 2 * e, bias=False)
-        self.conv1d = nn.Conv1d(e, e, cfg.d_conv, groups=e, padding=cfg.d_conv - 1, bias=True)
+        self.conv1d = nn.Conv1d(e, e, d_conv, groups=e, padding=d_conv - 1, bias=True)
         self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
         self.dt_proj = nn.Linear(r, e, bias=True)
         self.A_log = nn.Parameter(torch.empty(e, n))
@@ -66,22 +74,26 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(e, d, bias=False)
         for p in (self.A_log, self.D, self.dt_proj.bias):
             p._no_weight_decay = True
-        self.reset_parameters(cfg)
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, cfg: ModelConfig):
+    def reset_parameters(self):
         for lin in (self.in_proj, self.x_proj, self.out_proj):
             lin.reset_parameters()              # PyTorch default (Kaiming-uniform), as the reference keeps
         self.conv1d.reset_parameters()
         std = self.dt_rank ** -0.5
         nn.init.uniform_(self.dt_proj.weight, -std, std)
         # dt ~ log-uniform in [dt_min, dt_max], floored; the bias is its inverse softplus
-        dt = torch.exp(torch.rand(self.d_inner) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
-                       + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+        dt_min, dt_max = self.dt_range
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=self.dt_init_floor)
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         # S4D-real: A = -(1, 2, ..., N) for every channel
         self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).repeat(self.d_inner, 1))
         self.D.fill_(1.0)
+
+    def residual_out_projections(self):
+        return [self.out_proj.weight]
 
     def forward(self, u, cache: MambaCache | None = None):
         if cache is not None and cache.pos > 0:
@@ -131,7 +143,13 @@ class MambaMixer(nn.Module):
         cache.pos += L
 
     def step(self, u, cache: MambaCache):
-        """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place."""
+        """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place: one fused C call where it
+        applies (ops.decode), else `step_reference`."""
+        out = decode.step(self, u, cache)
+        return self.step_reference(u, cache) if out is None else out
+
+    def step_reference(self, u, cache: MambaCache):
+        """One token, module by module (the definition the fused step is tested against)."""
         x, z = self.in_proj(u[:, 0]).chunk(2, dim=-1)                   # (b, E d)
         cache.conv.copy_(torch.roll(cache.conv, shifts=-1, dims=-1))
         cache.conv[..., -1] = x
@@ -146,29 +164,17 @@ class MambaMixer(nn.Module):
         cache.pos += 1
         return self.out_proj(y)[:, None]
 
+    block_step = decode.block_step      # a decoded token through the whole block in one call (models/block.py)
+
     def allocate_cache(self, batch, max_len, dtype, device):
         return MambaCache(batch, self.d_inner, self.d_conv, self.d_state, dtype, device)
 
 
-class MambaBlock(nn.Module):
-    """x + mixer(norm(x)): one residual branch per layer (Mamba-2's block is this with its own mixer)."""
+def mamba_options(cfg: ModelConfig) -> dict:
+    return {"expand": cfg.expand, "d_state": cfg.d_state, "d_conv": cfg.d_conv, "dt_rank": cfg.dt_rank_,
+            "dt_min": cfg.dt_min, "dt_max": cfg.dt_max, "dt_init_floor": cfg.dt_init_floor, "scan_impl": cfg.scan_impl}
 
-    residual_branches = 1
-    mixer_class = MambaMixer
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = self.mixer_class(cfg)
-
-    def forward(self, x, cache=None):
-        return x + self.mixer(self.norm(x), cache)
-
-    def allocate_cache(self, batch, max_len, dtype, device):
-        return self.mixer.allocate_cache(batch, max_len, dtype, device)
-
-    def residual_out_projections(self):
-        return [self.mixer.out_proj.weight]
-
-    def reset_parameters(self, cfg: ModelConfig):
-        self.mixer.reset_parameters(cfg)
+def mamba_layer(cfg: ModelConfig) -> LayerSpec:
+    """x + mixer(norm(x)): one residual branch per layer."""
+    return LayerSpec(MambaMixer, mamba_options(cfg))

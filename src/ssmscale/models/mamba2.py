@@ -6,11 +6,15 @@ x, B and C, the SSD layer (scalar decay per head), and a gated RMSNorm before th
     y = ssd(x, dt, A, B, C, D, dt_bias, softplus) H heads of head_dim, A = -exp(A_log) one scalar per head,
                                                   G groups of B and C shared by H / G heads, D per head
     out = out_proj(rmsnorm(y * silu(z)))         the norm per group of channels; d_inner -> d, no bias
-One residual branch per layer (no MLP). Initialisation as mamba_ssm's Mamba2: A ~ U[1, 16],
+One residual branch per layer (no MLP; models/block.py is the block, Mamba2Mixer its mixer). Initialisation as mamba_ssm's Mamba2: A ~ U[1, 16],
 dt bias = inverse softplus of dt log-uniform in [dt_min, dt_max] (floored), D = 1, linears and the conv
 at PyTorch's defaults; A_log, D and the dt bias get no weight decay (out_proj is rescaled by the LM).
 Generation keeps a conv state (batch, conv channels, d_conv) and an SSM state (batch, H, head_dim, N):
 O(1) per token; a piece of several tokens after the prompt continues both (chunked prefill).
+Where the SSD runs the fused recurrent CPU kernel (fp32 on the CPU), everything between in_proj and
+out_proj runs as one op, `ops.mamba2_inner_fused` (same numbers within fp32 rounding; it keeps less
+for the backward); elsewhere (GPU, no C compiler, another `ssd_impl`, a piece continuing a cache) as
+the composition below.
 """
 
 from __future__ import annotations
@@ -21,19 +25,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import ssd
+from ..ops import decode, ssd
+from ..ops.mamba2_inner import fused_supported, mamba2_inner_fused
+from ..ops.ssd import resolve_ssd_impl
 from ..ops.ssd_ref import heads_of_groups
+from .block import LayerSpec
 from .config import ModelConfig
-from .mamba import MambaBlock, causal_depthwise_conv
+from .mamba import causal_depthwise_conv
 from .norm import GatedRMSNorm
 
 A_INIT_RANGE = (1.0, 16.0)
 
 
-def inverse_softplus_dt(n: int, cfg: ModelConfig) -> torch.Tensor:
+def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
     """Mamba's dt bias: softplus(bias) = dt, dt log-uniform in [dt_min, dt_max], floored at dt_init_floor."""
-    dt = torch.exp(torch.rand(n) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
-    dt = dt.clamp(min=cfg.dt_init_floor)
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
     return dt + torch.log(-torch.expm1(-dt))
 
 
@@ -47,33 +54,42 @@ class Mamba2Cache:
 
 
 class Mamba2Mixer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """A mixer (models/block.py): `heads` heads of head_dim (d_inner = heads x head_dim), `ngroups` groups of
+    B and C of d_state, the SSD in chunks of chunk_size."""
+
+    def __init__(self, d_model: int, heads: int, head_dim: int = 8, d_state: int = 16, ngroups: int = 1,
+                 d_conv: int = 4, chunk_size: int = 8, ssd_impl: str = "auto", dt_min: float = 0.001,
+                 dt_max: float = 0.1, dt_init_floor: float = 1e-4, norm_eps: float = 1e-5):
         super().__init__()
-        d = cfg.d_model
-        self.heads, self.head_dim, self.d_inner = cfg.mamba2_nheads, cfg.mamba2_head_dim, cfg.mamba2_d_inner
-        self.groups, self.d_state, self.d_conv = cfg.mamba2_ngroups, cfg.mamba2_d_state, cfg.d_conv
-        self.chunk_size, self.ssd_impl = cfg.mamba2_chunk_size, cfg.ssd_impl
+        d = d_model
+        self.heads, self.head_dim, self.d_inner = heads, head_dim, heads * head_dim
+        self.groups, self.d_state, self.d_conv = ngroups, d_state, d_conv
+        self.chunk_size, self.ssd_impl = chunk_size, ssd_impl
+        self.dt_range, self.dt_init_floor = (dt_min, dt_max), dt_init_floor
         self.conv_dim = self.d_inner + 2 * self.groups * self.d_state
         self.in_proj = nn.Linear(d, self.d_inner + self.conv_dim + self.heads, bias=False)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, cfg.d_conv, groups=self.conv_dim,
-                                padding=cfg.d_conv - 1, bias=True)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim,
+                                padding=d_conv - 1, bias=True)
         self.dt_bias = nn.Parameter(torch.empty(self.heads))
         self.A_log = nn.Parameter(torch.empty(self.heads))
         self.D = nn.Parameter(torch.empty(self.heads))
-        self.norm = GatedRMSNorm(self.d_inner, self.groups, cfg.norm_eps)
+        self.norm = GatedRMSNorm(self.d_inner, self.groups, norm_eps)
         self.out_proj = nn.Linear(self.d_inner, d, bias=False)
         for p in (self.A_log, self.D, self.dt_bias):
             p._no_weight_decay = True
-        self.reset_parameters(cfg)
+        self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self, cfg: ModelConfig):
+    def reset_parameters(self):
         for module in (self.in_proj, self.out_proj, self.conv1d):
             module.reset_parameters()
-        self.dt_bias.copy_(inverse_softplus_dt(self.heads, cfg))
+        self.dt_bias.copy_(inverse_softplus_dt(self.heads, *self.dt_range, self.dt_init_floor))
         self.A_log.copy_(torch.log(torch.empty(self.heads).uniform_(*A_INIT_RANGE)))
         self.D.fill_(1.0)
         self.norm.weight.fill_(1.0)
+
+    def residual_out_projections(self):
+        return [self.out_proj.weight]
 
     def _split(self, zxbcdt):
         return zxbcdt.split([self.d_inner, self.conv_dim, self.heads], dim=-1)
@@ -82,6 +98,19 @@ class Mamba2Mixer(nn.Module):
         if cache is not None and cache.pos > 0 and u.shape[1] == 1:
             return self.step(u, cache)
         b, L, _ = u.shape
+        if (cache is None or cache.pos == 0) and self._runs_fused(u):
+            out, last = mamba2_inner_fused(u, self.in_proj.weight, self.conv1d.weight, self.conv1d.bias, self.dt_bias,
+                                           -torch.exp(self.A_log), self.D, self.norm.weight, self.out_proj.weight,
+                                           heads=self.heads, groups=self.groups, d_state=self.d_state,
+                                           eps=self.norm.eps, return_final_state=True)
+            if cache is not None:      # the conv's last d_conv inputs (xBC of the last tokens) and the SSM state
+                keep = min(L, self.d_conv)
+                xBC = F.linear(u[:, L - keep:], self.in_proj.weight[self.d_inner:self.d_inner + self.conv_dim])
+                cache.conv.zero_()
+                cache.conv[..., self.d_conv - keep:] = xBC.transpose(1, 2)
+                cache.ssm.copy_(last)
+                cache.pos += L
+            return out
         z, xBC, dt = self._split(self.in_proj(u))
         xBC = xBC.transpose(1, 2)                                          # (b, conv channels, L)
         w, bias = self.conv1d.weight, self.conv1d.bias
@@ -106,8 +135,24 @@ class Mamba2Mixer(nn.Module):
             y = out
         return self.out_proj(self.norm(y.flatten(-2), z))
 
+    def _runs_fused(self, u) -> bool:
+        """Whether the SSD resolves to the fused recurrent CPU kernel here, on fp32 CPU tensors (not under CPU
+        autocast, which runs in_proj in bf16: the composition below does that, as for Mamba)."""
+        if u.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return False
+        if resolve_ssd_impl(self.ssd_impl, "cpu", (self.head_dim, self.d_state)) != "fused-recurrent":
+            return False
+        return fused_supported(u, self.in_proj.weight, self.A_log, self.D, self.dt_bias, self.conv1d.weight, self.norm.weight,
+                               self.out_proj.weight)
+
     def step(self, u, cache: Mamba2Cache):
-        """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place."""
+        """One token: u (b, 1, d) -> (b, 1, d), advancing the cache in place: one fused C call where it
+        applies (ops.decode), else `step_reference`."""
+        out = decode.step(self, u, cache)
+        return self.step_reference(u, cache) if out is None else out
+
+    def step_reference(self, u, cache: Mamba2Cache):
+        """One token, module by module (the definition the fused step is tested against)."""
         b = u.shape[0]
         z, xBC, dt = self._split(self.in_proj(u[:, 0]))
         cache.conv.copy_(torch.roll(cache.conv, shifts=-1, dims=-1))
@@ -125,13 +170,17 @@ class Mamba2Mixer(nn.Module):
         cache.pos += 1
         return self.out_proj(self.norm(y.flatten(1).to(u.dtype), z))[:, None]
 
+    block_step = decode.block_step      # a decoded token through the whole block in one call (models/block.py)
+
     def allocate_cache(self, batch, max_len, dtype, device):
         return Mamba2Cache(batch, self.conv_dim, self.d_conv, self.heads, self.head_dim, self.d_state,
                            dtype, device)
 
 
-class Mamba2Block(MambaBlock):
+def mamba2_layer(cfg: ModelConfig) -> LayerSpec:
     """x + mixer(norm(x)) with the Mamba-2 mixer: one residual branch per layer."""
-
-    mixer_class = Mamba2Mixer
-    chunked_prefill = True       # a piece of several tokens may follow the prompt in the cache
+    return LayerSpec(Mamba2Mixer, {
+        "heads": cfg.mamba2_nheads, "head_dim": cfg.mamba2_head_dim, "d_state": cfg.mamba2_d_state,
+        "ngroups": cfg.mamba2_ngroups, "d_conv": cfg.d_conv, "chunk_size": cfg.mamba2_chunk_size,
+        "ssd_impl": cfg.ssd_impl, "dt_min": cfg.dt_min, "dt_max": cfg.dt_max, "dt_init_floor": cfg.dt_init_floor,
+        "norm_eps": cfg.norm_eps})

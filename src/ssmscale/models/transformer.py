@@ -1,8 +1,10 @@
-"""Transformer++ block: pre-norm causal attention with rotary embeddings, then a pre-norm SwiGLU MLP.
+"""Transformer++ layer: pre-norm causal attention with rotary embeddings, then a pre-norm SwiGLU MLP
+(models/block.py is the block; here are its mixer, its MLP and the layer kind that joins them).
 
 No biases anywhere, RMSNorm, attention through scaled_dot_product_attention. For generation the
 attention keeps a preallocated KV cache (batch, heads, max_len, head_dim) filled in place.
 The attention width is heads x head_dim (cfg.attn_dim): d_model in the transformer itself.
+Linears are initialised N(0, init_std) (GPT-2; the LM rescales the residual outputs by depth).
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .block import LayerSpec
 from .config import ModelConfig
-from .norm import RMSNorm
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float, device, offset: int = 0):
@@ -78,11 +80,14 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """A mixer (models/block.py): n_head heads of head_dim, RoPE, SDPA; a KV cache for generation."""
+
+    def __init__(self, d_model: int, n_head: int, head_dim: int, rope_base: float = 10000.0,
+                 init_std: float = 0.02):
         super().__init__()
-        self.n_head, self.head_dim, self.rope_base = cfg.n_head, cfg.head_dim, cfg.rope_base
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.attn_dim, bias=False)
-        self.out_proj = nn.Linear(cfg.attn_dim, cfg.d_model, bias=False)
+        self.n_head, self.head_dim, self.rope_base, self.init_std = n_head, head_dim, rope_base, init_std
+        self.qkv = nn.Linear(d_model, 3 * n_head * head_dim, bias=False)
+        self.out_proj = nn.Linear(n_head * head_dim, d_model, bias=False)
 
     def forward(self, x, cache: KVCache | None = None):
         b, L, _ = x.shape
@@ -105,41 +110,42 @@ class CausalSelfAttention(nn.Module):
     def allocate_cache(self, batch, max_len, dtype, device):
         return KVCache(batch, self.n_head, max_len, self.head_dim, dtype, device)
 
+    def residual_out_projections(self):
+        return [self.out_proj.weight]
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        for lin in (self.qkv, self.out_proj):
+            nn.init.normal_(lin.weight, std=self.init_std)
+
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Transformer++'s MLP branch: w_down(silu(w_gate x) * w_up x), d_ff hidden units, no biases."""
+
+    def __init__(self, d_model: int, d_ff: int, init_std: float = 0.02):
         super().__init__()
-        self.w_gate = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
-        self.w_up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
-        self.w_down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+        self.init_std = init_std
+        self.w_gate = nn.Linear(d_model, d_ff, bias=False)
+        self.w_up = nn.Linear(d_model, d_ff, bias=False)
+        self.w_down = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
-
-class TransformerBlock(nn.Module):
-    """x + attn(norm(x)), then + mlp(norm(x)): two residual branches per layer."""
-
-    residual_branches = 2
-    chunked_prefill = True       # a piece of several tokens may follow the prompt in the cache
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.norm_attn = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = CausalSelfAttention(cfg)
-        self.norm_mlp = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
-
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.norm_attn(x), cache)
-        return x + self.mlp(self.norm_mlp(x))
-
-    def allocate_cache(self, batch, max_len, dtype, device):
-        return self.attn.allocate_cache(batch, max_len, dtype, device)
-
     def residual_out_projections(self):
-        return [self.attn.out_proj.weight, self.mlp.w_down.weight]
+        return [self.w_down.weight]
 
-    def reset_parameters(self, cfg: ModelConfig):
-        for lin in (self.attn.qkv, self.attn.out_proj, self.mlp.w_gate, self.mlp.w_up, self.mlp.w_down):
-            nn.init.normal_(lin.weight, std=cfg.init_std)
+    @torch.no_grad()
+    def reset_parameters(self):
+        for lin in (self.w_gate, self.w_up, self.w_down):
+            nn.init.normal_(lin.weight, std=self.init_std)
+
+
+def attention_options(cfg: ModelConfig) -> dict:
+    """The attention mixer's options for a model (the transformer's layers and the hybrid's attention)."""
+    return {"n_head": cfg.n_head, "head_dim": cfg.head_dim, "rope_base": cfg.rope_base, "init_std": cfg.init_std}
+
+
+def transformer_layer(cfg: ModelConfig) -> LayerSpec:
+    """x + attn(norm_attn(x)), then + mlp(norm_mlp(x)): two residual branches per layer."""
+    return LayerSpec(CausalSelfAttention, attention_options(cfg), mlp=True, names=("norm_attn", "attn"))

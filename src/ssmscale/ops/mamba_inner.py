@@ -12,7 +12,7 @@
 everything stays in the channels-last layout the linears produce, the conv and the scan read their
 inputs in place through strides (no transposed copies), and the backward recomputes the conv
 output, delta and the gated scan output y instead of keeping them. Saved per token and layer: xz
-(2E floats), the x_proj output (dt_rank + 2N) and one scan state per 64 steps (E N / 64), against
+(2E floats), the x_proj output (dt_rank + 2N) and one scan state per scan_cpu.CHUNK steps, against
 the ~12 E floats an autograd composition of the same ops keeps.
 """
 

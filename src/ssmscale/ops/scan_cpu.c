@@ -47,14 +47,18 @@ INLINE Share share_of(const ScanArgs *a, int64_t k, int64_t n) {
     return (Share){items * k / n, items * (k + 1) / n, n_tiles};
 }
 
-#define PARAMS (N * W + 2 * W)   /* floats of a tile's parameters: A (N, W), D (W), delta_bias (W) */
+#define PARAMS (2 * N * W + 2 * W)   /* a tile's parameters: A (N, W), D (W), delta_bias (W), A log2(e) (N, W) */
 
-/* A, D and delta_bias of one tile, lane-major (lanes past the last channel are 0) */
+/* A, D, delta_bias and A log2(e) of one tile, lane-major (lanes past the last channel are 0); the decay
+ * exp(dt A) is computed as exp2_inline(dt * A log2(e)) */
 INLINE void tile_params(const ScanArgs *a, int64_t tile, const int64_t N, float *restrict p) {
     const int64_t c0 = tile * W, w = min64(W, a->d_inner - c0);
-    float *At = p, *Dt = p + N * W, *bias = Dt + W;
+    float *At = p, *Dt = p + N * W, *bias = Dt + W, *A2 = bias + W;
     for (int64_t n = 0; n < N; n++)
-        for (int64_t j = 0; j < W; j++) At[n * W + j] = j < w ? a->A[(c0 + j) * N + n] : 0.f;
+        for (int64_t j = 0; j < W; j++) {
+            At[n * W + j] = j < w ? a->A[(c0 + j) * N + n] : 0.f;
+            A2[n * W + j] = At[n * W + j] * LOG2E;
+        }
     for (int64_t j = 0; j < W; j++) {
         Dt[j] = (j < w && a->D) ? a->D[c0 + j] : 0.f;
         bias[j] = (j < w && a->delta_bias) ? a->delta_bias[c0 + j] : 0.f;
@@ -114,10 +118,10 @@ INLINE void forward_tile(const ScanArgs *a, FwdScratch *s, float *restrict h, co
         for (int64_t j = 0; j < W; j++) yi[j] = Dt[j] * u[i * W + j];
         for (int64_t n = 0; n < N; n++) {
             float *hn = h + n * W;
-            const float *An = At + n * W, Bn = Bi[n], Cn = Ci[n];
+            const float *A2n = At + (N + 2) * W + n * W, Bn = Bi[n], Cn = Ci[n];
 #pragma omp simd
             for (int64_t j = 0; j < W; j++) {
-                hn[j] = exp_inline(dti[j] * An[j]) * hn[j] + dtui[j] * Bn;
+                hn[j] = exp2_inline(dti[j] * A2n[j]) * hn[j] + dtui[j] * Bn;
                 yi[j] += hn[j] * Cn;
             }
         }
@@ -214,12 +218,12 @@ INLINE void backward_tile(const ScanArgs *a, BwdScratch *s, int64_t slot, int64_
         float yi[W];
         for (int64_t j = 0; j < W; j++) yi[j] = Dt[j] * u[i * W + j];
         for (int64_t n = 0; n < N; n++) {
-            const float *hp = hs + (i * N + n) * W, *An = At + n * W, Bn = Bi[n], Cn = Ci[n];
+            const float *hp = hs + (i * N + n) * W, *A2n = At + (N + 2) * W + n * W, Bn = Bi[n], Cn = Ci[n];
             float *hc = hs + ((i + 1) * N + n) * W, *de = dec + (i * N + n) * W;
             float *dCl = s->dC_lanes + (i * N + n) * W;
 #pragma omp simd
             for (int64_t j = 0; j < W; j++) {
-                de[j] = exp_inline(dti[j] * An[j]);
+                de[j] = exp2_inline(dti[j] * A2n[j]);
                 hc[j] = de[j] * hp[j] + dtui[j] * Bn;
                 yi[j] += hc[j] * Cn;
                 dCl[j] += gyi[j] * hc[j];

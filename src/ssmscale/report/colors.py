@@ -11,6 +11,15 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e
 FIXED = {**dict(zip(FAMILIES, PALETTE)), "all": "#333333"}   # "all": a fit without a family column
 
 
+def check_family_count(names, source) -> None:
+    """A report draws each family in a colour of its own (and a panel of its own): at most len(PALETTE)."""
+    from ..errors import UserError
+    names = set(names)
+    if len(names) > len(PALETTE):
+        raise UserError(f"{source}: {len(names)} families; a report draws at most {len(PALETTE)} (one colour "
+                        "each): `ssmscale fit` fits any number")
+
+
 def family_colors(names) -> dict[str, str]:
     """{name: colour}: fixed for the known families, the spare palette in sorted order for the others."""
     spare = iter(c for c in PALETTE if c not in FIXED.values())

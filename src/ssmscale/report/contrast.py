@@ -24,7 +24,7 @@ def contrast_name(study: Path) -> str | None:
     from ..config import read_study_config
     from ..errors import UserError
     try:
-        return read_study_config(study / "config.yaml").contrast_with
+        return read_study_config(study / "config.yaml", within=study).contrast_with
     except (UserError, OSError):
         return None
 
@@ -33,7 +33,7 @@ def _seq_len(study: Path) -> int | None:
     from ..config import read_study_config
     from ..errors import UserError
     try:
-        return read_study_config(study / "config.yaml").train.seq_len
+        return read_study_config(study / "config.yaml", within=study).train.seq_len
     except (UserError, OSError):
         return None
 

@@ -72,7 +72,7 @@ def _profile_meta(study: Path) -> dict:
     from ..safeload import FileRefused, read_json
     path = study / "profile" / "profile.json"
     try:
-        meta = read_json(path)
+        meta = read_json(path, within=study)
     except FileNotFoundError:
         return {}
     except FileRefused as exc:
@@ -148,13 +148,14 @@ _PROFILE_COLUMNS = ("family", "mode", "seq_len", "batch", "tokens_per_s", "peak_
 
 
 def _read_profile(study: Path) -> pd.DataFrame | None:
+    from ..safeload import FileRefused, read_csv
     path = study / "profile" / "profile.csv"
-    if not path.is_file():
-        return None
     try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not a readable CSV ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+        df = read_csv(path, within=study)
+    except FileNotFoundError:
+        return None
+    except FileRefused as exc:
+        raise UserError(str(exc)) from None
     missing = [c for c in _PROFILE_COLUMNS if c not in df.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
@@ -166,14 +167,17 @@ def _read_profile(study: Path) -> pd.DataFrame | None:
     usable = np.isfinite(df[["seq_len", "batch"]]).all(axis=1) & (df[["seq_len", "batch"]] >= 1).all(axis=1)
     if not usable.all():
         print(f"{path}: ignored {int((~usable).sum())} rows without a positive seq_len and batch")
-    return df[usable]
+    measured = (df["status"] != "ok") | (np.isfinite(df["tokens_per_s"]) & (df["tokens_per_s"] > 0))
+    if not (measured | ~usable).all():
+        print(f"{path}: ignored {int((usable & ~measured).sum())} ok rows without a positive tokens_per_s")
+    kept = df[usable & measured]
+    return kept if len(kept) else None      # nothing to draw: no profile section
 
 
 def _profile_families(study: Path) -> list[str]:
-    path = study / "profile" / "profile.csv"
-    if not path.is_file():
-        return []
+    from ..safeload import FileRefused, read_csv
     try:
-        return [str(f) for f in pd.read_csv(path, usecols=["family"])["family"].dropna().unique()]
-    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return [str(f) for f in read_csv(study / "profile" / "profile.csv", within=study,
+                                         usecols=["family"])["family"].dropna().unique()]
+    except (FileNotFoundError, FileRefused):
         return []

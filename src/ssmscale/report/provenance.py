@@ -1,19 +1,37 @@
-"""The Provenance section every report ends with: what the results were trained with (data fingerprints,
-commits, devices, FLOPs convention, versions) and what generated the report.
+"""The sections every report ends with: the study's config.yaml verbatim, and Provenance: what the results
+were trained with (data fingerprints, commits, devices, FLOPs convention, versions) and what generated the
+report.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
 
 
+def config_block(study: Path) -> list[str]:
+    """The study's config.yaml verbatim, in a code block (report.md's Configuration section)."""
+    from ..safeload import CAPS, FileRefused, read_bytes
+    try:
+        text = read_bytes(study / "config.yaml", CAPS["text"], within=study).decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ["(no config.yaml in the study directory)", ""]
+    except FileRefused as exc:
+        return [f"(config.yaml not shown: {str(exc).split(': ', 1)[-1]})", ""]
+    text = text.rstrip("\n")
+    # a fence longer than any run of backticks inside, so the file cannot end the code block early
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return ["`config.yaml`, verbatim:", "", fence + "yaml", text, fence, ""]
+
+
 def _provenance(csv: Path, fit: dict) -> list[str]:
     from .. import __version__
     from ..provenance import source_commit, versions
-    raw = pd.read_csv(csv, dtype=str)
+    from ..safeload import read_csv
+    raw = read_csv(csv, dtype=str)
     lines = ["| field | value |", "|---|---|"]
 
     def uniq(col):
@@ -33,7 +51,7 @@ def _provenance(csv: Path, fit: dict) -> list[str]:
             try:
                 for k, v in json.loads(blob).items():
                     merged.setdefault(k, set()).add(str(v))
-            except (json.JSONDecodeError, AttributeError):
+            except (json.JSONDecodeError, AttributeError, RecursionError):
                 continue
         if merged:
             lines.append("| training versions | " + ", ".join(f"{k} {'/'.join(sorted(v))}"

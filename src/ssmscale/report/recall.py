@@ -20,11 +20,12 @@ import numpy as np
 import pandas as pd
 
 from ..config import sweep
-from ..errors import UserError
+from ..errors import UserError, shorten
 from ..fsutil import atomic_write_bytes, atomic_write_text
-from .colors import family_colors
+from ..safeload import CAPS, read_bytes
+from .colors import check_family_count, family_colors
 from .figures import _figure, _png
-from .provenance import _provenance
+from .provenance import _provenance, config_block
 
 SOLVED = 0.99          # a cell counts as solved at this accuracy (Zoology plots reach ~1.0 when solved)
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
@@ -34,12 +35,12 @@ _KV_KEY = "data.synthetic.num_kv_pairs"
 def is_fixed_length_study(study: Path) -> bool:
     """A study whose config trains every run for `steps` or `tokens` instead of FLOP budgets."""
     from ..config import read_yaml
-    path = Path(study) / "config.yaml"
+    study = Path(study)
     try:
-        cfg = read_yaml(path) if path.is_file() else None
-    except UserError:           # not YAML, not UTF-8: not a fixed-length study's config
+        cfg = read_yaml(study / "config.yaml", within=study)
+    except UserError:           # absent, not YAML, not UTF-8, not a regular file: not a fixed-length study's config
         return False
-    return isinstance(cfg, dict) and cfg.get("budgets") is None and (cfg.get("steps") or cfg.get("tokens")) is not None
+    return cfg.get("budgets") is None and (cfg.get("steps") or cfg.get("tokens")) is not None
 
 
 def load_cells(study: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
@@ -58,7 +59,8 @@ def load_cells(study: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     if missing:
         raise UserError(f"{csv}: missing column(s) {', '.join(missing)}")
     _numbers_only(df, csv, ["d_model", "n_layer", "seq_len", "lr", "loss", "val_accuracy", "state_bytes", "wall_s"])
-    cfg = read_study_config(study / "config.yaml")
+    check_family_count(df["family"].dropna().astype(str), csv)
+    cfg = read_study_config(study / "config.yaml", within=study)
     default_kv = cfg.data.synthetic.num_kv_pairs if cfg.data.synthetic else None
     for col in ("val_accuracy", "state_bytes", "wall_s", "sweep"):
         if col not in df.columns:
@@ -70,6 +72,11 @@ def load_cells(study: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         if not np.isfinite(ok[col]).all():
             line = int(ok.index[~np.isfinite(ok[col])][0]) + 2
             raise UserError(f"{csv}: column '{col}', line {line}: a finished run (status ok) without a value")
+        if not (ok[col] > 0).all():
+            line = int(ok.index[~(ok[col] > 0)][0]) + 2
+            raise UserError(f"{csv}: column '{col}', line {line}: a finished run (status ok) with "
+                            f"{ok[col].loc[line - 2]:g}, not a positive number")
+    ok["family"] = ok["family"].astype(str)
     points = [_sweep_point(text, csv, line) for line, text in zip(ok.index + 2, ok["sweep"])]
     ok["num_kv_pairs"] = [p.get(_KV_KEY, default_kv) for p in points]
     ok["task"] = [_task_label(p, seq_len, kv) for p, seq_len, kv in zip(points, ok["seq_len"], ok["num_kv_pairs"])]
@@ -102,18 +109,19 @@ def _numbers_only(df: pd.DataFrame, csv: Path, columns: list[str]) -> None:
                 df[col] = parsed
                 continue
             i = int(np.flatnonzero(bad)[0])
-            raise UserError(f"{csv}: column '{col}', line {i + 2}: {df[col].iloc[i]!r} is not a number")
+            raise UserError(f"{csv}: column '{col}', line {i + 2}: {shorten(df[col].iloc[i])} is not a number")
 
 
 def _sweep_point(text, csv: Path, line: int) -> dict:
     """A run's sweep point from its results.csv cell (JSON, '' without a sweep); its key-value pairs a whole number."""
     try:
         point = sweep.decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         point = None
     kv = point.get(_KV_KEY) if isinstance(point, dict) else None
-    if not isinstance(point, dict) or (kv is not None and (isinstance(kv, bool) or not isinstance(kv, int))):
-        raise UserError(f"{csv}: column 'sweep', line {line}: {text!r} is not a sweep point of this tool")
+    if not isinstance(point, dict) or not all(isinstance(k, str) for k in point) or \
+            (kv is not None and (isinstance(kv, bool) or not isinstance(kv, int))):
+        raise UserError(f"{csv}: column 'sweep', line {line}: {shorten(text)} is not a sweep point of this tool")
     return point
 
 
@@ -255,7 +263,8 @@ def _cell_table(best, facts) -> list[str]:
 
 def render_markdown(study: Path, ok, best, facts, figures: list[str]) -> str:
     fams = facts["families"]
-    length = f"{facts['steps']} optimiser steps" if facts["steps"] else f"{facts['tokens']:.3g} tokens"
+    length = (f"{facts['steps']} optimiser steps" if facts["steps"] else f"{facts['tokens']:.3g} tokens"
+              if facts["tokens"] else "an equal length")
     lines = [f"# Recall study `{facts['name']}`", "",
              f"Regenerate with `ssmscale report {study}`: everything below comes from that directory alone "
              "(results.csv, config.yaml).", "",
@@ -292,9 +301,8 @@ def render_markdown(study: Path, ok, best, facts, figures: list[str]) -> str:
               "the grid) and the generation state at that sequence length.", ""]
     lines += _cell_table(best, facts)
     lines += ["", "## Configuration", ""]
-    cfg = study / "config.yaml"
-    lines += ["`config.yaml`, verbatim:", "", "```yaml", cfg.read_text().rstrip("\n"), "```", ""]
-    sha = hashlib.sha256((study / "results.csv").read_bytes()).hexdigest()
+    lines += config_block(study)
+    sha = hashlib.sha256(read_bytes(study / "results.csv", CAPS["csv"], within=study)).hexdigest()
     lines += ["## Provenance", ""] + _provenance(study / "results.csv", {"source": {"sha256": sha}}) + [""]
     return "\n".join(lines)
 

@@ -10,7 +10,9 @@ Figures (PNG, matplotlib's object API on the Agg canvas, so no global backend is
 - profile.png     tokens/s and peak memory against sequence length, one column per mode (if profile/ exists;
                   profile.py);
 - position.png, wallclock.png: loss by token position and loss against training time (trust.py, with
-                  the backtest, seed-noise and Approach 1 sections).
+                  the backtest, seed-noise and Approach 1 sections);
+- multiplier.png  each family's compute multiplier against the baseline, k(C), the report's first section
+                  (multiplier.py).
 A family has the same colour in every figure. The report holds no timings and no clock or version stamp in
 its PNGs, so regenerating it from the same study directory rewrites the same bytes.
 """
@@ -19,21 +21,23 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..errors import UserError
-from ..fit import (DEFAULT_N_BOOT, LoadedRuns, fit_json, fit_notes, fit_runs, fmt_value, format_fit, frontier_loss,
-                   load_runs, quantity_rows)
+from ..fit import (DEFAULT_BASELINE, DEFAULT_N_BOOT, LoadedRuns, fit_json, fit_notes, fit_runs, fmt_value, format_fit,
+                   frontier_loss, load_runs, quantity_rows)
+from ..fit.forecast import score_forecasts, summary_line
 from ..fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_dir
-from .colors import family_colors
+from .caveats import family_caveats, lr_grid, pair_caveats, results_table, weakened
+from .colors import check_family_count, family_colors
 from .contrast import contrast_section
 from .figures import _figure, _png, _sci
+from .multiplier import multiplier_section
 from .profile import _profile_families, _profile_section, _read_profile, profile_figure
-from .provenance import _provenance
+from .provenance import _provenance, config_block
 from .scaling_figures import GAP_BASELINE, allocation_figure, frontier_figure, isoflop_figure
 from .trust import trust_sections
 
@@ -82,30 +86,17 @@ def _fit_table(fam: dict, ci: float) -> list[str]:
 def _lr_section(study: Path) -> list[str]:
     """Where a learning-rate grid was tried: the best rate per family, size and budget, and a warning
     where it sits at an end of the grid (the optimum may lie outside it)."""
-    csv = study / "results.csv"
-    if not csv.is_file():
-        return []
-    df = pd.read_csv(csv)
-    if not {"lr", "family", "params", "budget", "loss", "status"} <= set(df.columns):
-        return []
-    ok = df[(df["status"] == "ok") & np.isfinite(df["loss"])]
-    rows, edges = [], 0
-    for (fam, params, budget), g in ok.groupby(["family", "params", "budget"]):
-        if g["lr"].nunique() < 2:
-            continue
-        best = g.loc[g["loss"].idxmin()]
-        lrs = sorted(g["lr"].unique())
-        edge = best["lr"] in (lrs[0], lrs[-1])
-        edges += edge
-        tried = ", ".join(f"{x:.3g}" for x in lrs)
-        rows.append(f"| {fam} | {int(params):,} | {_sci(budget)} | {tried} | **{best['lr']:.3g}**"
-                    f"{' (edge)' if edge else ''} | {best['loss']:.4f} |")
+    grid = lr_grid(study)
+    edges = sum(r["edge"] for r in grid)
+    rows = [f"| {r['family']} | {int(r['params']):,} | {_sci(r['budget'])} | {', '.join(f'{x:.3g}' for x in r['lrs'])} "
+            f"| **{r['best_lr']:.3g}**{' (edge)' if r['edge'] else ''} | {r['loss']:.4f} |" for r in grid]
     if not rows:
         return []
     out = ["", "## Learning rates", "",
            "Best learning rate per family, size and budget where a grid was tried (the fits use that run).", "",
            "| family | params | budget | learning rates tried | best | loss |", "|---|---|---|---|---|---|"] + rows
-    if "lr_source" in df.columns:
+    df = results_table(study)
+    if df is not None and "lr_source" in df.columns:
         tuned = df[df["lr_source"].astype(str).str.startswith("tuned")]
         if len(tuned):
             out += ["", f"The other {len(tuned)} runs use the best learning rate of their family and size at the "
@@ -117,12 +108,13 @@ def _lr_section(study: Path) -> list[str]:
 
 
 def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figures: list[str],
-                    profile: pd.DataFrame | None = None, sections: list[str] = ()) -> str:
+                    profile: pd.DataFrame | None = None, sections: list[str] = (), lead: list[str] = ()) -> str:
     s = fit["settings"]
     ci = s["ci"]
+    grid = lr_grid(study)
     lines = [f"# Scaling study `{name}`", "",
              f"Regenerate with `ssmscale report {study}`: everything below comes from that directory alone "
-             f"(results.csv, config.yaml, fit.json, profile/).", "", "## Summary", ""]
+             f"(results.csv, config.yaml, fit.json, profile/).", "", *lead, "## Summary", ""]
     for fam_name, fam in fit["families"].items():
         bits = [f"**{fam_name}**: {fam['n_runs']} runs, {fam['n_budgets']} IsoFLOP budgets, "
                 f"C from {_sci(fam['flops_range'][0])} to {_sci(fam['flops_range'][1])} FLOPs"]
@@ -137,10 +129,15 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
                             f"[{fmt_value(block['a']['lo'])}, {fmt_value(block['a']['hi'])}], "
                             f"D_opt ∝ C^{fmt_value(block['b']['value'])} "
                             f"[{fmt_value(block['b']['lo'])}, {fmt_value(block['b']['hi'])}]")
-        lines.append("- " + "; ".join(bits) + ".")
+        lines.append("- " + "; ".join(bits) + "." + weakened(family_caveats(fam_name, fam, grid, _sci)))
     if fit["crossover"]["pairs"]:
         lines += ["", "Where the frontiers cross (frontier.png's right panel shows each family's gap to the "
                       f"{GAP_BASELINE}):", ""] + _crossover_table(fit)
+        caveats = [(pair["families"], pair_caveats(pair, fit, _sci)) for pair in fit["crossover"]["pairs"]]
+        lines += [""] + [f"- {' vs '.join(fams)}:{weakened(c)}" for fams, c in caveats if c]
+    if fit.get("decision", {}).get("rows"):
+        lines.append(f"- **Decision accuracy** (backtests): {fit['decision']['statement']}.")
+    lines += [f"- **Forecast**: {summary_line(score)}." for score in score_forecasts(study, loaded)]
     lines += ["", "## Data", ""]
     lines.append(f"- {fit['source'].get('rows_read', '?')} rows read from `{loaded.source['csv']}`; "
                  f"{len(loaded.table)} runs kept for fitting.")
@@ -149,12 +146,13 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
         lines.append("- one learning rate per (family, size, budget) in this study: nothing to select. "
                      "(When several are tried, the fits use the lowest-loss one per family, size and budget, "
                      "after Porian et al. 2024.)")
-    plan = study / "plan.csv"
-    if plan.is_file():
-        try:
-            lines.append(f"- plan.csv lists {len(pd.read_csv(plan))} planned runs.")
-        except ValueError:       # pandas' parser errors and a non-UTF-8 file are ValueErrors
-            lines.append("- plan.csv is unreadable (not a CSV).")
+    from ..safeload import FileRefused, read_csv
+    try:
+        lines.append(f"- plan.csv lists {len(read_csv(study / 'plan.csv', within=study))} planned runs.")
+    except FileNotFoundError:
+        pass
+    except FileRefused as exc:
+        lines.append(f"- plan.csv is unreadable ({str(exc).split(': ', 1)[-1]}).")
     lines.append(f"- {s['grouping']}.")
 
     lines += _lr_section(study)
@@ -193,24 +191,18 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
         lines += _profile_section(study, profile)
 
     lines += ["## Configuration", ""]
-    cfg = study / "config.yaml"
-    if cfg.is_file():
-        text = cfg.read_bytes().decode("utf-8", errors="replace").rstrip("\n")
-        # a fence longer than any run of backticks inside, so the file cannot end the code block early
-        fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
-        lines += ["`config.yaml`, verbatim:", "", fence + "yaml", text, fence, ""]
-    else:
-        lines += ["(no config.yaml in the study directory)", ""]
+    lines += config_block(study)
     lines += ["## Provenance", ""] + _provenance(Path(loaded.source["csv"]), fit) + [""]
     return "\n".join(lines)
 
 
-def cached_fit(study: Path, loaded: LoadedRuns) -> dict | None:
-    """STUDY/fit.json when it is a fit of the current results.csv, else None (and a line saying why)."""
+def cached_fit(study: Path, loaded: LoadedRuns, baseline: str = DEFAULT_BASELINE) -> dict | None:
+    """STUDY/fit.json when it is a fit of the current results.csv with compute multipliers against `baseline`,
+    else None (and a line saying why)."""
     from ..safeload import FileRefused, read_json
     target = study / "fit.json"
     try:
-        fit = read_json(target)
+        fit = read_json(target, within=study)
     except FileNotFoundError:
         return None
     except FileRefused as exc:
@@ -222,6 +214,16 @@ def cached_fit(study: Path, loaded: LoadedRuns) -> dict | None:
         return None
     if source.get("sha256") != loaded.source["sha256"]:
         print(f"{target}: fitted on a different results.csv, refitting")
+        return None
+    if set(fit["families"]) != set(loaded.table["family"].astype(str)):
+        print(f"{target}: its families are not those of results.csv, refitting")
+        return None
+    if "decision" not in fit or any("sanity" not in fam for fam in fit["families"].values() if isinstance(fam, dict)):
+        print(f"{target}: written before sanity flags and decision accuracy existed, refitting")
+        return None
+    mult = fit.get("multiplier")
+    if not isinstance(mult, dict) or mult.get("baseline") != baseline:
+        print(f"{target}: has no compute multipliers against {baseline}, refitting")
         return None
     return fit
 
@@ -240,7 +242,7 @@ def _fit_and_save(study: Path, loaded: LoadedRuns, **fit_kwargs) -> dict:
 
 def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, refit: bool = False,
                  n_boot: int = DEFAULT_N_BOOT, seed: int = 0, progress: bool = True,
-                 parametric_grid: np.ndarray | None = None) -> Path:
+                 parametric_grid: np.ndarray | None = None, baseline: str = DEFAULT_BASELINE) -> Path:
     """Write <out_dir>/report.md and its figures (default out_dir: reports/<study>); returns report.md's path.
 
     Uses STUDY_DIR/fit.json when it was fitted on the current results.csv, else fits (n_boot, seed,
@@ -258,9 +260,11 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     if is_fixed_length_study(study):      # no budgets, no scaling law: the recall report
         return write_recall_report(study, out)
     loaded = load_runs(study)
+    check_family_count(loaded.table["family"].astype(str), loaded.source["csv"])
     profile = _read_profile(study)
-    fit_kwargs = dict(n_boot=n_boot, seed=seed, progress=progress, parametric_grid=parametric_grid)
-    fit = None if refit else cached_fit(study, loaded)
+    fit_kwargs = dict(n_boot=n_boot, seed=seed, progress=progress, parametric_grid=parametric_grid,
+                      baseline=baseline)
+    fit = None if refit else cached_fit(study, loaded, baseline)
     rendered = None
     if fit is not None:
         try:
@@ -278,7 +282,7 @@ def write_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike | None
 
 
 # what rendering a fit.json of the wrong shape raises (a missing key, a list where a number belongs, ...)
-_MALFORMED_FIT = (KeyError, TypeError, ValueError, IndexError, AttributeError)
+_MALFORMED_FIT = (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError)
 
 
 def _render(name: str, study: Path, loaded: LoadedRuns, fit: dict, profile) -> tuple[dict[str, bytes], str]:
@@ -292,6 +296,7 @@ def _render(name: str, study: Path, loaded: LoadedRuns, fit: dict, profile) -> t
         figures["profile.png"] = profile_figure(profile, colors)
     sections, trust_figures = trust_sections(study, loaded, fit, colors, _figure, _sci)
     contrast, contrast_figures = contrast_section(study, colors, _figure, _sci)
-    sections, trust_figures = [*sections, *contrast], {**trust_figures, **contrast_figures}
-    markdown = render_markdown(name, study, loaded, fit, list(figures), profile, sections)
+    lead, lead_figures = multiplier_section(fit, colors, _figure, _sci)
+    sections, trust_figures = [*sections, *contrast], {**trust_figures, **contrast_figures, **lead_figures}
+    markdown = render_markdown(name, study, loaded, fit, list(figures), profile, sections, lead)
     return {fig_name: _png(fig) for fig_name, fig in {**figures, **trust_figures}.items()}, markdown

@@ -11,15 +11,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..fit import FIGURE_EXTRAPOLATION, LoadedRuns, fmt_value, frontier_loss
+from ..fit.forecast import score_forecasts, score_lines
 from ..fit.text import (backtest_order_lines, backtest_rows, calibration_rows, fmt_interval, seed_gap_lines,
                         threshold_lines, wallclock_statement)
-from ..fit.forecast import score_forecasts, score_lines
 
 CHOSHEN_ARE = 0.04       # Choshen et al. 2024: ~4% ARE is the best typically reached predicting a larger model
 
@@ -38,7 +37,7 @@ def trust_sections(study: Path, loaded: LoadedRuns, fit: dict, colors: dict, fig
     lines += _position_section(by_position, sci)
     if any("skipped" not in fam["wallclock"] for fam in fit["families"].values()):
         figures["wallclock.png"] = wallclock_figure(loaded, fit, colors, figure)
-    lines += _wallclock_section(fit, "wallclock.png" in figures)
+    lines += _wallclock_section(fit, "wallclock.png" in figures, _timed_fit(study, fit))
     lines += _approach1_section(fit)
     return lines, figures
 
@@ -136,6 +135,7 @@ def _seed_section(fit: dict, sci) -> list[str]:
 def _best_run_positions(study: Path, loaded: LoadedRuns) -> dict:
     """{family: [(budget, loss by position averaged over the best configuration's seeds)]} for the best run
     of each budget, read from runs/<run_id>/result.json (empty where none recorded it)."""
+    from ..safeload import FileRefused, read_json
     out: dict = {}
     t = loaded.table
     for (family, budget), g in t.groupby(["family", "group_flops"], sort=True):
@@ -143,13 +143,18 @@ def _best_run_positions(study: Path, loaded: LoadedRuns) -> dict:
         vectors = []
         for run_id in best["run_ids"]:
             try:
-                res = json.loads((study / "runs" / run_id / "result.json").read_text())
-            except (OSError, json.JSONDecodeError):
+                res = read_json(study / "runs" / run_id / "result.json", within=study)
+            except (FileNotFoundError, FileRefused):
                 continue
-            if res.get("val_loss_by_position"):
-                vectors.append([np.nan if v is None else v for v in res["val_loss_by_position"]])
+            by_position = res.get("val_loss_by_position") if isinstance(res, dict) else None
+            numbers = isinstance(by_position, list) and all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in by_position)
+            if numbers and any(v is not None for v in by_position):
+                vectors.append([np.nan if v is None else v for v in by_position])
         if vectors and len({len(v) for v in vectors}) == 1:
-            mean = np.nanmean(np.array(vectors, float), axis=0)
+            values = np.array(vectors, float)
+            seen = (~np.isnan(values)).sum(axis=0)      # a position no seed recorded stays NaN (no nanmean warning)
+            mean = np.where(seen > 0, np.nansum(values, axis=0) / np.maximum(seen, 1), np.nan)
             out.setdefault(str(family), []).append((float(budget), mean, float(best["params"]), len(vectors)))
     return out
 
@@ -244,7 +249,22 @@ def wallclock_figure(loaded: LoadedRuns, fit: dict, colors: dict, figure):
     return fig
 
 
-def _wallclock_section(fit: dict, has_figure: bool) -> list[str]:
+def _timed_fit(study: Path, fit: dict) -> dict | None:
+    """STUDY/fit_timed.json (`ssmscale fit --time-from`) when it re-prices the same results.csv as fit.json."""
+    from ..safeload import FileRefused, read_json
+    try:
+        timed = read_json(study / "fit_timed.json", within=study)
+    except (FileNotFoundError, FileRefused):
+        return None
+    wc = timed.get("wallclock") if isinstance(timed, dict) else None
+    if (not isinstance(wc, dict) or wc.get("time_basis") != "profile" or not isinstance(timed.get("source"), dict)
+            or timed["source"].get("sha256") != fit["source"].get("sha256")
+            or not isinstance(wc.get("crossover"), dict)):
+        return None
+    return timed
+
+
+def _wallclock_section(fit: dict, has_figure: bool, timed: dict | None = None) -> list[str]:
     ci = fit["settings"]["ci"]
     out = ["### Wall clock: which family wins at equal training time, here", ""]
     skipped = [f"{n}: {fam['wallclock']['skipped']}" for n, fam in fit["families"].items()
@@ -253,7 +273,10 @@ def _wallclock_section(fit: dict, has_figure: bool) -> list[str]:
         return out + ["Not fitted (" + "; ".join(skipped) + ").", ""]
     if has_figure:
         out += ["![wallclock.png](wallclock.png)", ""]
-    out += [f"**Verdict**: {wallclock_statement(fit)}", "",
+    out += [f"**Verdict**: {wallclock_statement(fit)}", ""]
+    if timed is not None:
+        out += [f"**Re-priced** (fit_timed.json, `ssmscale fit --time-from`): {wallclock_statement(timed)}", ""]
+    out += [
             "Points: each family's runs that no faster run of it beats in final loss (the best loss t seconds of "
             "training buy, any size); law L(t) = E + A t^-alpha fitted to them as the frontier is to FLOPs, "
             f"{ci:.0%} bootstrap intervals. Pure training time counts optimiser steps only: no start-up, "

@@ -12,11 +12,12 @@ not counted; a measured rate is that of the profiled model size, applied to ever
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, shorten
 
 # H100 / H200 SXM dense bf16 peak (profile.GPU_PEAKS) at 30% MFU: small models (10M-350M) rarely
 # sustain more, and the selective scan is not a matmul
@@ -40,13 +41,15 @@ def assumed_throughput(families) -> dict[str, Throughput]:
 
 def throughput_from_profile(path: str | Path, families, seq_len: int) -> dict[str, Throughput]:
     """Per family, the achieved training FLOP/s of the `ssmscale profile` row nearest `seq_len`."""
+    from ..safeload import CAPS, FileRefused, read_text
     path = Path(path)
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (FileNotFoundError, IsADirectoryError):
+        rows = list(csv.DictReader(io.StringIO(read_text(path, CAPS["csv"]), newline="")))
+    except FileNotFoundError:
         raise UserError(f"{path}: profile CSV not found (write one with ssmscale profile --out DIR)") from None
-    except (UnicodeDecodeError, csv.Error):
+    except FileRefused as exc:
+        raise UserError(str(exc)) from None
+    except csv.Error:
         raise UserError(f"{path}: not a CSV file") from None
     needed = {"family", "mode", "seq_len", "tokens_per_s", "flops_per_token", "status"}
     if not rows or not needed <= set(rows[0]):
@@ -60,8 +63,12 @@ def throughput_from_profile(path: str | Path, families, seq_len: int) -> dict[st
                 continue
             try:
                 rate, length = float(r["tokens_per_s"]) * float(r["flops_per_token"]), int(r["seq_len"])
-            except ValueError:
-                raise UserError(f"{path}: row for {fam} at seq_len {r['seq_len']!r}: unreadable numbers") from None
+            except (TypeError, ValueError):      # TypeError: a short row's missing fields are None
+                raise UserError(f"{path}: row for {fam} at seq_len {shorten(r['seq_len'])}: unreadable "
+                                "numbers") from None
+            if not (length > 0 and 0 < rate < math.inf):
+                raise UserError(f"{path}: row for {fam} at seq_len {length}: seq_len, tokens_per_s and "
+                                "flops_per_token must be positive finite numbers")
             usable.append((abs(math.log(length / seq_len)), length, rate, r))
         if not usable:
             raise UserError(f"{path}: no successful training row for family {fam} (profile it with "

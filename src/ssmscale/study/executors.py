@@ -2,6 +2,11 @@
 `parallel: 1`); a pool of `parallel` worker processes; or submitit jobs: a local process pool or a
 Slurm job array. Each reports every run as it ends (the ladder's progress bar) and rebuilds
 results.csv after it; a run that ends without a result is recorded as failed and retried next time.
+
+Submitit keeps its job files (pickled calls, results, logs) in a folder of the study, which a stranger
+may have filled: each invocation makes a fresh one (submitit/<time>-<random>, mode 0700), and a job's
+outcome is read from its run's result.json, never from submitit's result pickle. A stopped ladder
+(SIGTERM, SIGINT) stops the runs it started on this machine (pool workers, local jobs); Slurm jobs run on.
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import LadderConfig
-from ..errors import UserError
+from ..errors import Stopped, UserError
 from .runner import _train_run, run_one, thread_share
 from .state import _write_failed, collect_results
 
@@ -95,7 +101,7 @@ def _run_pool(cfg, out_dir, runs, todo, bar, tally):
     queue = sorted(todo, key=lambda r: -r.flops)
     context = multiprocessing.get_context("spawn")    # never fork a process whose torch threads exist
     with ProcessPoolExecutor(max_workers=cfg.parallel, mp_context=context, initializer=_die_with_parent,
-                             initargs=(os.getpid(),)) as pool:
+                             initargs=(os.getpid(),)) as pool, _workers_stopped_on_exit(pool):
         pending = {}
         while queue or pending:
             while queue and len(pending) < cfg.parallel:
@@ -119,9 +125,22 @@ def _run_pool(cfg, out_dir, runs, todo, bar, tally):
                 collect_results(cfg, out_dir, runs)
 
 
+@contextmanager
+def _workers_stopped_on_exit(pool):
+    """A ladder stopped inside the pool by a signal kills its workers: the pool's own exit would wait for
+    their runs to end. A killed run resumes from its checkpoint when the ladder is started again."""
+    try:
+        yield
+    except (Stopped, KeyboardInterrupt):
+        for process in list((pool._processes or {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+
+
 def _die_with_parent(parent: int) -> None:
-    """Pool worker initializer: a ladder stopped by a signal it cannot catch (kill, a scheduler's SIGTERM)
-    must not leave its workers training on (they would hold their runs' locks and the cores). On Linux
+    """Pool worker initializer: a ladder stopped by a signal it cannot catch (kill -9; SIGTERM and SIGINT it
+    handles, see _workers_stopped_on_exit) must not leave its workers training on (they would hold their runs' locks and the cores). On Linux
     the kernel kills the worker when the ladder process ends (SIGKILL: Lightning catches SIGTERM, stops
     the run and leaves the worker waiting for tasks that never come); its run resumes from its checkpoint
     when the ladder is started again."""
@@ -141,8 +160,15 @@ def _executor(cfg: LadderConfig, out_dir: Path, cluster: str):
 
     from ..threads import configure_waiting
     configure_waiting()      # the jobs inherit os.environ: their OpenMP threads sleep when idle
+    import tempfile
+
+    from ..fsutil import make_dirs
     s = cfg.submitit
-    ex = submitit.AutoExecutor(folder=out_dir / "submitit", cluster=cluster)
+    folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=make_dirs(out_dir, "submitit")))
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(folder.resolve())):
+        # the folder's path is written into the job script's #SBATCH lines, which end at a line end
+        raise UserError(f"{out_dir}: a study folder whose path holds control characters cannot run Slurm jobs")
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
     params = {"timeout_min": s.timeout_min, "gpus_per_node": s.gpus_per_node, "cpus_per_task": s.cpus_per_task,
               "name": f"ssmscale-{cfg.name}"}
     if s.mem_gb:
@@ -175,12 +201,17 @@ def _run_submitit(cfg, out_dir, runs, todo, bar, tally, cluster):
             run_id = queue.pop(0)
             pending[run_id] = ex.submit(run_one, str(out_dir), run_id, False, *share)
 
-        while queue and len(pending) < cfg.submitit.parallelism:
-            start_next()
-        for run_id, res, returned in _as_they_end(pending, slurm=False):
-            if queue:
+        try:
+            while queue and len(pending) < cfg.submitit.parallelism:
                 start_next()
-            _end_job(cfg, out_dir, runs, bar, tally, by_id[run_id], res, returned)
+            for run_id, res, returned in _as_they_end(pending, slurm=False, out_dir=out_dir):
+                if queue:
+                    start_next()
+                _end_job(cfg, out_dir, runs, bar, tally, by_id[run_id], res, returned)
+        except (Stopped, KeyboardInterrupt):          # stopped by a signal: the local jobs stop too
+            for job in pending.values():
+                _stop_local_job(job)
+            raise
         return
     ids = list(by_id)
     jobs = ex.map_array(run_one, [str(out_dir)] * len(ids), ids, [False] * len(ids), *([x] * len(ids) for x in share))
@@ -188,8 +219,17 @@ def _run_submitit(cfg, out_dir, runs, todo, bar, tally, cluster):
         from tqdm.auto import tqdm
         tqdm.write(f"Slurm job array {jobs[0].job_id.split('_')[0]}: {len(jobs)} runs, at most "
                    f"{cfg.submitit.parallelism} at once; logs in {out_dir / 'submitit'}", file=sys.stderr)
-    for run_id, res, returned in _as_they_end(dict(zip(ids, jobs)), slurm=ex.cluster == "slurm"):
+    for run_id, res, returned in _as_they_end(dict(zip(ids, jobs)), slurm=ex.cluster == "slurm", out_dir=out_dir):
         _end_job(cfg, out_dir, runs, bar, tally, by_id[run_id], res, returned)
+
+
+def _stop_local_job(job) -> None:
+    """SIGTERM to a local job's controller, which passes it on to the job (its run stops as a run stops on
+    SIGTERM; submitit's own cancel sends SIGINT, whose KeyboardInterrupt the controller prints on our stderr)."""
+    import signal
+    process = getattr(job, "_process", None)
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
 
 
 def _end_job(cfg, out_dir, runs, bar, tally, run, res, returned):
@@ -207,13 +247,13 @@ SLURM_ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "
 RESULT_GRACE_S = 10.0     # how long a shared filesystem may take to show the result of a job that ended
 
 
-def _as_they_end(pending: dict, slurm: bool, poll_s: float | None = None):
+def _as_they_end(pending: dict, slurm: bool, out_dir: Path, poll_s: float | None = None):
     """Yield (run_id, result, returned) for each submitit job of {run_id: job} as it ends, in the order
-    they end; `returned`: the job returned the result (else it raised, or ended without one).
+    they end; `returned`: the job left its run's result (else it raised, or ended without one).
 
-    A job's result file decides first. On Slurm the states come from squeue, not from submitit's
-    watcher: it asks sacct, which clusters without an accounting database do not have, and without
-    it a cancelled job would be waited for forever."""
+    A job's result file decides when it ended (its existence only: the pickle is never read). On Slurm the
+    states come from squeue, not from submitit's watcher: it asks sacct, which clusters without an
+    accounting database do not have, and without it a cancelled job would be waited for forever."""
     poll_s = poll_s or (2.0 if slurm else 0.2)      # squeue is a request to the controller; a local poll is cheap
     ended_at: dict[str, float] = {}
     while pending:
@@ -236,17 +276,26 @@ def _as_they_end(pending: dict, slurm: bool, poll_s: float | None = None):
             elif not job.done():
                 continue
             del pending[run_id]
-            yield (run_id, *_job_result(job))
+            yield (run_id, *_job_result(job, out_dir, run_id))
         if pending:
             time.sleep(poll_s)
 
 
-def _job_result(job) -> tuple[dict, bool]:
+def _job_result(job, out_dir: Path, run_id: str) -> tuple[dict, bool]:
+    """(the run's result, True) when the job left a result.json that ends the run, else (a failed result
+    naming the job's log and its last line, False). Submitit's result pickle is never unpickled: the
+    study's submitit folder is the kind of place a stranger could have planted one."""
+    from ..safeload import CAPS, FileRefused, read_bytes, read_result
+    res, _ = read_result(out_dir / "runs" / run_id / "result.json", within=out_dir)
+    if res is not None:
+        return res, True
     try:
-        return job.result(), True
-    except Exception as exc:      # the job's own error, raised again here by submitit
-        last = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else ""
-        return {"status": "failed", "message": f"{type(exc).__name__}: {last}; log: {job.paths.stderr}"}, False
+        tail = read_bytes(job.paths.stderr, CAPS["text"]).decode(errors="replace").strip().splitlines()
+    except (OSError, FileRefused):
+        tail = []
+    last = f": {tail[-1].strip()[:300]}" if tail else ""
+    return {"status": "failed", "message": f"job {job.job_id} ended without a result{last}; "
+                                           f"log: {job.paths.stderr}"}, False
 
 
 def _slurm_states(job_ids: list[str]) -> dict[str, str] | None:

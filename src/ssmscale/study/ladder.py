@@ -48,6 +48,14 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
     from ..fsutil import atomic_write_dataframe_csv, atomic_write_text, check_writable_dir
 
     cfg = load_ladder_config(config_path, overrides)
+    if dry_run:
+        from ..config.origin import dry_run_plugins
+        if named := dry_run_plugins(cfg, config_path, overrides):
+            raise UserError(f"{config_path}: --dry-run: this config lies in a study or run folder and names plugin "
+                            f"families ({', '.join(named)}) whose code a dry run would run to size them; planning "
+                            "a folder that may have come from someone else runs none of its code. Its plan.csv "
+                            "shows the plan as last run; training or resuming it (no --dry-run) runs the code on "
+                            f"purpose, as does naming it yourself (--set custom_families.{named[0]}.mixer=...)")
     out_dir = Path(out or Path("scaling") / cfg.name)
     check_writable_dir(out_dir, "study directory")
     executor = executor or cfg.executor
@@ -62,15 +70,20 @@ def run_ladder(config_path: str, out: str | None = None, dry_run: bool = False,
               "its size (the 'repeats' flag)")
     else:
         n_train = training_tokens(cfg, progress)
-    plan(cfg, n_train)              # a grid that cannot be planned is refused before the study folder exists
+    planned = plan(cfg, n_train)    # a grid that cannot be planned is refused before the study folder exists
+    if cfg.mixers():                # plugin families: admitted (and their code checked) before anything trains
+        from .plugins import preflight
+        preflight(cfg, out_dir, planned)
     with StudyLock(out_dir):
         _check_same_study(cfg, out_dir)
         runs = plan_study(cfg, out_dir, n_train)
         print(format_plan(runs))
         if cfg.noise_seeds and not any(r.lr_source.startswith("copied") for r in runs):
+            where = "budget" if cfg.noise_budgets is None else "budget of noise_budgets"
+            n_budgets = len(cfg.budgets if cfg.noise_budgets is None else cfg.noise_budgets)
             print(f"noise seeds {cfg.noise_seeds}: once this grid has finished, the best run of each family and "
-                  f"budget is trained again with each ({len(cfg.noise_seeds)} x {len(cfg.families)} x "
-                  f"{len(cfg.budgets)} runs at most)")
+                  f"{where} is trained again with each ({len(cfg.noise_seeds)} x {len(cfg.families)} x "
+                  f"{n_budgets} runs at most)")
         if throughput:
             print(cost.format_estimate(runs, throughput))
         atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg.model_dump(mode="json")))

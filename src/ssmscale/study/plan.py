@@ -38,6 +38,7 @@ class PlannedRun:
     flops: float              # FLOPs actually spent = tokens * flops_per_token
     flags: str                # "" or e.g. "few-steps;repeats;ratio"
     skip: bool                # not trained (flagged and the config does not ask for flagged runs)
+    d_ff: int | None = None   # a plugin family's MLP hidden width, as sizing set it (None: the default rule)
 
 
 @dataclass(frozen=True)
@@ -84,10 +85,12 @@ def vocab_size_of(cfg) -> int:
 
 def model_configs(cfg: LadderConfig):
     """[(size, {family: ModelConfig})] in config order: with `sizes`, every family is matched to the transformer
-    in parameters per size; with `widths`, every family has that d_model and its depth rule's layers."""
+    in parameters per size; with `widths`, every family has that d_model and its depth rule's layers.
+    Plugin families (custom_families) carry their MixerSpec; sizing them builds their mixer (imports it)."""
     from ..models import ModelConfig
     from ..models.sizing import MIN_LAYERS, check_within_bounds, layers_at_width, shape_for
     m = cfg.model
+    mixers = cfg.mixers()
     base = ModelConfig(family="transformer", d_model=m.head_dim, n_layer=1, vocab_size=vocab_size_of(cfg),
                        **m.knobs())
     out = []
@@ -96,8 +99,9 @@ def model_configs(cfg: LadderConfig):
         try:
             if isinstance(size, Width):
                 for fam in cfg.families:
-                    per_family[fam] = base.replace(family=fam, d_model=size.d_model,
-                                                   n_layer=layers_at_width(fam, cfg.width_layers or MIN_LAYERS))
+                    per_family[fam] = base.replace(
+                        family=fam, d_model=size.d_model, mixer=mixers.get(fam),
+                        n_layer=layers_at_width(fam, cfg.width_layers or MIN_LAYERS, mixers.get(fam)))
                     check_within_bounds(per_family[fam])
             elif isinstance(size, ShapeSpec):
                 for fam in cfg.families:
@@ -107,8 +111,10 @@ def model_configs(cfg: LadderConfig):
             else:
                 tf = shape_for("transformer", size, base)
                 for fam in cfg.families:
-                    s = tf if fam == "transformer" else shape_for(fam, size, base, match=tf.params)
-                    per_family[fam] = base.replace(family=fam, d_model=s.d_model, n_layer=s.n_layer)
+                    s = tf if fam == "transformer" else shape_for(fam, size, base, match=tf.params,
+                                                                  mixer=mixers.get(fam))
+                    per_family[fam] = base.replace(family=fam, d_model=s.d_model, n_layer=s.n_layer,
+                                                   mixer=mixers.get(fam), d_ff=s.d_ff or base.d_ff)
         except ValueError as exc:
             raise UserError(f"{'sizes' if cfg.sizes is not None else 'widths'}.{i}: {exc}") from None
         out.append((size, per_family))
@@ -143,13 +149,25 @@ def plan(cfg: LadderConfig, n_train_tokens: int | dict | None = None, tuned: dic
         code = sweep.encode(point)
         n_train = n_train_tokens.get(code) if isinstance(n_train_tokens, dict) else n_train_tokens
         runs += _plan_point(pcfg, point, n_train, tuned, widened)
-    seen = set()
+    seen: dict[str, PlannedRun] = {}
     for r in runs:
         if r.run_id in seen:
-            raise UserError(f"sweep: two runs would share the id {r.run_id} (keys with the same last name and "
-                            "value, or values that differ only in characters a run id cannot hold)")
-        seen.add(r.run_id)
+            raise UserError(_collision(seen[r.run_id], r))
+        seen[r.run_id] = r
     return runs
+
+
+def _collision(a: PlannedRun, b: PlannedRun) -> str:
+    """Which axis of the grid gives two runs one id (a run id names numbers to 3 significant digits)."""
+    tail = f"would share the run id {a.run_id} (a run id names numbers to 3 significant digits): make them differ more"
+    if a.sweep != b.sweep:
+        return (f"sweep: two runs would share the id {a.run_id} (keys with the same last name and value, or "
+                "values that differ only in characters a run id cannot hold)")
+    if a.budget != b.budget:
+        return f"budgets: {a.budget:g} and {b.budget:g} {tail}"
+    if a.lr != b.lr:
+        return f"lrs: {a.lr:g} and {b.lr:g} {tail}"
+    return f"sizes: two sizes labelled {a.size} {tail}"
 
 
 def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tuned: dict | None,
@@ -202,7 +220,8 @@ def _plan_point(cfg: LadderConfig, point: dict, n_train_tokens: int | None, tune
                         runs.append(PlannedRun(run_id, fam, size_label(size), mc.d_model, mc.n_layer,
                                                cost["params"], cost["params_total"], budget, code, lr, source,
                                                seed, cost["train_flops_per_token"], tokens, steps,
-                                               tokens * cost["train_flops_per_token"], ";".join(flags), skip))
+                                               tokens * cost["train_flops_per_token"], ";".join(flags), skip,
+                                               mc.d_ff if mc.is_plugin else None))
         if smallest[1] < cfg.min_steps:
             what = (f"budgets.{cfg.budgets.index(budget)}: {budget:.3g} FLOPs" if budget is not None
                     else f"tokens: {cfg.tokens:.3g} tokens")
@@ -251,12 +270,14 @@ def run_config(cfg: LadderConfig, run: PlannedRun, progress: bool = True) -> Run
     """The single-run config the training loop gets for one planned run (at its sweep point)."""
     from ..config import sweep
     cfg = config_at(cfg, sweep.decode(run.sweep))
-    spec = ModelSpec(family=run.family, d_model=run.d_model, n_layer=run.n_layer, **cfg.model.model_dump())
+    knobs = {**cfg.model.model_dump(), **({"d_ff": run.d_ff} if run.d_ff is not None else {})}
+    spec = ModelSpec(family=run.family, d_model=run.d_model, n_layer=run.n_layer, **knobs)
     train = cfg.train.model_copy(update={"tokens": float(run.tokens), "lr": run.lr,
                                          "progress": cfg.train.progress and progress,
                                          "eval_points_tokens": study_eval_points_tokens(cfg)})
+    custom = {k: v for k, v in cfg.custom_families.items() if k == run.family}
     return RunConfig(name=f"{cfg.name}/{run.run_id}", seed=run.seed, data=cfg.data,
-                     tokenizer=cfg.tokenizer, model=spec, train=train)
+                     tokenizer=cfg.tokenizer, model=spec, train=train, custom_families=custom)
 
 
 def plan_frame(runs: list[PlannedRun]):

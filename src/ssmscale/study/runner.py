@@ -27,9 +27,9 @@ def run_one(study_dir: str, run_id: str, progress: bool = False, parallel_jobs: 
     job not yet dead, jobs left running by a ladder that was stopped and restarted) waits for it, and
     then skips the run if that process finished it. Extra ranks of a multi-process run take no lock."""
     out_dir = Path(study_dir)
-    cfg = load_ladder_config(out_dir / "config.yaml")
+    cfg = load_ladder_config(out_dir / "config.yaml", within=out_dir)
     run = _planned(cfg, out_dir, run_id)
-    with _run_lock(out_dir / "runs" / run_id) if _process_rank() == 0 else nullcontext():
+    with _run_lock(out_dir, run_id) if _process_rank() == 0 else nullcontext():
         if _finished(out_dir, run):
             return _read_result(out_dir, run_id)
         if not _needs_own_process(cfg):
@@ -45,7 +45,7 @@ def train_planned_run(study_dir: str, run_id: str) -> dict:
     """Train one planned run of a study in this process, which the run owns (`python -m ssmscale.study.worker`):
     its ranks share the cores the process may use."""
     out_dir = Path(study_dir)
-    cfg = load_ladder_config(out_dir / "config.yaml")
+    cfg = load_ladder_config(out_dir / "config.yaml", within=out_dir)
     return _train_run(cfg, out_dir, _planned(cfg, out_dir, run_id), progress=False, position=1,
                       share=(cfg.train.devices, None), announce=True)
 
@@ -80,8 +80,10 @@ def thread_share(cfg: LadderConfig, cluster: str) -> tuple[int, int | None]:
 
 def _train_run(cfg, out_dir, run, progress, position, share=(1, None), announce=False):
     from ..config import sweep
+    from ..fsutil import make_dirs
     from ..train import run_training
     extra = {"run_id": run.run_id, "budget": run.budget, "size": run.size, "study": cfg.name,
              "sweep": sweep.decode(run.sweep), "lr_source": run.lr_source}
-    return run_training(run_config(cfg, run, progress), out_dir / "runs" / run.run_id, progress_position=position,
+    return run_training(run_config(cfg, run, progress), make_dirs(out_dir, "runs", run.run_id),
+                        progress_position=position,
                         extra=extra, parallel_jobs=share[0], max_cores=share[1], announce=announce)

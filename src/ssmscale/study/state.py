@@ -5,16 +5,14 @@ finished. Everything a restart needs is on disk: a run's result.json is written 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import EXECUTION_KEYS, LadderConfig, load_ladder_config
 from ..errors import UserError
+from ..fsutil import FileLock, check_no_links, make_dirs
 from .plan import PlannedRun
 
 
@@ -28,30 +26,12 @@ RESULT_COLUMNS = [
 ]
 
 
-class StudyLock:
-    """An exclusive flock on DIR/.ladder.lock: released by the kernel even after kill -9."""
+class StudyLock(FileLock):
+    """An exclusive flock on DIR/.ladder.lock (fsutil.FileLock): a second ladder on the folder is refused."""
 
     def __init__(self, out_dir: Path):
-        self.path = out_dir / ".ladder.lock"
-        self.fd = None
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise UserError(f"{self.path.parent}: another ladder (pid {holder}) is running on this "
-                            "directory; wait for it to finish or stop it") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
-        return False
+        super().__init__(out_dir / ".ladder.lock", busy=f"{out_dir}: another ladder (pid {{pid}}) is running on "
+                                                        "this directory; wait for it to finish or stop it", tidy=True)
 
 
 def _fixed_part(cfg: LadderConfig) -> dict:
@@ -61,6 +41,7 @@ def _fixed_part(cfg: LadderConfig) -> dict:
                 "min_steps", "run_flagged", "allow_repeats", "tokens_per_param", "budget_sizes", "executor", "parallel", "submitit",
                 "fit", "contrast_with"):
         d.pop(key)
+    d.pop("custom_families", None)      # plugin families may be added; one already there may not change (below)
     for key in EXECUTION_KEYS:          # how runs execute, not what they compute
         d["train"].pop(key)
     return d
@@ -71,11 +52,14 @@ def _check_same_study(cfg: LadderConfig, out_dir: Path):
     if not saved_path.exists():
         return
     try:
-        saved = load_ladder_config(saved_path)
+        saved = load_ladder_config(saved_path, within=out_dir)
     except UserError as exc:
         raise UserError(f"{saved_path}: unreadable ({str(exc).removeprefix(f'{saved_path}: ')}); "
                         "this directory does not look like a study") from None
     a, b = _fixed_part(saved), _fixed_part(cfg)
+    common = sorted(set(saved.custom_families) & set(cfg.custom_families))     # a plugin family may not change
+    for part, c in ((a, saved), (b, cfg)):
+        part["custom_families"] = {n: c.custom_families[n].model_dump(mode="json") for n in common}
     if a != b:
         diff = _first_difference(a, b)
         raise UserError(f"{out_dir}: made with a different config ({diff} differs); "
@@ -111,14 +95,17 @@ def collect_results(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]):
 def _read_result(out_dir: Path, run_id: str) -> dict | None:
     """A run's well-formed result.json, else None (absent or malformed: the run counts as unfinished)."""
     from ..safeload import read_result
-    return read_result(out_dir / "runs" / run_id / "result.json")[0]
+    return read_result(out_dir / "runs" / run_id / "result.json", within=out_dir)[0]
 
 
 def _say_malformed(out_dir: Path, runs: list[PlannedRun]) -> None:
-    """One line per result.json that cannot be used (wrong shape, not JSON): that run is trained again."""
+    """One line per result.json that cannot be used (wrong shape, not JSON): that run is trained again.
+    A link or a special file in a run's place is refused (UserError) before any run starts."""
     from ..safeload import read_result
     for r in runs:
-        problem = read_result(out_dir / "runs" / r.run_id / "result.json")[1]
+        if not r.skip:
+            check_no_links(out_dir, (f"runs/{r.run_id}/result.json", f"runs/{r.run_id}/.run.lock"))
+        problem = read_result(out_dir / "runs" / r.run_id / "result.json", within=out_dir)[1]
         if problem and not r.skip:
             print(f"{problem}; the run counts as unfinished and is trained again", file=sys.stderr)
 
@@ -131,16 +118,9 @@ def _finished(out_dir: Path, run: PlannedRun) -> bool:
         run.lr is None or res.get("lr") is None or math.isclose(res["lr"], run.lr, rel_tol=1e-9))
 
 
-@contextmanager
-def _run_lock(run_dir: Path):
+def _run_lock(out_dir: Path, run_id: str) -> FileLock:
     """An exclusive flock on runs/<id>/.run.lock, waited for; the kernel releases it when its holder dies."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / ".run.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+    return FileLock(make_dirs(out_dir, "runs", run_id) / ".run.lock")
 
 
 def _write_failed(out_dir, run, res) -> dict:
@@ -151,5 +131,5 @@ def _write_failed(out_dir, run, res) -> dict:
         return _read_result(out_dir, run.run_id)
     failed = {**res, "family": run.family, "params": run.params, "params_total": run.params_total,
               "d_model": run.d_model, "n_layer": run.n_layer, "lr": run.lr, "seed": run.seed}
-    atomic_write_json(out_dir / "runs" / run.run_id / "result.json", failed)
+    atomic_write_json(make_dirs(out_dir, "runs", run.run_id) / "result.json", failed)
     return failed

@@ -86,12 +86,15 @@ def _tuning_loss(res: dict | None) -> float | None:
 
 def noise_runs(cfg: LadderConfig, out_dir: Path, runs: list[PlannedRun]) -> list[PlannedRun]:
     """The seed-noise runs: none until every run of the main grid has ended; then, per (family, budget),
-    the run with the lowest loss (mean over `seeds`) trained again with each of `noise_seeds`."""
+    the run with the lowest loss (mean over `seeds`) trained again with each of `noise_seeds` (at the budgets
+    of `noise_budgets` only, where it is given)."""
     main = [r for r in runs if not r.skip]
     if not cfg.noise_seeds or not main or any(r.lr is None or not _finished(out_dir, r) for r in main):
         return []
     losses: dict = {}
     for r in main:
+        if cfg.noise_budgets is not None and not any(math.isclose(r.budget, c, rel_tol=1e-9) for c in cfg.noise_budgets):
+            continue
         res = _read_result(out_dir, r.run_id)
         if res.get("status") == "ok" and res.get("loss") is not None and math.isfinite(res["loss"]):
             losses.setdefault((r.family, r.budget, r.size, r.lr), []).append((res["loss"], r))
