@@ -1,4 +1,6 @@
 """THE training loop, shared by every family: a LightningModule, a Trainer factory, and `run_training`.
+Over ~500 lines because the one loop is read in one sitting (nanoGPT's train.py is one file for the same
+reason): the module, the trainer, resume and the result record, top to bottom.
 
 One run = one model trained on exactly its token budget:
   steps = round(tokens / (batch_size * seq_len)); the tokens and FLOPs actually spent are recorded.

@@ -10,6 +10,8 @@ Reading a YAML file and loading a config from it: load.py; the `sweep:` axes: sw
 Plugin families (`custom_families`, models/plugin.py) are described, never imported, here: a relative
 mixer file path is made absolute against the config file's folder when the file is loaded, so the
 config a study saves names the same file; fit and report read configs and run nothing.
+Over ~500 lines because it is the config reference: every key (run, ladder, plugin, Slurm) with its rule
+beside its field, read top to bottom; splitting it would scatter one schema over several files.
 """
 
 from __future__ import annotations
