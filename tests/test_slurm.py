@@ -171,3 +171,15 @@ def test_tiny_ladder_as_a_slurm_job_array_survives_cancelling_half_of_it(tmp_pat
     assert len(final) == n and final.run_id.is_unique and set(final.status) == {"ok"}
     for run_id, mtime in kept.items():          # what had finished was not trained again
         assert (study / "runs" / run_id / "result.json").stat().st_mtime_ns == mtime
+
+
+def test_squeue_ids_of_pending_array_tasks_are_read_as_their_task_ids(monkeypatch):
+    """Once cancelling leaves pending tasks in an array's record, squeue names them "1_[44]" or "1_[4-6,9%2]":
+    each must be read as its task id, or the watcher takes a pending task for one that left the queue."""
+    from ssmscale.study import executors
+    out = "1_2|COMPLETED\n1_3|CANCELLED\n1_[44]|PENDING\n2_[4-6,9%2]|PENDING\n"
+    monkeypatch.setattr(executors.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=out, stderr=""))
+    states = executors._slurm_states(["1_2", "1_44", "2_5"])
+    assert states == {"1_2": "COMPLETED", "1_3": "CANCELLED", "1_44": "PENDING", "2_4": "PENDING",
+                      "2_5": "PENDING", "2_6": "PENDING", "2_9": "PENDING"}

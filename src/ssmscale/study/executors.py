@@ -12,6 +12,7 @@ outcome is read from its run's result.json, never from submitit's result pickle.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -306,4 +307,32 @@ def _slurm_states(job_ids: list[str]) -> dict[str, str] | None:
     if proc.returncode != 0:
         # the jobs are older than the controller's memory: they have all ended
         return {} if "Invalid job id" in proc.stderr else None
-    return dict(line.split("|", 1) for line in proc.stdout.split() if "|" in line)
+    states = {}
+    for line in proc.stdout.split():
+        if "|" in line:
+            job, state = line.split("|", 1)
+            for one in _array_tasks(job):
+                states[one] = state
+    return states
+
+
+def _array_tasks(job: str) -> list[str]:
+    """squeue's id of a job or of pending array tasks as task ids: "7_3" -> ["7_3"]; the pending tasks an
+    array record still holds, "7_[4]", "7_[4-6,9]" or "7_[1-9:2%2]" (step, throttle), -> ["7_4", ...]
+    (seen as soon as cancelling leaves one pending task in the array's record: read as "7_44" it was
+    taken for a job that had left the queue)."""
+    m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job)
+    if not m:
+        return [job]
+    out = []
+    for part in m.group(2).split("%")[0].split(","):
+        rng = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part)
+        if not rng:
+            return [job]
+        lo = int(rng.group(1))
+        hi = int(rng.group(2) or lo)
+        step = int(rng.group(3) or 1)
+        if hi - lo > 1_000_000 or step < 1:
+            return [job]
+        out += [f"{m.group(1)}_{i}" for i in range(lo, hi + 1, step)]
+    return out
