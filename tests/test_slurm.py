@@ -178,8 +178,16 @@ def test_squeue_ids_of_pending_array_tasks_are_read_as_their_task_ids(monkeypatc
     each must be read as its task id, or the watcher takes a pending task for one that left the queue."""
     from ssmscale.study import executors
     out = "1_2|COMPLETED\n1_3|CANCELLED\n1_[44]|PENDING\n2_[4-6,9%2]|PENDING\n"
-    monkeypatch.setattr(executors.subprocess, "run",
-                        lambda *a, **k: subprocess.CompletedProcess(a, 0, stdout=out, stderr=""))
+    calls = []
+
+    def squeue(args, **kw):
+        calls.append(args[-1])
+        text = out if args[-1] == "--jobs=1,2" else ("7_45|PENDING\n" if "7_45" in args[-1] else "")
+        return subprocess.CompletedProcess(args, 0, stdout=text, stderr="")
+    monkeypatch.setattr(executors.subprocess, "run", squeue)
     states = executors._slurm_states(["1_2", "1_44", "2_5"])
     assert states == {"1_2": "COMPLETED", "1_3": "CANCELLED", "1_44": "PENDING", "2_4": "PENDING",
                       "2_5": "PENDING", "2_6": "PENDING", "2_9": "PENDING"}
+    # the last pending task, absent from the listing by array id, is asked for by its task id
+    states = executors._slurm_states(["7_1", "7_45"])
+    assert calls[-2:] == ["--jobs=7", "--jobs=7_1,7_45"] and states == {"7_45": "PENDING"}

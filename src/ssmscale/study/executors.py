@@ -302,8 +302,23 @@ def _job_result(job, out_dir: Path, run_id: str) -> tuple[dict, bool]:
 def _slurm_states(job_ids: list[str]) -> dict[str, str] | None:
     """{job id ("123_4" for array tasks): state} from one squeue call; None when squeue cannot answer."""
     masters = sorted({j.split("_")[0] for j in job_ids})
+    states = _squeue(masters)
+    if states is None:
+        return None
+    # an array's last pending task can be missing from the listing by array id (seen once cancelling leaves
+    # it alone in the array's own record), while squeue still lists it when asked by its task id
+    missing = [j for j in job_ids if j not in states]
+    for i in range(0, len(missing), 500):
+        more = _squeue(missing[i:i + 500])
+        if more is None:
+            return None
+        states.update(more)
+    return states
+
+
+def _squeue(ids: list[str]) -> dict[str, str] | None:
     proc = subprocess.run(["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T",
-                           "--jobs=" + ",".join(masters)], capture_output=True, text=True)
+                           "--jobs=" + ",".join(ids)], capture_output=True, text=True)
     if proc.returncode != 0:
         # the jobs are older than the controller's memory: they have all ended
         return {} if "Invalid job id" in proc.stderr else None
