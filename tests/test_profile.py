@@ -24,7 +24,10 @@ def test_profile_writes_csv_json_and_plot_for_the_families_and_all_modes(tmp_pat
     assert dict(zip(df.family, df.scan_impl)) == {"mamba": resolve_impl("auto", "cpu").name,
                                                   "hybrid": "ssd-" + resolve_ssd_impl("auto", "cpu", (8, 16))}
     assert {"family", "mode", "seq_len", "batch", "tokens_per_s", "peak_mem_bytes", "mfu", "status"} <= set(df)
-    assert (df.tokens_per_s > 0).all() and (df.peak_mem_bytes > 0).all() and (df.mfu > 0).all()
+    assert (df.tokens_per_s > 0).all() and (df.mfu > 0).all()
+    # a measured peak, never negative; a model this small can add nothing the probe sees over its baseline
+    # (0 for some rows with 1 thread and OPENBLAS_CORETYPE=Haswell): memprobe's own tests check the probe
+    assert df.peak_mem_bytes.notna().all() and (df.peak_mem_bytes >= 0).all()
     gen = df[df["mode"] == "generate"]
     # the reported generation memory includes the cache itself
     assert (gen.peak_mem_bytes >= gen.state_bytes).all()
