@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from hang import alarm  # noqa: E402
 from ssmscale.cli import main  # noqa: E402
 
 SETTINGS = settings(deadline=None, derandomize=True, database=None, print_blob=True,
@@ -310,25 +310,12 @@ def lay_out(folder: Path, files: dict) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
-@contextlib.contextmanager
-def no_hang(seconds: int = 120):
-    """A hang (a FIFO read) fails the case instead of stopping the suite."""
-    def handler(signum, frame):
-        raise AssertionError(f"no answer within {seconds} s")
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
 
 @settings(SETTINGS, max_examples=20)
 @given(files=study_folders())
 def test_any_study_folder_is_fitted_or_refused_in_one_line(quiet_heavy_work, files):
     start = time.perf_counter()
-    with fresh_folder() as folder, no_hang():
+    with fresh_folder() as folder, alarm(120):
         inputs = lay_out(folder, files)
         code = run_cli(["fit", "s", "--out", "fitted", "--n-boot", "0", "--jobs", "1", "--no-progress"], folder, inputs)
         assert not any((folder / "elsewhere").iterdir())
@@ -339,7 +326,7 @@ def test_any_study_folder_is_fitted_or_refused_in_one_line(quiet_heavy_work, fil
 @given(files=study_folders())
 def test_any_study_folder_is_reported_or_refused_in_one_line(quiet_heavy_work, files):
     start = time.perf_counter()
-    with fresh_folder() as folder, no_hang():
+    with fresh_folder() as folder, alarm(120):
         inputs = lay_out(folder, files)
         code = run_cli(["report", "s", "--out", "rep", "--n-boot", "0", "--no-progress"], folder, inputs)
         assert not any((folder / "elsewhere").iterdir())

@@ -11,13 +11,12 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 import subprocess
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
+from hang import alarm
 from test_untrusted_input import (SYNTHETIC, files_under, ladder_raw, one_error_line, run_raw,  # noqa: F401
                                   within_seconds, write)
 
@@ -29,19 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PARSER_COMMANDS = sorted(next(a for a in build_parser()._actions if a.dest == "command").choices)
 TIMES = {"wall_s", "train_s", "train_cpu_s", "tokens_per_s", "finished_at"}   # how long and when, not what was computed
 
-
-@contextmanager
-def alarm(seconds: int):
-    """A hang becomes a failure instead of a stuck suite (for work that includes a first import of Lightning)."""
-    def handler(signum, frame):
-        raise AssertionError(f"did not return within {seconds} s")
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def result_of(run_dir: Path) -> dict:
