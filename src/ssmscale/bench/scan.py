@@ -245,23 +245,31 @@ def run_and_report(impls, seq_lens, *, batch, d_inner, d_state, modes, repeats, 
           f"N {d_state}{model}; median of {repeats} after 1 warm-up; peak = memory the first "
           f"step needed beyond its inputs; each point in a fresh process", flush=True)
 
-    def progress(row):
-        took = f"{row['median_ms']:.1f} ms" if row.get("median_ms") is not None else row["status"]
-        print(f"  {row['impl']:>8} L={row['length']} {row['mode']}: {took}", file=sys.stderr, flush=True)
-
     rows = run_benchmark(
         impls, seq_lens, batch=batch, d_inner=d_inner, d_state=d_state,
         modes=modes, repeats=repeats, device=device, ref_max_len=ref_max_len,
-        threads=threads, timeout_s=timeout_s, progress=progress, model_args=model_args)
+        threads=threads, timeout_s=timeout_s, progress=point_progress(8), model_args=model_args)
     print(format_table(rows))
     if rows and rows[0].get("bandwidth_gbs"):
         print(f"/ floor: time over the memory-bandwidth floor (bytes that must move / "
               f"{rows[0]['bandwidth_gbs']:.1f} GB/s, a large copy measured in this run)")
     if out:
-        import pandas as pd
-
-        from ..fsutil import atomic_write_dataframe_csv
-        path = Path(out) / "scan_bench.csv"
-        atomic_write_dataframe_csv(path, pd.DataFrame(rows))
-        print(f"wrote {path}")
+        write_rows(rows, Path(out) / "scan_bench.csv")
     return rows
+
+
+def point_progress(width: int):
+    """A line per measured point on stderr (the implementation's name right-aligned in `width`)."""
+    def progress(row):
+        took = f"{row['median_ms']:.1f} ms" if row.get("median_ms") is not None else row["status"]
+        print(f"  {row['impl']:>{width}} L={row['length']} {row['mode']}: {took}", file=sys.stderr, flush=True)
+    return progress
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    """A benchmark's rows as a CSV, written atomically, and a line saying where."""
+    import pandas as pd
+
+    from ..fsutil import atomic_write_dataframe_csv
+    atomic_write_dataframe_csv(path, pd.DataFrame(rows))
+    print(f"wrote {path}")

@@ -16,7 +16,6 @@ At equal d_inner and state size N the two layers hold the same state, d_inner x 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,21 +153,13 @@ def run_and_report(impls, seq_lens, *, batch, d_inner, d_state, head_dim, chunk_
           f"1 warm-up; peak = memory the first step needed beyond its inputs; each point in a fresh process",
           flush=True)
 
-    def progress(row):
-        took = f"{row['median_ms']:.1f} ms" if row.get("median_ms") is not None else row["status"]
-        print(f"  {row['impl']:>12} L={row['length']} {row['mode']}: {took}", file=sys.stderr, flush=True)
-
+    from .scan import point_progress, write_rows
     rows = run_benchmark(
         impls, seq_lens, batch=batch, d_inner=d_inner, d_state=d_state,
         head_dim=head_dim, chunk_size=chunk_size, modes=modes, repeats=repeats,
         device=device, ref_max_len=ref_max_len, threads=threads, timeout_s=timeout_s,
-        progress=progress)
+        progress=point_progress(12))
     print(format_table(rows))
     if out:
-        import pandas as pd
-
-        from ..fsutil import atomic_write_dataframe_csv
-        path = Path(out) / "ssd_bench.csv"
-        atomic_write_dataframe_csv(path, pd.DataFrame(rows))
-        print(f"wrote {path}")
+        write_rows(rows, Path(out) / "ssd_bench.csv")
     return rows
