@@ -83,10 +83,9 @@ def _fit_table(fam: dict, ci: float) -> list[str]:
     return lines + [""] + [f"- {n}." for n in notes]
 
 
-def _lr_section(study: Path) -> list[str]:
+def _lr_section(study: Path, grid: list[dict]) -> list[str]:
     """Where a learning-rate grid was tried: the best rate per family, size and budget, and a warning
-    where it sits at an end of the grid (the optimum may lie outside it)."""
-    grid = lr_grid(study)
+    where it sits at an end of the grid (the optimum may lie outside it); `grid` is lr_grid(study)."""
     edges = sum(r["edge"] for r in grid)
     rows = [f"| {r['family']} | {int(r['params']):,} | {_sci(r['budget'])} | {', '.join(f'{x:.3g}' for x in r['lrs'])} "
             f"| **{r['best_lr']:.3g}**{' (edge)' if r['edge'] else ''} | {r['loss']:.4f} |" for r in grid]
@@ -155,7 +154,7 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
         lines.append(f"- plan.csv is unreadable ({str(exc).split(': ', 1)[-1]}).")
     lines.append(f"- {s['grouping']}.")
 
-    lines += _lr_section(study)
+    lines += _lr_section(study, grid)
 
     lines += ["", "## Fits", "",
               f"Each value with its {ci:.0%} percentile bootstrap interval ({s['n_boot']} resamples, seed "
