@@ -41,3 +41,13 @@ def test_bad_ssd_benchmark_arguments_exit_2_with_one_line(tmp_path, capsys, argv
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("op", ["ssd", "scan", "model"])
+def test_an_out_that_is_a_file_is_refused_before_any_measuring(tmp_path, capsys, op):
+    (tmp_path / "afile").write_text("mine")
+    assert main(["profile", "--op", op, "--seq-lens", "16", "--out", str(tmp_path / "afile")]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "not a folder" in err[0], err
+    assert "ms" not in captured.out and (tmp_path / "afile").read_text() == "mine"

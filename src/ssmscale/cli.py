@@ -288,6 +288,9 @@ def _profile(args):
     if args.compete > 4 * available_cores():     # busy loops beyond a few per core measure nothing more
         raise UserError(f"--compete: at most {4 * available_cores()} competitors (4 per core this process may use), "
                         f"got {args.compete}")
+    if args.out:
+        from .fsutil import check_writable_dir
+        check_writable_dir(args.out, "--out")      # every op's, before the measuring, not after it
     return {"scan": _profile_scan, "ssd": _profile_ssd, "model": _profile_model, "loop": _profile_loop}[args.op](args)
 
 
@@ -377,9 +380,6 @@ def _profile_model(args):
         shapes_for(families, params, sizes["d_model"], sizes["n_layer"], sizes["head_dim"], mixers)
     except ValueError as exc:
         raise UserError(f"--head-dim: {exc}") from None
-    if args.out:
-        from .fsutil import check_writable_dir
-        check_writable_dir(args.out, "--out")      # before the measuring, not after it
     seq_lens = sizes.pop("seq_lens")
     rows = run_profile(families, seq_lens, modes, params=params, device=args.device, out=args.out,
                        mem_limit_bytes=mem, compete=args.compete, mixers=mixers, **sizes)
@@ -463,9 +463,6 @@ def _profile_scan(args):
         bench_scan.check_impls(impls, args.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    if args.out:
-        from .fsutil import check_writable_dir
-        check_writable_dir(args.out, "--out")      # before the measuring, not after it
     rows = bench_scan.run_and_report(
         impls, seq_lens, batch=sizes["batch"], d_inner=sizes["d_inner"], d_state=sizes["d_state"],
         modes=modes, repeats=sizes["repeats"], device=args.device, ref_max_len=sizes["ref_max_len"],
