@@ -1,6 +1,7 @@
-"""The fused decoding step (one C call per Mamba / Mamba-2 layer and token) equals the module-by-module
-step in outputs and in the conv and SSM states it leaves, over several tokens, and steps aside where
-autograd is wanted."""
+"""The fused decoding steps (one C call per Mamba / Mamba-2 / attention layer and token) equal the
+module-by-module step in outputs and in the conv, SSM and KV caches they leave, over several tokens; a whole
+model decodes through the chain of those calls exactly as block by block; both step aside where autograd is
+wanted, and the chain follows weights that move."""
 
 import copy
 
@@ -68,3 +69,152 @@ def test_a_decoding_block_in_one_call_equals_norm_mixer_and_residual_module_by_m
             want = x + block.mixer.step_reference(block.norm(x), ref_cache)
             assert rel_err(got, want) < 1e-5
     assert rel_err(cache.ssm, ref_cache.ssm) < 1e-5 and cache.pos == ref_cache.pos == 7
+
+
+def _attention_block(family, **kw):
+    torch.manual_seed(0)
+    cfg = ModelConfig(family=family, d_model=48, n_layer=2 if family == "transformer" else 8, head_dim=16, **kw)
+    model = LM(cfg).eval()
+    block = next(b for b in model.blocks if b.kind in ("transformer", "attention"))
+    with torch.no_grad():
+        for p in block.parameters():      # gains away from 1, so a dropped norm weight would show
+            if p.dim() == 1:
+                p.copy_(1 + 0.3 * torch.randn(p.shape))
+    return block
+
+
+@pytest.mark.parametrize("family", ["transformer", "hybrid"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_an_attention_block_in_one_call_equals_the_modules_in_outputs_and_kv_cache(family, batch):
+    block = _attention_block(family)
+    attn, norm = block.mixer_module, getattr(block, block._names[0])
+    cache = block.allocate_cache(batch, 12, torch.float32, "cpu")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        block(torch.randn(batch, 3, 48, generator=g), cache)         # a prompt, through the modules
+        ref_cache = copy.deepcopy(cache)
+        for _ in range(5):
+            x = torch.randn(batch, 1, 48, generator=g)
+            got = attn.block_mlp_step(x, cache, norm, block.norm_mlp if block.mlp else None, block.mlp)
+            want = x + attn(norm(x), ref_cache)
+            if block.mlp is not None:
+                want = want + block.mlp(block.norm_mlp(want))
+            assert got is not None and rel_err(got, want) < 1e-5
+    assert cache.pos == ref_cache.pos == 8
+    assert rel_err(cache.k[:, :, :8], ref_cache.k[:, :, :8]) < 1e-6
+    assert rel_err(cache.v[:, :, :8], ref_cache.v[:, :, :8]) < 1e-6
+
+
+def _decode(model, tokens, prompt_len, fused, step_model=None):
+    """Logits of a prompt then one token at a time; fused=False runs every block through its modules (those of
+    `step_model` where given: the prompt goes through `model`)."""
+    cache = model.allocate_cache(tokens.shape[0], tokens.shape[1])
+    with torch.no_grad():
+        out = [model(tokens[:, :prompt_len], cache)]
+        model = step_model or model
+        for t in range(prompt_len, tokens.shape[1]):
+            if fused:
+                assert model._decode_chain(cache) is not None
+                out.append(model(tokens[:, t:t + 1], cache))
+            else:
+                x = model.embedding(tokens[:, t:t + 1])
+                for block, c in zip(model.blocks, cache):
+                    norm, mixer = getattr(block, block._names[0]), block.mixer_module
+                    x = x + (mixer.step_reference(norm(x), c) if hasattr(mixer, "step_reference") else mixer(norm(x), c))
+                    if block.mlp is not None:
+                        x = x + block.mlp(block.norm_mlp(x))
+                out.append(model.norm_f(x) @ model.embedding.weight.t())
+    return torch.cat(out, dim=1), cache
+
+
+@pytest.mark.parametrize("family, kw", [("transformer", {}), ("mamba", {}), ("mamba2", {}), ("hybrid", {}),
+                                        ("hybrid", {"hybrid_ssm": "mamba"})])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_model_decodes_through_the_chain_as_block_by_block(family, kw, batch):
+    torch.manual_seed(0)
+    model = LM(ModelConfig(family=family, d_model=48, n_layer=4, head_dim=16, vocab_size=64, **kw)).eval()
+    tokens = torch.randint(0, 64, (batch, 14))
+    got, cache = _decode(model, tokens, 5, fused=True)
+    want, ref_cache = _decode(model, tokens, 5, fused=False)
+    assert rel_err(got, want) < 1e-5
+    assert all(c.pos == r.pos == 14 for c, r in zip(cache, ref_cache))
+
+
+def test_the_chain_follows_weights_that_move_and_stops_at_a_full_cache():
+    torch.manual_seed(0)
+    model = LM(ModelConfig(family="hybrid", d_model=48, n_layer=4, head_dim=16, vocab_size=64)).eval()
+    tokens = torch.randint(0, 64, (1, 8))
+    cache = model.allocate_cache(1, 8)
+    with torch.no_grad():
+        model(tokens[:, :5], cache)
+        first = model._decode_chain(cache)
+        model(tokens[:, 5:6], cache)
+        for p in model.parameters():           # new tensors (as .to() or a reload makes): the old ones are freed
+            p.data = p.data * 1.5
+        assert model._decode_chain(cache) is not first
+        ref = copy.deepcopy(model)
+        ref_cache = [copy.deepcopy(c) for c in cache]
+        got = model(tokens[:, 6:7], cache)
+        want = _decode_blocks(ref, tokens[:, 6:7], ref_cache)
+        assert rel_err(got, want) < 1e-5
+        model(tokens[:, 7:8], cache)
+        with pytest.raises(ValueError, match="KV cache full"):
+            model(tokens[:, 7:8], cache)
+
+
+def _decode_blocks(model, token, cache):
+    with torch.no_grad():
+        x = model.embedding(token)
+        for block, c in zip(model.blocks, cache):
+            x = block(x, c)        # (the per-block fused steps, tested against the modules above)
+        return model.norm_f(x) @ model.embedding.weight.t()
+
+
+def test_with_autograd_wanted_the_model_decodes_block_by_block():
+    torch.manual_seed(0)
+    model = LM(ModelConfig(family="transformer", d_model=48, n_layer=2, head_dim=16, vocab_size=64))
+    tokens = torch.randint(0, 64, (1, 6))
+    cache = model.allocate_cache(1, 6)
+    with torch.no_grad():
+        model(tokens[:, :5], cache)
+    assert model._decode_chain(cache) is None
+    model(tokens[:, 5:6], cache).sum().backward()
+    assert model.embedding.weight.grad is not None
+
+
+@pytest.mark.parametrize("family", ["transformer", "mamba", "mamba2", "hybrid"])
+def test_bf16_decoding_reads_rounded_weights_and_stays_near_fp32(family):
+    torch.manual_seed(0)
+    model = LM(ModelConfig(family=family, d_model=48, n_layer=4, head_dim=16, vocab_size=64)).eval()
+    tokens = torch.randint(0, 64, (2, 12))
+    fp32, _ = _decode(model, tokens, 4, fused=True)
+    model.decode_weights = "bf16"
+    bf16, _ = _decode(model, tokens, 4, fused=True)
+    again, _ = _decode(model, tokens, 4, fused=True)
+    assert torch.equal(bf16, again)                        # deterministic
+    assert torch.equal(bf16[:, :4], fp32[:, :4])           # the prompt runs in fp32
+    err = rel_err(bf16[:, 4:], fp32[:, 4:])
+    assert 1e-5 < err < 3e-2                               # moved by bf16 rounding (2^-9 per weight), not more
+    # the same as decoding block by block with every projection rounded to bf16 by torch
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(("proj.weight", "qkv.weight", "w_gate.weight", "w_up.weight", "w_down.weight")):
+                p.copy_(p.to(torch.bfloat16).float())
+    model.decode_weights = ref.decode_weights = "fp32"
+    want, _ = _decode(model, tokens, 4, fused=False, step_model=ref)
+    assert rel_err(bf16[:, 4:], want[:, 4:]) < 1e-5
+
+
+def test_bf16_decoding_refuses_a_model_it_cannot_chain_instead_of_running_fp32():
+    torch.manual_seed(0)
+    model = LM(ModelConfig(family="mamba2", d_model=48, n_layer=2, vocab_size=64))   # trainable: grads wanted
+    model.decode_weights = "bf16"
+    cache = model.allocate_cache(1, 8)
+    tokens = torch.randint(0, 64, (1, 6))
+    model(tokens[:, :5], cache)
+    with pytest.raises(ValueError, match="decode_weights 'bf16' needs every layer's fused decoding step"):
+        model(tokens[:, 5:6], cache)
+    model.decode_weights = "fp16"
+    with torch.no_grad(), pytest.raises(ValueError, match="decode weights: 'fp16' is not one of fp32, bf16"):
+        model(tokens[:, 5:6], cache)

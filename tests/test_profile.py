@@ -38,6 +38,21 @@ def test_profile_writes_csv_json_and_plot_for_the_families_and_all_modes(tmp_pat
     assert (tmp_path / "profile.png").stat().st_size > 10_000 and (tmp_path / "profile.json").exists()
 
 
+def test_bf16_decoding_rows_read_half_the_weight_bytes_and_say_how_far_the_logits_moved(tmp_path, capsys):
+    rows = run_profile(["mamba2", "transformer"], [32], ["generate", "generate-bf16"], d_model=32, n_layer=2,
+                       head_dim=16, repeats=1, gen_tokens=4, out=tmp_path)
+    df = pd.read_csv(tmp_path / "profile.csv")
+    assert len(df) == len(rows) == 4 and set(df.status) == {"ok"}
+    for fam in ("mamba2", "transformer"):
+        fp32, bf16 = (df[(df.family == fam) & (df["mode"] == m)].iloc[0] for m in ("generate", "generate-bf16"))
+        weights = fp32.read_bytes_per_token - fp32.state_bytes
+        assert bf16.read_bytes_per_token - bf16.state_bytes == weights / 2
+        assert math.isnan(fp32.logit_rel_err) and 0 < bf16.logit_rel_err < 0.05
+        assert 0 <= bf16.greedy_agreement <= 1
+    out = capsys.readouterr().out
+    assert "logits vs fp32" in out and "generation, bf16" not in out      # (the plot's title, not the table)
+
+
 def test_a_point_that_does_not_fit_is_recorded_as_oom_not_a_crash(tmp_path):
     rows = run_profile(["transformer"], [16, 4096], ["train"], d_model=32, n_layer=1, head_dim=16, repeats=1,
                        batch=8, mem_limit_bytes=64 * 2**20, out=tmp_path)

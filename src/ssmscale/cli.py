@@ -259,7 +259,9 @@ def _profile_args(p):
     p.add_argument("--d-state", default="16", help="scan, ssd: state size N")
     p.add_argument("--ssd-head-dim", default="8", help="ssd: the SSD's head dimension (d_inner / it heads)")
     p.add_argument("--chunk-size", default="8", help="ssd: the SSD's chunk length (default 8)")
-    p.add_argument("--modes", help="model: train,prefill,generate (default all); scan, ssd: fwd,fwdbwd (default both)")
+    p.add_argument("--modes", help="model: train,prefill,generate (default all three), and generate-bf16 (decoding "
+                                   "that reads bf16 copies of the weights, against fp32's logits); scan, ssd: "
+                                   "fwd,fwdbwd (default both)")
     p.add_argument("--repeats", default="3", help="timed repeats per point (median reported)")
     p.add_argument("--threads", help="torch threads in each measuring process (default: the thread policy, "
                                      "the cores this process may use)")
@@ -340,13 +342,14 @@ def _seconds(text):
 
 
 def _profile_model(args):
-    from .bench.profile import CANNOT_GENERATE, MODES, run_profile
+    from .bench.profile import CANNOT_GENERATE, EXTRA_MODES, MODES, run_profile
     from .config.load import config_plugins
     mixers, _ = config_plugins(args.config)
     families = _families(args.families, mixers)
     modes = [m.strip() for m in (args.modes or ",".join(MODES)).split(",") if m.strip()]
-    if not modes or any(m not in MODES for m in modes):
-        raise UserError(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
+    if not modes or any(m not in MODES + EXTRA_MODES for m in modes):
+        raise UserError(f"--modes: expected a comma-separated subset of {','.join(MODES + EXTRA_MODES)}, "
+                        f"got {args.modes!r}")
     if args.device not in ("cpu", "cuda"):
         raise UserError(f"--device: expected cpu or cuda, got {args.device!r}")
     if (args.d_model is None) != (args.n_layer is None):

@@ -54,7 +54,8 @@ def run_isolated(func_path: str, kwargs: dict | None = None, *, repeats: int = 5
     also time each repeat beside that many busy processes; `matmul_peak`: also time a reference matmul
     after each repeat (CPU). Returns a dict with status ("ok", "oom", "error", "timeout"), times_ms
     (list), median_ms, min_ms, times_compete_ms, median_compete_ms, peak_flops (None without
-    matmul_peak), peak_extra_bytes, baseline_bytes, memory_method, device and error (message or None)."""
+    matmul_peak), peak_extra_bytes, baseline_bytes, memory_method, device, error (message or None) and report
+    (what the step function carries as `step.report`, a JSON-able dict, or None)."""
     kwargs = dict(kwargs or {})
     spec = dict(func_path=func_path, kwargs=kwargs, repeats=repeats, warmup=warmup, threads=threads,
                 mem_limit_bytes=mem_limit_bytes, compete=compete, matmul_peak=matmul_peak)
@@ -206,7 +207,8 @@ def _measure(func_path, kwargs, repeats, warmup, threads, mem_limit_bytes=None, 
                 min_ms=min(times) if times else None, times_compete_ms=busy,
                 median_compete_ms=statistics.median(busy) if busy else None,
                 peak_flops=statistics.median(rates) if rates else None, peak_extra_bytes=peak_extra,
-                baseline_bytes=probe.baseline, memory_method=probe.method, device=device, error=None)
+                baseline_bytes=probe.baseline, memory_method=probe.method, device=device, error=None,
+                report=getattr(step, "report", None))
 
 
 class _HostMemory:

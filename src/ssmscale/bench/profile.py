@@ -40,13 +40,22 @@ from ..errors import UserError
 from .decode_floor import decode_floor, format_decode_table
 
 MODES = ("train", "prefill", "generate")
+# modes measured only when asked: decoding that reads bf16 copies of the projection weights (LM.decode_weights)
+EXTRA_MODES = ("generate-bf16",)
+GENERATE_MODES = ("generate", "generate-bf16")
+
+
+def decode_weights_of(mode: str) -> str:
+    return "bf16" if mode == "generate-bf16" else "fp32"
 CSV_COLUMNS = ["family", "mode", "seq_len", "batch", "d_model", "n_layer", "params", "tokens_per_s",
                "step_ms", "peak_mem_bytes", "state_bytes", "mfu", "flops_per_token", "status", "error",
                "memory_method", "device", "scan_impl",
                # added with the thread policy (issue #15); older CSVs lack them
                "threads", "peak_flops", "competitors", "tokens_per_s_compete", "step_ms_compete", "compete_ratio",
                # added with the decoding floor (issue #26); generate rows only
-               "ms_per_token_layer", "read_bytes_per_token", "read_gbs", "floor_ms_per_token"]
+               "ms_per_token_layer", "read_bytes_per_token", "read_gbs", "floor_ms_per_token",
+               # generate-bf16 rows: the logits against fp32 decoding (teacher-forced), the greedy tokens' agreement
+               "logit_rel_err", "greedy_agreement"]
 
 # dense bf16 tensor-core peaks (FLOP/s), by substring of torch.cuda.get_device_name()
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -122,9 +131,20 @@ def prepare_prefill(family, d_model, n_layer, seq_len, batch, vocab_size=256, he
     return make_step(seq_len)
 
 
+def torch_no_grad_lazy(fn):
+    """torch.no_grad around `fn`, torch imported when it runs (this module is imported by the CLI)."""
+    def wrapped(*args, **kwargs):
+        import torch
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 def prepare_generate(family, d_model, n_layer, seq_len, batch, gen_tokens=32, vocab_size=256, head_dim=32,
-                     scan_impl="auto", device="cpu", mixer=None):
-    """Decode `gen_tokens` tokens after a `seq_len`-token context; the cache is rewound between steps."""
+                     scan_impl="auto", device="cpu", mixer=None, decode_weights="fp32"):
+    """Decode `gen_tokens` tokens after a `seq_len`-token context; the cache is rewound between steps.
+    decode_weights="bf16": the decoded tokens read bf16 copies of the projection weights (LM.decode_weights);
+    step.report then says how far that moves the logits from fp32 decoding, teacher-forced on fp32's tokens."""
     import torch
     model, _ = _model(family, d_model, n_layer, vocab_size, head_dim, scan_impl, device, mixer)
     model.eval()
@@ -150,7 +170,36 @@ def prepare_generate(family, d_model, n_layer, seq_len, batch, gen_tokens=32, vo
             out.append(token)
         step.decoded = torch.cat(out, dim=1)   # kept for the tests: what was decoded
     step.context = torch.cat([context, nxt], dim=1)
+    step.report = {"decode_weights": decode_weights}
+    if decode_weights != "fp32":
+        step.report.update(_against_fp32(model, cache, saved, nxt, gen_tokens, decode_weights))
+    model.decode_weights = decode_weights
     return step
+
+
+@torch_no_grad_lazy
+def _against_fp32(model, cache, saved, first, tokens, weights):
+    """Logits of `tokens` decoding steps with `weights` against fp32's, both fed fp32's greedy tokens: the worst
+    step's max |difference| over max |fp32 logit|, and the share of steps whose greedy token agrees."""
+    import torch
+    runs = {}
+    for w in ("fp32", weights):
+        model.decode_weights = w
+        for c, s in zip(cache, saved):
+            _restore(c, s)
+        token, logits = first, []
+        feed = runs.get("fp32", (None, None))[1]
+        for i in range(tokens):
+            logits.append(model(token, cache)[:, -1].float())
+            token = logits[-1].argmax(-1, keepdim=True) if feed is None else feed[i]
+        runs[w] = (torch.stack(logits), [lg.argmax(-1, keepdim=True) for lg in logits])
+    ref, got = runs["fp32"][0], runs[weights][0]
+    scale = ref.abs().amax(dim=(1, 2)).clamp_min(1e-30)
+    err = ((got - ref).abs().amax(dim=(1, 2)) / scale).max().item()
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    for c, s in zip(cache, saved):
+        _restore(c, s)
+    return {"logit_rel_err": err, "greedy_agreement": agree}
 
 
 def _snapshot(c):
@@ -246,15 +295,17 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
         peak_note = (f"fp32 2048^3 matmul timed after each timed step in the measuring process (median; "
                      f"column peak_flops); alone at the run's start: {peak_note}")
     rows = []
-    prep = {"train": "prepare_train", "prefill": "prepare_prefill", "generate": "prepare_generate"}
+    prep = {"train": "prepare_train", "prefill": "prepare_prefill", "generate": "prepare_generate",
+            "generate-bf16": "prepare_generate"}
     mixers = mixers or {}
     for mode in modes:
         for fam in families:
             d, n, params = shapes[fam]
             mixer = mixers.get(fam)
             impl = _scan_name(fam, scan_impl, device, mixer)
-            if mode == "generate" and state_bytes(fam, d, n, 1, 1, head_dim=head_dim, mixer=mixer) is None:
-                rows += [_cannot_generate(fam, L, batch, d, n, params, device, impl, threads, compete)
+            generate = mode in GENERATE_MODES
+            if generate and state_bytes(fam, d, n, 1, 1, head_dim=head_dim, mixer=mixer) is None:
+                rows += [_cannot_generate(fam, mode, L, batch, d, n, params, device, impl, threads, compete)
                          for L in seq_lens]
                 if progress:
                     progress(rows[-1])
@@ -264,32 +315,34 @@ def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, re
                               scan_impl=scan_impl, device=device)
                 if mixer is not None:
                     kwargs["mixer"] = asdict(mixer)
-                if mode == "generate":
-                    kwargs["gen_tokens"] = gen_tokens
+                if generate:
+                    kwargs.update(gen_tokens=gen_tokens, decode_weights=decode_weights_of(mode))
                 # long points are slow on a CPU: fewer repeats there (the median of what was run)
                 reps = repeats if L <= 4096 or device != "cpu" else 1
                 res = run_isolated(f"ssmscale.bench.profile:{prep[mode]}", kwargs, repeats=reps,
                                    warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s,
                                    mem_limit_bytes=mem_limit_bytes, compete=compete, matmul_peak=cpu)
                 fpt = _flops_per_token(fam, d, n, mode, L, head_dim, mixer)
-                tokens = batch * (gen_tokens if mode == "generate" else L)
+                tokens = batch * (gen_tokens if generate else L)
                 ok = res["status"] == "ok"
                 tps = tokens / (res["median_ms"] / 1e3) if ok else float("nan")
                 cache = (state_bytes(fam, d, n, batch, L + gen_tokens, head_dim=head_dim, mixer=mixer)
-                         if mode == "generate" else 0)
+                         if generate else 0)
                 row = {"family": fam, "mode": mode, "seq_len": L, "batch": batch, "d_model": d, "n_layer": n,
                        "params": params, "tokens_per_s": tps, "step_ms": res["median_ms"],
                        "peak_mem_bytes": (res["peak_extra_bytes"] + cache) if ok else None,
-                       "state_bytes": cache if mode == "generate" else None,
+                       "state_bytes": cache if generate else None,
                        "mfu": float("nan"), "flops_per_token": fpt, "status": res["status"], "error": res.get("error"),
                        "memory_method": res.get("memory_method"), "device": device, "scan_impl": impl,
                        "threads": threads, "peak_flops": res.get("peak_flops") or peak, "competitors": compete,
                        "tokens_per_s_compete": float("nan"), "step_ms_compete": None, "compete_ratio": float("nan")}
                 if ok and row["peak_flops"] == row["peak_flops"]:
                     row["mfu"] = tps * fpt / row["peak_flops"]
-                if ok and mode == "generate":
+                if ok and generate:
                     row.update(decode_floor(_config(fam, d, n, head_dim=head_dim, mixer=mixer), cache,
-                                            row["step_ms"] / gen_tokens, threads, device))
+                                            row["step_ms"] / gen_tokens, threads, device, decode_weights_of(mode)))
+                    report = res.get("report") or {}
+                    row.update(logit_rel_err=report.get("logit_rel_err"), greedy_agreement=report.get("greedy_agreement"))
                 if ok and compete:
                     row.update(tokens_per_s_compete=tokens / (res["median_compete_ms"] / 1e3),
                                step_ms_compete=res["median_compete_ms"])
@@ -309,9 +362,9 @@ def _scan_name(family, scan_impl, device, mixer=None):
 CANNOT_GENERATE = "cannot-generate"
 
 
-def _cannot_generate(fam, L, batch, d, n, params, device, impl, threads, compete) -> dict:
+def _cannot_generate(fam, mode, L, batch, d, n, params, device, impl, threads, compete) -> dict:
     """The row of a generation point a family cannot run: its mixer has no allocate_cache."""
-    return {"family": fam, "mode": "generate", "seq_len": L, "batch": batch, "d_model": d, "n_layer": n,
+    return {"family": fam, "mode": mode, "seq_len": L, "batch": batch, "d_model": d, "n_layer": n,
             "params": params, "tokens_per_s": float("nan"), "step_ms": None, "peak_mem_bytes": None,
             "state_bytes": None, "mfu": float("nan"), "flops_per_token": None, "status": CANNOT_GENERATE,
             "error": "its mixer has no allocate_cache: this family trains but cannot generate",
@@ -372,13 +425,14 @@ def plot(rows, path: Path, title: str):
     import matplotlib.pyplot as plt
 
     from ..fsutil import atomic_write_bytes
-    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    modes = [m for m in MODES + EXTRA_MODES if any(r["mode"] == m for r in rows)]
     from ..report.colors import family_colors
     families = list(dict.fromkeys(r["family"] for r in rows))
     colors = family_colors(families)
     fig, axes = plt.subplots(2, len(modes), figsize=(4.6 * len(modes), 7.2), squeeze=False)
     labels = {"train": "training (fwd+bwd+AdamW)", "prefill": "prefill (forward)",
-              "generate": "generation (decode at context L)"}
+              "generate": "generation (decode at context L)",
+              "generate-bf16": "generation, bf16 weights"}
     for j, mode in enumerate(modes):
         for fam in families:
             pts = sorted((r for r in rows if r["mode"] == mode and r["family"] == fam), key=lambda r: r["seq_len"])
@@ -392,13 +446,13 @@ def plot(rows, path: Path, title: str):
                     axes[1, j].annotate(r["status"], (r["seq_len"], axes[1, j].get_ylim()[1]), color=c,
                                         ha="center", va="top", fontsize=8)
         axes[0, j].set_title(labels[mode])
-        axes[0, j].set_ylabel("decoded tokens / s" if mode == "generate" else "tokens / s")
-        axes[1, j].set_ylabel("peak memory (MiB)" + (", cache included" if mode == "generate" else ""))
+        axes[0, j].set_ylabel("decoded tokens / s" if mode in GENERATE_MODES else "tokens / s")
+        axes[1, j].set_ylabel("peak memory (MiB)" + (", cache included" if mode in GENERATE_MODES else ""))
         for i in range(2):
             ax = axes[i, j]
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlabel("context length L (tokens)" if mode == "generate" else "sequence length L (tokens)")
+            ax.set_xlabel("context length L (tokens)" if mode in GENERATE_MODES else "sequence length L (tokens)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
     fig.suptitle(title, fontsize=10)
@@ -440,8 +494,9 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
     print(f"peak for MFU: {note}")
     print(format_table(rows))
     if decode := format_decode_table(rows):
-        print("decoding, per token: the floor reads every weight and the whole cache (KV or state) once, at the "
-              "read bandwidth of a matrix-vector product over as many bytes, timed in this run")
+        print("decoding, per token: the floor reads every weight (4 bytes, bf16: 2) and the whole cache (KV or "
+              "state) once, at the read bandwidth of a matrix-vector product or a sum over as many bytes, the "
+              "faster, timed in this run")
         print(decode)
     growth = growth_exponents(rows)
     if growth:

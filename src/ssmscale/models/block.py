@@ -13,7 +13,12 @@ The mixer contract (docs/byo.md), which the built-in mixers satisfy as any plugi
 - optional class attribute `chunked_prefill = False` when, after the prompt, pieces must be one token long;
 - optional `block_step(x, cache, norm)`: one decoded token (x: (batch, 1, d_model), the block's input) through
   the whole block, x + mixer(norm(x)), advancing the cache, or None where it does not apply (then the block
-  runs as usual); the built-in SSMs fuse norm and mixer into one C call there (ops/decode.py).
+  runs as usual); the built-in SSMs fuse norm and mixer into one C call there (ops/decode.py);
+- optional `block_mlp_step(x, cache, norm, norm_mlp, mlp)`: the same for a layer with the SwiGLU branch,
+  x + mixer(norm(x)), then + mlp(norm_mlp(.)) (the built-in attention's: the Transformer++ layer in one call);
+- optional `decode_call(cache, norm, norm_mlp, mlp, weights="fp32")`: that step bound to a cache as an
+  ops.decode.LayerCall (weights="bf16": reading bf16 copies of the projections), or None; when every layer of a model gives one, a decoded token runs the stack as one chain of C calls
+  (models/lm.py).
 
 A layer kind (LayerSpec) says which mixer with which options, whether the Transformer++ SwiGLU branch
 follows it, and the names its modules are registered under: those names are the state_dict keys, kept as
@@ -63,8 +68,12 @@ class Block(nn.Module):
 
     def forward(self, x, cache=None):
         norm, mixer = getattr(self, self._names[0]), getattr(self, self._names[1])
-        if cache is not None and x.shape[1] == 1 and self.mlp is None and hasattr(mixer, "block_step"):
-            out = mixer.block_step(x, cache, norm)
+        if cache is not None and x.shape[1] == 1:
+            if self.mlp is None:
+                out = mixer.block_step(x, cache, norm) if hasattr(mixer, "block_step") else None
+            else:
+                out = (mixer.block_mlp_step(x, cache, norm, self.norm_mlp, self.mlp)
+                       if hasattr(mixer, "block_mlp_step") else None)
             if out is not None:
                 return out
         h = norm(x)
@@ -72,6 +81,15 @@ class Block(nn.Module):
         if self.mlp is not None:
             x = x + self.mlp(self.norm_mlp(x))
         return x
+
+    def decode_call(self, cache, weights: str = "fp32"):
+        """This block's decoding step bound to `cache` (ops.decode.LayerCall), or None where the mixer has none;
+        weights: "fp32", or "bf16" for bf16 copies of the projection weights."""
+        hook = getattr(self.mixer_module, "decode_call", None)
+        if hook is None:
+            return None
+        return hook(cache, getattr(self, self._names[0]), self.norm_mlp if self.mlp is not None else None, self.mlp,
+                    weights=weights)
 
     @property
     def can_generate(self) -> bool:

@@ -13,9 +13,12 @@ multiple of 8 rows; logits cover the padded vocabulary (the extra rows are never
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn as nn
+
+from ..ops import decode
 
 from .block import Block, LayerSpec
 from .config import ModelConfig
@@ -44,6 +47,11 @@ def build_block(cfg: ModelConfig, kind: str, spec: LayerSpec | None = None) -> B
 
 
 class LM(nn.Module):
+    # Precision of the projection weights a decoded token reads, after the prompt: "fp32" (the model's own), or
+    # "bf16" (copies rounded once; halves the bytes batch-1 decoding must stream; results move by bf16 rounding).
+    # Only the fused chain decodes in bf16: a model whose layers cannot form one raises rather than run fp32.
+    decode_weights: str = "fp32"
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -67,11 +75,49 @@ class LM(nn.Module):
     def forward(self, tokens, cache=None):
         """tokens (batch, L) int64 -> logits (batch, L, padded_vocab).
 
-        With `cache` (from `allocate_cache`), the tokens continue the cached sequence."""
+        With `cache` (from `allocate_cache`), the tokens continue the cached sequence. One token after the
+        prompt, where every layer has a fused step, runs the stack as one chain of C calls (ops/decode.py)."""
         x = self.embedding(tokens)
+        if cache is not None and tokens.shape[1] == 1 and all(getattr(c, "pos", 0) > 0 for c in cache):
+            chain = self._decode_chain(cache)
+            if chain is not None:
+                return chain(x, cache)
+            if self.decode_weights != "fp32":
+                raise ValueError(f"decode_weights {self.decode_weights!r} needs every layer's fused decoding step "
+                                 "(built-in families, fp32 CPU tensors, no gradients); set decode_weights = 'fp32'")
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache[i])
         return self.norm_f(x) @ self.embedding.weight.t()
+
+    def _decode_chain(self, cache):
+        """The chain of fused layer calls bound to `cache`, built once per cache and reused while the weights and
+        the cache tensors stay where they were; None where a layer has no fused step, gradients are wanted, or
+        the chain cannot be built (then the blocks run one by one)."""
+        if not cache or len(cache) != len(self.blocks):
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return None
+        head = cache[0]
+        if not _weakrefable(head):
+            return None
+        have = _CHAINS.get(head)
+        # where every parameter lies, read through the modules' own tables (cheaper than parameters() per token):
+        # a moved or replaced weight rebuilds the chain
+        slots = have[2] if have is not None else [(m._parameters, n) for m in self.modules()
+                                                        for n, p in m._parameters.items() if p is not None]
+        if not all(hasattr(c, "pointers") for c in cache):
+            return None          # (a plugin's cache: no fused step to chain)
+        key = (tuple(d[n].data_ptr() for d, n in slots), tuple(c.pointers() for c in cache), torch.get_num_threads(),
+               self.decode_weights)
+        if have is not None and have[0] == key:
+            return have[1]
+        calls = [block.decode_call(c, self.decode_weights) for block, c in zip(self.blocks, cache)]
+        chain = None
+        if all(c is not None for c in calls) and _fp32_cpu_contiguous(self.norm_f.weight, self.embedding.weight):
+            chain = decode.Chain(calls, batch=_batch_of(head), d_model=self.cfg.d_model, norm_w=self.norm_f.weight,
+                                 eps=self.norm_f.eps, embedding=self.embedding.weight)
+        _CHAINS[head] = (key, chain, slots)
+        return chain
 
     @property
     def can_generate(self) -> bool:
@@ -109,6 +155,25 @@ class LM(nn.Module):
     def chunked_prefill(self) -> bool:
         """Whether a piece of several tokens may follow the prompt in the cache (Mamba-1 takes one at a time)."""
         return all(getattr(b, "chunked_prefill", False) for b in self.blocks)
+
+
+_CHAINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # first layer's cache -> (key, chain, slots)
+
+
+def _weakrefable(obj) -> bool:
+    try:
+        weakref.ref(obj)
+        return True
+    except TypeError:
+        return False
+
+
+def _fp32_cpu_contiguous(*tensors) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
+def _batch_of(c) -> int:
+    return next(t.shape[0] for t in vars(c).values() if isinstance(t, torch.Tensor))
 
 
 def kernel_impl(cfg: ModelConfig, device: str) -> str | None:

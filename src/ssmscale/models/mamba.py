@@ -51,6 +51,10 @@ class MambaCache:
         self.ssm = torch.zeros(batch, d_inner, d_state, dtype=torch.float32, device=device)
         self.pos = 0
 
+    def pointers(self) -> tuple:
+        """Where the cache's tensors lie (a decoding chain bound to them checks they have not moved)."""
+        return self.conv.data_ptr(), self.ssm.data_ptr()
+
 
 class MambaMixer(nn.Module):
     """A mixer (models/block.py): d_inner = expand d_model channels, state N = d_state per channel."""
@@ -165,6 +169,7 @@ class MambaMixer(nn.Module):
         return self.out_proj(y)[:, None]
 
     block_step = decode.block_step      # a decoded token through the whole block in one call (models/block.py)
+    decode_call = decode.block_call     # that call bound to a cache, for a stack decoded without framework ops
 
     def allocate_cache(self, batch, max_len, dtype, device):
         return MambaCache(batch, self.d_inner, self.d_conv, self.d_state, dtype, device)

@@ -52,6 +52,10 @@ class Mamba2Cache:
         self.ssm = torch.zeros(batch, heads, head_dim, d_state, dtype=torch.float32, device=device)
         self.pos = 0
 
+    def pointers(self) -> tuple:
+        """Where the cache's tensors lie (a decoding chain bound to them checks they have not moved)."""
+        return self.conv.data_ptr(), self.ssm.data_ptr()
+
 
 class Mamba2Mixer(nn.Module):
     """A mixer (models/block.py): `heads` heads of head_dim (d_inner = heads x head_dim), `ngroups` groups of
@@ -171,6 +175,7 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(self.norm(y.flatten(1).to(u.dtype), z))[:, None]
 
     block_step = decode.block_step      # a decoded token through the whole block in one call (models/block.py)
+    decode_call = decode.block_call     # that call bound to a cache, for a stack decoded without framework ops
 
     def allocate_cache(self, batch, max_len, dtype, device):
         return Mamba2Cache(batch, self.conv_dim, self.d_conv, self.heads, self.head_dim, self.d_state,

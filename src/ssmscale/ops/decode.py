@@ -28,10 +28,25 @@ _MIN_WEIGHTS_PER_THREAD = 1 << 16    # a projection smaller than this runs on on
 class _Args(ctypes.Structure):
     """Mirror of StepArgs in decode_cpu.c."""
     _fields_ = ([(n, ctypes.c_int64) for n in ("kind", "batch", "d_model", "d_inner", "d_state", "d_conv", "dt_rank",
-                                               "heads", "groups", "n_threads")]
+                                               "heads", "groups", "n_threads", "bf16")]
                 + [("eps", ctypes.c_double), ("pre_w", ctypes.c_void_p), ("pre_eps", ctypes.c_double)]
                 + [(n, ctypes.c_void_p) for n in ("u", "in_w", "conv_w", "conv_b", "x_w", "dt_w", "dt_b", "A_log", "D",
                                                   "norm_w", "out_w", "conv_state", "ssm_state", "out", "work")])
+
+
+class _AttnArgs(ctypes.Structure):
+    """Mirror of AttnArgs in decode_cpu.c."""
+    _fields_ = ([(n, ctypes.c_int64) for n in ("batch", "d_model", "heads", "head_dim", "max_len", "pos", "d_ff",
+                                               "n_threads", "bf16")]
+                + [("eps", ctypes.c_double), ("mlp_eps", ctypes.c_double)]
+                + [(n, ctypes.c_void_p) for n in ("u", "norm_w", "qkv_w", "out_w", "cos_row", "sin_row", "k_cache",
+                                                  "v_cache", "mlp_norm_w", "gate_w", "up_w", "down_w", "out", "work")])
+
+
+class _HeadArgs(ctypes.Structure):
+    """Mirror of HeadArgs in decode_cpu.c."""
+    _fields_ = ([(n, ctypes.c_int64) for n in ("batch", "d_model", "vocab")] + [("eps", ctypes.c_double)]
+                + [(n, ctypes.c_void_p) for n in ("x", "norm_w", "emb", "normed", "logits")])
 
 
 _state: dict = {}
@@ -44,6 +59,11 @@ def load():
         if lib is not None:
             lib.mixer_step.argtypes = [ctypes.POINTER(_Args)]
             lib.mixer_step.restype = ctypes.c_int
+            lib.attn_step.argtypes = [ctypes.POINTER(_AttnArgs)]
+            lib.attn_step.restype = ctypes.c_int
+            lib.chain_step.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p),
+                                       ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_HeadArgs)]
+            lib.chain_step.restype = ctypes.c_int
         _state.update(lib=lib, reason=reason)
     return _state["lib"]
 
@@ -77,7 +97,7 @@ def _prepare(mixer):
     """The call's fixed part, built once per mixer and set of weights (a new weight tensor, e.g. after .to(),
     rebuilds it): None where the weights are not fp32 contiguous CPU tensors or the kernel is missing."""
     weights = _weights(mixer)
-    key = tuple(t.data_ptr() for t in weights.values())
+    key = (*(t.data_ptr() for t in weights.values()), torch.get_num_threads())
     have = _prepared.get(mixer)
     if have is not None and have[0] == key:
         return have[1]
@@ -107,6 +127,13 @@ def supported(mixer, u, cache) -> bool:
     return cache.conv.is_contiguous() and cache.ssm.is_contiguous() and _prepare(mixer) is not None
 
 
+def _ssm_work(mixer, args, batch) -> int:
+    """Floats of scratch mixer_step needs for `batch` rows (see StepArgs.work in decode_cpu.c)."""
+    width, e, d = mixer.in_proj.weight.shape[0], args.d_inner, args.d_model
+    middle = args.dt_rank + 2 * args.d_state if args.kind == 1 else 2 * args.groups * args.d_state
+    return batch * (width + e + middle + e + d)
+
+
 def step(mixer, u, cache, norm=None):
     """One token through `mixer` (MambaMixer or Mamba2Mixer): u (batch, 1, d) -> (batch, 1, d), or None
     where the fused step does not apply (see `supported`; the caller then runs the mixer's own step).
@@ -119,9 +146,7 @@ def step(mixer, u, cache, norm=None):
     batch, d = u.shape[0], u.shape[-1]
     u = u.reshape(batch, d).contiguous()
     out = torch.empty(batch, 1, d)
-    width, e = mixer.in_proj.weight.shape[0], args.d_inner
-    middle = args.dt_rank + 2 * args.d_state if args.kind == 1 else 2 * args.groups * args.d_state
-    work = torch.empty(batch * (width + e + middle + e + d))
+    work = torch.empty(_ssm_work(mixer, args, batch))
     args.batch, args.u, args.out, args.work = batch, u.data_ptr(), out.data_ptr(), work.data_ptr()
     args.pre_w, args.pre_eps = (None, 0.0) if norm is None else (norm.weight.data_ptr(), norm.eps)
     args.conv_state, args.ssm_state = cache.conv.data_ptr(), cache.ssm.data_ptr()
@@ -137,3 +162,179 @@ def block_step(mixer, x, cache, norm):
     """One decoded token through a whole block, x + mixer(norm(x)), in one call: the Mamba and Mamba-2
     mixers' `block_step` (models/block.py); None before a prompt is in the cache or where `step` does not apply."""
     return step(mixer, x, cache, norm=norm) if cache.pos > 0 else None
+
+
+def _fp32_cpu(tensors) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
+def _prepare_attention(attn, norm, norm_mlp, mlp):
+    """The attention call's fixed part (weights, sizes, threads), built once per module and set of weights;
+    None where a weight is not an fp32 contiguous CPU tensor or the kernel is missing."""
+    weights = dict(norm_w=norm.weight, qkv_w=attn.qkv.weight, out_w=attn.out_proj.weight)
+    if mlp is not None:
+        weights.update(mlp_norm_w=norm_mlp.weight, gate_w=mlp.w_gate.weight, up_w=mlp.w_up.weight,
+                       down_w=mlp.w_down.weight)
+    key = (*(t.data_ptr() for t in weights.values()), torch.get_num_threads())
+    have = _prepared.get(attn)
+    if have is not None and have[0] == key:
+        return have[1]
+    args = None
+    if load() is not None and _fp32_cpu(weights.values()):
+        args = _AttnArgs(d_model=attn.qkv.weight.shape[1], heads=attn.n_head, head_dim=attn.head_dim,
+                         d_ff=0 if mlp is None else mlp.w_gate.weight.shape[0], eps=norm.eps,
+                         mlp_eps=0.0 if mlp is None else norm_mlp.eps,
+                         **{k: t.data_ptr() for k, t in weights.items()})
+        args.n_threads = max(1, min(torch.get_num_threads(), attn.qkv.weight.numel() // _MIN_WEIGHTS_PER_THREAD))
+    _prepared[attn] = (key, args)
+    return args
+
+
+def _attention_work(args, batch, positions) -> int:
+    """Floats of scratch attn_step needs for `batch` rows attending over `positions` (AttnArgs.work)."""
+    width = args.heads * args.head_dim
+    return batch * (2 * args.d_model + 4 * width + args.heads * positions + 2 * args.d_ff)
+
+
+def attention_step(attn, x, cache, norm, cos_row, sin_row, norm_mlp=None, mlp=None):
+    """One decoded token through an attention block in one C call: x + attn(norm(x)), then, with `mlp`
+    (a SwiGLU) and `norm_mlp`, + mlp(norm_mlp(.)); the token's keys and values written into the KV cache at
+    cache.pos, which advances. cos_row, sin_row: the rotary tables' rows for that position (models/transformer.py
+    owns the tables). None where the call does not apply (gradients wanted, a tensor not fp32 on the CPU,
+    the cache full, the kernel missing): the caller then runs the block's modules."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in attn.parameters())):
+        return None
+    if mlp is not None and torch.is_grad_enabled() and any(p.requires_grad for p in mlp.parameters()):
+        return None
+    if cache.pos >= cache.k.shape[2] or not _fp32_cpu((cache.k, cache.v, cos_row, sin_row)) or \
+            x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    args = _prepare_attention(attn, norm, norm_mlp, mlp)
+    if args is None:
+        return None
+    batch, d = x.shape[0], x.shape[-1]
+    u = x.reshape(batch, d).contiguous()
+    out = torch.empty(batch, 1, d)
+    work = torch.empty(_attention_work(args, batch, cache.pos + 1))
+    args.batch, args.max_len, args.pos = batch, cache.k.shape[2], cache.pos
+    args.u, args.out, args.work = u.data_ptr(), out.data_ptr(), work.data_ptr()
+    args.cos_row, args.sin_row = cos_row.data_ptr(), sin_row.data_ptr()
+    args.k_cache, args.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
+    code = load().attn_step(ctypes.byref(args))
+    args.u = args.out = args.work = args.cos_row = args.sin_row = args.k_cache = args.v_cache = None
+    if code != 0:
+        raise RuntimeError("fused attention decoding step failed")
+    cache.pos += 1
+    return out
+
+
+# ---- a whole stack of fused layers per decoded token (models/lm.py) ----
+
+class LayerCall:
+    """One block's decoding step bound to its cache's tensors: its kind for chain_step (1 Mamba, 2 Mamba-2,
+    3 attention), its arguments (fixed but for the input, output and scratch pointers the chain sets once, and for
+    an attention layer the position and rotary rows it sets per token), the threads it may use and the floats of
+    scratch it needs. It holds no reference to the cache object."""
+    __slots__ = ("kind", "args", "rope", "work", "keep")
+
+    def __init__(self, kind, args, rope, work, keep=()):
+        self.kind, self.args, self.rope, self.work = kind, args, rope, work
+        self.keep = keep          # tensors the pointers point into (bf16 copies of the weights)
+
+
+WEIGHTS = ("fp32", "bf16")
+_PROJECTIONS = ("in_w", "x_w", "dt_w", "out_w", "qkv_w", "gate_w", "up_w", "down_w")
+
+
+def _in_bf16(args, weights: str, tensors: dict) -> tuple:
+    """With weights="bf16", point the call's projection weights (`tensors`, by argument field) at bf16 copies,
+    rounded to nearest even as torch converts; the copies are returned, to be kept alive with the call. Norms,
+    conv, A, D and the dt bias stay fp32."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"decode weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
+    if weights == "fp32":
+        return ()
+    keep = tuple(tensors[name].to(torch.bfloat16).contiguous() for name in _PROJECTIONS if name in tensors)
+    for name, copy in zip((n for n in _PROJECTIONS if n in tensors), keep):
+        setattr(args, name, copy.data_ptr())
+    args.bf16 = 1
+    return keep
+
+
+def block_call(mixer, cache, norm, norm_mlp=None, mlp=None, weights="fp32"):
+    """The Mamba and Mamba-2 mixers' `decode_call` (models/block.py): their block has no MLP."""
+    return ssm_call(mixer, cache, norm, weights) if mlp is None else None
+
+
+def ssm_call(mixer, cache, norm, weights="fp32"):
+    """A Mamba or Mamba-2 block's step (norm, mixer, residual) bound to `cache`, or None where it does not apply."""
+    if not (_fp32_cpu((cache.conv, cache.ssm, norm.weight)) and cache.pos > 0):
+        return None
+    base = _prepare(mixer)
+    if base is None:
+        return None
+    args = _Args.from_buffer_copy(base)
+    args.batch, args.pre_w, args.pre_eps = cache.ssm.shape[0], norm.weight.data_ptr(), norm.eps
+    args.conv_state, args.ssm_state = cache.conv.data_ptr(), cache.ssm.data_ptr()
+    keep = _in_bf16(args, weights, _weights(mixer))
+    return LayerCall(args.kind, args, None, _ssm_work(mixer, args, args.batch), keep)
+
+
+def attention_call(attn, cache, norm, cos, sin, norm_mlp=None, mlp=None, weights="fp32"):
+    """An attention block's step (with the SwiGLU branch where `mlp` is given) bound to its KV cache, or None.
+    cos, sin: the rotary tables (positions, head_dim), covering every position of the cache."""
+    if not (_fp32_cpu((cache.k, cache.v, cos, sin)) and cache.pos > 0 and cos.shape[0] >= cache.k.shape[2]):
+        return None
+    base = _prepare_attention(attn, norm, norm_mlp, mlp)
+    if base is None:
+        return None
+    args = _AttnArgs.from_buffer_copy(base)
+    args.batch, args.max_len = cache.k.shape[0], cache.k.shape[2]
+    args.k_cache, args.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
+    row = cos.stride(0) * cos.element_size()
+    rope = (cos.data_ptr(), sin.data_ptr(), row, cos, sin)        # the tables kept alive with the call
+    tensors = dict(qkv_w=attn.qkv.weight, out_w=attn.out_proj.weight)
+    if mlp is not None:
+        tensors.update(gate_w=mlp.w_gate.weight, up_w=mlp.w_up.weight, down_w=mlp.w_down.weight)
+    keep = _in_bf16(args, weights, tensors)
+    return LayerCall(3, args, rope, _attention_work(args, args.batch, args.max_len), keep)
+
+
+class Chain:
+    """Single-token decoding through a stack of bound layer calls with fixed buffers, and the LM's final norm and
+    tied head: per token one copy in and one C call (chain_step) that runs every layer and the head in one
+    parallel region (layer i reads one buffer and writes the other), no framework op between them. The caller
+    checks the chain still matches the model's weights and the caches it is given (models/lm.py)."""
+
+    def __init__(self, calls, batch, d_model, norm_w, eps, embedding):
+        self.calls = calls
+        self.bufs = [torch.empty(batch, d_model), torch.empty(batch, d_model)]
+        self.work = torch.empty(max(max(c.work for c in calls), batch * d_model))
+        for i, c in enumerate(calls):
+            c.args.u, c.args.out = self.bufs[i % 2].data_ptr(), self.bufs[(i + 1) % 2].data_ptr()
+            c.args.work = self.work.data_ptr()
+        self.attention = [(i, c) for i, c in enumerate(calls) if c.rope is not None]
+        self.kinds = (ctypes.c_int64 * len(calls))(*(c.kind for c in calls))
+        self.args = (ctypes.c_void_p * len(calls))(*(ctypes.addressof(c.args) for c in calls))
+        self.threads = max(c.args.n_threads for c in calls)
+        self.logits = torch.empty(batch, 1, embedding.shape[0])
+        self.head = _HeadArgs(batch=batch, d_model=d_model, vocab=embedding.shape[0], eps=eps,
+                              x=self.bufs[len(calls) % 2].data_ptr(), norm_w=norm_w.data_ptr(),
+                              emb=embedding.data_ptr(), normed=self.work.data_ptr(), logits=self.logits.data_ptr())
+        self.head_ref = ctypes.pointer(self.head)
+        self.fn = load().chain_step
+
+    def __call__(self, x, caches):
+        """x (batch, 1, d_model), the embedded token -> its logits (batch, 1, vocab); each layer's cache (the ones
+        the calls were bound to, in order) advances by one."""
+        for i, c in self.attention:
+            pos = caches[i].pos
+            if pos >= c.args.max_len:
+                raise ValueError(f"KV cache full: {pos} + 1 > max_len {c.args.max_len}")
+            c.args.pos, c.args.cos_row, c.args.sin_row = pos, c.rope[0] + pos * c.rope[2], c.rope[1] + pos * c.rope[2]
+        self.bufs[0].copy_(x.reshape(self.bufs[0].shape))
+        if self.fn(self.kinds, self.args, len(self.calls), self.threads, self.head_ref) != 0:
+            raise RuntimeError("fused decoding step failed")
+        for cache in caches:
+            cache.pos += 1
+        return self.logits.clone()
