@@ -21,12 +21,19 @@
  * threads split every projection's rows and the elementwise work by channel or head, and meet at spin barriers
  * between phases. ssmscale makes idle OpenMP threads sleep (threads.py: fair on a busy machine), and waking a
  * sleeping thread costs tens of microseconds: a token crossing some fifty parallel regions spent more time
- * waking threads than reading weights. The spinning lasts one call (a token), never longer.
+ * waking threads than reading weights. A barrier spins briefly, then sleeps (a futex): see sync_team.
  */
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE
 #include "cpu_common.h"
+#include <limits.h>
+#include <time.h>
 #include <sched.h>
 #include <stdatomic.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -75,7 +82,7 @@ typedef struct {
 
 /* ---- the team: one parallel region's threads and their barrier ---- */
 typedef struct {
-    atomic_int count, sense;
+    atomic_int count, sense, sleepers;
 } Barrier;
 
 typedef struct {
@@ -89,19 +96,55 @@ INLINE void cpu_relax(void) {
 #endif
 }
 
-/* every thread of the team waits here until all have arrived (sense-reversing; yields the core now and then,
- * so a thread descheduled on a busy machine is not starved by its partner's spinning) */
+/* How long a waiting thread spins before it sleeps: about what waking it would cost. A barrier between balanced
+ * phases completes within a few microseconds; one that does not is waiting for a thread the scheduler took away
+ * (a busy machine), and spinning on would keep a core from it (measured: decoding kept 31% of its speed beside
+ * one busy process with spin-only waits). */
+#define SPIN_NS 20000
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static void wait_sense(atomic_int *sense, int want) {
+#ifdef __linux__
+    syscall(SYS_futex, sense, FUTEX_WAIT_PRIVATE, !want, NULL, NULL, 0);   /* returns at once if it changed */
+#else
+    (void)want;
+    sched_yield();
+#endif
+    (void)sense;
+}
+
+static void wake_sense(atomic_int *sense) {
+#ifdef __linux__
+    syscall(SYS_futex, sense, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
+#endif
+    (void)sense;
+}
+
+/* every thread of the team waits here until all have arrived (sense-reversing): a short spin, then sleep */
 static void sync_team(Team *t) {
     if (t->n == 1) return;
+    Barrier *b = t->bar;
     t->sense = !t->sense;
-    if (atomic_fetch_add_explicit(&t->bar->count, 1, memory_order_acq_rel) == t->n - 1) {
-        atomic_store_explicit(&t->bar->count, 0, memory_order_relaxed);
-        atomic_store_explicit(&t->bar->sense, t->sense, memory_order_release);
-    } else {
-        for (unsigned spins = 1; atomic_load_explicit(&t->bar->sense, memory_order_acquire) != t->sense; spins++)
-            if (spins % 4096 == 0) sched_yield();
-            else cpu_relax();
+    if (atomic_fetch_add(&b->count, 1) == t->n - 1) {
+        atomic_store(&b->count, 0);
+        atomic_store(&b->sense, t->sense);
+        if (atomic_load(&b->sleepers) > 0) wake_sense(&b->sense);
+        return;
     }
+    const int64_t until = now_ns() + SPIN_NS;
+    for (int spins = 1;; spins++) {
+        if (atomic_load_explicit(&b->sense, memory_order_acquire) == t->sense) return;
+        cpu_relax();
+        if (spins % 32 == 0 && now_ns() > until) break;
+    }
+    atomic_fetch_add(&b->sleepers, 1);
+    while (atomic_load(&b->sense) != t->sense) wait_sense(&b->sense, t->sense);
+    atomic_fetch_sub(&b->sleepers, 1);
 }
 
 /* this thread's share [lo, hi) of n items */
@@ -392,6 +435,7 @@ int chain_step(const int64_t *kinds, void *const *args, int64_t n_layers, int64_
     Barrier bar;
     atomic_init(&bar.count, 0);
     atomic_init(&bar.sense, 0);
+    atomic_init(&bar.sleepers, 0);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
 #endif
