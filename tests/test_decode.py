@@ -218,3 +218,26 @@ def test_bf16_decoding_refuses_a_model_it_cannot_chain_instead_of_running_fp32()
     model.decode_weights = "fp16"
     with torch.no_grad(), pytest.raises(ValueError, match="decode weights: 'fp16' is not one of fp32, bf16"):
         model(tokens[:, 5:6], cache)
+
+
+@pytest.mark.parametrize("family", ["transformer", "mamba", "hybrid"])
+def test_the_chain_gives_the_same_tokens_on_one_thread_and_on_two(family):
+    # wide enough that every projection splits its rows over 2 threads (>= 2 x 65,536 weights), so the threads
+    # meet at the chain's barriers; rows and channels are split, never a sum: the results are identical
+    before = torch.get_num_threads()
+    torch.manual_seed(0)
+    model = LM(ModelConfig(family=family, d_model=256, n_layer=3, head_dim=32, vocab_size=64)).eval()
+    tokens = torch.randint(0, 64, (2, 10))
+    try:
+        out = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got, cache = _decode(model, tokens, 4, fused=True)
+            with torch.no_grad():
+                assert model._decode_chain(cache).threads == threads
+            out[threads] = got
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[1], out[2])
+    want, _ = _decode(model, tokens, 4, fused=False)
+    assert rel_err(out[2], want) < 1e-5
