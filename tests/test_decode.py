@@ -162,6 +162,21 @@ def test_the_chain_follows_weights_that_move_and_stops_at_a_full_cache():
             model(tokens[:, 7:8], cache)
 
 
+def test_a_cache_decoded_by_one_model_then_another_uses_the_second_models_weights():
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="mamba2", d_model=48, n_layer=2, vocab_size=64)
+    first, second = LM(cfg).eval(), LM(cfg).eval()
+    tokens = torch.randint(0, 64, (1, 7))
+    cache = first.allocate_cache(1, 7)
+    with torch.no_grad():
+        first(tokens[:, :5], cache)
+        first(tokens[:, 5:6], cache)
+        ref_cache = [copy.deepcopy(c) for c in cache]
+        got = second(tokens[:, 6:7], cache)
+        want = _decode_blocks(second, tokens[:, 6:7], ref_cache)
+    assert rel_err(got, want) < 1e-5
+
+
 def _decode_blocks(model, token, cache):
     with torch.no_grad():
         x = model.embedding(token)

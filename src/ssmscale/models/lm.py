@@ -100,23 +100,25 @@ class LM(nn.Module):
         head = cache[0]
         if not _weakrefable(head):
             return None
-        have = _CHAINS.get(head)
-        # where every parameter lies, read through the modules' own tables (cheaper than parameters() per token):
-        # a moved or replaced weight rebuilds the chain
-        slots = have[2] if have is not None else [(m._parameters, n) for m in self.modules()
-                                                        for n, p in m._parameters.items() if p is not None]
         if not all(hasattr(c, "pointers") for c in cache):
             return None          # (a plugin's cache: no fused step to chain)
+        have = _CHAINS.get(head)
+        if have is not None and have[0]() is not self:
+            have = None          # (the cache was decoded by another model)
+        # where every parameter lies, read through the modules' own tables (cheaper than parameters() per token):
+        # a moved or replaced weight rebuilds the chain
+        slots = have[3] if have is not None else [(m._parameters, n) for m in self.modules()
+                                                        for n, p in m._parameters.items() if p is not None]
         key = (tuple(d[n].data_ptr() for d, n in slots), tuple(c.pointers() for c in cache), torch.get_num_threads(),
                self.decode_weights)
-        if have is not None and have[0] == key:
-            return have[1]
+        if have is not None and have[1] == key:
+            return have[2]
         calls = [block.decode_call(c, self.decode_weights) for block, c in zip(self.blocks, cache)]
         chain = None
         if all(c is not None for c in calls) and _fp32_cpu_contiguous(self.norm_f.weight, self.embedding.weight):
             chain = decode.Chain(calls, batch=_batch_of(head), d_model=self.cfg.d_model, norm_w=self.norm_f.weight,
                                  eps=self.norm_f.eps, embedding=self.embedding.weight)
-        _CHAINS[head] = (key, chain, slots)
+        _CHAINS[head] = (weakref.ref(self), key, chain, slots)
         return chain
 
     @property
@@ -157,7 +159,7 @@ class LM(nn.Module):
         return all(getattr(b, "chunked_prefill", False) for b in self.blocks)
 
 
-_CHAINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # first layer's cache -> (key, chain, slots)
+_CHAINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # first layer's cache -> (model, key, chain, slots)
 
 
 def _weakrefable(obj) -> bool:

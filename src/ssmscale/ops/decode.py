@@ -1,13 +1,19 @@
-"""Fused decoding steps for the Mamba and Mamba-2 mixers on the CPU: decode_cpu.c via ctypes.
+"""Fused decoding on the CPU: decode_cpu.c via ctypes, one C call per decoded token.
 
-`step(mixer, u, cache)` advances one token: the mixer's whole step (projections, conv, state update,
-gate, norm) in one C call, conv and SSM state updated in place; it returns None where the fused call
-does not apply (`supported`: fp32 CPU tensors, no autograd wanted, the kernel built;
-SSMSCALE_NO_FUSED_STEP=1 turns it off). The definition is each mixer's module-by-module
-`step_reference`. `block_step` is the mixers' hook for the whole block (models/block.py): the
-block's pre-norm folded into the same call. The call's fixed part (weight pointers, sizes) is built once per mixer and reused
-while the weights stay the same tensors: at batch 1 the Python around the call costs as much as a
-small layer's arithmetic.
+- `step(mixer, u, cache)` advances one token through a Mamba or Mamba-2 mixer: its whole step
+  (projections, conv, state update, gate, norm) in one C call, conv and SSM state updated in place.
+  `block_step` is the mixers' hook for the whole block (models/block.py), the block's pre-norm folded into
+  the same call. `attention_step` is the same for an attention block (Transformer++'s layer with its
+  SwiGLU branch, or the hybrid's attention layer), its keys and values written into the KV cache.
+- Each returns None where the fused call does not apply: gradients wanted, a tensor not fp32 on the CPU,
+  the kernel missing (SSMSCALE_NO_FUSED_STEP=1 turns it off). The definition is the modules: each mixer's
+  `step_reference`, the attention's forward with a cache.
+- `ssm_call` / `attention_call` bind a layer's step to its cache tensors (a `LayerCall`). `Chain` runs a
+  model's calls and its final norm and tied head as ONE C call per token (chain_step: one parallel region;
+  models/lm.py builds and checks it), optionally reading bf16 copies of the projection weights.
+- The calls' fixed parts (weight pointers, sizes, threads) are built once per module and reused while the
+  weights stay the same tensors: at batch 1 the Python around a call costs as much as a small layer's
+  arithmetic.
 """
 
 from __future__ import annotations
@@ -233,7 +239,7 @@ def attention_step(attn, x, cache, norm, cos_row, sin_row, norm_mlp=None, mlp=No
 class LayerCall:
     """One block's decoding step bound to its cache's tensors: its kind for chain_step (1 Mamba, 2 Mamba-2,
     3 attention), its arguments (fixed but for the input, output and scratch pointers the chain sets once, and for
-    an attention layer the position and rotary rows it sets per token), the threads it may use and the floats of
+    an attention layer the position and rotary rows it sets per token; n_threads among them) and the floats of
     scratch it needs. It holds no reference to the cache object."""
     __slots__ = ("kind", "args", "rope", "work", "keep")
 
