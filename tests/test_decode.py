@@ -256,3 +256,29 @@ def test_the_chain_gives_the_same_tokens_on_one_thread_and_on_two(family):
     assert torch.equal(out[1], out[2])
     want, _ = _decode(model, tokens, 4, fused=False)
     assert rel_err(out[2], want) < 1e-5
+
+
+def test_the_chain_decodes_on_one_thread_for_a_while_when_its_threads_keep_waiting_for_cores():
+    torch.manual_seed(0)
+    model = LM(ModelConfig(family="mamba2", d_model=48, n_layer=2, vocab_size=64)).eval()
+    cache = model.allocate_cache(1, 200)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, dtype=torch.long), cache)
+        chain = model._decode_chain(cache)
+    chain.threads = 2
+    real, seen, sleeps = chain.fn, [], iter([50, 1, 50, 50, 50] + [50] * 80 + [0] * 10)
+
+    def fake(kinds, args, n, threads, head, slept):       # the C call, reporting how many of its waits slept
+        seen.append(threads)
+        code = real(kinds, args, n, threads, head, slept)
+        slept._obj.value = next(sleeps)
+        return code
+    chain.fn = fake
+    with torch.no_grad():
+        for _ in range(95):
+            model(torch.zeros(1, 1, dtype=torch.long), cache)
+    # a stray busy token changes nothing; three in a row send the next decode.SOLO_TOKENS tokens to one thread,
+    # then the team is tried again
+    assert seen[:5] == [2] * 5
+    assert seen[5:5 + decode.SOLO_TOKENS] == [1] * decode.SOLO_TOKENS
+    assert seen[5 + decode.SOLO_TOKENS] == 2

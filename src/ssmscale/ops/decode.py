@@ -68,7 +68,8 @@ def load():
             lib.attn_step.argtypes = [ctypes.POINTER(_AttnArgs)]
             lib.attn_step.restype = ctypes.c_int
             lib.chain_step.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p),
-                                       ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_HeadArgs)]
+                                       ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_HeadArgs),
+                                       ctypes.POINTER(ctypes.c_int64)]
             lib.chain_step.restype = ctypes.c_int
         _state.update(lib=lib, reason=reason)
     return _state["lib"]
@@ -306,6 +307,9 @@ def attention_call(attn, cache, norm, cos, sin, norm_mlp=None, mlp=None, weights
     return LayerCall(3, args, rope, _attention_work(args, args.batch, args.max_len), keep)
 
 
+SOLO_TOKENS, BUSY_TOKENS = 64, 3
+
+
 class Chain:
     """Single-token decoding through a stack of bound layer calls with fixed buffers, and the LM's final norm and
     tied head: per token one copy in and one C call (chain_step) that runs every layer and the head in one
@@ -323,6 +327,7 @@ class Chain:
         self.kinds = (ctypes.c_int64 * len(calls))(*(c.kind for c in calls))
         self.args = (ctypes.c_void_p * len(calls))(*(ctypes.addressof(c.args) for c in calls))
         self.threads = max(c.args.n_threads for c in calls)
+        self.slept, self.solo, self.busy = ctypes.c_int64(0), 0, 0
         self.logits = torch.empty(batch, 1, embedding.shape[0])
         self.head = _HeadArgs(batch=batch, d_model=d_model, vocab=embedding.shape[0], eps=eps,
                               x=self.bufs[len(calls) % 2].data_ptr(), norm_w=norm_w.data_ptr(),
@@ -339,8 +344,19 @@ class Chain:
                 raise ValueError(f"KV cache full: {pos} + 1 > max_len {c.args.max_len}")
             c.args.pos, c.args.cos_row, c.args.sin_row = pos, c.rope[0] + pos * c.rope[2], c.rope[1] + pos * c.rope[2]
         self.bufs[0].copy_(x.reshape(self.bufs[0].shape))
-        if self.fn(self.kinds, self.args, len(self.calls), self.threads, self.head_ref) != 0:
+        threads = 1 if self.solo else self.threads
+        if self.fn(self.kinds, self.args, len(self.calls), threads, self.head_ref, ctypes.byref(self.slept)) != 0:
             raise RuntimeError("fused decoding step failed")
+        # More barrier waits that had to sleep than layers, BUSY_TOKENS tokens in a row: the threads are not
+        # getting their cores (a busy machine: there nearly every wait sleeps; alone a token sleeps 0-1 times, a
+        # stray one tens), and a team waits for its slowest member at every barrier. Decode the next SOLO_TOKENS
+        # tokens on one thread, then try the team again. The split never changes a result (rows and channels).
+        if self.solo:
+            self.solo -= 1
+        else:
+            self.busy = self.busy + 1 if self.slept.value > len(self.calls) else 0
+            if self.busy >= BUSY_TOKENS:
+                self.solo, self.busy = SOLO_TOKENS, 0
         for cache in caches:
             cache.pos += 1
         return self.logits.clone()

@@ -82,7 +82,7 @@ typedef struct {
 
 /* ---- the team: one parallel region's threads and their barrier ---- */
 typedef struct {
-    atomic_int count, sense, sleepers;
+    atomic_int count, sense, sleepers, slept;    /* slept: waits that outlasted the spin (a busy machine) */
 } Barrier;
 
 typedef struct {
@@ -142,6 +142,7 @@ static void sync_team(Team *t) {
         cpu_relax();
         if (spins % 32 == 0 && now_ns() > until) break;
     }
+    atomic_fetch_add(&b->slept, 1);
     atomic_fetch_add(&b->sleepers, 1);
     while (atomic_load(&b->sense) != t->sense) wait_sense(&b->sense, t->sense);
     atomic_fetch_sub(&b->sleepers, 1);
@@ -427,15 +428,18 @@ static void head_step(const HeadArgs *h, Team *t) {
 }
 
 /* Layers 0 .. n_layers-1 in order (each reads the buffer the one before wrote; the caller points them so), then
- * the head where one is given, in one parallel region of up to n_threads threads. 0: done; 2: an unknown kind
- * or a position outside the cache. */
-int chain_step(const int64_t *kinds, void *const *args, int64_t n_layers, int64_t n_threads, const HeadArgs *head) {
+ * the head where one is given, in one parallel region of up to n_threads threads. `slept` (may be NULL) receives
+ * how many barrier waits outlasted their spin and slept: the caller's sign of a busy machine. 0: done; 2: an
+ * unknown kind or a position outside the cache. */
+int chain_step(const int64_t *kinds, void *const *args, int64_t n_layers, int64_t n_threads, const HeadArgs *head,
+               int64_t *slept) {
     for (int64_t i = 0; i < n_layers; i++)
         if (!valid(kinds[i], args[i])) return 2;
     Barrier bar;
     atomic_init(&bar.count, 0);
     atomic_init(&bar.sense, 0);
     atomic_init(&bar.sleepers, 0);
+    atomic_init(&bar.slept, 0);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
 #endif
@@ -453,6 +457,7 @@ int chain_step(const int64_t *kinds, void *const *args, int64_t n_layers, int64_
         if (head) head_step(head, &t);
     }
     (void)n_threads;
+    if (slept) *slept = atomic_load(&bar.slept);
     return 0;
 }
 
@@ -460,12 +465,12 @@ int chain_step(const int64_t *kinds, void *const *args, int64_t n_layers, int64_
 int mixer_step(const StepArgs *a) {
     const int64_t kind = a->kind;
     void *args = (void *)a;
-    return chain_step(&kind, &args, 1, a->n_threads, NULL);
+    return chain_step(&kind, &args, 1, a->n_threads, NULL, NULL);
 }
 
 /* one attention block */
 int attn_step(const AttnArgs *a) {
     const int64_t kind = KIND_ATTENTION;
     void *args = (void *)a;
-    return chain_step(&kind, &args, 1, a->n_threads, NULL);
+    return chain_step(&kind, &args, 1, a->n_threads, NULL, NULL);
 }
