@@ -25,6 +25,9 @@ from ssmscale import fsutil, safeload
 from ssmscale.cli import main
 from ssmscale.errors import UserError
 
+from hang import alarm
+from planted import RunsShell
+
 SYNTHETIC = {"source": "synthetic", "synthetic": {"vocab_size": 64, "num_kv_pairs": 2, "num_examples": 64}}
 
 
@@ -70,25 +73,10 @@ def unchanged(outside: Path) -> bool:
 
 @pytest.fixture
 def within_seconds():
-    """A hang becomes a failure (SIGALRM) instead of a stuck test suite (60 s: a cold import of scipy on a busy
-    machine takes 20)."""
-    def handler(signum, frame):
-        raise AssertionError("did not return within 60 s")
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.alarm(60)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
-
-class _Payload:
-    """Unpickling this runs a shell command: what a planted pickle can do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+    """A hang becomes a failure instead of a stuck test suite (60 s: a cold import of scipy on a busy machine
+    takes 20)."""
+    with alarm(60):
+        yield
 
 
 # ------------------------------------------------------------------ code execution: Slurm, pickles, kernels
@@ -130,7 +118,7 @@ def test_a_planted_result_pickle_is_never_unpickled_and_each_ladder_gets_a_fresh
     study, marker = tmp_path / "study", tmp_path / "PWNED"
     job = SlurmJob(folder=study / "submitit", job_id="4242_0")          # a guessable job id
     job.paths.result_pickle.parent.mkdir(parents=True)
-    job.paths.result_pickle.write_bytes(pickle.dumps(("success", _Payload(marker))))
+    job.paths.result_pickle.write_bytes(pickle.dumps(("success", RunsShell(marker))))
     monkeypatch.setattr(executors, "_slurm_states", lambda ids: {i: "RUNNING" for i in ids})
     run_id, res, returned = next(executors._as_they_end({"r": job}, slurm=True, out_dir=study, poll_s=0))
     assert not marker.exists()                                 # the pickle was not read

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,9 @@ from ssmscale import fsutil, safeload
 from ssmscale.cli import main
 from ssmscale.config import RunConfig, validate
 from ssmscale.errors import UserError
+
+from hang import alarm
+from planted import RunsShell
 
 SYNTHETIC = {"source": "synthetic", "synthetic": {"vocab_size": 64, "num_kv_pairs": 2, "num_examples": 64}}
 
@@ -57,31 +59,16 @@ def one_error_line(capsys) -> str:
 
 @pytest.fixture
 def within_seconds():
-    """A hang becomes a failure (SIGALRM) instead of a stuck test suite."""
-    def handler(signum, frame):
-        raise AssertionError("did not return within 20 s")
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
+    """A hang becomes a failure instead of a stuck test suite."""
+    with alarm(20):
+        yield
 
 
 # ------------------------------------------------------------------ 1. planted checkpoints run nothing
-class _Planted:
-    """Unpickling this calls os.system: what a crafted checkpoint can do under torch.load(weights_only=False)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def _plant(path: Path, marker: Path):
     import torch
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"global_step": 3, "state_dict": {}, "payload": _Planted(marker)}, path)
+    torch.save({"global_step": 3, "state_dict": {}, "payload": RunsShell(marker)}, path)
 
 
 def _foreign(path: Path, marker: Path):
