@@ -311,26 +311,27 @@ def lay_out(folder: Path, files: dict) -> set[str]:
 
 
 
-@settings(SETTINGS, max_examples=20)
-@given(files=study_folders())
-def test_any_study_folder_is_fitted_or_refused_in_one_line(quiet_heavy_work, files):
+def _on_study_folder(files, argv, label):
+    """`argv` on the study folder `files` laid out as s/: the CLI property, and nothing written outside it."""
     start = time.perf_counter()
     with fresh_folder() as folder, alarm(120):
         inputs = lay_out(folder, files)
-        code = run_cli(["fit", "s", "--out", "fitted", "--n-boot", "0", "--jobs", "1", "--no-progress"], folder, inputs)
+        code = run_cli(argv, folder, inputs)
         assert not any((folder / "elsewhere").iterdir())
-    _count("study fit", start, code)
+    _count(label, start, code)
+
+
+@settings(SETTINGS, max_examples=20)
+@given(files=study_folders())
+def test_any_study_folder_is_fitted_or_refused_in_one_line(quiet_heavy_work, files):
+    _on_study_folder(files, ["fit", "s", "--out", "fitted", "--n-boot", "0", "--jobs", "1", "--no-progress"],
+                     "study fit")
 
 
 @settings(SETTINGS, max_examples=5)
 @given(files=study_folders())
 def test_any_study_folder_is_reported_or_refused_in_one_line(quiet_heavy_work, files):
-    start = time.perf_counter()
-    with fresh_folder() as folder, alarm(120):
-        inputs = lay_out(folder, files)
-        code = run_cli(["report", "s", "--out", "rep", "--n-boot", "0", "--no-progress"], folder, inputs)
-        assert not any((folder / "elsewhere").iterdir())
-    _count("study report", start, code)
+    _on_study_folder(files, ["report", "s", "--out", "rep", "--n-boot", "0", "--no-progress"], "study report")
 
 
 # --------------------------------------------------------------------------------------- arguments
