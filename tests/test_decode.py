@@ -1,6 +1,6 @@
-"""The fused decoding steps (one C call per Mamba / Mamba-2 / attention layer and token) equal the
-module-by-module step in outputs and in the conv, SSM and KV caches they leave, over several tokens; a whole
-model decodes through the chain of those calls exactly as block by block; both step aside where autograd is
+"""The fused decoding steps equal the module-by-module step in outputs and in the conv, SSM and KV caches they
+leave, over several tokens: one C call per Mamba / Mamba-2 layer, and a whole model (attention layers among
+them) decoded through the chain of those calls as block by block; both step aside where autograd is
 wanted, and the chain follows weights that move."""
 
 import copy
@@ -71,40 +71,6 @@ def test_a_decoding_block_in_one_call_equals_norm_mixer_and_residual_module_by_m
     assert rel_err(cache.ssm, ref_cache.ssm) < 1e-5 and cache.pos == ref_cache.pos == 7
 
 
-def _attention_block(family, **kw):
-    torch.manual_seed(0)
-    cfg = ModelConfig(family=family, d_model=48, n_layer=2 if family == "transformer" else 8, head_dim=16, **kw)
-    model = LM(cfg).eval()
-    block = next(b for b in model.blocks if b.kind in ("transformer", "attention"))
-    with torch.no_grad():
-        for p in block.parameters():      # gains away from 1, so a dropped norm weight would show
-            if p.dim() == 1:
-                p.copy_(1 + 0.3 * torch.randn(p.shape))
-    return block
-
-
-@pytest.mark.parametrize("family", ["transformer", "hybrid"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_an_attention_block_in_one_call_equals_the_modules_in_outputs_and_kv_cache(family, batch):
-    block = _attention_block(family)
-    attn, norm = block.mixer_module, getattr(block, block._names[0])
-    cache = block.allocate_cache(batch, 12, torch.float32, "cpu")
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        block(torch.randn(batch, 3, 48, generator=g), cache)         # a prompt, through the modules
-        ref_cache = copy.deepcopy(cache)
-        for _ in range(5):
-            x = torch.randn(batch, 1, 48, generator=g)
-            got = attn.block_mlp_step(x, cache, norm, block.norm_mlp if block.mlp else None, block.mlp)
-            want = x + attn(norm(x), ref_cache)
-            if block.mlp is not None:
-                want = want + block.mlp(block.norm_mlp(want))
-            assert got is not None and rel_err(got, want) < 1e-5
-    assert cache.pos == ref_cache.pos == 8
-    assert rel_err(cache.k[:, :, :8], ref_cache.k[:, :, :8]) < 1e-6
-    assert rel_err(cache.v[:, :, :8], ref_cache.v[:, :, :8]) < 1e-6
-
-
 def _decode(model, tokens, prompt_len, fused, step_model=None):
     """Logits of a prompt then one token at a time; fused=False runs every block through its modules (those of
     `step_model` where given: the prompt goes through `model`)."""
@@ -125,6 +91,28 @@ def _decode(model, tokens, prompt_len, fused, step_model=None):
                         x = x + block.mlp(block.norm_mlp(x))
                 out.append(model.norm_f(x) @ model.embedding.weight.t())
     return torch.cat(out, dim=1), cache
+
+
+@pytest.mark.parametrize("family", ["transformer", "hybrid"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_attention_layers_decode_in_the_chain_as_the_modules_do_in_outputs_and_kv_cache(family, batch):
+    torch.manual_seed(0)
+    cfg = ModelConfig(family=family, d_model=48, n_layer=2 if family == "transformer" else 8, head_dim=16,
+                      vocab_size=64)
+    model = LM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():     # gains away from 1, so a dropped norm weight would show
+            if "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape))
+    tokens = torch.randint(0, 64, (batch, 8))
+    got, cache = _decode(model, tokens, 3, fused=True)
+    want, ref_cache = _decode(model, tokens, 3, fused=False)
+    assert rel_err(got, want) < 1e-5
+    kv = [(c, r) for c, r in zip(cache, ref_cache) if hasattr(c, "k")]
+    assert kv
+    for c, r in kv:
+        assert c.pos == r.pos == 8
+        assert rel_err(c.k[:, :, :8], r.k[:, :, :8]) < 1e-6 and rel_err(c.v[:, :, :8], r.v[:, :, :8]) < 1e-6
 
 
 @pytest.mark.parametrize("family, kw", [("transformer", {}), ("mamba", {}), ("mamba2", {}), ("hybrid", {}),

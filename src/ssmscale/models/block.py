@@ -14,11 +14,10 @@ The mixer contract (docs/byo.md), which the built-in mixers satisfy as any plugi
 - optional `block_step(x, cache, norm)`: one decoded token (x: (batch, 1, d_model), the block's input) through
   the whole block, x + mixer(norm(x)), advancing the cache, or None where it does not apply (then the block
   runs as usual); the built-in SSMs fuse norm and mixer into one C call there (ops/decode.py);
-- optional `block_mlp_step(x, cache, norm, norm_mlp, mlp)`: the same for a layer with the SwiGLU branch,
-  x + mixer(norm(x)), then + mlp(norm_mlp(.)) (the built-in attention's: the Transformer++ layer in one call);
-- optional `decode_call(cache, norm, norm_mlp, mlp, weights="fp32")`: that step bound to a cache as an
-  ops.decode.LayerCall (weights="bf16": reading bf16 copies of the projections), or None; when every layer of a model gives one, a decoded token runs the stack as one chain of C calls
-  (models/lm.py).
+- optional `decode_call(cache, norm, norm_mlp, mlp, weights="fp32")`: the block's decoding step (with the SwiGLU
+  branch where the layer has one) bound to a cache as an ops.decode.LayerCall (weights="bf16": reading bf16
+  copies of the projections), or None; when every layer of a model gives one, a decoded token runs the whole
+  stack as one C call (models/lm.py). The built-in mixers have one.
 
 A layer kind (LayerSpec) says which mixer with which options, whether the Transformer++ SwiGLU branch
 follows it, and the names its modules are registered under: those names are the state_dict keys, kept as
@@ -68,12 +67,8 @@ class Block(nn.Module):
 
     def forward(self, x, cache=None):
         norm, mixer = getattr(self, self._names[0]), getattr(self, self._names[1])
-        if cache is not None and x.shape[1] == 1:
-            if self.mlp is None:
-                out = mixer.block_step(x, cache, norm) if hasattr(mixer, "block_step") else None
-            else:
-                out = (mixer.block_mlp_step(x, cache, norm, self.norm_mlp, self.mlp)
-                       if hasattr(mixer, "block_mlp_step") else None)
+        if cache is not None and x.shape[1] == 1 and self.mlp is None and hasattr(mixer, "block_step"):
+            out = mixer.block_step(x, cache, norm)
             if out is not None:
                 return out
         h = norm(x)

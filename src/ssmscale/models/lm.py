@@ -115,7 +115,7 @@ class LM(nn.Module):
             return have[2]
         calls = [block.decode_call(c, self.decode_weights) for block, c in zip(self.blocks, cache)]
         chain = None
-        if all(c is not None for c in calls) and _fp32_cpu_contiguous(self.norm_f.weight, self.embedding.weight):
+        if all(c is not None for c in calls) and decode.fp32_cpu((self.norm_f.weight, self.embedding.weight)):
             chain = decode.Chain(calls, batch=_batch_of(head), d_model=self.cfg.d_model, norm_w=self.norm_f.weight,
                                  eps=self.norm_f.eps, embedding=self.embedding.weight)
         _CHAINS[head] = (weakref.ref(self), key, chain, slots)
@@ -168,10 +168,6 @@ def _weakrefable(obj) -> bool:
         return True
     except TypeError:
         return False
-
-
-def _fp32_cpu_contiguous(*tensors) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
 def _batch_of(c) -> int:

@@ -115,22 +115,10 @@ class CausalSelfAttention(nn.Module):
     def allocate_cache(self, batch, max_len, dtype, device):
         return KVCache(batch, self.n_head, max_len, self.head_dim, dtype, device)
 
-    def block_step(self, x, cache, norm):
-        """A decoded token through the hybrid's attention block, x + attn(norm(x)), in one C call
-        (ops/decode.py; models/block.py); None where that call does not apply."""
-        return self.block_mlp_step(x, cache, norm, None, None)
-
-    def block_mlp_step(self, x, cache, norm, norm_mlp, mlp):
-        """A decoded token through the Transformer++ layer, attention then SwiGLU (`mlp` after `norm_mlp`), in
-        one C call; None where it does not apply. RoPE uses the model's own tables at the cache position."""
-        if not isinstance(cache, KVCache) or cache.pos == 0 or (mlp is not None and not isinstance(mlp, SwiGLU)):
-            return None
-        cos, sin = _full_tables(cache.pos + 1, self.head_dim, self.rope_base, x.device)
-        return decode.attention_step(self, x, cache, norm, cos[cache.pos], sin[cache.pos], norm_mlp, mlp)
-
     def decode_call(self, cache, norm, norm_mlp=None, mlp=None, weights="fp32"):
-        """block_mlp_step bound to `cache` for the whole cache's length (ops/decode.py), or None; weights="bf16"
-        reads bf16 copies of the projections."""
+        """A decoded token through this attention's block (x + attn(norm(x)), then + mlp(norm_mlp(.)) where the
+        layer has the SwiGLU branch) as one C call bound to `cache` (ops/decode.py; models/lm.py chains them), or
+        None. RoPE reads the model's own tables; weights="bf16" reads bf16 copies of the projections."""
         if not isinstance(cache, KVCache) or (mlp is not None and not isinstance(mlp, SwiGLU)):
             return None
         cos, sin = _full_tables(cache.k.shape[2], self.head_dim, self.rope_base, cache.k.device)

@@ -3,14 +3,15 @@
 - `step(mixer, u, cache)` advances one token through a Mamba or Mamba-2 mixer: its whole step
   (projections, conv, state update, gate, norm) in one C call, conv and SSM state updated in place.
   `block_step` is the mixers' hook for the whole block (models/block.py), the block's pre-norm folded into
-  the same call. `attention_step` is the same for an attention block (Transformer++'s layer with its
-  SwiGLU branch, or the hybrid's attention layer), its keys and values written into the KV cache.
+  the same call.
 - Each returns None where the fused call does not apply: gradients wanted, a tensor not fp32 on the CPU,
   the kernel missing (SSMSCALE_NO_FUSED_STEP=1 turns it off). The definition is the modules: each mixer's
   `step_reference`, the attention's forward with a cache.
-- `ssm_call` / `attention_call` bind a layer's step to its cache tensors (a `LayerCall`). `Chain` runs a
-  model's calls and its final norm and tied head as ONE C call per token (chain_step: one parallel region;
-  models/lm.py builds and checks it), optionally reading bf16 copies of the projection weights.
+- `ssm_call` / `attention_call` bind a layer's step to its cache tensors (a `LayerCall`); an attention block's
+  step is Transformer++'s layer with its SwiGLU branch, or the hybrid's attention layer, its keys and values
+  written into the KV cache. `Chain` runs a model's calls and its final norm and tied head as ONE C call per
+  token (chain_step: one parallel region; models/lm.py builds and checks it), optionally reading bf16 copies
+  of the projection weights.
 - The calls' fixed parts (weight pointers, sizes, threads) are built once per module and reused while the
   weights stay the same tensors: at batch 1 the Python around a call costs as much as a small layer's
   arithmetic.
@@ -65,8 +66,6 @@ def load():
         if lib is not None:
             lib.mixer_step.argtypes = [ctypes.POINTER(_Args)]
             lib.mixer_step.restype = ctypes.c_int
-            lib.attn_step.argtypes = [ctypes.POINTER(_AttnArgs)]
-            lib.attn_step.restype = ctypes.c_int
             lib.chain_step.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_void_p),
                                        ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_HeadArgs),
                                        ctypes.POINTER(ctypes.c_int64)]
@@ -81,6 +80,16 @@ def unavailable_reason() -> str | None:
 
 
 _prepared: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # mixer -> (weight pointers, _Args)
+
+
+def fp32_cpu(tensors) -> bool:
+    """Whether every tensor is an fp32 contiguous CPU tensor: what the C code reads."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
+def _threads_for(weight) -> int:
+    """Threads for a call whose largest projection is `weight`: torch's count, fewer for a small one."""
+    return max(1, min(torch.get_num_threads(), weight.numel() // _MIN_WEIGHTS_PER_THREAD))
 
 
 def _is_mamba2(mixer) -> bool:
@@ -108,14 +117,11 @@ def _prepare(mixer):
     have = _prepared.get(mixer)
     if have is not None and have[0] == key:
         return have[1]
-    ok = load() is not None and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-                                    for t in weights.values())
     args = None
-    if ok:
+    if load() is not None and fp32_cpu(weights.values()):
         args = _Args(d_model=mixer.in_proj.weight.shape[1], d_state=mixer.d_state, d_conv=mixer.d_conv,
                      **{k: t.data_ptr() for k, t in weights.items()})
-        threads = max(1, min(torch.get_num_threads(), mixer.in_proj.weight.numel() // _MIN_WEIGHTS_PER_THREAD))
-        args.n_threads = threads
+        args.n_threads = _threads_for(mixer.in_proj.weight)
         if _is_mamba2(mixer):
             args.kind, args.d_inner, args.heads, args.groups, args.eps = (2, mixer.d_inner, mixer.heads, mixer.groups,
                                                                           mixer.norm.eps)
@@ -171,68 +177,10 @@ def block_step(mixer, x, cache, norm):
     return step(mixer, x, cache, norm=norm) if cache.pos > 0 else None
 
 
-def _fp32_cpu(tensors) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-
-
-def _prepare_attention(attn, norm, norm_mlp, mlp):
-    """The attention call's fixed part (weights, sizes, threads), built once per module and set of weights;
-    None where a weight is not an fp32 contiguous CPU tensor or the kernel is missing."""
-    weights = dict(norm_w=norm.weight, qkv_w=attn.qkv.weight, out_w=attn.out_proj.weight)
-    if mlp is not None:
-        weights.update(mlp_norm_w=norm_mlp.weight, gate_w=mlp.w_gate.weight, up_w=mlp.w_up.weight,
-                       down_w=mlp.w_down.weight)
-    key = (*(t.data_ptr() for t in weights.values()), torch.get_num_threads())
-    have = _prepared.get(attn)
-    if have is not None and have[0] == key:
-        return have[1]
-    args = None
-    if load() is not None and _fp32_cpu(weights.values()):
-        args = _AttnArgs(d_model=attn.qkv.weight.shape[1], heads=attn.n_head, head_dim=attn.head_dim,
-                         d_ff=0 if mlp is None else mlp.w_gate.weight.shape[0], eps=norm.eps,
-                         mlp_eps=0.0 if mlp is None else norm_mlp.eps,
-                         **{k: t.data_ptr() for k, t in weights.items()})
-        args.n_threads = max(1, min(torch.get_num_threads(), attn.qkv.weight.numel() // _MIN_WEIGHTS_PER_THREAD))
-    _prepared[attn] = (key, args)
-    return args
-
-
 def _attention_work(args, batch, positions) -> int:
-    """Floats of scratch attn_step needs for `batch` rows attending over `positions` (AttnArgs.work)."""
+    """Floats of scratch an attention layer needs for `batch` rows attending over `positions` (AttnArgs.work)."""
     width = args.heads * args.head_dim
     return batch * (2 * args.d_model + 4 * width + args.heads * positions + 2 * args.d_ff)
-
-
-def attention_step(attn, x, cache, norm, cos_row, sin_row, norm_mlp=None, mlp=None):
-    """One decoded token through an attention block in one C call: x + attn(norm(x)), then, with `mlp`
-    (a SwiGLU) and `norm_mlp`, + mlp(norm_mlp(.)); the token's keys and values written into the KV cache at
-    cache.pos, which advances. cos_row, sin_row: the rotary tables' rows for that position (models/transformer.py
-    owns the tables). None where the call does not apply (gradients wanted, a tensor not fp32 on the CPU,
-    the cache full, the kernel missing): the caller then runs the block's modules."""
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in attn.parameters())):
-        return None
-    if mlp is not None and torch.is_grad_enabled() and any(p.requires_grad for p in mlp.parameters()):
-        return None
-    if cache.pos >= cache.k.shape[2] or not _fp32_cpu((cache.k, cache.v, cos_row, sin_row)) or \
-            x.device.type != "cpu" or x.dtype != torch.float32:
-        return None
-    args = _prepare_attention(attn, norm, norm_mlp, mlp)
-    if args is None:
-        return None
-    batch, d = x.shape[0], x.shape[-1]
-    u = x.reshape(batch, d).contiguous()
-    out = torch.empty(batch, 1, d)
-    work = torch.empty(_attention_work(args, batch, cache.pos + 1))
-    args.batch, args.max_len, args.pos = batch, cache.k.shape[2], cache.pos
-    args.u, args.out, args.work = u.data_ptr(), out.data_ptr(), work.data_ptr()
-    args.cos_row, args.sin_row = cos_row.data_ptr(), sin_row.data_ptr()
-    args.k_cache, args.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
-    code = load().attn_step(ctypes.byref(args))
-    args.u = args.out = args.work = args.cos_row = args.sin_row = args.k_cache = args.v_cache = None
-    if code != 0:
-        raise RuntimeError("fused attention decoding step failed")
-    cache.pos += 1
-    return out
 
 
 # ---- a whole stack of fused layers per decoded token (models/lm.py) ----
@@ -275,7 +223,7 @@ def block_call(mixer, cache, norm, norm_mlp=None, mlp=None, weights="fp32"):
 
 def ssm_call(mixer, cache, norm, weights="fp32"):
     """A Mamba or Mamba-2 block's step (norm, mixer, residual) bound to `cache`, or None where it does not apply."""
-    if not (_fp32_cpu((cache.conv, cache.ssm, norm.weight)) and cache.pos > 0):
+    if not (fp32_cpu((cache.conv, cache.ssm, norm.weight)) and cache.pos > 0):
         return None
     base = _prepare(mixer)
     if base is None:
@@ -288,21 +236,23 @@ def ssm_call(mixer, cache, norm, weights="fp32"):
 
 
 def attention_call(attn, cache, norm, cos, sin, norm_mlp=None, mlp=None, weights="fp32"):
-    """An attention block's step (with the SwiGLU branch where `mlp` is given) bound to its KV cache, or None.
+    """An attention block's step (with the SwiGLU branch where `mlp` is given) bound to its KV cache, or None
+    where it does not apply (a tensor not fp32 on the CPU, no prompt in the cache, the kernel missing).
     cos, sin: the rotary tables (positions, head_dim), covering every position of the cache."""
-    if not (_fp32_cpu((cache.k, cache.v, cos, sin)) and cache.pos > 0 and cos.shape[0] >= cache.k.shape[2]):
+    tensors = dict(norm_w=norm.weight, qkv_w=attn.qkv.weight, out_w=attn.out_proj.weight)
+    if mlp is not None:
+        tensors.update(mlp_norm_w=norm_mlp.weight, gate_w=mlp.w_gate.weight, up_w=mlp.w_up.weight,
+                       down_w=mlp.w_down.weight)
+    if load() is None or cache.pos == 0 or cos.shape[0] < cache.k.shape[2] or \
+            not fp32_cpu((*tensors.values(), cache.k, cache.v, cos, sin)):
         return None
-    base = _prepare_attention(attn, norm, norm_mlp, mlp)
-    if base is None:
-        return None
-    args = _AttnArgs.from_buffer_copy(base)
-    args.batch, args.max_len = cache.k.shape[0], cache.k.shape[2]
-    args.k_cache, args.v_cache = cache.k.data_ptr(), cache.v.data_ptr()
+    args = _AttnArgs(batch=cache.k.shape[0], d_model=attn.qkv.weight.shape[1], heads=attn.n_head,
+                     head_dim=attn.head_dim, max_len=cache.k.shape[2], n_threads=_threads_for(attn.qkv.weight),
+                     d_ff=0 if mlp is None else mlp.w_gate.weight.shape[0], eps=norm.eps,
+                     mlp_eps=0.0 if mlp is None else norm_mlp.eps, k_cache=cache.k.data_ptr(),
+                     v_cache=cache.v.data_ptr(), **{k: t.data_ptr() for k, t in tensors.items()})
     row = cos.stride(0) * cos.element_size()
     rope = (cos.data_ptr(), sin.data_ptr(), row, cos, sin)        # the tables kept alive with the call
-    tensors = dict(qkv_w=attn.qkv.weight, out_w=attn.out_proj.weight)
-    if mlp is not None:
-        tensors.update(gate_w=mlp.w_gate.weight, up_w=mlp.w_up.weight, down_w=mlp.w_down.weight)
     keep = _in_bf16(args, weights, tensors)
     return LayerCall(3, args, rope, _attention_work(args, args.batch, args.max_len), keep)
 

@@ -232,16 +232,30 @@ static void add_share(const Team *t, float *out, const float *add, int64_t n) {
 
 INLINE float softplus(float x) { return softplus_from(x, exp_inline(-fabsf(x))); }
 
+/* The mixer's input: u, or with pre_w the block's RMSNorm of it, written to `normed` (batch x d_model) */
+static const float *mixer_input(const StepArgs *a, Team *t, float *normed) {
+    if (!a->pre_w) return a->u;
+    if (t->tid == 0) rmsnorm_rows(a->u, a->pre_w, a->pre_eps, a->batch, a->d_model, normed);
+    sync_team(t);
+    return normed;
+}
+
+/* out = W_out y (y: batch x d_inner), + u with pre_w (the block's residual) */
+static void mixer_output(const StepArgs *a, Team *t, const float *y) {
+    const int64_t d = a->d_model, E = a->d_inner;
+    matvec_w(t, a->out_w, a->bf16, y, E, a->out, d, d, E, a->batch);
+    sync_team(t);
+    if (a->pre_w) {
+        add_share(t, a->out, a->u, a->batch * d);
+        sync_team(t);
+    }
+}
+
 static void mamba_layer(const StepArgs *a, Team *t) {
     const int64_t Bt = a->batch, d = a->d_model, E = a->d_inner, N = a->d_state, R = a->dt_rank, K = a->d_conv;
     const int64_t xw = R + 2 * N;
-    float *xz = a->work, *xc = xz + Bt * 2 * E, *dbc = xc + Bt * E, *delta = dbc + Bt * xw, *normed = delta + Bt * E;
-    const float *u = a->u;
-    if (a->pre_w) {
-        if (t->tid == 0) rmsnorm_rows(a->u, a->pre_w, a->pre_eps, Bt, d, normed);
-        sync_team(t);
-        u = normed;
-    }
+    float *xz = a->work, *xc = xz + Bt * 2 * E, *dbc = xc + Bt * E, *delta = dbc + Bt * xw;
+    const float *u = mixer_input(a, t, delta + Bt * E);
     matvec_w(t, a->in_w, a->bf16, u, d, xz, 2 * E, 2 * E, d, Bt);
     sync_team(t);
     conv_share(t, a->conv_state, xz, 2 * E, a->conv_w, a->conv_b, E, K, xc, E, Bt);
@@ -268,24 +282,14 @@ static void mamba_layer(const StepArgs *a, Team *t) {
         }
     }
     sync_team(t);
-    matvec_w(t, a->out_w, a->bf16, delta, E, a->out, d, d, E, Bt);
-    sync_team(t);
-    if (a->pre_w) {
-        add_share(t, a->out, a->u, Bt * d);
-        sync_team(t);
-    }
+    mixer_output(a, t, delta);
 }
 
 static void mamba2_layer(const StepArgs *a, Team *t) {
     const int64_t Bt = a->batch, d = a->d_model, e = a->d_inner, N = a->d_state, K = a->d_conv;
     const int64_t H = a->heads, G = a->groups, P = e / H, cd = e + 2 * G * N, width = 2 * e + 2 * G * N + H;
-    float *zx = a->work, *xc = zx + Bt * width, *y = xc + Bt * cd, *normed = y + Bt * e;
-    const float *u = a->u;
-    if (a->pre_w) {
-        if (t->tid == 0) rmsnorm_rows(a->u, a->pre_w, a->pre_eps, Bt, d, normed);
-        sync_team(t);
-        u = normed;
-    }
+    float *zx = a->work, *xc = zx + Bt * width, *y = xc + Bt * cd;
+    const float *u = mixer_input(a, t, y + Bt * e);
     matvec_w(t, a->in_w, a->bf16, u, d, zx, width, width, d, Bt);
     sync_team(t);
     conv_share(t, a->conv_state, zx + e, width, a->conv_w, a->conv_b, cd, K, xc, cd, Bt);
@@ -324,12 +328,7 @@ static void mamba2_layer(const StepArgs *a, Team *t) {
         for (int64_t c = s; c < s + n; c++) yb[c] *= r * a->norm_w[c];
     }
     sync_team(t);
-    matvec_w(t, a->out_w, a->bf16, y, e, a->out, d, d, e, Bt);
-    sync_team(t);
-    if (a->pre_w) {
-        add_share(t, a->out, a->u, Bt * d);
-        sync_team(t);
-    }
+    mixer_output(a, t, y);
 }
 
 /* x (head_dim) rotated in place by the position's tables: x cos + swap_halves(x) sin */
@@ -468,9 +467,3 @@ int mixer_step(const StepArgs *a) {
     return chain_step(&kind, &args, 1, a->n_threads, NULL, NULL);
 }
 
-/* one attention block */
-int attn_step(const AttnArgs *a) {
-    const int64_t kind = KIND_ATTENTION;
-    void *args = (void *)a;
-    return chain_step(&kind, &args, 1, a->n_threads, NULL, NULL);
-}
