@@ -86,7 +86,8 @@ def _decode(model, tokens, prompt_len, fused, step_model=None):
                 x = model.embedding(tokens[:, t:t + 1])
                 for block, c in zip(model.blocks, cache):
                     norm, mixer = getattr(block, block._names[0]), block.mixer_module
-                    x = x + (mixer.step_reference(norm(x), c) if hasattr(mixer, "step_reference") else mixer(norm(x), c))
+                    step = mixer.step_reference if hasattr(mixer, "step_reference") else mixer
+                    x = x + step(norm(x), c)
                     if block.mlp is not None:
                         x = x + block.mlp(block.norm_mlp(x))
                 out.append(model.norm_f(x) @ model.embedding.weight.t())

@@ -105,6 +105,19 @@ def read_text(path: str | os.PathLike, cap: int, within: str | os.PathLike | Non
         raise FileRefused(f"{path}: not UTF-8 text") from None
 
 
+def read_named(path: str | os.PathLike, cap: int, missing: str, within: str | os.PathLike | None = None,
+               text: bool = False):
+    """A file a command was given (or a study's own), as read_bytes (text=True: read_text) does, with a
+    UserError of one line when it is absent ("{path}: {missing}") or refused."""
+    from .errors import UserError
+    try:
+        return (read_text if text else read_bytes)(path, cap, within)
+    except FileNotFoundError:
+        raise UserError(f"{path}: {missing}") from None
+    except FileRefused as exc:
+        raise UserError(str(exc)) from None
+
+
 def load_torch(path: str | os.PathLike, within: str | os.PathLike | None = None):
     """torch.load(path) weights-only, on the CPU, of a regular file (open_regular); FileRefused (one line) for
     anything else in it."""

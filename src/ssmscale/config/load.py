@@ -125,16 +125,13 @@ def _count_values(value, limit: int) -> int:
 def read_yaml(path: str | Path, within: str | Path | None = None) -> dict:
     """A YAML mapping from a regular file of at most safeload.CAPS["yaml"] bytes, checked before parsing
     (a 48 MB list would take minutes to parse before the count of values stops it)."""
-    from ..safeload import CAPS, FileRefused, read_bytes
+    from ..safeload import CAPS, read_named
     path = Path(path)
+    raw = read_named(path, CAPS["yaml"], "config file not found", within)
     try:
-        text = read_bytes(path, CAPS["yaml"], within).decode("utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: config file not found") from None
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text, so not a YAML config") from None
-    except FileRefused as exc:
-        raise UserError(str(exc)) from None
     raw = parse_yaml(text, str(path))
     if raw is None:
         raw = {}

@@ -106,13 +106,8 @@ def _check_width(csv: Path, numbered_row: tuple[int, list[str]], header: list[st
 def read_csv_checked(csv: Path, kind: str) -> tuple[pd.DataFrame, bytes]:
     """(table, raw bytes) of a CSV whose every row has the header's fields (`kind` "study": a results.csv,
     which must also end with a line end), or a UserError of one line naming the file and line."""
-    from ..safeload import CAPS, FileRefused, read_bytes
-    try:
-        raw = read_bytes(csv, CAPS["csv"], within=csv.parent if kind == "study" else None)
-    except FileNotFoundError:
-        raise UserError(f"{csv}: no such file") from None
-    except FileRefused as exc:
-        raise UserError(str(exc)) from None
+    from ..safeload import CAPS, read_named
+    raw = read_named(csv, CAPS["csv"], "no such file", within=csv.parent if kind == "study" else None)
     _check_rows(csv, raw, kind)
     try:
         return pd.read_csv(io.BytesIO(raw)), raw

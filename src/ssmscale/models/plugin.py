@@ -106,13 +106,8 @@ def file_sha256(path: Path) -> str:
 
 def read_source(path: Path) -> bytes:
     """The bytes of a plugin's source file (a regular file of at most safeload.CAPS["text"] bytes)."""
-    from ..safeload import CAPS, FileRefused, read_bytes
-    try:
-        return read_bytes(path, CAPS["text"])
-    except FileNotFoundError:
-        raise UserError(f"{path}: mixer file not found") from None
-    except FileRefused as exc:
-        raise UserError(str(exc)) from None
+    from ..safeload import CAPS, read_named
+    return read_named(path, CAPS["text"], "mixer file not found")
 
 
 def load_mixer_class(target: str):

@@ -41,14 +41,11 @@ def assumed_throughput(families) -> dict[str, Throughput]:
 
 def throughput_from_profile(path: str | Path, families, seq_len: int) -> dict[str, Throughput]:
     """Per family, the achieved training FLOP/s of the `ssmscale profile` row nearest `seq_len`."""
-    from ..safeload import CAPS, FileRefused, read_text
+    from ..safeload import CAPS, read_named
     path = Path(path)
+    text = read_named(path, CAPS["csv"], "profile CSV not found (write one with ssmscale profile --out DIR)", text=True)
     try:
-        rows = list(csv.DictReader(io.StringIO(read_text(path, CAPS["csv"]), newline="")))
-    except FileNotFoundError:
-        raise UserError(f"{path}: profile CSV not found (write one with ssmscale profile --out DIR)") from None
-    except FileRefused as exc:
-        raise UserError(str(exc)) from None
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
     except csv.Error:
         raise UserError(f"{path}: not a CSV file") from None
     needed = {"family", "mode", "seq_len", "tokens_per_s", "flops_per_token", "status"}
