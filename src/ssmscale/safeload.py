@@ -46,6 +46,11 @@ _NUMBERS_OR_NULL = ("loss", "bpb", "lr", "params", "params_total", "tokens", "st
 class FileRefused(Exception):
     """A file that is missing, unreadable, unsafe or of the wrong shape; str() is one line naming it."""
 
+    @property
+    def reason(self) -> str:
+        """The line without the file's name in front ("{path}: {reason}"), for a message that names it already."""
+        return str(self).split(": ", 1)[-1]
+
 
 def kind_of(mode: int) -> str:
     """What a file of this st_mode is, in words ("a FIFO", "a folder", ...)."""

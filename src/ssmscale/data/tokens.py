@@ -121,7 +121,7 @@ class TokenData:
         except FileNotFoundError:
             return None, "meta.json missing"
         except FileRefused as exc:
-            return None, f"meta.json unreadable: {str(exc).split(': ', 1)[-1]}"
+            return None, f"meta.json unreadable: {exc.reason}"
         try:
             if (meta["format"], meta["fingerprint"], meta["tokenizer_sha256"]) != \
                     (FORMAT_VERSION, self.fingerprint, self.tokenizer.sha256):

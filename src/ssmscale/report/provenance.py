@@ -20,7 +20,7 @@ def config_block(study: Path) -> list[str]:
     except FileNotFoundError:
         return ["(no config.yaml in the study directory)", ""]
     except FileRefused as exc:
-        return [f"(config.yaml not shown: {str(exc).split(': ', 1)[-1]})", ""]
+        return [f"(config.yaml not shown: {exc.reason})", ""]
     text = text.rstrip("\n")
     # a fence longer than any run of backticks inside, so the file cannot end the code block early
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))

@@ -151,7 +151,7 @@ def render_markdown(name: str, study: Path, loaded: LoadedRuns, fit: dict, figur
     except FileNotFoundError:
         pass
     except FileRefused as exc:
-        lines.append(f"- plan.csv is unreadable ({str(exc).split(': ', 1)[-1]}).")
+        lines.append(f"- plan.csv is unreadable ({exc.reason}).")
     lines.append(f"- {s['grouping']}.")
 
     lines += _lr_section(study, grid)
