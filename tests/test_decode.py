@@ -186,6 +186,25 @@ def test_with_autograd_wanted_the_model_decodes_block_by_block():
     assert model.embedding.weight.grad is not None
 
 
+def test_a_bf16_chain_follows_weights_changed_in_place():
+    """bf16 decoding reads copies of the weights: after an in-place change (load_state_dict, an optimizer step), the
+    next token must read the new weights, as a chain built afresh does."""
+    torch.manual_seed(0)
+    model = LM(ModelConfig(family="mamba2", d_model=48, n_layer=2, vocab_size=64)).eval()
+    model.decode_weights = "bf16"
+    tokens = torch.randint(0, 64, (1, 7))
+    cache = model.allocate_cache(1, 7)
+    with torch.no_grad():
+        model(tokens[:, :5], cache)
+        model(tokens[:, 5:6], cache)                       # the chain, with copies of these weights
+        model.load_state_dict({k: v * 0.5 for k, v in model.state_dict().items()})   # in place: same pointers
+        fresh = copy.deepcopy(model)
+        fresh_cache = [copy.deepcopy(c) for c in cache]
+        got = model(tokens[:, 6:7], cache)
+        want = fresh(tokens[:, 6:7], fresh_cache)           # its own chain, built from the new weights
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("family", ["transformer", "mamba", "mamba2", "hybrid"])
 def test_bf16_decoding_reads_rounded_weights_and_stays_near_fp32(family):
     torch.manual_seed(0)

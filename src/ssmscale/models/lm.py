@@ -13,6 +13,7 @@ multiple of 8 rows; logits cover the padded vocabulary (the extra rows are never
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 
 import torch
@@ -109,8 +110,12 @@ class LM(nn.Module):
         # a moved or replaced weight rebuilds the chain
         slots = have[3] if have is not None else [(m._parameters, n) for m in self.modules()
                                                         for n, p in m._parameters.items() if p is not None]
-        key = (tuple(d[n].data_ptr() for d, n in slots), tuple(c.pointers() for c in cache), torch.get_num_threads(),
-               self.decode_weights)
+        # bf16 decoding reads copies made when the chain was built: a weight changed in place since (a reload, an
+        # optimizer step; each bumps the tensor's version counter) rebuilds it too. fp32 chains read the weights.
+        tensors = [d[n] for d, n in slots]
+        versions = () if self.decode_weights == "fp32" else tuple(map(_VERSION, tensors))
+        key = (tuple(map(torch.Tensor.data_ptr, tensors)), versions, tuple(c.pointers() for c in cache),
+               torch.get_num_threads(), self.decode_weights)
         if have is not None and have[1] == key:
             return have[2]
         calls = [block.decode_call(c, self.decode_weights) for block, c in zip(self.blocks, cache)]
@@ -159,6 +164,7 @@ class LM(nn.Module):
         return all(getattr(b, "chunked_prefill", False) for b in self.blocks)
 
 
+_VERSION = operator.attrgetter("_version")      # a tensor's in-place change counter
 _CHAINS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # first layer's cache -> (model, key, chain, slots)
 
 
