@@ -26,11 +26,60 @@ typedef struct {
     int64_t sb, st, sc;
 } View;
 
+/* 16 x 16 blocks of floats, transposed: for k = 0, 16, .. (the len / 16 whole blocks),
+ * dst[i * ld_dst + k * dst_step + j] = src[j * ld_src + k * src_step + i] for i, j < 16; returns the length done
+ * (16 * the blocks). In registers: 16 rows are loaded, exchanged pairwise in four rounds (round d swaps bit d of
+ * the row index with bit d of the column index, so after all four every element (r, c) sits at (c, r)), and
+ * stored: one permute per pair and round. AVX-512 only (returns 0 elsewhere: AVX2's lowering of these 16-wide
+ * shuffles made the forward 1.2x slower than the scalar loops). A copy: the same bits either way. */
+typedef float f16v __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+INLINE int64_t transpose_blocks(const float *restrict src, int64_t ld_src, int64_t src_step, float *restrict dst,
+                                int64_t ld_dst, int64_t dst_step, int64_t len) {
+#ifndef __AVX512F__
+    (void)src; (void)ld_src; (void)src_step; (void)dst; (void)ld_dst; (void)dst_step; (void)len;
+    return 0;
+#else
+    static const i16v lo[4] = {
+        {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
+        {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+        {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+        {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}};
+    static const i16v hi[4] = {
+        {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31},
+        {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+        {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+        {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}};
+    const int64_t whole = len / W * W;
+    for (int64_t k = 0; k < whole; k += W) {
+        f16v r[W];
+        for (int j = 0; j < W; j++) r[j] = *(const f16v *)(src + j * ld_src + k * src_step);
+        for (int round = 0; round < 4; round++) {
+            const int d = 1 << round;
+            for (int a = 0; a < W; a++) {
+                if (a & d) continue;
+                const f16v x = r[a], y = r[a + d];
+                r[a] = __builtin_shuffle(x, y, lo[round]);
+                r[a + d] = __builtin_shuffle(x, y, hi[round]);
+            }
+        }
+        for (int i = 0; i < W; i++) *(f16v *)(dst + i * ld_dst + k * dst_step) = r[i];
+    }
+    return whole;
+#endif
+}
+
 /* rows t0 .. t0+len-1, columns c0 .. c0+w-1 of v (at batch b) -> tile[i * ld + j]; j in [w, ld): 0 */
 INLINE void gather(const View *v, int64_t b, int64_t t0, int64_t len, int64_t c0, int64_t w,
                    float *restrict tile, int64_t ld) {
     const float *base = v->data + b * v->sb + t0 * v->st + c0 * v->sc;
-    if (v->st == 1 && v->sc != 1) {   /* mamba_ssm's (b, channels, L): a transpose, column by column */
+    if (v->st == 1 && v->sc != 1) {   /* mamba_ssm's (b, channels, L): a transpose */
+        const int64_t done = w == W && ld == W ? transpose_blocks(base, v->sc, 1, tile, W, W, len) : 0;
+        if (done == len) return;
+        base += done;
+        tile += done * ld;
+        len -= done;
         for (int64_t j = 0; j < ld; j++)
             for (int64_t i = 0; i < len; i++) tile[i * ld + j] = j < w ? base[j * v->sc + i] : 0.f;
         return;
@@ -85,6 +134,11 @@ INLINE void scatter(const View *v, int64_t b, int64_t t0, int64_t len, int64_t c
                     const float *restrict tile, int64_t ld) {
     float *base = v->data + b * v->sb + t0 * v->st + c0 * v->sc;
     if (v->st == 1 && v->sc != 1) {
+        const int64_t done = w == W && ld == W ? transpose_blocks(tile, W, W, base, v->sc, 1, len) : 0;
+        if (done == len) return;
+        base += done;
+        tile += done * ld;
+        len -= done;
         for (int64_t j = 0; j < w; j++)
             for (int64_t i = 0; i < len; i++) base[j * v->sc + i] = tile[i * ld + j];
         return;

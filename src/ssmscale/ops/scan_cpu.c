@@ -419,28 +419,26 @@ int ssm_scan_backward(const ScanArgs *a) {
         Call c = {a, s};
         status = run_tasks(backward_task, &c, nt);
     }
-    if (!status) {
-        /* dB, dC: the tasks' partial sums, added in task order */
-        for (int64_t b = 0; b < a->batch; b++)
-            for (int64_t t = 0; t < L; t++)
-                for (int64_t m = 0; m < N; m++) {
-                    a->dB.data[b * a->dB.sb + t * a->dB.st + m * a->dB.sc] = 0.f;
-                    a->dC.data[b * a->dC.sb + t * a->dC.st + m * a->dC.sc] = 0.f;
-                }
+    float *sums = status ? NULL : malloc(2 * L * N * sizeof(float));
+    status = status || !sums;
+    for (int64_t b = 0; b < a->batch && !status; b++) {
+        /* dB, dC of batch b: the partial sums of the tasks that had a share of it, added in task order, then
+         * written out once in dB's and dC's own layouts */
+        memset(sums, 0, 2 * L * N * sizeof(float));
         for (int64_t k = 0; k < nt; k++) {
             const Share sh = share_of(a, k, nt);
-            if (sh.hi <= sh.lo) continue;
-            for (int64_t b = s[k].b_first; b <= (sh.hi - 1) / tiles; b++) {
-                const float *pb = s[k].dB_part + (b - s[k].b_first) * L * N;
-                const float *pc = s[k].dC_part + (b - s[k].b_first) * L * N;
-                for (int64_t t = 0; t < L; t++)
-                    for (int64_t m = 0; m < N; m++) {
-                        a->dB.data[b * a->dB.sb + t * a->dB.st + m * a->dB.sc] += pb[t * N + m];
-                        a->dC.data[b * a->dC.sb + t * a->dC.st + m * a->dC.sc] += pc[t * N + m];
-                    }
+            if (sh.hi <= sh.lo || b < s[k].b_first || b > (sh.hi - 1) / tiles) continue;
+            const float *pb = s[k].dB_part + (b - s[k].b_first) * L * N;
+            const float *pc = s[k].dC_part + (b - s[k].b_first) * L * N;
+            for (int64_t i = 0; i < L * N; i++) {
+                sums[i] += pb[i];
+                sums[L * N + i] += pc[i];
             }
         }
+        scatter(&a->dB, b, 0, L, 0, N, sums, N);
+        scatter(&a->dC, b, 0, L, 0, N, sums + L * N, N);
     }
+    free(sums);
     for (int64_t k = 0; s && blocks && k < nt; k++) free(blocks[k]);
     free(blocks); free(s);
     return status;
