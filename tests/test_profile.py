@@ -126,6 +126,54 @@ def test_compete_measures_each_point_alone_and_beside_busy_processes(tmp_path, c
     assert "w/ 2 busy" in out and "40%" in out and "beside 2 CPU-bound competitors" in out
 
 
+def test_rounds_measure_the_families_side_by_side_and_report_medians_over_the_rounds(tmp_path, capsys, monkeypatch):
+    """The wiring, with the measurement faked: each call is one point in one round, its time and matmul peak set by
+    the round; one point times out in round 1 and is not measured again."""
+    calls = []
+    times = {0: 10.0, 1: 30.0, 2: 14.0}                  # ms of a step, by round
+    peaks = {0: 2e9, 1: 1e9, 2: 2e9}
+
+    def fake_run_isolated(func_path, kwargs, **kw):
+        point = (kwargs["family"], kwargs["seq_len"])
+        rnd = sum(c == point for c in calls)
+        calls.append(point)
+        if point == ("mamba", 64) and rnd == 1:
+            return {"status": "timeout", "error": "took too long", "median_ms": None}
+        return {"status": "ok", "median_ms": times[rnd], "peak_flops": peaks[rnd], "peak_extra_bytes": 1000 + rnd,
+                "memory_method": "VmHWM"}
+
+    monkeypatch.setattr(memprobe, "run_isolated", fake_run_isolated)
+    monkeypatch.setattr(profile, "measure_peak_flops", lambda device, threads: (1e9, "alone"))
+    assert main(["profile", "--families", "transformer,mamba", "--d-model", "32", "--n-layer", "1", "--head-dim",
+                 "16", "--seq-lens", "32,64", "--modes", "train", "--repeats", "1", "--threads", "1",
+                 "--rounds", "3", "--out", str(tmp_path)]) == 1          # (a point timed out)
+    one_round = [("transformer", 32), ("mamba", 32), ("transformer", 64), ("mamba", 64)]
+    assert calls == one_round * 2 + one_round[:3]                         # side by side; the failed one not again
+    rows = pd.read_csv(tmp_path / "profile.csv")
+    assert list(zip(rows.family, rows.seq_len)) == [("transformer", 32), ("transformer", 64), ("mamba", 32),
+                                                    ("mamba", 64)]
+    ok = rows[rows.status == "ok"]
+    assert (ok.rounds == 3).all() and (ok.step_ms == 14.0).all()
+    assert (ok.step_ms_min == 10.0).all() and (ok.step_ms_max == 30.0).all()
+    assert (ok.peak_mem_bytes == 1002).all() and (ok.peak_flops == 2e9).all()
+    # MFU: the median of each round's own (tokens/s x FLOPs per token / that round's peak)
+    r = ok.iloc[0]
+    per_round = sorted(r.seq_len / (t / 1e3) * r.flops_per_token / p for t, p in zip(times.values(), peaks.values()))
+    assert r.mfu == pytest.approx(per_round[1])
+    failed = rows[rows.status != "ok"].iloc[0]
+    assert (failed.family, failed.seq_len, failed.status, failed.rounds) == ("mamba", 64, "timeout", 2)
+    assert json.loads((tmp_path / "profile.json").read_text())["rounds"] == 3
+    captured = capsys.readouterr()
+    assert "(round 3/3)" in captured.err and "3 rounds: ms" in captured.out and "10.0-30.0" in captured.out
+
+
+@pytest.mark.parametrize("args", [["--rounds", "0"], ["--rounds", "x"], ["--op", "scan", "--rounds", "2"]])
+def test_a_bad_rounds_value_exits_2_with_one_line_naming_it(args, capsys):
+    assert main(["profile", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rounds" in err[0]
+
+
 @pytest.mark.parametrize("args", [["--compete", "x"], ["--compete", "-1"], ["--compete", "1.5"],
                                   ["--op", "scan", "--compete", "1"]])
 def test_a_bad_compete_value_exits_2_with_one_line_naming_it(args, capsys):

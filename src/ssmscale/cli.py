@@ -263,6 +263,10 @@ def _profile_args(p):
                                    "that reads bf16 copies of the weights, against fp32's logits); scan, ssd: "
                                    "fwd,fwdbwd (default both)")
     p.add_argument("--repeats", default="3", help="timed repeats per point (median reported)")
+    p.add_argument("--rounds", default="1",
+                   help="model: measure the whole sweep this many times, each point in a fresh process each time, "
+                        "and report each point's median over the rounds with their fastest and slowest step "
+                        "(default 1); ratios between families then rest on several moments of a busy machine")
     p.add_argument("--threads", help="torch threads in each measuring process (default: the thread policy, "
                                      "the cores this process may use)")
     p.add_argument("--compete", default="0", metavar="N",
@@ -284,6 +288,9 @@ def _profile(args):
     if args.impls and args.op not in ("scan", "ssd"):
         raise UserError("--impls: only used with --op scan or ssd")
     args.compete = _count(args.compete, "--compete")
+    args.rounds = _positive_int(args.rounds, "--rounds", limits.MAX_COUNT)
+    if args.rounds > 1 and args.op != "model":
+        raise UserError("--rounds: only used with --op model")
     if args.compete and args.op != "model":
         raise UserError("--compete: only used with --op model")
     from .threads import available_cores
@@ -385,7 +392,7 @@ def _profile_model(args):
         raise UserError(f"--head-dim: {exc}") from None
     seq_lens = sizes.pop("seq_lens")
     rows = run_profile(families, seq_lens, modes, params=params, device=args.device, out=args.out,
-                       mem_limit_bytes=mem, compete=args.compete, mixers=mixers, **sizes)
+                       mem_limit_bytes=mem, compete=args.compete, mixers=mixers, rounds=args.rounds, **sizes)
     for fam in dict.fromkeys(r["family"] for r in rows if r["status"] == CANNOT_GENERATE):
         print(f"{fam}: cannot generate: its mixer has no allocate_cache (it trains; generation is not measured)")
     return 0 if all(r["status"] in ("ok", "oom", CANNOT_GENERATE) for r in rows) else 1

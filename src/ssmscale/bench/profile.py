@@ -55,7 +55,9 @@ CSV_COLUMNS = ["family", "mode", "seq_len", "batch", "d_model", "n_layer", "para
                # added with the decoding floor (issue #26); generate rows only
                "ms_per_token_layer", "read_bytes_per_token", "read_gbs", "floor_ms_per_token",
                # generate-bf16 rows: the logits against fp32 decoding (teacher-forced), the greedy tokens' agreement
-               "logit_rel_err", "greedy_agreement"]
+               "logit_rel_err", "greedy_agreement",
+               # added with --rounds: how many rounds measured the point, and the spread of its step time over them
+               "rounds", "step_ms_min", "step_ms_max"]
 
 # dense bf16 tensor-core peaks (FLOP/s), by substring of torch.cuda.get_device_name()
 GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
@@ -285,72 +287,111 @@ def _flops_per_token(family, d_model, n_layer, mode, seq_len, head_dim, mixer=No
 
 def profile_models(families, shapes, seq_lens, modes, batch=1, gen_tokens=32, repeats=3, device="cpu",
                    threads=None, timeout_s=None, head_dim=32, scan_impl="auto", progress=None,
-                   mem_limit_bytes=None, compete=0, mixers=None):
+                   mem_limit_bytes=None, compete=0, mixers=None, rounds=1):
     """Measure every (family, mode, length) point, alone and (compete > 0) interleaved with steps beside
-    `compete` busy processes; returns (rows, peak, peak_note)."""
+    `compete` busy processes; returns (rows, peak, peak_note).
+
+    Within a round, the families are measured side by side at each length (mode, then length, then family), so the
+    points a ratio compares are taken minutes apart at most. With rounds > 1 the whole sweep runs again that many
+    times, each point in a fresh process every time, and a row reports the median over its rounds: step time,
+    compete time and MFU (each round's tokens/s x FLOPs per token over that round's own matmul peak), with the
+    rounds' fastest and slowest step. A point that fails in a round (timeout, out of memory, error) is reported as
+    that failure and not measured again. Rows come back in (mode, family, length) order."""
     from .memprobe import run_isolated
     peak, peak_note = measure_peak_flops(device, threads)
     cpu = not device.startswith("cuda")
     if cpu:
         peak_note = (f"fp32 2048^3 matmul timed after each timed step in the measuring process (median; "
                      f"column peak_flops); alone at the run's start: {peak_note}")
-    rows = []
     prep = {"train": "prepare_train", "prefill": "prepare_prefill", "generate": "prepare_generate",
             "generate-bf16": "prepare_generate"}
     mixers = mixers or {}
+    done, points = {}, []                        # (mode, fam, L) -> finished row; the points to measure, in order
     for mode in modes:
         for fam in families:
             d, n, params = shapes[fam]
             mixer = mixers.get(fam)
             impl = _scan_name(fam, scan_impl, device, mixer)
-            generate = mode in GENERATE_MODES
-            if generate and state_bytes(fam, d, n, 1, 1, head_dim=head_dim, mixer=mixer) is None:
-                rows += [_cannot_generate(fam, mode, L, batch, d, n, params, device, impl, threads, compete)
-                         for L in seq_lens]
+            if mode in GENERATE_MODES and state_bytes(fam, d, n, 1, 1, head_dim=head_dim, mixer=mixer) is None:
+                for L in seq_lens:
+                    done[mode, fam, L] = _cannot_generate(fam, mode, L, batch, d, n, params, device, impl, threads,
+                                                          compete)
                 if progress:
-                    progress(rows[-1])
-                continue
-            for L in seq_lens:
-                kwargs = dict(family=fam, d_model=d, n_layer=n, seq_len=L, batch=batch, head_dim=head_dim,
-                              scan_impl=scan_impl, device=device)
-                if mixer is not None:
-                    kwargs["mixer"] = asdict(mixer)
-                if generate:
-                    kwargs.update(gen_tokens=gen_tokens, decode_weights=decode_weights_of(mode))
-                # long points are slow on a CPU: fewer repeats there (the median of what was run)
-                reps = repeats if L <= 4096 or device != "cpu" else 1
-                res = run_isolated(f"ssmscale.bench.profile:{prep[mode]}", kwargs, repeats=reps,
-                                   warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s,
-                                   mem_limit_bytes=mem_limit_bytes, compete=compete, matmul_peak=cpu)
-                fpt = _flops_per_token(fam, d, n, mode, L, head_dim, mixer)
-                tokens = batch * (gen_tokens if generate else L)
-                ok = res["status"] == "ok"
-                tps = tokens / (res["median_ms"] / 1e3) if ok else float("nan")
-                cache = (state_bytes(fam, d, n, batch, L + gen_tokens, head_dim=head_dim, mixer=mixer)
-                         if generate else 0)
-                row = {"family": fam, "mode": mode, "seq_len": L, "batch": batch, "d_model": d, "n_layer": n,
-                       "params": params, "tokens_per_s": tps, "step_ms": res["median_ms"],
-                       "peak_mem_bytes": (res["peak_extra_bytes"] + cache) if ok else None,
-                       "state_bytes": cache if generate else None,
-                       "mfu": float("nan"), "flops_per_token": fpt, "status": res["status"], "error": res.get("error"),
-                       "memory_method": res.get("memory_method"), "device": device, "scan_impl": impl,
-                       "threads": threads, "peak_flops": res.get("peak_flops") or peak, "competitors": compete,
-                       "tokens_per_s_compete": float("nan"), "step_ms_compete": None, "compete_ratio": float("nan")}
-                if ok and row["peak_flops"] == row["peak_flops"]:
-                    row["mfu"] = tps * fpt / row["peak_flops"]
-                if ok and generate:
-                    row.update(decode_floor(_config(fam, d, n, head_dim=head_dim, mixer=mixer), cache,
-                                            row["step_ms"] / gen_tokens, threads, device, decode_weights_of(mode)))
-                    report = res.get("report") or {}
-                    row.update(logit_rel_err=report.get("logit_rel_err"), greedy_agreement=report.get("greedy_agreement"))
-                if ok and compete:
-                    row.update(tokens_per_s_compete=tokens / (res["median_compete_ms"] / 1e3),
-                               step_ms_compete=res["median_compete_ms"])
-                    row["compete_ratio"] = row["tokens_per_s_compete"] / tps
-                rows.append(row)
-                if progress:
-                    progress(row)
+                    progress(done[mode, fam, seq_lens[-1]])
+    for mode in modes:
+        points += [(mode, fam, L) for L in seq_lens for fam in families if (mode, fam, L) not in done]
+    results = {pt: [] for pt in points}
+    for r in range(rounds):
+        for pt in points:
+            if results[pt] and results[pt][-1]["status"] != "ok":
+                continue                         # failed in an earlier round: reported as that failure
+            mode, fam, L = pt
+            d, n, _ = shapes[fam]
+            kwargs = dict(family=fam, d_model=d, n_layer=n, seq_len=L, batch=batch, head_dim=head_dim,
+                          scan_impl=scan_impl, device=device)
+            if mixers.get(fam) is not None:
+                kwargs["mixer"] = asdict(mixers[fam])
+            if mode in GENERATE_MODES:
+                kwargs.update(gen_tokens=gen_tokens, decode_weights=decode_weights_of(mode))
+            # long points are slow on a CPU: fewer repeats there (the median of what was run)
+            reps = repeats if L <= 4096 or device != "cpu" else 1
+            res = run_isolated(f"ssmscale.bench.profile:{prep[mode]}", kwargs, repeats=reps,
+                               warmup=1 if reps > 1 else 0, threads=threads, timeout_s=timeout_s,
+                               mem_limit_bytes=mem_limit_bytes, compete=compete, matmul_peak=cpu)
+            results[pt].append(res)
+            if progress:
+                row = _point_row(pt, [res], shapes, batch, gen_tokens, head_dim, scan_impl, device, threads,
+                                 compete, peak, mixers)
+                progress(dict(row, round=f"{r + 1}/{rounds}") if rounds > 1 else row)
+    for pt in points:
+        done[pt] = _point_row(pt, results[pt], shapes, batch, gen_tokens, head_dim, scan_impl, device, threads,
+                              compete, peak, mixers)
+    rows = [done[mode, fam, L] for mode in modes for fam in families for L in seq_lens]
     return rows, peak, peak_note
+
+
+def _point_row(pt, results, shapes, batch, gen_tokens, head_dim, scan_impl, device, threads, compete, peak,
+               mixers) -> dict:
+    """One point's row from its rounds' results (memprobe.run_isolated's dicts): medians over the rounds, or the
+    failure of the round that failed."""
+    import statistics
+    mode, fam, L = pt
+    d, n, params = shapes[fam]
+    mixer = mixers.get(fam)
+    generate = mode in GENERATE_MODES
+    failed = [res for res in results if res["status"] != "ok"]
+    res = failed[0] if failed else results[0]
+    ok = not failed
+    fpt = _flops_per_token(fam, d, n, mode, L, head_dim, mixer)
+    tokens = batch * (gen_tokens if generate else L)
+    times = [x["median_ms"] for x in results] if ok else []
+    step_ms = statistics.median(times) if ok else res.get("median_ms")
+    tps = tokens / (step_ms / 1e3) if ok else float("nan")
+    peaks = [x.get("peak_flops") or peak for x in results]
+    cache = state_bytes(fam, d, n, batch, L + gen_tokens, head_dim=head_dim, mixer=mixer) if generate else 0
+    row = {"family": fam, "mode": mode, "seq_len": L, "batch": batch, "d_model": d, "n_layer": n,
+           "params": params, "tokens_per_s": tps, "step_ms": step_ms,
+           "peak_mem_bytes": (max(x["peak_extra_bytes"] for x in results) + cache) if ok else None,
+           "state_bytes": cache if generate else None,
+           "mfu": float("nan"), "flops_per_token": fpt, "status": res["status"], "error": res.get("error"),
+           "memory_method": res.get("memory_method"), "device": device, "scan_impl": _scan_name(fam, scan_impl, device,
+                                                                                                mixer),
+           "threads": threads, "peak_flops": statistics.median(peaks) if all(p == p for p in peaks) else float("nan"),
+           "competitors": compete, "tokens_per_s_compete": float("nan"), "step_ms_compete": None,
+           "compete_ratio": float("nan"), "rounds": len(results),
+           "step_ms_min": min(times) if ok else None, "step_ms_max": max(times) if ok else None}
+    if ok and all(p == p for p in peaks):
+        row["mfu"] = statistics.median(tokens / (t / 1e3) * fpt / p for t, p in zip(times, peaks))
+    if ok and generate:
+        row.update(decode_floor(_config(fam, d, n, head_dim=head_dim, mixer=mixer), cache,
+                                row["step_ms"] / gen_tokens, threads, device, decode_weights_of(mode)))
+        report = res.get("report") or {}
+        row.update(logit_rel_err=report.get("logit_rel_err"), greedy_agreement=report.get("greedy_agreement"))
+    if ok and compete:
+        row["step_ms_compete"] = statistics.median(x["median_compete_ms"] for x in results)
+        row["tokens_per_s_compete"] = tokens / (row["step_ms_compete"] / 1e3)
+        row["compete_ratio"] = row["tokens_per_s_compete"] / tps
+    return row
 
 
 def _scan_name(family, scan_impl, device, mixer=None):
@@ -397,7 +438,9 @@ def growth_exponents(rows, min_len=1024) -> dict:
 
 def format_table(rows) -> str:
     compete = max((r.get("competitors") or 0 for r in rows), default=0)
+    rounds = max((r.get("rounds") or 1 for r in rows), default=1)
     extra = f" {f'w/ {compete} busy':>10} {'kept':>6}" if compete else ""
+    extra += f" {f'{rounds} rounds: ms':>19}" if rounds > 1 else ""
     lines = [f"{'family':<11} {'mode':<8} {'L':>6} {'tokens/s':>10} {'step ms':>9} {'peak MiB':>9} "
              f"{'MFU':>6}{extra}  status"]
     for r in rows:
@@ -411,6 +454,9 @@ def format_table(rows) -> str:
             busy, kept = r.get("tokens_per_s_compete"), r.get("compete_ratio")
             cells = (f" {busy:>10,.0f} {100 * kept:>5.0f}%" if ok and busy == busy
                      else f" {'-':>10} {'-':>6}")
+        if rounds > 1:
+            spread = f"{r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}" if ok else "-"
+            cells += f" {spread:>19}"
         lines.append(f"{r['family']:<11} {r['mode']:<8} {r['seq_len']:>6} {tps:>10} {ms:>9} {mem:>9} "
                      f"{mfu:>6}{cells}  {r['status']}")
     return "\n".join(lines)
@@ -465,7 +511,7 @@ def plot(rows, path: Path, title: str):
 
 def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer=None, batch=1,
                 gen_tokens=32, repeats=3, device="cpu", threads=None, timeout_s=None, out=None,
-                head_dim=32, scan_impl="auto", mem_limit_bytes=None, compete=0, mixers=None) -> list[dict]:
+                head_dim=32, scan_impl="auto", mem_limit_bytes=None, compete=0, mixers=None, rounds=1) -> list[dict]:
     import pandas as pd
 
     from .. import threads as thread_policy
@@ -479,18 +525,21 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
         print(f"{fam}: d_model {d}, n_layer {n}, {p:,} non-embedding parameters", flush=True)
     choice = thread_policy.choose(threads, explicit_name="--threads")
     print(f"{choice.describe()}" + (f"; each timed step alone, then one beside {compete} CPU-bound competitor"
-                                     f"{'s' if compete != 1 else ''}" if compete else ""), flush=True)
+                                     f"{'s' if compete != 1 else ''}" if compete else "")
+          + (f"; {rounds} rounds, the families side by side at each length in each, medians reported"
+             if rounds > 1 else ""), flush=True)
 
     def progress(r):
         took = f"{r['tokens_per_s']:,.0f} tokens/s" if r["status"] == "ok" else f"{r['status']}: {r['error']}"
         if r["tokens_per_s_compete"] == r["tokens_per_s_compete"]:
             took += f", {r['tokens_per_s_compete']:,.0f} beside {compete} busy ({100 * r['compete_ratio']:.0f}%)"
-        print(f"  {r['family']:>11} {r['mode']:<8} L={r['seq_len']:<6} {took}", file=sys.stderr, flush=True)
+        where = f" (round {r['round']})" if "round" in r else ""
+        print(f"  {r['family']:>11} {r['mode']:<8} L={r['seq_len']:<6} {took}{where}", file=sys.stderr, flush=True)
 
     rows, peak, note = profile_models(families, shapes, seq_lens, modes, batch=batch, gen_tokens=gen_tokens,
                                       repeats=repeats, device=device, threads=choice.threads, timeout_s=timeout_s,
                                       head_dim=head_dim, scan_impl=scan_impl, progress=progress,
-                                      mem_limit_bytes=mem_limit_bytes, compete=compete, mixers=mixers)
+                                      mem_limit_bytes=mem_limit_bytes, compete=compete, mixers=mixers, rounds=rounds)
     print(f"peak for MFU: {note}")
     print(format_table(rows))
     if decode := format_decode_table(rows):
@@ -509,6 +558,7 @@ def run_profile(families, seq_lens, modes, *, params=None, d_model=None, n_layer
                                                  "shapes": shapes, "batch": batch, "gen_tokens": gen_tokens,
                                                  "threads": choice.threads, "threads_reason": choice.reason,
                                                  "thread_waiting": thread_policy.waiting(), "competitors": compete,
+                                                 "rounds": rounds,
                                                  **provenance(device)})
         plot(rows, out / "profile.png",
              f"{' vs '.join(f'{f} {shapes[f][2] / 1e6:.1f}M' for f in families)} params, batch {batch}, "
