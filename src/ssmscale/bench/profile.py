@@ -463,7 +463,8 @@ def format_table(rows) -> str:
 
 
 def plot(rows, path: Path, title: str):
-    """Two rows (tokens/s, peak memory) x one column per mode, log-log, every family on every axis."""
+    """Two rows (tokens/s, peak memory) x one column per mode, log-log, every family on every axis; with
+    --rounds, bars from the slowest to the fastest round around each median."""
     import io
 
     import matplotlib
@@ -485,6 +486,12 @@ def plot(rows, path: Path, title: str):
             ok = [r for r in pts if r["status"] == "ok"]
             c = colors.get(fam)
             axes[0, j].plot([r["seq_len"] for r in ok], [r["tokens_per_s"] for r in ok], "o-", color=c, label=fam)
+            spread = [r for r in ok if (r.get("rounds") or 1) > 1 and r.get("step_ms_min") and r.get("step_ms_max")]
+            if spread:          # --rounds: the rounds' slowest and fastest step around the median
+                tps = [r["tokens_per_s"] for r in spread]
+                axes[0, j].errorbar([r["seq_len"] for r in spread], tps, fmt="none", ecolor=c, capsize=3,
+                                    yerr=[[t - t * r["step_ms"] / r["step_ms_max"] for t, r in zip(tps, spread)],
+                                          [t * r["step_ms"] / r["step_ms_min"] - t for t, r in zip(tps, spread)]])
             axes[1, j].plot([r["seq_len"] for r in ok], [r["peak_mem_bytes"] / 2**20 for r in ok], "o-",
                             color=c, label=fam)
             for r in pts:
