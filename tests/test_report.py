@@ -269,3 +269,24 @@ def test_the_frontier_figure_keeps_its_legend_off_the_curves_and_shows_the_gap_t
     assert "transformer" in gap.get_ylabel()
     assert not [line for line in loss.get_lines() if len(set(line.get_xdata())) == 1]   # no vertical crossover lines
     assert [line for line in gap.get_lines() if set(line.get_ydata()) == {0}]           # the zero line
+
+
+def test_a_profile_of_several_rounds_shows_each_points_slowest_and_fastest_round(tmp_path):
+    from ssmscale.report.profile import _profile_section
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "profile.json").write_text(json.dumps({"batch": 1, "rounds": 3}))
+    base = dict(mode="train", seq_len=1024, batch=1, status="ok", peak_mem_bytes=2**20)
+    rows = pd.DataFrame([dict(base, family="transformer", tokens_per_s=1000.0, step_ms=1024.0, rounds=3,
+                              step_ms_min=512.0, step_ms_max=2048.0),
+                         dict(base, family="mamba", tokens_per_s=2000.0, step_ms=512.0, rounds=1,
+                              step_ms_min=512.0, step_ms_max=512.0)])
+    md = "\n".join(_profile_section(tmp_path, rows))
+    assert "3 rounds (the sweep 3 times" in md
+    line = next(x for x in md.splitlines() if x.startswith("| train | 1024 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "1,000 (500-2,000)" and cells[4] == "2,000"     # one round: no range
+    assert cells[-1] == "2.00x"
+    # a profile made before --rounds: no columns, no range, no rounds fact
+    (tmp_path / "profile" / "profile.json").write_text(json.dumps({"batch": 1}))
+    md = "\n".join(_profile_section(tmp_path, rows.drop(columns=["rounds", "step_ms_min", "step_ms_max"])))
+    assert "rounds" not in md and "(500-2,000)" not in md

@@ -81,7 +81,7 @@ def _profile_meta(study: Path) -> dict:
     if not isinstance(meta, dict):
         print(f"{path}: not a JSON object; ignored")
         return {}
-    out = {k: meta[k] for k in ("batch", "gen_tokens", "device", "peak_note")
+    out = {k: meta[k] for k in ("batch", "gen_tokens", "device", "peak_note", "rounds")
            if _is_number(meta.get(k)) or isinstance(meta.get(k), str)}
     shapes, growth = meta.get("shapes"), meta.get("growth")
     if isinstance(shapes, dict) and all(isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)
@@ -107,6 +107,11 @@ def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
              f"{meta['gen_tokens']} decoded tokens per generation point" if "gen_tokens" in meta else "",
              f"device {meta['device']}" if "device" in meta else "",
              f"MFU peak: {meta['peak_note']}" if "peak_note" in meta else ""]
+    rounds = meta.get("rounds")
+    if _is_number(rounds) and rounds > 1:
+        facts.append(f"{int(rounds)} rounds (the sweep {int(rounds)} times, the families side by side at each length, "
+                     f"each point in a fresh process each time): tokens/s is each point's median, with the slowest "
+                     f"and fastest round in brackets where the CSV has them")
     if any(facts):
         out.append("; ".join(f for f in facts if f) + ".")
     out += ["Peak MiB: the memory a step adds over its fresh process's baseline (weights, optimiser state and "
@@ -124,7 +129,7 @@ def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
             r = row.iloc[0]
             if r["status"] == "ok":
                 speed[f] = float(r["tokens_per_s"])
-                cells += [f"{r['tokens_per_s']:,.0f}", f"{r['peak_mem_bytes'] / 2**20:,.1f}"]
+                cells += [f"{r['tokens_per_s']:,.0f}{_round_range(r)}", f"{r['peak_mem_bytes'] / 2**20:,.1f}"]
             else:
                 cells += [r["status"], ""]
         line = f"| {mode} | {int(seq_len)} | " + " | ".join(cells) + " |"
@@ -142,6 +147,19 @@ def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
             time_, memory = ("n/a" if g.get(k) is None else f"{g[k]:.2f}" for k in ("time", "memory"))
             out.append(f"| {key} | {time_} | {memory} | {span} |")
     return out + [""]
+
+
+def _round_range(r) -> str:
+    """' (slowest-fastest)' tokens/s over a --rounds profile's rounds, from its step_ms columns; '' otherwise."""
+    try:
+        step, lo, hi = (float(r.get(c)) for c in ("step_ms", "step_ms_min", "step_ms_max"))
+        rounds = float(r.get("rounds"))
+    except (TypeError, ValueError):
+        return ""
+    if not (rounds > 1 and 0 < lo <= step <= hi < float("inf")):
+        return ""
+    tps = float(r["tokens_per_s"])
+    return f" ({tps * step / hi:,.0f}-{tps * step / lo:,.0f})"
 
 
 _PROFILE_COLUMNS = ("family", "mode", "seq_len", "batch", "tokens_per_s", "peak_mem_bytes", "status")
