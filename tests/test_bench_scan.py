@@ -73,6 +73,20 @@ def test_profile_scan_measures_all_impls_in_one_run_and_writes_csv(tmp_path, cap
     assert "ref skipped beyond L=8" in out and "x mambapy" in out
 
 
+def test_the_floor_uses_the_faster_of_the_bandwidths_measured_before_and_after_the_points(monkeypatch):
+    # a shared machine's copy bandwidth moves between moments: the floor, a best case, keeps the faster
+    speeds = iter([10e9, 20e9])
+    monkeypatch.setattr(bench_scan, "measure_bandwidth", lambda device, threads: next(speeds))
+    from ssmscale.bench import memprobe
+    monkeypatch.setattr(memprobe, "run_isolated", lambda *a, **k: dict(
+        status="ok", error=None, median_ms=1.0, min_ms=1.0, peak_extra_bytes=0, memory_method="VmHWM"))
+    rows = bench_scan.run_benchmark(["fused"], [64], batch=1, d_inner=16, d_state=4, modes=("fwd", "fwdbwd"))
+    for r in rows:
+        want = 1e3 * bench_scan.min_bytes(1, 16, 4, 64, r["mode"]) / 20e9
+        assert r["bandwidth_gbs"] == 20.0 and r["floor_ms"] == pytest.approx(want)
+        assert r["over_floor"] == pytest.approx(1.0 / want)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--seq-lens", "0"], "--seq-lens: expected comma-separated positive integers up to 16777216, got '0'"),
     (["--batch", "two"], "--batch: expected comma-separated positive integers, got 'two'"),
