@@ -462,6 +462,19 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+def round_range(row) -> tuple[float, float] | None:
+    """Tokens/s of a --rounds point's slowest and fastest round, from its step_ms columns (a row here, or one read
+    back from a profile.csv); None for a point of one round or without those columns."""
+    try:
+        step, lo, hi, rounds = (float(row.get(c)) for c in ("step_ms", "step_ms_min", "step_ms_max", "rounds"))
+    except (TypeError, ValueError):
+        return None
+    if not (rounds > 1 and 0 < lo <= step <= hi < float("inf")):
+        return None
+    tps = float(row["tokens_per_s"])
+    return tps * step / hi, tps * step / lo
+
+
 def plot(rows, path: Path, title: str):
     """Two rows (tokens/s, peak memory) x one column per mode, log-log, every family on every axis; with
     --rounds, bars from the slowest to the fastest round around each median."""
@@ -486,12 +499,12 @@ def plot(rows, path: Path, title: str):
             ok = [r for r in pts if r["status"] == "ok"]
             c = colors.get(fam)
             axes[0, j].plot([r["seq_len"] for r in ok], [r["tokens_per_s"] for r in ok], "o-", color=c, label=fam)
-            spread = [r for r in ok if (r.get("rounds") or 1) > 1 and r.get("step_ms_min") and r.get("step_ms_max")]
+            spread = [(r, span) for r in ok if (span := round_range(r))]
             if spread:          # --rounds: the rounds' slowest and fastest step around the median
-                tps = [r["tokens_per_s"] for r in spread]
-                axes[0, j].errorbar([r["seq_len"] for r in spread], tps, fmt="none", ecolor=c, capsize=3,
-                                    yerr=[[t - t * r["step_ms"] / r["step_ms_max"] for t, r in zip(tps, spread)],
-                                          [t * r["step_ms"] / r["step_ms_min"] - t for t, r in zip(tps, spread)]])
+                axes[0, j].errorbar([r["seq_len"] for r, _ in spread], [r["tokens_per_s"] for r, _ in spread],
+                                    fmt="none", ecolor=c, capsize=3,
+                                    yerr=[[r["tokens_per_s"] - slow for r, (slow, _) in spread],
+                                          [fast - r["tokens_per_s"] for r, (_, fast) in spread]])
             axes[1, j].plot([r["seq_len"] for r in ok], [r["peak_mem_bytes"] / 2**20 for r in ok], "o-",
                             color=c, label=fam)
             for r in pts:

@@ -167,16 +167,13 @@ def run_benchmark(impls, seq_lens, *, batch=8, d_inner=256, d_state=16, modes=MO
     floor (min_bytes / a copy's bandwidth, measured in the same run: before the points and again after
     them, the faster kept, as a floor wants the best case a shared machine gave); ratios added after."""
     from .memprobe import run_isolated
-    bandwidth = measure_bandwidth(device, threads)
+    before = measure_bandwidth(device, threads)
     rows = []
     for length in seq_lens:
         for mode in modes:
             for impl in impls:
                 point = Point(impl, batch, d_inner, d_state, length, mode, model_args)
-                floor_ms = bandwidth and 1e3 * min_bytes(batch, d_inner, d_state, length, mode,
-                                                         model_args) / bandwidth
-                row = dict(vars(point), device=device, threads=threads,
-                           bandwidth_gbs=bandwidth and bandwidth / 1e9, floor_ms=floor_ms)
+                row = dict(vars(point), device=device, threads=threads, bandwidth_gbs=None, floor_ms=None)
                 reason = skip_reason(impl, length, ref_max_len)
                 if reason:
                     row.update(status="skipped", error=reason)
@@ -190,11 +187,11 @@ def run_benchmark(impls, seq_lens, *, batch=8, d_inner=256, d_state=16, modes=MO
                 rows.append(row)
                 if progress:
                     progress(row)
-    after = measure_bandwidth(device, threads)
-    if after and (not bandwidth or after > bandwidth):
+    bandwidth = max((bw for bw in (before, measure_bandwidth(device, threads)) if bw), default=None)
+    if bandwidth:
         for row in rows:
-            row.update(bandwidth_gbs=after / 1e9, floor_ms=1e3 * min_bytes(
-                row["batch"], row["d_inner"], row["d_state"], row["length"], row["mode"], row["model_args"]) / after)
+            row.update(bandwidth_gbs=bandwidth / 1e9, floor_ms=1e3 * min_bytes(
+                batch, d_inner, d_state, row["length"], row["mode"], model_args) / bandwidth)
     add_ratios(rows)
     return rows
 

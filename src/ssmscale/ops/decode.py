@@ -209,8 +209,9 @@ def _in_bf16(args, weights: str, tensors: dict) -> tuple:
         raise ValueError(f"decode weights: {weights!r} is not one of {', '.join(WEIGHTS)}")
     if weights == "fp32":
         return ()
-    keep = tuple(tensors[name].to(torch.bfloat16).contiguous() for name in _PROJECTIONS if name in tensors)
-    for name, copy in zip((n for n in _PROJECTIONS if n in tensors), keep):
+    names = [name for name in _PROJECTIONS if name in tensors]
+    keep = tuple(tensors[name].to(torch.bfloat16).contiguous() for name in names)
+    for name, copy in zip(names, keep):
         setattr(args, name, copy.data_ptr())
     args.bf16 = 1
     return keep

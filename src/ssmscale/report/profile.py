@@ -150,16 +150,10 @@ def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
 
 
 def _round_range(r) -> str:
-    """' (slowest-fastest)' tokens/s over a --rounds profile's rounds, from its step_ms columns; '' otherwise."""
-    try:
-        step, lo, hi = (float(r.get(c)) for c in ("step_ms", "step_ms_min", "step_ms_max"))
-        rounds = float(r.get("rounds"))
-    except (TypeError, ValueError):
-        return ""
-    if not (rounds > 1 and 0 < lo <= step <= hi < float("inf")):
-        return ""
-    tps = float(r["tokens_per_s"])
-    return f" ({tps * step / hi:,.0f}-{tps * step / lo:,.0f})"
+    """' (slowest-fastest)' tokens/s over a --rounds profile's rounds; '' otherwise."""
+    from ..bench.profile import round_range
+    span = round_range(r)
+    return f" ({span[0]:,.0f}-{span[1]:,.0f})" if span else ""
 
 
 _PROFILE_COLUMNS = ("family", "mode", "seq_len", "batch", "tokens_per_s", "peak_mem_bytes", "status")
