@@ -243,7 +243,7 @@ def test_a_cache_dir_that_is_a_file_is_one_line(tmp_path, capsys):
     ["report", "{study}", "--out", "{out}"],
     ["fit", "{study}", "--out", "{out}"],
 ])
-@pytest.mark.parametrize("kind", ["a file", "under a file", "unwritable"])
+@pytest.mark.parametrize("kind", ["a file", "under a file", "a file behind a missing folder's ..", "unwritable"])
 def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch, argv,
                                                                            kind):
     from ssmscale import train
@@ -263,6 +263,8 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(tmp_
             out = Path("/proc/ssmscale-test-output")       # root may write anywhere, but not in /proc
         else:
             pytest.skip("no folder that root cannot write to")
+    elif kind == "a file behind a missing folder's ..":
+        out = tmp_path / "missing" / ".." / "afile"      # making the folders makes missing/, then finds the file
     else:
         out = tmp_path / "afile" if kind == "a file" else tmp_path / "afile" / "o"
     study = tmp_path / "study"

@@ -125,9 +125,15 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> None:
     from .errors import UserError
     path = Path(path)
     try:
-        if path.exists() and not path.is_dir():
-            raise UserError(f"{what} {path}: exists and is not a folder")
         probe = path
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        # where making the missing folders lands: a '..' among them steps back out of a folder just made
+        # (missing/../afile is afile), which the kernel cannot tell before that folder exists
+        target = Path(os.path.normpath(probe.resolve() / path.relative_to(probe)))
+        if target.exists() and not target.is_dir():
+            raise UserError(f"{what} {path}: exists and is not a folder")
+        probe = target
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
     except OSError as exc:       # e.g. a name longer than the filesystem's 255 bytes
