@@ -286,6 +286,10 @@ def test_a_profile_of_several_rounds_shows_each_points_slowest_and_fastest_round
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[2] == "1,000 (500-2,000)" and cells[4] == "2,000"     # one round: no range
     assert cells[-1] == "2.00x"
+    # a rounds count `profile --rounds` would not write (a stranger's file): no rounds fact
+    for bad in (1e300, True, "3", [3], 2**40):
+        (tmp_path / "profile" / "profile.json").write_text(json.dumps({"batch": 1, "rounds": bad}))
+        assert "rounds (the sweep" not in "\n".join(_profile_section(tmp_path, rows))
     # a profile made before --rounds: no columns, no range, no rounds fact
     (tmp_path / "profile" / "profile.json").write_text(json.dumps({"batch": 1}))
     md = "\n".join(_profile_section(tmp_path, rows.drop(columns=["rounds", "step_ms_min", "step_ms_max"])))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .. import limits
 from ..errors import UserError
 from .figures import _figure, _human, _minor_2_5, _mpl_ticker
 
@@ -108,8 +109,8 @@ def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
              f"device {meta['device']}" if "device" in meta else "",
              f"MFU peak: {meta['peak_note']}" if "peak_note" in meta else ""]
     rounds = meta.get("rounds")
-    if _is_number(rounds) and rounds > 1:
-        facts.append(f"{int(rounds)} rounds (the sweep {int(rounds)} times, the families side by side at each length, "
+    if type(rounds) is int and 1 < rounds <= limits.MAX_COUNT:        # as `profile --rounds` takes them
+        facts.append(f"{rounds} rounds (the sweep {rounds} times, the families side by side at each length, "
                      f"each point in a fresh process each time): tokens/s is each point's median, with the slowest "
                      f"and fastest round in brackets where the CSV has them")
     if any(facts):
