@@ -462,19 +462,6 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def round_range(row) -> tuple[float, float] | None:
-    """Tokens/s of a --rounds point's slowest and fastest round, from its step_ms columns (a row here, or one read
-    back from a profile.csv); None for a point of one round or without those columns."""
-    try:
-        step, lo, hi, rounds = (float(row.get(c)) for c in ("step_ms", "step_ms_min", "step_ms_max", "rounds"))
-    except (TypeError, ValueError):
-        return None
-    if not (rounds > 1 and 0 < lo <= step <= hi < float("inf")):
-        return None
-    tps = float(row["tokens_per_s"])
-    return tps * step / hi, tps * step / lo
-
-
 def plot(rows, path: Path, title: str):
     """Two rows (tokens/s, peak memory) x one column per mode, log-log, every family on every axis; with
     --rounds, bars from the slowest to the fastest round around each median."""
@@ -487,6 +474,7 @@ def plot(rows, path: Path, title: str):
     from ..fsutil import atomic_write_bytes
     modes = [m for m in MODES + EXTRA_MODES if any(r["mode"] == m for r in rows)]
     from ..report.colors import family_colors
+    from ..report.profile import round_range
     families = list(dict.fromkeys(r["family"] for r in rows))
     colors = family_colors(families)
     fig, axes = plt.subplots(2, len(modes), figsize=(4.6 * len(modes), 7.2), squeeze=False)

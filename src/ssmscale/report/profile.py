@@ -150,9 +150,21 @@ def _profile_section(study: Path, profile: pd.DataFrame) -> list[str]:
     return out + [""]
 
 
+def round_range(row) -> tuple[float, float] | None:
+    """Tokens/s of a --rounds point's slowest and fastest round, from its step_ms columns (a row here, or one read
+    back from a profile.csv); None for a point of one round or without those columns."""
+    try:
+        step, lo, hi, rounds = (float(row.get(c)) for c in ("step_ms", "step_ms_min", "step_ms_max", "rounds"))
+    except (TypeError, ValueError):
+        return None
+    if not (rounds > 1 and 0 < lo <= step <= hi < float("inf")):
+        return None
+    tps = float(row["tokens_per_s"])
+    return tps * step / hi, tps * step / lo
+
+
 def _round_range(r) -> str:
     """' (slowest-fastest)' tokens/s over a --rounds profile's rounds; '' otherwise."""
-    from ..bench.profile import round_range
     span = round_range(r)
     return f" ({span[0]:,.0f}-{span[1]:,.0f})" if span else ""
 
